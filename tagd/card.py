@@ -1,0 +1,209 @@
+"""The model card: the one contract between the trainer and the daemon.
+
+A card says everything the daemon may assume about a model: which audio it takes
+(sample rate, window length, default hop), what it returns (tag names in output
+order, per-tag thresholds) and where it came from (architecture, training data,
+scores, export versions). It travels inside an ONNX file as metadata under
+``CARD_METADATA_KEY`` and beside a TensorRT plan as ``<plan>.json``.
+
+Cards are plain JSON, never pickle: they come off disk from users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CARD_SCHEMA_VERSION = 1
+CARD_METADATA_KEY = "tagd.card"  # key of the card in ONNX metadata_props
+
+
+class CardError(ValueError):
+    """A model card is missing, malformed, or disagrees with its model."""
+
+
+@dataclass
+class ModelCard:
+    name: str  # a human name for this trained model, e.g. "fcn4-mtt"
+    architecture: str  # registry name in trainer.models, e.g. "fcn4"
+    sample_rate: int  # Hz of the waveform the model takes
+    window_samples: int  # samples per input window
+    hop_samples: int  # default hop between windows when streaming
+    tags: list[str]  # output order
+    thresholds: list[float] = field(default_factory=list)  # per tag; 0.5 when not tuned
+    # Audio one clip-level prediction covers. FCN: one window. Sample-level models:
+    # the mean of the segments covering the last ~29.1 s, as in Lee et al. 2017.
+    clip_seconds: float = 0.0
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = CARD_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.thresholds:
+            self.thresholds = [0.5] * len(self.tags)
+        if not self.clip_seconds:
+            self.clip_seconds = self.window_samples / self.sample_rate
+        self.validate()
+
+    # -- derived -----------------------------------------------------------------
+    @property
+    def n_tags(self) -> int:
+        return len(self.tags)
+
+    @property
+    def window_seconds(self) -> float:
+        return self.window_samples / self.sample_rate
+
+    @property
+    def hop_seconds(self) -> float:
+        return self.hop_samples / self.sample_rate
+
+    @property
+    def windows_per_clip(self) -> int:
+        """How many windows, one hop apart, a clip-level prediction averages."""
+        if self.clip_seconds <= self.window_seconds:
+            return 1
+        extra = self.clip_seconds * self.sample_rate - self.window_samples
+        return 1 + int(extra // self.hop_samples)
+
+    # -- checks ------------------------------------------------------------------
+    def validate(self) -> None:
+        problems = []
+        if self.schema_version > CARD_SCHEMA_VERSION:
+            problems.append(
+                f"schema_version {self.schema_version} is newer than this tagd "
+                f"understands ({CARD_SCHEMA_VERSION}); upgrade tagd"
+            )
+        for key in ("sample_rate", "window_samples", "hop_samples"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{key} must be a positive integer, got {value!r}")
+        if not self.tags:
+            problems.append("tags must name at least one tag")
+        elif len(set(self.tags)) != len(self.tags):
+            problems.append("tags must be unique")
+        if len(self.thresholds) != len(self.tags):
+            problems.append(
+                f"thresholds has {len(self.thresholds)} values for {len(self.tags)} tags"
+            )
+        elif not all(0.0 <= float(t) <= 1.0 for t in self.thresholds):
+            problems.append("thresholds must lie in [0, 1]")
+        if problems:
+            raise CardError("invalid model card: " + "; ".join(problems))
+
+    def check_io(self, input_shape: list, output_shape: list, source: str) -> None:
+        """Refuse a model whose I/O shapes disagree with this card.
+
+        Shapes come from the engine; symbolic dimensions (batch) are strings or None
+        or -1 and are not checked.
+        """
+
+        def fixed(dim: Any) -> bool:
+            return isinstance(dim, int) and dim > 0
+
+        if len(input_shape) != 2 or len(output_shape) != 2:
+            raise CardError(
+                f"{source}: expected input [batch, samples] and output [batch, tags], "
+                f"engine has input {input_shape} and output {output_shape}"
+            )
+        if fixed(input_shape[1]) and input_shape[1] != self.window_samples:
+            raise CardError(
+                f"{source}: engine input takes {input_shape[1]} samples per window but "
+                f"the card says window_samples={self.window_samples}"
+            )
+        if fixed(output_shape[1]) and output_shape[1] != self.n_tags:
+            raise CardError(
+                f"{source}: engine outputs {output_shape[1]} scores but the card "
+                f"names {self.n_tags} tags"
+            )
+
+    # -- (de)serialisation ---------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        if not isinstance(data, dict):
+            raise CardError(f"a model card is a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CardError(f"unknown model card keys: {', '.join(unknown)}")
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing = sorted(required - set(data))
+        if missing:
+            raise CardError(f"model card lacks: {', '.join(missing)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise CardError(f"malformed model card: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "card") -> ModelCard:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CardError(f"{source}: model card is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """Where the card of a non-ONNX model file lives: ``fcn4.plan`` → ``fcn4.plan.json``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".json")
+
+
+def read_card(model_path: str | Path) -> ModelCard:
+    """Read the card of a model file: ONNX metadata, else the ``.json`` beside it."""
+    model_path = Path(model_path)
+    sidecar = sidecar_path(model_path)
+    if model_path.suffix == ".onnx":
+        text = _onnx_card_text(model_path)
+        if text is not None:
+            return ModelCard.from_json(text, source=str(model_path))
+        if sidecar.exists():
+            return ModelCard.from_json(sidecar.read_text(), source=str(sidecar))
+        raise CardError(
+            f"{model_path} carries no model card (metadata key {CARD_METADATA_KEY!r}) "
+            f"and there is no {sidecar.name} beside it; export it with `tagd-train export`"
+        )
+    if not sidecar.exists():
+        raise CardError(
+            f"{model_path} has no model card: expected {sidecar} beside it "
+            f"(`tagd-train compile` writes it)"
+        )
+    return ModelCard.from_json(sidecar.read_text(), source=str(sidecar))
+
+
+def _onnx_card_text(model_path: Path) -> str | None:
+    # onnxruntime reads metadata without loading the onnx package (a daemon dependency
+    # we avoid); building a session here is cheap next to running one.
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise CardError(f"{model_path}: not a readable ONNX model: {exc}") from exc
+    return session.get_modelmeta().custom_metadata_map.get(CARD_METADATA_KEY)

@@ -1,0 +1,62 @@
+"""The one interface every inference backend implements: tensors in, tensors out.
+
+An engine takes float32 waveforms ``[batch, window_samples]`` at the card's sample rate
+and returns sigmoid scores ``[batch, n_tags]``. Labels, thresholds and smoothing live
+elsewhere (tagd.tagger). Backends register themselves by file suffix; optional SDKs are
+imported inside the backend module so that a missing one fails at load with the pip
+extra to install.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from tagd.card import ModelCard
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """A model could not be loaded or run."""
+
+
+class Engine(abc.ABC):
+    backend: str = "?"  # short name, e.g. "onnxruntime", shown in metrics and logs
+
+    def __init__(self, path: Path, card: ModelCard):
+        self.path = Path(path)
+        self.card = card
+
+    # Largest batch the engine accepts; None for no limit (TensorRT profiles have one).
+    max_batch: int | None = None
+
+    @abc.abstractmethod
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Scores ``[batch, n_tags]`` float32 for waveforms ``[batch, window_samples]``."""
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run once per batch size on silence, so the first live window pays nothing."""
+        for size in batch_sizes:
+            if self.max_batch is not None:
+                size = min(size, self.max_batch)
+            self.run(np.zeros((size, self.card.window_samples), dtype=np.float32))
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory and handles."""
+
+    def describe(self) -> str:
+        return f"{self.card.name} ({self.card.architecture}) on {self.backend} from {self.path}"
+
+    def _check_batch(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 2 or batch.shape[1] != self.card.window_samples:
+            raise EngineError(
+                f"expected a batch [n, {self.card.window_samples}], got {list(batch.shape)}"
+            )
+        if self.max_batch is not None and batch.shape[0] > self.max_batch:
+            raise EngineError(f"batch of {batch.shape[0]} exceeds max_batch {self.max_batch}")
+        return batch

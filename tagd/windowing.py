@@ -1,0 +1,87 @@
+"""Rolling windows over a stream of samples: one definition for the daemon and `tagd tag`.
+
+A ``Windower`` keeps exactly one window of audio in a fixed ring buffer and emits a copy
+of it every ``hop_samples`` once the first ``window_samples`` have arrived. Feeding the
+same audio in any chunking yields the same windows at the same stream positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # index in the stream of the window's first sample
+    samples: np.ndarray  # float32 [window_samples], a copy the caller owns
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.samples)
+
+
+class Windower:
+    def __init__(self, window_samples: int, hop_samples: int):
+        if window_samples <= 0 or hop_samples <= 0:
+            raise ValueError("window_samples and hop_samples must be positive")
+        self.window_samples = window_samples
+        self.hop_samples = hop_samples
+        self._ring = np.zeros(window_samples, dtype=np.float32)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all audio: the next window starts with the next sample pushed."""
+        self._write_at = 0  # ring index of the next sample
+        self._filled = 0  # valid samples in the ring
+        self.total = 0  # samples pushed since reset (stream time)
+        self._next_end = self.window_samples  # stream index where the next window ends
+        self._origin = 0  # stream index of the first sample after reset
+
+    def restart_at(self, stream_index: int) -> None:
+        """Reset and count stream time from ``stream_index`` (after a gap, say)."""
+        self.reset()
+        self._origin = stream_index
+        self.total = stream_index
+        self._next_end = stream_index + self.window_samples
+
+    @property
+    def buffered(self) -> int:
+        return self._filled
+
+    def push(self, samples: np.ndarray) -> list[Window]:
+        """Append mono float32 samples; return the windows completed by them."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        windows: list[Window] = []
+        pos = 0
+        while pos < len(samples):
+            take = min(self._next_end - self.total, len(samples) - pos)
+            self._write(samples[pos : pos + take])
+            pos += take
+            self.total += take
+            if self.total == self._next_end:
+                windows.append(Window(self.total - self.window_samples, self._read()))
+                self._next_end += self.hop_samples
+        return windows
+
+    def _write(self, chunk: np.ndarray) -> None:
+        size = self.window_samples
+        if len(chunk) >= size:
+            self._ring[:] = chunk[-size:]
+            self._write_at = 0
+            self._filled = size
+            return
+        first = min(len(chunk), size - self._write_at)
+        self._ring[self._write_at : self._write_at + first] = chunk[:first]
+        self._ring[: len(chunk) - first] = chunk[first:]
+        self._write_at = (self._write_at + len(chunk)) % size
+        self._filled = min(size, self._filled + len(chunk))
+
+    def _read(self) -> np.ndarray:
+        return np.concatenate((self._ring[self._write_at :], self._ring[: self._write_at]))
+
+
+def clip_windows(samples: np.ndarray, window_samples: int, hop_samples: int) -> list[Window]:
+    """All windows of a whole clip, as the daemon would emit them while streaming it."""
+    return Windower(window_samples, hop_samples).push(samples)
