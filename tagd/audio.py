@@ -98,9 +98,7 @@ class PcmDecoder:
 
     def __init__(self, pcm_format: str, channels: int):
         if pcm_format not in PCM_FORMATS:
-            raise AudioError(
-                f"unknown PCM format {pcm_format!r}; known: {', '.join(PCM_FORMATS)}"
-            )
+            raise AudioError(f"unknown PCM format {pcm_format!r}; known: {', '.join(PCM_FORMATS)}")
         if channels < 1:
             raise AudioError(f"channels must be at least 1, got {channels}")
         self.dtype, self.scale = PCM_FORMATS[pcm_format]
@@ -132,7 +130,9 @@ class StreamResampler:
         self._stream = (
             None
             if from_rate == to_rate
-            else soxr.ResampleStream(from_rate, to_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+            else soxr.ResampleStream(
+                from_rate, to_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY
+            )
         )
 
     def process(self, samples: np.ndarray, last: bool = False) -> np.ndarray:

@@ -1,0 +1,81 @@
+"""ONNX Runtime backend: CPU by default, CUDA when onnxruntime-gpu provides it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tagd.card import CARD_METADATA_KEY, CardError, ModelCard, sidecar_path
+from tagd.engines.base import Engine, EngineError
+
+log = logging.getLogger(__name__)
+
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class OnnxEngine(Engine):
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, card: ModelCard, session):
+        super().__init__(path, card)
+        self._session = session
+        self._input_name = session.get_inputs()[0].name
+        self._output_name = session.get_outputs()[0].name
+        self.providers = session.get_providers()
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+    ) -> OnnxEngine:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            from tagd.engines import missing_sdk
+
+            raise missing_sdk("onnxruntime", "onnxruntime") from None
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = intra_op_threads or int(os.environ.get("TAGD_ORT_THREADS", "0"))
+        if threads:
+            options.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        chosen = providers or [p for p in PREFERRED_PROVIDERS if p in available]
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise EngineError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+
+        card_text = session.get_modelmeta().custom_metadata_map.get(CARD_METADATA_KEY)
+        if card_text is not None:
+            card = ModelCard.from_json(card_text, source=str(path))
+        elif sidecar_path(path).exists():
+            card = ModelCard.from_json(sidecar_path(path).read_text(), source=str(path))
+        else:
+            raise CardError(
+                f"{path} carries no model card (metadata key {CARD_METADATA_KEY!r}); "
+                f"export it with `tagd-train export`"
+            )
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise CardError(
+                f"{path}: expected one input and one output, found "
+                f"{[i.name for i in inputs]} → {[o.name for o in outputs]}"
+            )
+        card.check_io(list(inputs[0].shape), list(outputs[0].shape), source=str(path))
+        engine = cls(path, card, session)
+        log.info("loaded %s with providers %s", engine.describe(), engine.providers)
+        return engine
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        batch = self._check_batch(batch)
+        (scores,) = self._session.run([self._output_name], {self._input_name: batch})
+        return np.asarray(scores, dtype=np.float32)

@@ -1,0 +1,60 @@
+"""PyTorch backend, for debugging a checkpoint before export. Needs the train extra.
+
+A checkpoint is a dict loadable with ``torch.load(weights_only=True)`` (no pickle of
+arbitrary objects): {"card": {...}, "arch": str, "hparams": {...}, "n_tags": int,
+"state_dict": {...}}. The model is rebuilt from the trainer's registry.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from tagd.card import ModelCard
+from tagd.engines.base import Engine, EngineError
+
+log = logging.getLogger(__name__)
+
+
+class TorchEngine(Engine):
+    backend = "torch"
+
+    def __init__(self, path: Path, card: ModelCard, model, torch_module):
+        super().__init__(path, card)
+        self._model = model
+        self._torch = torch_module
+
+    @classmethod
+    def load(cls, path: Path, *, device: str = "cpu") -> TorchEngine:
+        try:
+            import torch
+
+            from trainer.models import create_model
+        except ImportError:
+            from tagd.engines import missing_sdk
+
+            raise missing_sdk("torch and the trainer", "tagd[train]") from None
+        try:
+            checkpoint = torch.load(str(path), map_location=device, weights_only=True)
+        except Exception as exc:  # torch raises many kinds on a bad file
+            raise EngineError(f"{path}: not a tagd checkpoint: {exc}") from exc
+        missing = [
+            k for k in ("card", "arch", "hparams", "n_tags", "state_dict") if k not in checkpoint
+        ]
+        if missing:
+            raise EngineError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        card = ModelCard.from_dict(checkpoint["card"])
+        model = create_model(checkpoint["arch"], checkpoint["n_tags"], **checkpoint["hparams"])
+        model.load_state_dict(checkpoint["state_dict"])
+        model.eval().to(device)
+        card.check_io([None, model.window_samples], [None, model.n_tags], source=str(path))
+        return cls(path, card, model, torch)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        batch = self._check_batch(batch)
+        device = next(self._model.parameters()).device
+        with self._torch.inference_mode():
+            scores = self._model(self._torch.from_numpy(batch).to(device))
+        return scores.float().cpu().numpy()
