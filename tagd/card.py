@@ -49,9 +49,9 @@ class ModelCard:
     def __post_init__(self) -> None:
         if not self.thresholds:
             self.thresholds = [0.5] * len(self.tags)
+        self.validate()
         if not self.clip_seconds:
             self.clip_seconds = self.window_samples / self.sample_rate
-        self.validate()
 
     # -- derived -----------------------------------------------------------------
     @property

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs everything tagd's tests need on a fresh Debian/Ubuntu machine:
+# system packages (ffmpeg with libzmq, PortAudio, libsndfile, sox, Prometheus) and a
+# virtual environment in .venv with tagd, its training extra and the dev tools.
+# PyTorch is pinned to the CPU build by constraints/ci.txt (any other version pulls
+# gigabytes of CUDA packages); the package itself only asks for a range.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(ffmpeg libportaudio2 libsndfile1 sox alsa-utils prometheus)
+
+if [ "${TAGD_SKIP_APT:-0}" != 1 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  missing=()
+  for package in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing system packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -c constraints/ci.txt -e '.[train,dev]'
+echo "installed: $(.venv/bin/python -c 'import tagd, torch, onnxruntime; print("tagd", tagd.__version__, "torch", torch.__version__, "onnxruntime", onnxruntime.__version__)')"

@@ -1,0 +1,86 @@
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile
+
+from tagd.audio import AudioError, PcmDecoder, StreamResampler, decode_file, downmix, resample
+
+
+def tone(freq: float, seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def dominant_frequency(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[np.argmax(spectrum)])
+
+
+def test_wav_is_downmixed_and_resampled(tmp_path):
+    left, right = tone(440, 2.0, 44100), tone(440, 2.0, 44100)
+    path = tmp_path / "stereo.wav"
+    soundfile.write(path, np.stack([left, right], axis=1), 44100)
+    mono = decode_file(path, 12000)
+    assert mono.dtype == np.float32
+    assert len(mono) == pytest.approx(24000, abs=2)
+    assert dominant_frequency(mono, 12000) == pytest.approx(440, abs=2)
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+@pytest.mark.parametrize("suffix", [".mp3", ".flac", ".ogg", ".m4a"])
+def test_compressed_formats_decode(tmp_path, suffix):
+    wav = tmp_path / "in.wav"
+    soundfile.write(wav, tone(1000, 3.0, 22050), 22050)
+    out = tmp_path / f"song{suffix}"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), str(out)], check=True)
+    mono = decode_file(out, 16000)
+    assert len(mono) == pytest.approx(48000, rel=0.05)
+    assert dominant_frequency(mono, 16000) == pytest.approx(1000, abs=5)
+
+
+def test_unreadable_files_raise_audio_error(tmp_path):
+    with pytest.raises(AudioError, match="no such file"):
+        decode_file(tmp_path / "missing.wav", 12000)
+    garbage = tmp_path / "garbage.mp3"
+    garbage.write_bytes(b"this is not audio" * 100)
+    with pytest.raises(AudioError, match="garbage.mp3"):
+        decode_file(garbage, 12000)
+    empty = tmp_path / "empty.mp3"
+    empty.write_bytes(b"")
+    with pytest.raises(AudioError):
+        decode_file(empty, 12000)
+
+
+@pytest.mark.parametrize("pcm_format, dtype, scale", [("s16le", "<i2", 32767), ("f32le", "<f4", 1.0)])
+def test_pcm_decoder_carries_partial_frames(pcm_format, dtype, scale):
+    rng = np.random.default_rng(1)
+    frames = rng.uniform(-0.9, 0.9, size=(500, 2))
+    payload = (frames * scale).astype(dtype).tobytes()
+    decoder = PcmDecoder(pcm_format, channels=2)
+    pieces = [decoder.decode(payload[i : i + 333]) for i in range(0, len(payload), 333)]
+    decoded = np.concatenate(pieces)
+    assert decoded.shape == (500, 2)
+    np.testing.assert_allclose(decoded, frames, atol=1e-4)
+
+
+def test_pcm_decoder_rejects_unknown_formats():
+    with pytest.raises(AudioError, match="unknown PCM format 'u8'"):
+        PcmDecoder("u8", 2)
+
+
+def test_stream_resampler_matches_one_shot_resampling():
+    samples = tone(330, 3.0, 44100) + 0.1 * tone(2500, 3.0, 44100)
+    one_shot = resample(samples, 44100, 12000)
+    stream = StreamResampler(44100, 12000)
+    chunks = [stream.process(samples[i : i + 1234]) for i in range(0, len(samples), 1234)]
+    chunks.append(stream.process(np.zeros(0, dtype=np.float32), last=True))
+    streamed = np.concatenate(chunks)
+    assert len(streamed) == len(one_shot)
+    np.testing.assert_allclose(streamed, one_shot, atol=1e-3)
+
+
+def test_downmix_averages_channels():
+    frames = np.array([[1.0, 0.0], [0.5, 0.5]], dtype=np.float32)
+    np.testing.assert_array_equal(downmix(frames), [0.5, 0.5])

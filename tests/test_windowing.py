@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from tagd.windowing import Windower, clip_windows
+
+
+def test_windows_start_every_hop_and_hold_the_right_samples():
+    samples = np.arange(100, dtype=np.float32)
+    windows = clip_windows(samples, window_samples=30, hop_samples=20)
+    assert [w.start for w in windows] == [0, 20, 40, 60]
+    for w in windows:
+        np.testing.assert_array_equal(w.samples, samples[w.start : w.start + 30])
+        assert w.end == w.start + 30
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 29, 30, 31, 64, 1000])
+def test_any_chunking_gives_identical_windows(chunk):
+    rng = np.random.default_rng(0)
+    samples = rng.standard_normal(997).astype(np.float32)
+    reference = clip_windows(samples, 64, 24)
+    windower = Windower(64, 24)
+    streamed = []
+    for first in range(0, len(samples), chunk):
+        streamed += windower.push(samples[first : first + chunk])
+    assert [w.start for w in streamed] == [w.start for w in reference]
+    for a, b in zip(streamed, reference, strict=True):
+        np.testing.assert_array_equal(a.samples, b.samples)
+
+
+def test_hop_longer_than_window_skips_audio():
+    samples = np.arange(50, dtype=np.float32)
+    windows = clip_windows(samples, window_samples=10, hop_samples=15)
+    assert [w.start for w in windows] == [0, 15, 30]
+    np.testing.assert_array_equal(windows[1].samples, samples[15:25])
+
+
+def test_windows_are_copies_not_views_of_the_ring():
+    windower = Windower(4, 2)
+    first = windower.push(np.ones(4, dtype=np.float32))[0]
+    windower.push(np.zeros(2, dtype=np.float32))
+    np.testing.assert_array_equal(first.samples, np.ones(4))
+
+
+def test_reset_and_restart_forget_buffered_audio():
+    windower = Windower(10, 5)
+    windower.push(np.ones(8, dtype=np.float32))
+    windower.restart_at(1000)
+    assert windower.buffered == 0
+    windows = windower.push(np.zeros(10, dtype=np.float32))
+    assert [w.start for w in windows] == [1000]
+    np.testing.assert_array_equal(windows[0].samples, np.zeros(10))
+
+
+def test_too_short_gives_no_window():
+    assert clip_windows(np.zeros(9, dtype=np.float32), 10, 5) == []
