@@ -1,0 +1,195 @@
+"""Export a tagger model to ONNX with its model card inside, and check parity.
+
+The graph takes ``waveform`` float32 ``[batch, window_samples]`` and returns ``scores``
+float32 ``[batch, n_tags]`` (sigmoid), with a dynamic batch axis. The card (tagd.card)
+goes into the ONNX ``metadata_props`` under ``CARD_METADATA_KEY``, so the file alone is
+enough for the daemon. With ``check=True`` ONNX Runtime and PyTorch score the same audio
+and the export fails if they disagree by more than ``PARITY_TOLERANCE``.
+
+We use the TorchScript exporter (``dynamo=False``): in torch 2.13 it exports every model
+of the zoo with a dynamic batch axis in a second, to plain opset-17 ops.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from tagd.card import CARD_METADATA_KEY, CardError, ModelCard
+from trainer.models.base import TaggerModel
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "waveform"
+OUTPUT_NAME = "scores"
+DEFAULT_OPSET = 17
+PARITY_TOLERANCE = 1e-4  # max abs difference of sigmoid scores, ONNX Runtime vs PyTorch
+PARITY_BATCH = 2
+
+
+class ExportError(RuntimeError):
+    """The exported graph is broken or disagrees with PyTorch."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    card: ModelCard
+    max_abs_diff: float | None  # None when check=False
+
+
+def default_tags(n_tags: int) -> list[str]:
+    return [f"tag_{i:03d}" for i in range(n_tags)]
+
+
+def export_info(opset: int) -> dict[str, Any]:
+    return {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "opset": opset,
+    }
+
+
+def card_for_model(
+    model: TaggerModel, *, name: str | None = None, tags: list[str] | None = None
+) -> ModelCard:
+    """A card describing ``model`` as it is: audio contract, hyper-parameters, tag names."""
+    tags = list(tags) if tags is not None else default_tags(model.n_tags)
+    if len(tags) != model.n_tags:
+        raise CardError(
+            f"{model.arch} outputs {model.n_tags} scores but {len(tags)} tags were given"
+        )
+    return ModelCard(
+        name=name or model.arch,
+        architecture=model.arch,
+        sample_rate=model.sample_rate,
+        window_samples=model.window_samples,
+        hop_samples=model.default_hop_samples,
+        tags=tags,
+        clip_seconds=model.clip_seconds,
+        hyperparameters={**model.hparams, "n_tags": model.n_tags},
+    )
+
+
+def check_card_matches(card: ModelCard, model: TaggerModel) -> None:
+    """Refuse to ship a card that promises a different audio contract than the model has."""
+    expected = {
+        "sample_rate": model.sample_rate,
+        "window_samples": model.window_samples,
+        "n_tags": model.n_tags,
+    }
+    wrong = [
+        f"{k}: card {getattr(card, k)}, model {v}"
+        for k, v in expected.items()
+        if getattr(card, k) != v
+    ]
+    if wrong:
+        raise CardError(f"card {card.name!r} does not match model {model.arch}: {'; '.join(wrong)}")
+
+
+def probe_audio(batch: int, samples: int, sample_rate: int, seed: int = 0) -> np.ndarray:
+    """Music-like float32 audio ``[batch, samples]``: a chord with harmonics plus noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / sample_rate
+    out = np.empty((batch, samples), dtype=np.float32)
+    for row in range(batch):
+        root = 110.0 * 2 ** rng.uniform(0, 2)
+        chord = sum(
+            np.sin(2 * np.pi * root * ratio * harmonic * t) / harmonic
+            for ratio in (1.0, 1.26, 1.5)
+            for harmonic in (1, 2, 3)
+        )
+        envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.5, 2.0) * t) ** 2
+        out[row] = 0.1 * chord * envelope + 0.02 * rng.standard_normal(samples)
+    return out
+
+
+def export_onnx(
+    model: TaggerModel,
+    path: str | Path,
+    *,
+    card: ModelCard | None = None,
+    name: str | None = None,
+    tags: list[str] | None = None,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+) -> ExportResult:
+    """Write ``model`` as ONNX with its card in the metadata; check ORT parity if asked."""
+    path = Path(path)
+    if card is None:
+        card = card_for_model(model, name=name, tags=tags)
+    else:
+        card = ModelCard.from_dict(card.to_dict())  # a copy: we fill in export info
+        check_card_matches(card, model)
+    card.export = {**card.export, **export_info(opset)}
+
+    was_training = model.training
+    model.eval()
+    try:
+        example = torch.from_numpy(
+            probe_audio(PARITY_BATCH, model.window_samples, model.sample_rate)
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            # the TorchScript exporter announces its own deprecation on every call
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=FutureWarning)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(path))
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = CARD_METADATA_KEY, card.to_json()
+        proto.producer_name = "tagd-train"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(path))
+        log.info("exported %s to %s (opset %d)", model.arch, path, opset)
+
+        max_abs_diff = None
+        if check:
+            with torch.no_grad():
+                expected = model(example).numpy()
+            actual = run_onnxruntime(path, example.numpy())
+            max_abs_diff = float(np.max(np.abs(actual - expected)))
+            if not max_abs_diff <= PARITY_TOLERANCE:  # also catches NaN
+                raise ExportError(
+                    f"{path}: ONNX Runtime and PyTorch disagree by {max_abs_diff:.3g} "
+                    f"(tolerance {PARITY_TOLERANCE:g}); the graph uses an op that exports badly"
+                )
+            log.info("parity ONNX Runtime vs PyTorch: max abs diff %.2e", max_abs_diff)
+    finally:
+        model.train(was_training)
+    return ExportResult(path=path, card=card, max_abs_diff=max_abs_diff)
+
+
+def run_onnxruntime(path: str | Path, batch: np.ndarray, threads: int = 0) -> np.ndarray:
+    """Scores from ONNX Runtime on CPU, for parity checks and benchmarks."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        str(path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[
+        0
+    ]
