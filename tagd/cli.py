@@ -141,5 +141,16 @@ def tag(files, engine_path, hop, top, as_json, batch, log_level) -> None:
         sys.exit(1)
 
 
+def _register_stream_commands() -> None:
+    from tagd.listen import listen
+    from tagd.server import serve
+
+    main.add_command(serve)
+    main.add_command(listen)
+
+
+_register_stream_commands()
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,102 @@
+"""Inputs: each reads one kind of producer in its own thread and feeds a StreamHub.
+
+A ``Source`` is built from an ``InputConfig``; ``open()`` binds, connects or opens the
+device in the caller's thread (so a port in use or a missing device fails start-up with
+one line), ``start()`` runs the reader thread, ``stop()`` asks it to finish and ``join()``
+waits. Readers never wait for inference: they push into streams, which hand windows to
+the batcher without blocking. Each ZeroMQ socket is created, used and closed by its
+reader thread's owner in that order, and read by that one thread only.
+
+Schemes: ``zmq+raw`` (ffmpeg's zmq output), ``zmq+sub``/``zmq+pull`` (the multi-stream
+protocol of docs/protocol.md), ``soundcard`` (PortAudio via sounddevice), ``file``.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import logging
+import threading
+
+import zmq
+
+from tagd.config import InputConfig, LimitsConfig
+from tagd.metrics import Metrics
+from tagd.stream import StreamHub
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.1  # how often a reader checks whether it should stop
+
+
+class SourceError(RuntimeError):
+    """An input could not be opened."""
+
+
+class Source(abc.ABC):
+    def __init__(self, spec: InputConfig, hub: StreamHub, metrics: Metrics,
+                 context: zmq.Context, limits: LimitsConfig) -> None:  # fmt: skip
+        self.spec = spec
+        self.hub = hub
+        self.metrics = metrics
+        self.context = context
+        self.limits = limits
+        self.label = spec.name  # the `input` label of tagd_malformed_messages_total
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Bind, connect or open the device; raise SourceError with a one-line reason."""
+
+    @abc.abstractmethod
+    def _read(self) -> None:
+        """The reader thread's body: feed streams until ``self._stop`` is set."""
+
+    def _close(self) -> None:  # noqa: B027 - optional hook, run in the reader thread at exit
+        """Release what ``open`` took."""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"tagd-in-{self.label}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._read()
+        except Exception:  # a reader bug must end this input only, loudly
+            log.exception("input %s failed; its streams go idle", self.label)
+        finally:
+            self._close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> bool:
+        if self._thread is None:
+            self._close()
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def count_malformed(self, reason: str) -> None:
+        self.metrics.malformed.labels(self.label, reason).inc()
+
+
+# scheme → (module, class)
+SOURCES: dict[str, tuple[str, str]] = {
+    "zmq+raw": ("tagd.sources.zmq", "RawZmqSource"),
+    "zmq+sub": ("tagd.sources.zmq", "MultiStreamZmqSource"),
+    "zmq+pull": ("tagd.sources.zmq", "MultiStreamZmqSource"),
+    "soundcard": ("tagd.sources.soundcard", "SoundcardSource"),
+    "file": ("tagd.sources.file", "FileSource"),
+}
+
+
+def make_source(spec: InputConfig, hub: StreamHub, metrics: Metrics, context: zmq.Context,
+                limits: LimitsConfig) -> Source:  # fmt: skip
+    module_name, class_name = SOURCES[spec.scheme]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(spec, hub, metrics, context, limits)
+
+
+__all__ = ["POLL_INTERVAL_S", "SOURCES", "Source", "SourceError", "make_source"]

@@ -1,0 +1,194 @@
+"""Dynamic batching: every stream's windows into one inference worker, never blocking ingest.
+
+Ingest threads ``submit`` windows; the call takes a lock for microseconds and returns.
+One worker thread forms batches the way Triton's dynamic batcher does: it starts a batch
+when the oldest pending window has waited ``max_wait_s`` or ``max_batch`` windows are
+pending, whichever comes first, takes the oldest windows across all streams, runs the
+engine (ONNX Runtime and TensorRT release the GIL meanwhile) and hands the scores to
+``on_batch`` (the tagger and publisher) in the same thread.
+
+When the worker falls behind, a stream never has more than ``max_pending_per_stream``
+windows waiting: submitting one more drops that stream's oldest, counted as
+``queue_full``. Latency stays bounded by about that many hops plus one batch; windows
+older than ``max_queue_age_s`` (when set) are dropped as ``stale`` before a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from tagd.metrics import DROP_ENGINE_ERROR, DROP_QUEUE_FULL, DROP_SHUTDOWN, DROP_STALE, Metrics
+from tagd.stream import ReadyWindow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pending:
+    window: ReadyWindow
+    submitted: float  # perf_counter when the batcher got it
+
+
+@dataclass
+class BatchResult:
+    items: list[Pending]
+    scores: np.ndarray  # float32 [len(items), n_tags]
+    started: float  # perf_counter when the engine call began
+    finished: float  # perf_counter when it returned
+
+    @property
+    def inference_seconds(self) -> float:
+        return self.finished - self.started
+
+
+class Batcher:
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], window_samples: int,
+                 on_batch: Callable[[BatchResult], None], metrics: Metrics, *, max_batch: int,
+                 max_wait_s: float, max_pending_per_stream: int,
+                 max_queue_age_s: float = 0.0) -> None:  # fmt: skip
+        self._run = run
+        self._on_batch = on_batch
+        self._metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_pending_per_stream = max_pending_per_stream
+        self.max_queue_age_s = max_queue_age_s
+        self._pending: dict[str, deque[Pending]] = {}
+        self._count = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # One reusable input buffer: engines copy their input, so reuse is safe.
+        self._buffer = np.zeros((max_batch, window_samples), dtype=np.float32)
+        self.batches_run = 0
+
+    # -- ingest side (any thread) -------------------------------------------------------
+    def submit(self, window: ReadyWindow) -> None:
+        """Queue a window for inference; drops the stream's oldest when it has too many."""
+        dropped = None
+        with self._cond:
+            if self._stopping:
+                dropped = window
+            else:
+                queue = self._pending.setdefault(window.stream, deque())
+                if len(queue) >= self.max_pending_per_stream:
+                    dropped = queue.popleft().window
+                    self._count -= 1
+                queue.append(Pending(window, time.perf_counter()))
+                self._count += 1
+                if self._count == 1 or self._count >= self.max_batch:
+                    self._cond.notify()
+        if dropped is not None:
+            reason = DROP_SHUTDOWN if self._stopping else DROP_QUEUE_FULL
+            self._metrics.windows_dropped.labels(dropped.stream, reason).inc()
+
+    def busy(self) -> bool:
+        """Whether the worker thread is still running (an engine call it could not leave)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def pending(self) -> int:
+        with self._cond:
+            return self._count
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="tagd-inference", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        """Drop pending windows, let an in-flight batch finish; False if it did not in time."""
+        with self._cond:
+            self._stopping = True
+            leftover = [item for queue in self._pending.values() for item in queue]
+            self._pending.clear()
+            self._count = 0
+            self._cond.notify_all()
+        for item in leftover:
+            self._metrics.windows_dropped.labels(item.window.stream, DROP_SHUTDOWN).inc()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("inference worker still busy after %.1f s; leaving it behind", timeout)
+            return False
+        return True
+
+    # -- the worker ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            items = self._next_batch()
+            if items is None:
+                return
+            self._run_batch(items)
+
+    def _next_batch(self) -> list[Pending] | None:
+        with self._cond:
+            while self._count == 0 and not self._stopping:
+                self._cond.wait()
+            deadline = self._oldest().submitted + self.max_wait_s if self._count else 0.0
+            while not self._stopping and self._count < self.max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if self._stopping:
+                return None
+            stale = self._take_stale(time.perf_counter())
+            items = [self._take_oldest() for _ in range(min(self._count, self.max_batch))]
+        for item in stale:
+            self._metrics.windows_dropped.labels(item.window.stream, DROP_STALE).inc()
+        return items
+
+    def _oldest(self) -> Pending:
+        return min(
+            (queue[0] for queue in self._pending.values() if queue), key=lambda p: p.submitted
+        )
+
+    def _take_oldest(self) -> Pending:
+        oldest = self._oldest()
+        self._pending[oldest.window.stream].popleft()
+        self._count -= 1
+        return oldest
+
+    def _take_stale(self, now: float) -> list[Pending]:
+        if not self.max_queue_age_s:
+            return []
+        stale = []
+        for queue in self._pending.values():
+            while queue and now - queue[0].submitted > self.max_queue_age_s:
+                stale.append(queue.popleft())
+        self._count -= len(stale)
+        return stale
+
+    def _run_batch(self, items: list[Pending]) -> None:
+        if not items:
+            return
+        batch = self._buffer[: len(items)]
+        for row, item in enumerate(items):
+            batch[row] = item.window.samples
+        started = time.perf_counter()
+        try:
+            scores = self._run(batch)
+        except Exception:  # an engine failure must not kill the worker; count and go on
+            log.exception("engine failed on a batch of %d windows", len(items))
+            self._metrics.engine_errors.inc()
+            for item in items:
+                self._metrics.windows_dropped.labels(item.window.stream, DROP_ENGINE_ERROR).inc()
+            return
+        finished = time.perf_counter()
+        self.batches_run += 1
+        self._metrics.inference.observe(finished - started)
+        self._metrics.batch_size.observe(len(items))
+        for item in items:
+            self._metrics.queue_wait.observe(started - item.submitted)
+        try:
+            self._on_batch(BatchResult(items, scores, started, finished))
+        except Exception:  # a publishing bug must not stop inference for every stream
+            log.exception("handling a batch's results failed")

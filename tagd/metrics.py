@@ -1,0 +1,236 @@
+"""Every metric tagd exports, defined once against an injectable CollectorRegistry.
+
+Tests build ``Metrics(CollectorRegistry())`` and read samples back by name; the daemon
+builds one on a fresh registry and serves it with ``MetricsServer`` (``/metrics`` in the
+Prometheus text format and ``/healthz``: 200 once the engine is loaded and warm, 503
+before). docs/metrics.md lists them; keep the two in step.
+
+Label values are bounded: ``stream`` by limits.max_streams (evicted streams' series are
+removed), ``input`` by the config, ``reason`` by the constants below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+# 1 ms to 30 s: a batch of CPU inference is tens of ms, a full queue is seconds.
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# Why a window never reached the engine or the topic.
+DROP_QUEUE_FULL = "queue_full"  # newer windows of its stream were waiting (fell behind)
+DROP_STALE = "stale"  # waited longer than batching.max_queue_age_s
+DROP_SHUTDOWN = "shutdown"  # pending when the daemon stopped
+DROP_ENGINE_ERROR = "engine_error"  # the engine raised on its batch
+DROP_REASONS = (DROP_QUEUE_FULL, DROP_STALE, DROP_SHUTDOWN, DROP_ENGINE_ERROR)
+
+# Why an input message was refused (tagd_malformed_messages_total{reason}).
+MALFORMED_FRAMES = "frames"  # not the [stream, header, pcm] multipart shape
+MALFORMED_STREAM_ID = "stream_id"  # stream id not UTF-8 or not a valid name
+MALFORMED_HEADER = "header"  # header not a JSON object with valid fields
+MALFORMED_PCM = "pcm"  # PCM payload empty or not decodable as declared
+MALFORMED_NOT_ALLOWED = "stream_not_allowed"  # stream id not in the input's allow-list
+MALFORMED_STREAM_TAKEN = "stream_taken"  # stream id already fed by another input
+MALFORMED_TOO_MANY_STREAMS = "too_many_streams"  # limits.max_streams reached
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.end_to_end_latency = Histogram(
+            "tagd_end_to_end_latency_seconds",
+            "From the arrival of a window's last sample to the publication of its tags.",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.queue_wait = Histogram(
+            "tagd_queue_wait_seconds",
+            "From a window being ready to its batch starting on the engine.",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.inference = Histogram(
+            "tagd_inference_seconds",
+            "Engine time per batch.",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "tagd_batch_size",
+            "Windows per engine call.",
+            registry=r,
+            buckets=BATCH_SIZE_BUCKETS,
+        )
+        self.windows_published = Counter(
+            "tagd_windows_published_total",
+            "Predictions published on tags.<stream>.",
+            ["stream"],
+            registry=r,
+        )
+        self.windows_dropped = Counter(
+            "tagd_windows_dropped_total",
+            "Windows that never got a prediction, by reason.",
+            ["stream", "reason"],
+            registry=r,
+        )
+        self.publish_dropped = Counter(
+            "tagd_publish_dropped_total",
+            "Messages a slow subscriber missed (its queue was at publish.sndhwm).",
+            ["topic"],
+            registry=r,
+        )
+        self.events_published = Counter(
+            "tagd_events_published_total",
+            "Tag on/off events published on events.<stream>.",
+            ["stream"],
+            registry=r,
+        )
+        self.audio_received = Counter(
+            "tagd_audio_received_seconds_total",
+            "Seconds of audio received, at the source's own rate.",
+            ["stream"],
+            registry=r,
+        )
+        self.gaps = Counter(
+            "tagd_stream_gaps_total",
+            "Discontinuities: sequence numbers skipped, or data resuming after idle.",
+            ["stream"],
+            registry=r,
+        )
+        self.malformed = Counter(
+            "tagd_malformed_messages_total",
+            "Input messages refused, by input and reason.",
+            ["input", "reason"],
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "tagd_active_streams",
+            "Streams that received data within limits.idle_after_s.",
+            registry=r,
+        )
+        self.known_streams = Gauge(
+            "tagd_streams",
+            "Streams known to the daemon, active or idle.",
+            registry=r,
+        )
+        self.engine_errors = Counter(
+            "tagd_engine_errors_total",
+            "Batches the engine failed on.",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "tagd_ready",
+            "1 once the engine is loaded and warm and inputs are open.",
+            registry=r,
+        )
+        self.engine_info = Info(
+            "tagd_engine",
+            "The model being served: card name, architecture, backend, card version.",
+            registry=r,
+        )
+
+    def describe_engine(self, *, model: str, architecture: str, backend: str, card_version: int,
+                        sample_rate: int, window_samples: int, hop_samples: int, n_tags: int) -> None:  # fmt: skip
+        self.engine_info.info(
+            {
+                "model": model,
+                "architecture": architecture,
+                "backend": backend,
+                "card_version": str(card_version),
+                "sample_rate": str(sample_rate),
+                "window_samples": str(window_samples),
+                "hop_samples": str(hop_samples),
+                "n_tags": str(n_tags),
+            }
+        )
+
+    def forget_stream(self, stream: str) -> None:
+        """Remove an evicted stream's series, so label values stay bounded."""
+        series = [
+            (metric, (stream,))
+            for metric in (
+                self.windows_published,
+                self.events_published,
+                self.audio_received,
+                self.gaps,
+            )
+        ] + [(self.windows_dropped, (stream, reason)) for reason in DROP_REASONS]
+        for metric, labels in series:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """The value of one sample (tests, bench): e.g. ``sample("tagd_active_streams")``."""
+        return self.registry.get_sample_value(name, labels or {})
+
+
+class MetricsServer:
+    """/metrics and /healthz from one small http.server thread."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, is_ready: Callable[[], bool]):
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ready = is_ready()
+                    body = b"ok\n" if ready else b"starting\n"
+                    self._reply(200 if ready else 503, body, "text/plain; charset=utf-8")
+                else:
+                    self._reply(404, b"try /metrics or /healthz\n", "text/plain; charset=utf-8")
+
+            def _reply(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args) -> None:
+                log.debug("http %s: " + fmt, self.client_address[0], *args)
+
+        # Binding here, in the caller's thread, makes "port in use" a start-up error.
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="tagd-http",
+            daemon=True,
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return host, port
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(timeout=1.0)
+        self._httpd.server_close()

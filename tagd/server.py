@@ -1,0 +1,351 @@
+"""`tagd serve`: streams in, rolling windows, batched inference, tags and events out.
+
+    sources (one thread each) ─► StreamHub/Stream ─► Batcher ─► engine ─► Tagger ─► Publisher
+    ffmpeg zmq, multi-stream,    decode, downmix,    one worker            averaging,  XPUB
+    soundcard, file              resample, window    thread                hysteresis  tags.<s>, events.<s>
+
+``Server.start()`` and ``Server.stop()`` are the daemon's lifecycle, step by step; the
+``serve`` click command wraps them with config loading, logging and signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import zmq
+
+from tagd.batcher import Batcher, BatchResult
+from tagd.card import CardError
+from tagd.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ConfigError,
+    ServeConfig,
+    apply_overrides,
+    load_config,
+)
+from tagd.engines import Engine, EngineError, load_engine
+from tagd.metrics import Metrics, MetricsServer
+from tagd.publish import (
+    EVENTS_TOPIC,
+    TAGS_TOPIC,
+    Publisher,
+    PublishError,
+    event_messages,
+    tags_message,
+    topic,
+)
+from tagd.sources import Source, SourceError, make_source
+from tagd.stream import StreamGeometry, StreamHub
+from tagd.tagger import Tagger
+
+log = logging.getLogger(__name__)
+
+STOP_BUDGET_S = 1.5  # SIGTERM to exit must stay under 2 s
+SWEEP_INTERVAL_S = 0.25  # how often idle streams are marked and gauges refreshed
+EXIT_STARTUP_FAILED = 2
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message is one line saying why."""
+
+
+class Server:
+    def __init__(self, config: ServeConfig, metrics: Metrics | None = None):
+        self.config = config.validate()
+        self.metrics = metrics or Metrics()
+        self.engine: Engine | None = None
+        self.publisher: Publisher | None = None
+        self.batcher: Batcher | None = None
+        self.hub: StreamHub | None = None
+        self.tagger: Tagger | None = None
+        self.sources: list[Source] = []
+        self._http: MetricsServer | None = None
+        self._context = zmq.Context()
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self._evicted: queue.SimpleQueue[str] = queue.SimpleQueue()  # hub → worker thread
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Bring the daemon up; raise StartupError (after cleaning up) if a step fails."""
+        try:
+            self._serve_metrics()  # /healthz answers 503 until the last step
+            self._bind_publisher()  # a port in use fails here, before the slow load
+            self._load_engine()  # load, check the card against the I/O, warm up
+            self._build_pipeline()  # streams → batcher → tagger → publisher
+            self._open_inputs()  # bind, connect, open devices and files
+            self._start_threads()  # inference worker, sweeper, one reader per input
+        except StartupError:
+            self.stop()
+            raise
+        self._ready.set()
+        self.metrics.ready.set(1)
+        log.info(
+            "tagd serve ready: %s; hop %.3f s; publishing on %s%s; %d input(s)",
+            self.engine.describe(),
+            self.hub.geometry.hop_samples / self.hub.geometry.sample_rate,
+            self.publisher.address,
+            f"; metrics on http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
+            if self._http
+            else "",
+            len(self.sources),
+        )
+
+    def stop(self) -> None:
+        """Tear down in order: readiness, inputs, inference, outputs, engine. Idempotent."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        deadline = time.perf_counter() + STOP_BUDGET_S
+        self._ready.clear()
+        self.metrics.ready.set(0)
+        for source in self.sources:  # 1. no new audio
+            source.stop()
+        sources_done = all(
+            source.join(max(0.05, deadline - time.perf_counter() - 0.5)) for source in self.sources
+        )
+        if self.batcher is not None:  # 2. drop pending windows, finish the batch in flight
+            self.batcher.stop(timeout=max(0.05, deadline - time.perf_counter() - 0.2))
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=SWEEP_INTERVAL_S * 2)
+        if self.publisher is not None:  # 3. outputs
+            self.publisher.close()
+        if self._http is not None:
+            self._http.stop()
+        if self.engine is not None:  # 4. the engine
+            self.engine.close()
+        if sources_done and (self.batcher is None or not self.batcher.busy()):
+            self._context.term()  # every socket is closed: term() returns at once
+        log.info("tagd serve stopped")
+
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def publish_address(self) -> str:
+        return self.publisher.address if self.publisher else ""
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return self._http.address if self._http else None
+
+    # -- start-up steps -------------------------------------------------------------------
+    def _serve_metrics(self) -> None:
+        if not self.config.metrics.enabled:
+            return
+        host, port = self.config.metrics.host_port()
+        try:
+            self._http = MetricsServer(self.metrics, host, port, self.is_ready)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+        self._http.start()
+
+    def _bind_publisher(self) -> None:
+        publish = self.config.publish
+        try:
+            self.publisher = Publisher(
+                self._context,
+                publish.address,
+                self.metrics,
+                sndhwm=publish.sndhwm,
+                linger_ms=publish.linger_ms,
+            )
+        except PublishError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _load_engine(self) -> None:
+        path = Path(self.config.engine)
+        try:
+            self.engine = load_engine(path, warmup=False)
+            self.engine.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
+        except (EngineError, CardError, OSError) as exc:
+            reason = " ".join(str(exc).split())  # one line, whatever the runtime said
+            raise StartupError(f"cannot load the engine {path}: {reason}") from None
+        card = self.engine.card
+        self.metrics.describe_engine(
+            model=card.name,
+            architecture=card.architecture,
+            backend=self.engine.backend,
+            card_version=card.schema_version,
+            sample_rate=card.sample_rate,
+            window_samples=card.window_samples,
+            hop_samples=self._hop_samples(),
+            n_tags=card.n_tags,
+        )
+
+    def _build_pipeline(self) -> None:
+        card = self.engine.card
+        batching, limits = self.config.batching, self.config.limits
+        self.tagger = Tagger(
+            card, on_after=self.config.tagger.on_after, off_margin=self.config.tagger.off_margin
+        )
+        self.batcher = Batcher(
+            self._run_engine,
+            card.window_samples,
+            self._publish_batch,
+            self.metrics,
+            max_batch=self._max_batch(),
+            max_wait_s=batching.max_wait_ms / 1000,
+            max_pending_per_stream=batching.max_pending_per_stream,
+            max_queue_age_s=batching.max_queue_age_s,
+        )
+        geometry = StreamGeometry(card.sample_rate, card.window_samples, self._hop_samples())
+        self.hub = StreamHub(
+            geometry,
+            self.batcher.submit,
+            self.metrics,
+            max_streams=limits.max_streams,
+            idle_after_s=limits.idle_after_s,
+            evict_after_s=limits.evict_after_s,
+        )
+
+    def _open_inputs(self) -> None:
+        for spec in self.config.inputs:
+            source = make_source(spec, self.hub, self.metrics, self._context, self.config.limits)
+            try:
+                source.open()
+            except SourceError as exc:
+                raise StartupError(str(exc)) from None
+            self.sources.append(source)
+
+    def _start_threads(self) -> None:
+        self.batcher.start()
+        self._sweeper = threading.Thread(target=self._sweep, name="tagd-sweeper", daemon=True)
+        self._sweeper.start()
+        for source in self.sources:
+            source.start()
+
+    # -- helpers --------------------------------------------------------------------------
+    def _max_batch(self) -> int:
+        limit = self.engine.max_batch if self.engine else None
+        wanted = self.config.batching.max_batch
+        return min(wanted, limit) if limit else wanted
+
+    def _hop_samples(self) -> int:
+        card = self.engine.card
+        if self.config.hop_seconds is None:
+            return card.hop_samples
+        return max(1, round(self.config.hop_seconds * card.sample_rate))
+
+    def _sweep(self) -> None:
+        while not self._stopping.wait(SWEEP_INTERVAL_S):
+            for name in self.hub.sweep():
+                self._evicted.put(name)
+
+    # -- the inference worker's side ----------------------------------------------------------
+    def _run_engine(self, batch: np.ndarray) -> np.ndarray:
+        return self.engine.run(batch)
+
+    def _publish_batch(self, result: BatchResult) -> None:
+        """Runs in the inference worker: tag, publish, measure. Never blocks."""
+        while True:  # streams the hub evicted: forget their averages, in this thread
+            try:
+                self.tagger.forget(self._evicted.get_nowait())
+            except queue.Empty:
+                break
+        card = self.engine.card
+        inference_ms = result.inference_seconds * 1000
+        for item, scores in zip(result.items, result.scores, strict=True):
+            window = item.window
+            prediction = self.tagger.update(window, scores)
+            published_at = time.time()
+            total_s = time.perf_counter() - window.captured.mono
+            message = tags_message(
+                prediction,
+                card,
+                captured_at=window.captured.unix,
+                published_at=published_at,
+                queue_ms=(result.started - item.submitted) * 1000,
+                inference_ms=inference_ms,
+                total_ms=total_s * 1000,
+                batch_size=len(result.items),
+            )
+            self.publisher.send(topic(TAGS_TOPIC, window.stream), message)
+            self.metrics.end_to_end_latency.observe(total_s)
+            self.metrics.windows_published.labels(window.stream).inc()
+            for event in event_messages(prediction, card, published_at=published_at):
+                self.publisher.send(topic(EVENTS_TOPIC, window.stream), event)
+                self.metrics.events_published.labels(window.stream).inc()
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--engine", help="Model file: .onnx (ONNX Runtime), .plan/.engine (TensorRT), .pt (torch)."
+)
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="URL",
+    help="An input stream, repeatable: zmq+raw://, zmq+sub://, zmq+pull://, soundcard://, file://. "
+    "Replaces the config file's inputs.",
+)
+@click.option("--publish", metavar="ENDPOINT", help="ZeroMQ PUB endpoint [tcp://127.0.0.1:5560].")
+@click.option(
+    "--metrics", metavar="HOST:PORT", help="/metrics and /healthz, or 'off' [127.0.0.1:9108]."
+)
+@click.option(
+    "--hop", "hop_seconds", type=float, help="Seconds between windows [the model card's]."
+)
+@click.option("--max-batch", type=int, help="Windows per engine call [8].")
+@click.option("--max-wait-ms", type=float, help="Longest wait for a batch to fill [10].")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
+@click.option(
+    "--log-format", type=click.Choice(LOG_FORMATS), help="Logs on stderr as text or JSON."
+)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS))
+def serve(config_path: Path | None, check_config: bool, **flags) -> None:
+    """Tag live streams and publish tags.<stream> and events.<stream> on ZeroMQ.
+
+    Exit status: 0 after SIGTERM/SIGINT, 2 when the configuration is invalid or start-up
+    fails (a model that does not load, a port in use), with the reason on one line.
+    """
+    from tagd.cli import setup_logging  # the cli module registers this command
+
+    try:
+        config = load_config(config_path) if config_path else ServeConfig()
+        config = apply_overrides(config, **flags).validate()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"tagd serve: config: {problem}", err=True)
+        sys.exit(EXIT_STARTUP_FAILED)
+    if check_config:
+        names = ", ".join(spec.name for spec in config.inputs)
+        click.echo(f"config OK: engine {config.engine}, {len(config.inputs)} input(s): {names}")
+        return
+
+    setup_logging(config.log.level, config.log.format)
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    server = Server(config)
+    try:
+        server.start()
+    except StartupError as exc:
+        click.echo(f"tagd serve: {exc}", err=True)
+        sys.exit(EXIT_STARTUP_FAILED)
+    while not stop_requested.wait(0.2):
+        pass
+    server.stop()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()

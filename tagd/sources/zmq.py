@@ -1,0 +1,188 @@
+"""ZeroMQ inputs: ffmpeg's raw PCM output and the multi-stream protocol.
+
+``zmq+raw://HOST:PORT?format=s16le&rate=44100&channels=2&stream=NAME`` connects a SUB to
+the PUB that ``ffmpeg ... -f s16le zmq:tcp://HOST:PORT`` binds, subscribes to everything
+and treats the payloads as one byte stream: messages need not hold whole sample frames.
+ZeroMQ reconnects by itself, so tagd may start before or after ffmpeg (a SUB misses what
+was published before it joined).
+
+``zmq+sub://HOST:PORT`` (connects a SUB) and ``zmq+pull://HOST:PORT`` (binds a PULL) carry
+many streams on one socket as multipart ``[stream id, JSON header, PCM]``; see
+docs/protocol.md. Each message is validated; a bad one is dropped and counted in
+``tagd_malformed_messages_total{input, reason}``. Every socket refuses messages over
+``limits.max_message_bytes`` (ZMQ_MAXMSGSIZE: the peer is disconnected).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import zmq
+
+from tagd.audio import PCM_FORMATS
+from tagd.config import MAX_CHANNELS, RATE_RANGE, STREAM_NAME
+from tagd.metrics import (
+    MALFORMED_FRAMES,
+    MALFORMED_HEADER,
+    MALFORMED_NOT_ALLOWED,
+    MALFORMED_PCM,
+    MALFORMED_STREAM_ID,
+)
+from tagd.sources import POLL_INTERVAL_S, Source, SourceError
+from tagd.stream import Arrival, Stream, StreamRefused
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 4096
+MAX_STREAM_ID_BYTES = 64
+HEADER_REQUIRED = ("format", "rate", "channels")
+
+
+class MalformedMessage(ValueError):
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+class _ZmqSource(Source):
+    socket_type: int
+    bind: bool
+
+    def open(self) -> None:
+        self._socket = self.context.socket(self.socket_type)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        if self.socket_type == zmq.SUB:
+            self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
+            if self.bind:
+                self._socket.bind(self.spec.address)
+            else:
+                self._socket.connect(self.spec.address)
+        except zmq.ZMQError as exc:
+            self._socket.close()
+            verb = "bind" if self.bind else "connect to"
+            raise SourceError(
+                f"input {self.label}: cannot {verb} {self.spec.address}: {exc.strerror}"
+            ) from None
+        log.info(
+            "input %s: %s %s",
+            self.label,
+            "bound" if self.bind else "connecting to",
+            self.spec.address,
+        )
+
+    def _read(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        timeout_ms = int(POLL_INTERVAL_S * 1000)
+        while not self._stop.is_set():
+            if not poller.poll(timeout_ms):
+                continue
+            # Drain what is queued, but look at the stop flag between messages.
+            while not self._stop.is_set():
+                try:
+                    frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                self._handle(frames, Arrival.now())
+
+    def _handle(self, frames: list[bytes], arrival: Arrival) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        self._socket.close()
+
+
+class RawZmqSource(_ZmqSource):
+    """One stream of raw PCM bytes from ffmpeg's zmq output (a PUB)."""
+
+    socket_type = zmq.SUB
+    bind = False
+
+    def open(self) -> None:
+        super().open()
+        self._stream: Stream = self.hub.open(self.spec.stream_name(), self.label, pinned=True)
+
+    def _handle(self, frames: list[bytes], arrival: Arrival) -> None:
+        if len(frames) != 1:
+            self.count_malformed(MALFORMED_FRAMES)
+            return
+        spec = self.spec
+        self._stream.push_pcm(frames[0], spec.format, spec.rate, spec.channels, arrival)
+
+
+class MultiStreamZmqSource(_ZmqSource):
+    """Many streams on one socket: multipart [stream id, JSON header, PCM]."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.socket_type = zmq.SUB if self.spec.scheme == "zmq+sub" else zmq.PULL
+        self.bind = self.spec.scheme == "zmq+pull"
+        self._allowed = set(self.spec.streams)
+
+    def _handle(self, frames: list[bytes], arrival: Arrival) -> None:
+        try:
+            name, header, pcm = parse_message(frames)
+            if self._allowed and name not in self._allowed:
+                raise MalformedMessage(MALFORMED_NOT_ALLOWED, f"stream {name!r} is not in streams=")
+            stream = self.hub.open(name, self.label)
+        except (MalformedMessage, StreamRefused) as exc:
+            self.count_malformed(exc.reason)
+            log.debug("input %s: dropped a message: %s", self.label, exc)
+            return
+        stream.push_pcm(
+            pcm, header["format"], header["rate"], header["channels"], arrival, header.get("seq")
+        )
+
+
+def parse_message(frames: list[bytes]) -> tuple[str, dict[str, Any], bytes]:
+    """Validate one multi-stream message; raise MalformedMessage with a metrics reason."""
+    if len(frames) != 3:
+        raise MalformedMessage(MALFORMED_FRAMES, f"expected 3 frames, got {len(frames)}")
+    raw_id, raw_header, pcm = frames
+    if len(raw_id) > MAX_STREAM_ID_BYTES:
+        raise MalformedMessage(MALFORMED_STREAM_ID, "stream id longer than 64 bytes")
+    try:
+        name = raw_id.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedMessage(MALFORMED_STREAM_ID, "stream id is not UTF-8") from None
+    if not STREAM_NAME.match(name):
+        raise MalformedMessage(MALFORMED_STREAM_ID, f"stream id {name!r} is not a valid name")
+    header = _parse_header(raw_header)
+    if len(pcm) == 0:  # partial sample frames are legal: the stream carries them over
+        raise MalformedMessage(MALFORMED_PCM, "empty PCM frame")
+    return name, header, pcm
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_HEADER_BYTES:
+        raise MalformedMessage(MALFORMED_HEADER, f"header longer than {MAX_HEADER_BYTES} bytes")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MalformedMessage(MALFORMED_HEADER, "header is not JSON") from None
+    if not isinstance(header, dict):
+        raise MalformedMessage(MALFORMED_HEADER, "header is not a JSON object")
+    missing = [key for key in HEADER_REQUIRED if key not in header]
+    if missing:
+        raise MalformedMessage(MALFORMED_HEADER, f"header lacks {', '.join(missing)}")
+    if header["format"] not in PCM_FORMATS:
+        raise MalformedMessage(MALFORMED_HEADER, f"unknown format {header['format']!r}")
+    if not _is_int(header["rate"]) or not RATE_RANGE[0] <= header["rate"] <= RATE_RANGE[1]:
+        raise MalformedMessage(MALFORMED_HEADER, f"rate {header['rate']!r} out of range")
+    if not _is_int(header["channels"]) or not 1 <= header["channels"] <= MAX_CHANNELS:
+        raise MalformedMessage(MALFORMED_HEADER, f"channels {header['channels']!r} out of range")
+    if "seq" in header and (not _is_int(header["seq"]) or header["seq"] < 0):
+        raise MalformedMessage(MALFORMED_HEADER, f"seq {header['seq']!r} is not a count")
+    if "t" in header and (
+        not isinstance(header["t"], int | float) or isinstance(header["t"], bool)
+    ):
+        raise MalformedMessage(MALFORMED_HEADER, f"t {header['t']!r} is not a number")
+    return header
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

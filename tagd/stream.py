@@ -1,0 +1,266 @@
+"""Per-stream pipelines: PCM in, windows at the model's rate out, never waiting.
+
+A ``Stream`` is one named audio stream: PCM bytes (or float frames) → ``PcmDecoder``
+(partial frames carried) → ``downmix`` → ``StreamResampler`` (streaming soxr, to the
+card's rate) → ``Windower`` (one window in a ring) → a ``ReadyWindow`` every hop, handed
+to a sink (the batcher) that must not block. Each stream is fed by one source thread.
+
+A ``StreamHub`` holds the streams by name: sources open them, it enforces the stream
+limit and ownership (one input per name), and ``sweep()`` (called every fraction of a
+second) marks silent streams idle and evicts long-idle dynamic ones.
+
+Stream time counts the audio received: a stream that falls silent is not fed zeros;
+when data resumes its pipeline restarts (a new ``epoch``: a fresh window must fill
+before the next prediction) and the gap is counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from tagd.audio import PcmDecoder, StreamResampler, downmix
+from tagd.metrics import (
+    MALFORMED_STREAM_TAKEN,
+    MALFORMED_TOO_MANY_STREAMS,
+    Metrics,
+)
+from tagd.windowing import Windower
+
+log = logging.getLogger(__name__)
+
+# Epochs are unique across streams and their lifetimes, so that a stream evicted and
+# opened again under the same name never continues an old average.
+_epochs = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """When a message arrived: unix time for messages, a monotonic clock for durations."""
+
+    unix: float
+    mono: float
+
+    @classmethod
+    def now(cls) -> Arrival:
+        return cls(time.time(), time.perf_counter())
+
+
+@dataclass(frozen=True)
+class ReadyWindow:
+    stream: str
+    seq: int  # windows this stream has emitted before this one (gaps in seq = drops)
+    epoch: int  # bumped when the stream restarts; averaging never spans epochs
+    start: int  # stream position of the first sample, at the model's rate
+    samples: np.ndarray  # float32 [window_samples]
+    captured: Arrival  # when the message that completed this window arrived
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.samples)
+
+
+@dataclass(frozen=True)
+class StreamGeometry:
+    """What every stream needs from the model card (and --hop)."""
+
+    sample_rate: int
+    window_samples: int
+    hop_samples: int
+
+
+WindowSink = Callable[[ReadyWindow], None]
+
+
+class StreamRefused(Exception):
+    """A stream could not be opened; ``reason`` is a tagd_malformed_messages_total reason."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+class Stream:
+    def __init__(self, name: str, geometry: StreamGeometry, sink: WindowSink, metrics: Metrics,
+                 idle_after_s: float = float("inf")) -> None:  # fmt: skip
+        self.name = name
+        self.idle_after_s = idle_after_s
+        self.geometry = geometry
+        self._sink = sink
+        self._metrics = metrics
+        self._windower = Windower(geometry.window_samples, geometry.hop_samples)
+        self._decoder: PcmDecoder | None = None
+        self._resampler: StreamResampler | None = None
+        self._shape: tuple[str | None, int, int] | None = None  # (format, rate, channels)
+        self._last_seq: int | None = None
+        self.epoch = 0
+        self.windows_emitted = 0
+        self.last_arrival: float | None = None  # monotonic; None until the first data
+        self.idle = True  # for reporting: StreamHub.sweep sets it, data clears it
+
+    # -- feeding -------------------------------------------------------------------
+    def push_pcm(self, payload: bytes, pcm_format: str, rate: int, channels: int,
+                 arrival: Arrival, seq: int | None = None) -> int:  # fmt: skip
+        """Feed interleaved PCM bytes; returns how many windows it completed.
+
+        Raises ``tagd.audio.AudioError`` for a format PcmDecoder does not know.
+        """
+        self._prepare((pcm_format, rate, channels), arrival, seq)
+        assert self._decoder is not None
+        return self._feed(self._decoder.decode(payload), rate, arrival)
+
+    def push_frames(self, frames: np.ndarray, rate: int, arrival: Arrival) -> int:
+        """Feed float frames [n, channels] or mono [n] (soundcards, files)."""
+        channels = 1 if frames.ndim == 1 else frames.shape[1]
+        self._prepare((None, rate, channels), arrival, None)
+        return self._feed(frames, rate, arrival)
+
+    def _prepare(
+        self, shape: tuple[str | None, int, int], arrival: Arrival, seq: int | None
+    ) -> None:
+        resumed = (
+            self.silent_for(arrival.mono) >= self.idle_after_s and self.last_arrival is not None
+        )
+        if shape != self._shape:
+            if self._shape is not None:
+                log.info(
+                    "stream %s: input changed from %s to %s; restarting",
+                    self.name,
+                    self._shape,
+                    shape,
+                )
+            self._shape = shape
+            pcm_format, rate, channels = shape
+            self._decoder = PcmDecoder(pcm_format, channels) if pcm_format else None
+            self._resampler = StreamResampler(rate, self.geometry.sample_rate)
+            self._restart()
+        elif resumed:
+            log.info("stream %s: data again after being idle; restarting its window", self.name)
+            self._metrics.gaps.labels(self.name).inc()
+            self._restart()
+        if seq is not None:
+            if self._last_seq is not None and seq != self._last_seq + 1 and not resumed:
+                self._metrics.gaps.labels(self.name).inc()
+            self._last_seq = seq
+        self.last_arrival = arrival.mono
+        self.idle = False
+
+    def _restart(self) -> None:
+        if self._decoder is not None:
+            self._decoder.reset()
+        if self._resampler is not None:
+            self._resampler.reset()
+        self._windower.restart_at(self._windower.total)
+        self.epoch = next(_epochs)
+
+    def _feed(self, frames: np.ndarray, rate: int, arrival: Arrival) -> int:
+        if len(frames) == 0:
+            return 0
+        self._metrics.audio_received.labels(self.name).inc(len(frames) / rate)
+        assert self._resampler is not None
+        mono = self._resampler.process(downmix(frames))
+        windows = self._windower.push(mono)
+        for window in windows:
+            self._sink(
+                ReadyWindow(
+                    self.name,
+                    self.windows_emitted,
+                    self.epoch,
+                    window.start,
+                    window.samples,
+                    arrival,
+                )
+            )
+            self.windows_emitted += 1
+        return len(windows)
+
+    # -- state ---------------------------------------------------------------------
+    def silent_for(self, now_mono: float) -> float:
+        return float("inf") if self.last_arrival is None else now_mono - self.last_arrival
+
+
+@dataclass
+class _Entry:
+    stream: Stream
+    owner: str  # the input that feeds it
+    pinned: bool  # named in the config: never evicted
+
+
+class StreamHub:
+    def __init__(self, geometry: StreamGeometry, sink: WindowSink, metrics: Metrics, *,
+                 max_streams: int, idle_after_s: float, evict_after_s: float) -> None:  # fmt: skip
+        self.geometry = geometry
+        self._sink = sink
+        self._metrics = metrics
+        self.max_streams = max_streams
+        self.idle_after_s = idle_after_s
+        self.evict_after_s = evict_after_s
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def open(self, name: str, owner: str, *, pinned: bool = False) -> Stream:
+        """The stream ``name`` fed by input ``owner``, created on first use.
+
+        Raises ``StreamRefused`` when another input feeds that name or the stream limit
+        is reached.
+        """
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                if entry.owner != owner:
+                    raise StreamRefused(
+                        MALFORMED_STREAM_TAKEN, f"stream {name!r} is already fed by {entry.owner}"
+                    )
+                return entry.stream
+            if len(self._entries) >= self.max_streams:
+                raise StreamRefused(
+                    MALFORMED_TOO_MANY_STREAMS,
+                    f"stream {name!r} refused: limits.max_streams={self.max_streams} reached",
+                )
+            stream = Stream(name, self.geometry, self._sink, self._metrics, self.idle_after_s)
+            self._entries[name] = _Entry(stream, owner, pinned)
+            self._metrics.known_streams.set(len(self._entries))
+            log.info("stream %s opened by %s", name, owner)
+            return stream
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def get(self, name: str) -> Stream | None:
+        with self._lock:
+            entry = self._entries.get(name)
+        return entry.stream if entry else None
+
+    def sweep(self, now_mono: float | None = None) -> list[str]:
+        """Mark silent streams idle, evict long-idle unpinned ones, update the gauges.
+
+        Returns the names evicted.
+        """
+        now_mono = time.perf_counter() if now_mono is None else now_mono
+        evicted = []
+        with self._lock:
+            active = 0
+            for name, entry in list(self._entries.items()):
+                silent = entry.stream.silent_for(now_mono)
+                if silent < self.idle_after_s:
+                    active += 1
+                    continue
+                if not entry.stream.idle:
+                    entry.stream.idle = True
+                    log.info("stream %s idle: no data for %.1f s", name, silent)
+                if not entry.pinned and self.evict_after_s and silent >= self.evict_after_s:
+                    del self._entries[name]
+                    evicted.append(name)
+            self._metrics.active_streams.set(active)
+            self._metrics.known_streams.set(len(self._entries))
+        for name in evicted:
+            log.info("stream %s evicted after %.0f s idle", name, self.evict_after_s)
+            self._metrics.forget_stream(name)
+        return evicted
