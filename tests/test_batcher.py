@@ -1,0 +1,214 @@
+"""Dynamic batching: batch forming, bounded queues with counted drops, never blocking ingest."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tagd.batcher import Batcher, BatchResult
+from tagd.metrics import Metrics
+from tagd.stream import Arrival, ReadyWindow
+
+WINDOW = 16
+
+
+def window(stream: str, seq: int) -> ReadyWindow:
+    samples = np.full(WINDOW, seq, dtype=np.float32)
+    return ReadyWindow(stream, seq, 1, seq * WINDOW, samples, Arrival.now())
+
+
+def mean_engine(batch: np.ndarray) -> np.ndarray:
+    """A real (if trivial) model: each window's mean, as two 'tags'."""
+    means = batch.mean(axis=1, keepdims=True)
+    return np.concatenate([means, -means], axis=1)
+
+
+class Recorder:
+    def __init__(self):
+        self.results: list[BatchResult] = []
+        self.done = threading.Condition()
+
+    def __call__(self, result: BatchResult) -> None:
+        with self.done:
+            self.results.append(result)
+            self.done.notify_all()
+
+    def wait_for(self, windows: int, timeout: float = 5.0) -> None:
+        with self.done:
+            assert self.done.wait_for(lambda: self.published() >= windows, timeout), (
+                self.published()
+            )
+
+    def published(self) -> int:
+        return sum(len(r.items) for r in self.results)
+
+    def seqs(self, stream: str) -> list[int]:
+        return [i.window.seq for r in self.results for i in r.items if i.window.stream == stream]
+
+
+def make(engine=mean_engine, **settings) -> tuple[Batcher, Recorder, Metrics]:
+    recorder, metrics = Recorder(), Metrics()
+    options = {"max_batch": 4, "max_wait_s": 0.005, "max_pending_per_stream": 2, **settings}
+    batcher = Batcher(engine, WINDOW, recorder, metrics, **options)
+    return batcher, recorder, metrics
+
+
+class GatedEngine:
+    """Blocks inside run() until released: an engine that has fallen behind."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        assert self.release.wait(5)
+        return mean_engine(batch)
+
+
+def test_scores_come_back_matched_to_their_windows():
+    batcher, recorder, _ = make()
+    batcher.start()
+    for seq in range(6):
+        batcher.submit(window(f"s{seq % 3}", seq))
+    recorder.wait_for(6)
+    batcher.stop()
+    for result in recorder.results:
+        for item, scores in zip(result.items, result.scores, strict=True):
+            assert scores[0] == item.window.seq  # the window's mean is its seq
+
+
+def test_windows_wait_at_most_max_wait_for_a_batch_to_fill():
+    batcher, recorder, metrics = make(max_batch=8, max_wait_s=0.05)
+    batcher.start()
+    started = time.perf_counter()
+    batcher.submit(window("a", 0))
+    recorder.wait_for(1)
+    waited = time.perf_counter() - started
+    batcher.stop()
+    assert 0.04 <= waited < 1.0
+    assert recorder.results[0].started - recorder.results[0].items[0].submitted >= 0.045
+    assert metrics.sample("tagd_batch_size_count") == 1
+
+
+def test_a_full_batch_goes_at_once_and_oldest_first():
+    engine = GatedEngine()
+    batcher, recorder, metrics = make(
+        engine=engine, max_batch=3, max_wait_s=10.0, max_pending_per_stream=5
+    )
+    batcher.start()
+    for seq in range(3):  # fills a batch: no waiting for max_wait
+        batcher.submit(window("a", seq))
+    assert engine.entered.wait(2)
+    for seq in range(3, 6):  # queued while the engine is busy: the next full batch
+        batcher.submit(window(("b", "a", "b")[seq - 3], seq))
+    engine.release.set()
+    recorder.wait_for(6)
+    batcher.stop()
+    assert [[i.window.seq for i in r.items] for r in recorder.results] == [[0, 1, 2], [3, 4, 5]]
+    assert metrics.sample("tagd_batch_size_sum") == 6
+
+
+def test_falling_behind_drops_each_streams_oldest_and_counts_them():
+    engine = GatedEngine()
+    batcher, recorder, metrics = make(engine=engine, max_batch=2, max_pending_per_stream=2)
+    batcher.start()
+    batcher.submit(window("a", 0))
+    assert engine.entered.wait(2)  # the engine is now stuck on [a0]
+    for seq in range(1, 11):
+        for stream in ("a", "b"):
+            began = time.perf_counter()
+            batcher.submit(window(stream, seq))
+            assert time.perf_counter() - began < 0.05  # ingest never waits for inference
+    assert batcher.pending() == 4  # two per stream, whatever arrived
+    engine.release.set()
+    recorder.wait_for(5)
+    batcher.stop()
+    assert recorder.seqs("a") == [0, 9, 10] and recorder.seqs("b") == [9, 10]  # the newest survive
+    drops = {
+        s: metrics.sample("tagd_windows_dropped_total", {"stream": s, "reason": "queue_full"})
+        for s in "ab"
+    }
+    assert drops == {"a": 8, "b": 8}
+
+
+def test_windows_older_than_max_queue_age_are_dropped_as_stale():
+    engine = GatedEngine()
+    batcher, recorder, metrics = make(engine=engine, max_batch=1, max_queue_age_s=0.05)
+    batcher.start()
+    batcher.submit(window("a", 0))
+    assert engine.entered.wait(2)
+    batcher.submit(window("a", 1))
+    time.sleep(0.1)
+    engine.release.set()
+    batcher.submit(window("a", 2))
+    recorder.wait_for(2)
+    batcher.stop()
+    assert recorder.seqs("a") == [0, 2]
+    assert metrics.sample("tagd_windows_dropped_total", {"stream": "a", "reason": "stale"}) == 1
+
+
+def test_an_engine_failure_is_counted_and_the_worker_goes_on():
+    calls = []
+
+    def flaky(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return mean_engine(batch)
+
+    batcher, recorder, metrics = make(engine=flaky, max_batch=1)
+    batcher.start()
+    batcher.submit(window("a", 0))
+    time.sleep(0.05)
+    batcher.submit(window("a", 1))
+    recorder.wait_for(1)
+    batcher.stop()
+    assert recorder.seqs("a") == [1]
+    assert metrics.sample("tagd_engine_errors_total") == 1
+    assert (
+        metrics.sample("tagd_windows_dropped_total", {"stream": "a", "reason": "engine_error"}) == 1
+    )
+
+
+def test_stop_finishes_the_batch_in_flight_and_drops_the_rest():
+    engine = GatedEngine()
+    batcher, recorder, metrics = make(engine=engine, max_batch=1, max_pending_per_stream=5)
+    batcher.start()
+    batcher.submit(window("a", 0))
+    assert engine.entered.wait(2)
+    batcher.submit(window("a", 1))
+    batcher.submit(window("a", 2))
+    threading.Timer(0.1, engine.release.set).start()
+    assert batcher.stop(timeout=2.0)
+    assert recorder.seqs("a") == [0]
+    assert metrics.sample("tagd_windows_dropped_total", {"stream": "a", "reason": "shutdown"}) == 2
+    batcher.submit(window("a", 3))  # after stop: dropped, counted, no error
+    assert metrics.sample("tagd_windows_dropped_total", {"stream": "a", "reason": "shutdown"}) == 3
+
+
+@pytest.mark.parametrize("streams", [1, 5])
+def test_every_window_is_either_published_or_counted_as_dropped(streams):
+    def slow(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.002)
+        return mean_engine(batch)
+
+    batcher, recorder, metrics = make(engine=slow, max_batch=2, max_pending_per_stream=1)
+    batcher.start()
+    submitted = 0
+    for seq in range(200):
+        for s in range(streams):
+            batcher.submit(window(f"s{s}", seq))
+            submitted += 1
+    time.sleep(0.1)
+    batcher.stop()
+    dropped = sum(
+        metrics.sample("tagd_windows_dropped_total", {"stream": f"s{s}", "reason": reason}) or 0
+        for s in range(streams)
+        for reason in ("queue_full", "shutdown")
+    )
+    assert recorder.published() + dropped == submitted
+    assert dropped > 0

@@ -1,0 +1,186 @@
+"""`tagd serve` configuration: URLs, TOML, overrides, and what --check-config says."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from tagd.cli import main
+from tagd.config import (
+    ConfigError,
+    ServeConfig,
+    apply_overrides,
+    load_config,
+    parse_input,
+)
+
+RAW = "zmq+raw://127.0.0.1:5555?format=s16le&rate=44100&channels=2&stream=radio1"
+
+
+def problems_of(call) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        call()
+    return caught.value.problems
+
+
+def test_input_urls_carry_their_settings_in_the_query():
+    raw = parse_input(RAW)
+    assert (raw.scheme, raw.address, raw.stream, raw.format, raw.rate, raw.channels) == (
+        "zmq+raw", "tcp://127.0.0.1:5555", "radio1", "s16le", 44100, 2,
+    )  # fmt: skip
+    card = parse_input("soundcard://default?rate=48000&channels=2&stream=studio")
+    assert (card.device, card.rate, card.stream) == ("default", 48000, "studio")
+    assert parse_input("soundcard://3?stream=s").device == 3
+    multi = parse_input("zmq+sub://127.0.0.1:5570?streams=a,b")
+    assert multi.is_multi_stream and multi.streams == ["a", "b"]
+    file = parse_input("file:///tmp/My%20Song.mp3?realtime=0&loop=true")
+    assert (file.address, file.realtime, file.loop, file.stream_name()) == (
+        "/tmp/My Song.mp3", False, True, "My_Song",
+    )  # fmt: skip
+
+
+def test_bad_query_values_are_reported_with_path_and_reason():
+    found = problems_of(lambda: parse_input(RAW.replace("44100", "fast") + "&colour=red"))
+    assert "--input.colour: unknown key" in found[0]
+    assert "--input.rate: expected an integer, got 'fast'" in found[1]
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("zmq+raw://127.0.0.1?format=s16le&rate=44100&channels=2&stream=a", "needs host:port"),
+        (RAW.replace("s16le", "mp3"), "inputs[0].format: 'mp3' is not one of"),
+        (RAW.replace("44100", "12"), "inputs[0].rate: 12 Hz is outside"),
+        (RAW.replace("channels=2", "channels=0"), "inputs[0].channels: 0 is outside"),
+        (RAW.replace("radio1", "radio.1"), "is not a valid stream name"),
+        (RAW.replace("&stream=radio1", ""), "inputs[0].stream: zmq+raw inputs need a stream name"),
+        ("zmq+pull://127.0.0.1:5?stream=a", "carries stream names in each message"),
+        ("zmq+pull://127.0.0.1:5?rate=44100", "inputs[0].rate: not used by zmq+pull"),
+        ("http://127.0.0.1:5", "unknown scheme 'http'"),
+    ],
+)
+def test_invalid_inputs_are_refused_with_the_reason(url, expected):
+    config = apply_overrides(ServeConfig(engine="m.onnx"), inputs=[url])
+    found = problems_of(config.validate)
+    assert any(expected in problem for problem in found), found
+
+
+def test_two_inputs_may_not_share_a_stream_name():
+    config = apply_overrides(
+        ServeConfig(engine="m.onnx"), inputs=[RAW, RAW.replace("5555", "5556")]
+    )
+    assert problems_of(config.validate) == [
+        "inputs[1].stream: 'radio1' is already the name of inputs[0]"
+    ]
+
+
+def test_toml_file_gives_the_same_and_more(tmp_path):
+    path = tmp_path / "tagd.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            engine = "models/fcn4.onnx"
+            hop_seconds = 1.5
+
+            [[inputs]]
+            url = "{RAW}"
+
+            [[inputs]]
+            url = "zmq+pull://127.0.0.1:5571"
+            streams = ["a", "b"]
+
+            [batching]
+            max_batch = 4
+            max_wait_ms = 5
+
+            [tagger]
+            on_after = 3
+            """
+        )
+    )
+    config = load_config(path)
+    assert config.engine == str(tmp_path / "models/fcn4.onnx")  # relative to the file
+    assert config.hop_seconds == 1.5
+    assert [spec.scheme for spec in config.inputs] == ["zmq+raw", "zmq+pull"]
+    assert config.inputs[1].streams == ["a", "b"]
+    assert (config.batching.max_batch, config.batching.max_wait_ms) == (4, 5.0)
+    assert config.tagger.on_after == 3
+    assert config.publish.address == "tcp://127.0.0.1:5560"  # defaults bind to loopback
+    assert config.metrics.address == "127.0.0.1:9108"
+
+
+def test_unknown_keys_are_rejected_with_their_path(tmp_path):
+    path = tmp_path / "tagd.toml"
+    path.write_text(
+        'engine = "m.onnx"\n[batching]\nmax_wiat_ms = 5\n[[inputs]]\nurl = "x"\nrat = 1\n'
+    )
+    found = problems_of(lambda: load_config(path))
+    assert len(found) == 2
+    assert any(
+        p.startswith("batching.max_wiat_ms: unknown key (known: max_batch, max_wait_ms")
+        for p in found
+    )
+    assert any(p.startswith("inputs[0].rat: unknown key") for p in found)
+
+
+def test_wrong_types_and_values_are_rejected_with_the_reason(tmp_path):
+    path = tmp_path / "tagd.toml"
+    path.write_text(
+        'engine = "m.onnx"\ninputs = ["file:///x.wav"]\n'
+        '[batching]\nmax_batch = "eight"\n[limits]\nidle_after_s = true\n'
+    )
+    assert problems_of(lambda: load_config(path)) == [
+        "batching.max_batch: expected an integer, got str 'eight'",
+        "limits.idle_after_s: expected a number, got boolean True",
+    ]
+    path.write_text('engine = "m.onnx"\ninputs = ["file:///x.wav"]\n[batching]\nmax_batch = 0\n')
+    assert problems_of(lambda: load_config(path)) == [
+        "batching.max_batch: must be at least 1, got 0"
+    ]
+
+
+def test_a_value_given_in_both_url_and_table_is_ambiguous(tmp_path):
+    path = tmp_path / "tagd.toml"
+    path.write_text(f'engine = "m.onnx"\n[[inputs]]\nurl = "{RAW}"\nrate = 48000\n')
+    assert problems_of(lambda: load_config(path)) == [
+        "inputs[0].rate: given both in the URL and as a key; keep one"
+    ]
+
+
+def test_flags_override_the_file(tmp_path):
+    path = tmp_path / "tagd.toml"
+    path.write_text(f'engine = "a.onnx"\ninputs = ["{RAW}"]\nhop_seconds = 3.0\n')
+    config = apply_overrides(
+        load_config(path),
+        engine="b.onnx",
+        hop_seconds=0.5,
+        publish="tcp://127.0.0.1:7000",
+        inputs=["zmq+pull://127.0.0.1:7001"],
+    )
+    assert config.engine == "b.onnx" and config.hop_seconds == 0.5
+    assert config.publish.address == "tcp://127.0.0.1:7000"
+    assert [spec.url for spec in config.inputs] == ["zmq+pull://127.0.0.1:7001"]
+
+
+def test_check_config_validates_and_exits(tmp_path):
+    runner = CliRunner()
+    good = runner.invoke(main, ["serve", "--engine", "m.onnx", "--input", RAW, "--check-config"])
+    assert good.exit_code == 0, good.output
+    assert "config OK" in good.output and "radio1" in good.output
+
+    path = tmp_path / "tagd.toml"
+    path.write_text('engine = "m.onnx"\n[publish]\nsndhwm = -1\nadress = "x"\n')
+    bad = runner.invoke(main, ["serve", "--config", str(path), "--check-config"])
+    assert bad.exit_code == 2
+    assert "publish.adress: unknown key" in bad.output
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib")
+def test_invalid_toml_says_where(tmp_path):
+    path = tmp_path / "tagd.toml"
+    path.write_text("engine = \n")
+    (problem,) = problems_of(lambda: load_config(path))
+    assert "not valid TOML" in problem and "line 1" in problem

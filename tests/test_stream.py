@@ -1,0 +1,159 @@
+"""Per-stream pipelines: chunking invariance, idle handling, gaps, the stream hub."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from audio_fixtures import make_music
+
+from tagd.audio import resample
+from tagd.metrics import MALFORMED_STREAM_TAKEN, MALFORMED_TOO_MANY_STREAMS, Metrics
+from tagd.stream import Arrival, ReadyWindow, Stream, StreamGeometry, StreamHub, StreamRefused
+
+GEOMETRY = StreamGeometry(sample_rate=12_000, window_samples=6_000, hop_samples=1_500)
+SOURCE_RATE = 44_100
+
+
+def stereo_s16le(seconds: float, seed: int = 0) -> bytes:
+    left = make_music(seconds, SOURCE_RATE, seed=seed)
+    right = make_music(seconds, SOURCE_RATE, seed=seed + 1)
+    frames = np.stack([left, right], axis=1)
+    return (frames * 32767).astype("<i2").tobytes()
+
+
+def collect(stream_name: str = "s", **stream_kwargs) -> tuple[Stream, list[ReadyWindow], Metrics]:
+    windows: list[ReadyWindow] = []
+    metrics = Metrics()
+    return Stream(stream_name, GEOMETRY, windows.append, metrics, **stream_kwargs), windows, metrics
+
+
+def feed(stream: Stream, payload: bytes, sizes: list[int], t0: float = 0.0) -> None:
+    position, index = 0, 0
+    while position < len(payload):
+        size = sizes[index % len(sizes)]
+        stream.push_pcm(
+            payload[position : position + size], "s16le", SOURCE_RATE, 2, Arrival(t0, t0)
+        )
+        position += size
+        index += 1
+
+
+# Message sizes seen from ffmpeg (4,608 and 1,684 bytes), odd sizes that split frames and
+# samples, single bytes, and the whole stream at once.
+CHUNKINGS = [[4608], [1684, 4608], [1], [3, 1001, 7], [10**9]]
+
+
+@pytest.mark.parametrize("sizes", CHUNKINGS, ids=lambda sizes: "+".join(map(str, sizes[:3])))
+def test_any_message_size_gives_identical_windows(sizes):
+    payload = stereo_s16le(1.5) if sizes == [1] else stereo_s16le(3.0)
+    reference, ref_windows, _ = collect()
+    feed(reference, payload, [4608])
+    stream, windows, _ = collect()
+    feed(stream, payload, sizes)
+    count = min(len(windows), len(ref_windows))
+    assert (
+        count >= 1 and abs(len(windows) - len(ref_windows)) <= 1
+    )  # soxr may hold back a few samples
+    for got, want in zip(windows[:count], ref_windows[:count], strict=True):
+        assert (got.start, got.seq) == (want.start, want.seq)
+        np.testing.assert_array_equal(got.samples, want.samples)
+
+
+def test_windows_hold_the_downmixed_resampled_audio_every_hop():
+    payload = stereo_s16le(3.0)
+    stream, windows, metrics = collect()
+    feed(stream, payload, [4608])
+    assert [w.start for w in windows] == [i * GEOMETRY.hop_samples for i in range(len(windows))]
+    assert [w.seq for w in windows] == list(range(len(windows)))
+    frames = np.frombuffer(payload, dtype="<i2").reshape(-1, 2).astype(np.float32) / 32768
+    offline = resample(frames.mean(axis=1), SOURCE_RATE, GEOMETRY.sample_rate)
+    for window in windows[:3]:
+        # streaming and one-shot soxr differ only at the edges; the mid-stream audio agrees
+        np.testing.assert_allclose(
+            window.samples[1000:-1000], offline[window.start + 1000 : window.end - 1000], atol=1e-3
+        )
+    assert metrics.sample("tagd_audio_received_seconds_total", {"stream": "s"}) == pytest.approx(
+        3.0, abs=1e-3
+    )
+
+
+def test_a_window_records_when_its_completing_message_arrived():
+    stream, windows, _ = collect()
+    half = stereo_s16le(0.5)
+    stream.push_pcm(half, "s16le", SOURCE_RATE, 2, Arrival(100.0, 1.0))
+    assert windows == []  # 0.5 s is less than one window
+    stream.push_pcm(half, "s16le", SOURCE_RATE, 2, Arrival(100.6, 1.6))
+    assert windows and windows[0].captured == Arrival(100.6, 1.6)
+
+
+def test_a_silent_stream_is_not_fed_zeros_and_restarts_when_data_resumes():
+    stream, windows, metrics = collect(idle_after_s=1.0)
+    payload = stereo_s16le(1.0)
+    stream.push_pcm(payload, "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0))
+    first_epoch, emitted = stream.epoch, len(windows)
+    assert emitted >= 1
+    # data again after 5 s of nothing: no window spans the silence, stream time does not
+    # jump (it counts audio received), and the gap is counted
+    stream.push_pcm(payload, "s16le", SOURCE_RATE, 2, Arrival(5.0, 5.0))
+    resumed = windows[emitted:]
+    assert stream.epoch != first_epoch
+    assert all(w.epoch == stream.epoch for w in resumed)
+    assert resumed[0].start >= windows[emitted - 1].end  # a fresh window had to fill
+    assert metrics.sample("tagd_stream_gaps_total", {"stream": "s"}) == 1
+
+
+def test_sequence_gaps_are_counted_but_do_not_restart_the_window():
+    stream, windows, metrics = collect()
+    chunk = stereo_s16le(0.2)
+    stream.push_pcm(chunk, "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=0)
+    epoch = stream.epoch
+    for seq in (1, 2, 5, 6):
+        stream.push_pcm(chunk, "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=seq)
+    assert metrics.sample("tagd_stream_gaps_total", {"stream": "s"}) == 1
+    assert stream.epoch == epoch
+    assert windows and windows[0].start == 0  # 1 s received in all: the window kept filling
+
+
+def test_a_change_of_format_restarts_the_stream():
+    stream, windows, _ = collect()
+    stream.push_pcm(stereo_s16le(0.4), "s16le", SOURCE_RATE, 2, Arrival(0, 0))
+    epoch = stream.epoch
+    mono_f32 = make_music(1.0, 48_000).astype("<f4").tobytes()
+    stream.push_pcm(mono_f32, "f32le", 48_000, 1, Arrival(0, 0))
+    assert stream.epoch != epoch
+    assert windows and all(w.epoch == stream.epoch for w in windows)  # the 0.4 s was forgotten
+
+
+def make_hub(**limits) -> tuple[StreamHub, Metrics]:
+    metrics = Metrics()
+    settings = {"max_streams": 2, "idle_after_s": 1.0, "evict_after_s": 10.0, **limits}
+    return StreamHub(GEOMETRY, lambda window: None, metrics, **settings), metrics
+
+
+def test_hub_enforces_ownership_and_the_stream_limit():
+    hub, _ = make_hub()
+    a = hub.open("a", "input-1")
+    assert hub.open("a", "input-1") is a
+    with pytest.raises(StreamRefused) as taken:
+        hub.open("a", "input-2")
+    assert taken.value.reason == MALFORMED_STREAM_TAKEN
+    hub.open("b", "input-1")
+    with pytest.raises(StreamRefused) as full:
+        hub.open("c", "input-1")
+    assert full.value.reason == MALFORMED_TOO_MANY_STREAMS
+
+
+def test_sweep_marks_idle_streams_and_evicts_only_unpinned_ones():
+    hub, metrics = make_hub()
+    pinned, dynamic = hub.open("pinned", "cfg", pinned=True), hub.open("dyn", "multi")
+    for stream in (pinned, dynamic):
+        stream.push_pcm(stereo_s16le(0.1), "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0))
+    assert hub.sweep(now_mono=0.5) == []
+    assert metrics.sample("tagd_active_streams") == 2
+    assert hub.sweep(now_mono=2.0) == []
+    assert pinned.idle and dynamic.idle
+    assert metrics.sample("tagd_active_streams") == 0
+    assert hub.sweep(now_mono=11.0) == ["dyn"]
+    assert hub.names() == ["pinned"]
+    assert metrics.sample("tagd_streams") == 1
+    assert metrics.sample("tagd_audio_received_seconds_total", {"stream": "dyn"}) is None
