@@ -132,8 +132,8 @@ def _band_noise(rng, n, rate, low, high):
 
 def _hihat(t, rate, rng):
     period = 60.0 / rng.uniform(90, 150) / 4  # sixteenth notes
-    n = int(0.03 * rate)
-    envelope = np.exp(-np.arange(n) / (0.008 * rate))
+    n = int(0.05 * rate)
+    envelope = np.exp(-np.arange(n) / (0.015 * rate))
     return _pulses(t, rate, period, lambda: _band_noise(rng, n, rate, 3000, 5000) * envelope)
 
 

@@ -1,0 +1,552 @@
+"""The training loop: one function, ``train``, readable top to bottom.
+
+Recipes are the papers' settings (``RECIPES``); a ``TrainConfig`` picks one by the
+model's family and may override any value. One run writes to its folder:
+
+    config.json   the resolved configuration
+    log.csv       one row per epoch (losses, validation AUC, learning rate, speed)
+    last.pt       everything to resume: weights, optimizer, scheduler and RNG state
+    best.pt       the weights with the best validation ROC-AUC, with a model card
+                  (validation scores and max-F1 thresholds) ready for ``tagd-train export``
+
+Under ``torchrun`` the same function trains on every GPU with DistributedDataParallel:
+each rank sees its share of the clips (DistributedSampler), rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from trainer.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from trainer.data.dataset import DataError, PreparedData, crop, random_starts
+from trainer.evaluate import bce, choose_thresholds, predict_clips, summarise, tag_metrics
+from trainer.export import card_for_model
+from trainer.finetune import parameter_groups, replace_head, set_frozen_batchnorm_eval
+from trainer.models import TaggerModel, create_model
+
+log = logging.getLogger(__name__)
+
+LAST_NAME, BEST_NAME, LOG_NAME, CONFIG_NAME = "last.pt", "best.pt", "log.csv", "config.json"
+LOG_COLUMNS = (
+    "epoch", "lr", "train_loss", "valid_loss", "valid_roc_auc", "valid_pr_auc",
+    "seconds", "examples_per_second",
+)  # fmt: skip
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    optimizer: str  # "adam" or "sgd" (Nesterov momentum)
+    lr: float
+    batch_size: int
+    epochs: int  # at most
+    # The plateau rule: when validation loss has not improved for `patience` epochs,
+    # multiply the learning rate by `lr_factor`; after `max_lr_drops` drops, stop instead.
+    patience: int
+    lr_factor: float
+    max_lr_drops: int
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+RECIPES: dict[str, Recipe] = {
+    # Choi et al. 2016: Adam, binary cross-entropy, dropout in the model. The paper gives
+    # no schedule; we stop once validation loss has stalled 5 epochs after two drops.
+    "fcn": Recipe(
+        "adam", lr=1e-3, batch_size=16, epochs=100, patience=5, lr_factor=0.2, max_lr_drops=2
+    ),
+    # Lee et al. 2017: SGD, Nesterov momentum 0.9, lr 0.01, x0.2 when validation loss
+    # stalls 3 epochs, four times in all, batch 23.
+    "samplecnn": Recipe(
+        "sgd", lr=0.01, batch_size=23, epochs=100, patience=3, lr_factor=0.2, max_lr_drops=4
+    ),
+    # Sankaran 2017, target task: Adam from trained weights, small learning rates (1e-4 for
+    # the top, 1e-5 for early blocks via lr_groups), dropped x0.1 on plateaus.
+    "finetune": Recipe(
+        "adam", lr=1e-4, batch_size=16, epochs=50, patience=3, lr_factor=0.1, max_lr_drops=2
+    ),
+}
+
+
+def recipe_for(arch: str) -> str:
+    return "fcn" if arch.startswith("fcn") else "samplecnn"
+
+
+# -- configuration -----------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    data: str  # a prepared folder (tagd-train prepare)
+    out: str  # run folder
+    model: str = "fcn4"  # registry name; ignored when init_from gives the architecture
+    hparams: dict[str, Any] = field(default_factory=dict)  # e.g. {"width": 0.5}
+    name: str | None = None  # model card name; default "<arch>-<data folder>"
+    recipe: str | None = None  # RECIPES key; default by family, "finetune" with init_from
+    # None: take the recipe's value
+    optimizer: str | None = None  # adam | sgd
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    patience: int | None = None
+    max_lr_drops: int | None = None
+    crops_per_clip: int = 1  # random windows per training clip per epoch
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 on GPUs that have it
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int | None = None  # DataLoader workers; None: 0 on CPU, 4 on GPU
+    eval_hop: int | None = None  # validation window hop in samples; None: one window
+    resume: bool = False  # continue from out/last.pt
+    # transfer learning (Sankaran 2017): start from a trained checkpoint
+    init_from: str | None = None
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes to keep fixed
+    lr_groups: dict[str, float] = field(default_factory=dict)  # prefix → learning rate
+    progress: bool = True
+    tensorboard: bool = True  # when the tensorboard package is installed
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe's values with this config's overrides: what the run actually uses."""
+        base = RECIPES[self.recipe]
+        values = dataclasses.asdict(base)
+        for key in ("optimizer", "epochs", "batch_size", "lr", "patience", "max_lr_drops"):
+            if getattr(self, key) is not None:
+                values[key] = getattr(self, key)
+        return values
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_path: Path
+    last_path: Path
+    best_epoch: int
+    best_roc_auc: float
+    epochs_run: int
+    history: list[dict[str, Any]]
+    model: TaggerModel  # the final weights (not the best), unwrapped
+
+
+# -- data -----------------------------------------------------------------------------------------
+class CropDataset(Dataset):
+    """Training examples: one random window per clip per visit, label = the clip's tags.
+
+    Crop starts are drawn per epoch from ``(seed, epoch)``, so every rank and every
+    resumed run cuts the same windows, whatever the number of loader workers.
+    """
+
+    def __init__(
+        self,
+        data: PreparedData,
+        indices: list[int],
+        window_samples: int,
+        crops_per_clip: int,
+        seed: int,
+    ):
+        self.data = data
+        self.indices = indices
+        self.window_samples = window_samples
+        self.crops_per_clip = crops_per_clip
+        self.seed = seed
+        self.lengths = np.array([data.clips[i].length for i in indices])
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch])
+        lengths = np.tile(self.lengths, self.crops_per_clip)
+        self.starts = random_starts(lengths, self.window_samples, rng)
+
+    def __len__(self) -> int:
+        return len(self.indices) * self.crops_per_clip
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        clip = self.indices[item % len(self.indices)]
+        window = crop(self.data.audio(clip), int(self.starts[item]), self.window_samples)
+        return torch.from_numpy(window), torch.from_numpy(self.data.labels(clip))
+
+
+# -- distributed and devices -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, ranks: Ranks) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device cuda was asked for but torch sees no GPU; use --device cpu")
+        if ranks.distributed:
+            device = torch.device("cuda", ranks.local_rank)  # torchrun: one GPU per process
+        torch.cuda.set_device(device)
+    return device
+
+
+def start_distributed(device_request: str) -> tuple[Ranks, bool]:
+    """Join the torchrun process group if there is one; (ranks, whether we started it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Ranks(), False
+    ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return ranks, False
+    use_cuda = device_request != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return ranks, True
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision only on GPUs: CPU autocast is slower than fp32 for these convs."""
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def train(config: TrainConfig) -> TrainResult:
+    from tqdm import tqdm
+
+    # 1. Processes, device, seeds. Every rank seeds alike so the models start identical
+    #    (DDP also broadcasts rank 0's weights, but data order must agree too).
+    ranks, started_group = start_distributed(config.device)
+    device = pick_device(config.device, ranks)
+    torch.manual_seed(config.seed)
+    run_dir = Path(config.out)
+    last_path, best_path = run_dir / LAST_NAME, run_dir / BEST_NAME
+
+    # 2. Model: fresh, or from a trained checkpoint with a new head for this data's tags.
+    data = PreparedData(config.data)
+    source = load_checkpoint(config.init_from) if config.init_from else None
+    if source is not None:
+        model = model_from_checkpoint(source)
+        replace_head(model, source["tags"], data.tags)
+        config.model = model.arch
+    else:
+        model = create_model(config.model, data.n_tags, **config.hparams)
+    config.hparams = model.hparams
+    config.recipe = config.recipe or ("finetune" if source else recipe_for(model.arch))
+    if config.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {config.recipe!r}; known: {', '.join(RECIPES)}")
+    recipe = config.resolved()
+    if recipe["optimizer"] not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be adam or sgd, got {recipe['optimizer']!r}")
+    if data.sample_rate != model.sample_rate:
+        raise DataError(
+            f"{data.root} is prepared at {data.sample_rate} Hz but {model.arch} takes "
+            f"{model.sample_rate} Hz; run `tagd-train prepare --model {model.arch}` again"
+        )
+    train_idx, valid_idx = data.indices("train"), data.indices("valid")
+    if not train_idx or not valid_idx:
+        raise DataError(
+            f"{data.root} needs train and valid clips; it has {len(train_idx)} and {len(valid_idx)}"
+        )
+    model.to(device)
+
+    # 3. Optimizer over parameter groups: frozen prefixes get no gradient, lr_groups
+    #    their own learning rate (the thesis' per-block rates), the rest the recipe's.
+    groups = parameter_groups(model, recipe["lr"], config.freeze, config.lr_groups)
+    if recipe["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(
+            groups,
+            lr=recipe["lr"],
+            momentum=recipe["momentum"],
+            nesterov=True,
+            weight_decay=recipe["weight_decay"],
+        )
+    else:
+        optimizer = torch.optim.Adam(groups, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    amp_dtype = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    # 4. State that a resumed run takes over from last.pt.
+    state = {
+        "epoch": 0,
+        "lr_drops": 0,
+        "stall": 0,
+        "best_loss": math.inf,
+        "best_roc_auc": -1.0,
+        "best_epoch": 0,
+        "history": [],
+    }
+    if config.resume and last_path.is_file():
+        last = load_checkpoint(last_path)
+        model.load_state_dict(last["state_dict"])
+        optimizer.load_state_dict(last["optimizer"])
+        scaler.load_state_dict(last["scaler"])
+        torch.set_rng_state(last["torch_rng"])
+        state.update(last["train_state"])
+        log.info("resumed %s at epoch %d", run_dir, state["epoch"])
+    elif config.resume:
+        log.warning("nothing to resume in %s; starting fresh", run_dir)
+
+    # 5. Data: random crops, split across ranks by DistributedSampler.
+    examples = CropDataset(
+        data, train_idx, model.window_samples, config.crops_per_clip, config.seed
+    )
+    if ranks.distributed:
+        sampler = DistributedSampler(
+            examples, ranks.world_size, ranks.rank, shuffle=True, seed=config.seed
+        )
+    else:
+        sampler = RandomSampler(examples, generator=torch.Generator().manual_seed(config.seed))
+    workers = config.workers if config.workers is not None else (0 if device.type == "cpu" else 4)
+    batch_size = recipe["batch_size"]
+    # A lone example in a batch breaks BatchNorm: drop the ragged end when we can afford to.
+    drop_last = len(examples) // ranks.world_size >= batch_size
+    loader = DataLoader(examples, batch_size, sampler=sampler, num_workers=workers,
+                        drop_last=drop_last, pin_memory=device.type == "cuda")  # fmt: skip
+    net: nn.Module = LogitsOf(model)
+    if ranks.distributed:
+        net = DistributedDataParallel(net)
+
+    if ranks.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_NAME).write_text(
+            json.dumps({**dataclasses.asdict(config), "resolved": recipe}, indent=2) + "\n"
+        )
+        tensorboard = _tensorboard(run_dir) if config.tensorboard else None
+        log.info("training %s (%d parameters) on %s: %d train / %d valid clips, recipe %s %s",
+                 model.arch, sum(p.numel() for p in model.parameters()), device,
+                 len(train_idx), len(valid_idx), config.recipe, recipe)  # fmt: skip
+
+    # 6. Epochs: train on crops, validate on whole clips, adjust lr, checkpoint.
+    stop = False
+    while state["epoch"] < recipe["epochs"] and not stop:
+        epoch = state["epoch"] + 1
+        started = time.monotonic()
+        examples.set_epoch(epoch)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        else:
+            sampler.generator.manual_seed(config.seed * 1_000_003 + epoch)
+        net.train()
+        set_frozen_batchnorm_eval(model, config.freeze)
+        total_loss, seen = 0.0, 0
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch}",
+            unit="batch",
+            disable=not (config.progress and ranks.main),
+            leave=False,
+        )
+        for waves, targets in bar:
+            waves, targets = (
+                waves.to(device, non_blocking=True),
+                targets.to(device, non_blocking=True),
+            )
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = net(waves)  # (B, n_tags)
+                loss = loss_fn(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(waves)
+            seen += len(waves)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        train_loss = _mean_across_ranks(total_loss, seen, ranks, device)
+        train_seconds = time.monotonic() - started
+
+        # BatchNorm statistics are per rank; rank 0's become everyone's, so that all
+        # ranks hold the same model and validation sees what the checkpoint stores.
+        _sync_buffers(model, ranks)
+        if ranks.main:
+            labels = data.label_matrix(valid_idx)
+            scores = predict_clips(
+                model,
+                data,
+                valid_idx,
+                hop_samples=config.eval_hop,
+                batch_size=batch_size,
+                device=device,
+            )
+            summary = summarise(tag_metrics(labels, scores, data.tags))
+            valid_loss, valid_auc = bce(labels, scores), summary["roc_auc_macro"]
+        else:
+            labels = scores = summary = None
+            valid_loss = valid_auc = 0.0
+        valid_loss, valid_auc = _broadcast_floats([valid_loss, valid_auc], ranks, device)
+
+        # Plateau schedule (Lee et al.): stall on validation loss → lr drop, or stop.
+        if valid_loss < state["best_loss"] - 1e-4:
+            state["best_loss"], state["stall"] = valid_loss, 0
+        else:
+            state["stall"] += 1
+        lr_now = max(group["lr"] for group in optimizer.param_groups)
+        if state["stall"] >= recipe["patience"]:
+            if state["lr_drops"] >= recipe["max_lr_drops"]:
+                stop = True
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] *= recipe["lr_factor"]
+                state["lr_drops"] += 1
+                state["stall"] = 0
+                log.info(
+                    "validation loss stalled %d epochs: lr x%g",
+                    recipe["patience"],
+                    recipe["lr_factor"],
+                )
+
+        row = {
+            "epoch": epoch, "lr": lr_now, "train_loss": round(train_loss, 5),
+            "valid_loss": round(valid_loss, 5), "valid_roc_auc": round(valid_auc, 5),
+            "valid_pr_auc": round(summary["pr_auc_macro"], 5) if summary else 0.0,
+            "seconds": round(time.monotonic() - started, 2),
+            "examples_per_second": round(seen * ranks.world_size / max(train_seconds, 1e-9), 2),
+        }  # fmt: skip
+        state["history"].append(row)
+        state["epoch"] = epoch
+        # The first epoch always counts, so best.pt exists even if AUC is undefined (NaN).
+        improved = valid_auc > state["best_roc_auc"] or state["best_epoch"] == 0
+        if improved:
+            state["best_roc_auc"], state["best_epoch"] = valid_auc, epoch
+
+        if ranks.main:
+            _append_log(run_dir / LOG_NAME, row)
+            if tensorboard is not None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        tensorboard.add_scalar(key, value, epoch)
+            log.info("epoch %d: train loss %.4f, valid loss %.4f, valid ROC-AUC %.4f, PR-AUC %.4f (%.1f s)",
+                     epoch, train_loss, valid_loss, valid_auc, row["valid_pr_auc"], row["seconds"])  # fmt: skip
+            payload = _payload(
+                model, data, config, recipe, state, summary, choose_thresholds(labels, scores)
+            )
+            if improved:
+                save_checkpoint(best_path, payload)
+            save_checkpoint(last_path, {**payload,
+                                        "optimizer": optimizer.state_dict(),
+                                        "scaler": scaler.state_dict(),
+                                        "torch_rng": torch.get_rng_state()})  # fmt: skip
+
+    if ranks.main and tensorboard is not None:
+        tensorboard.close()
+    if started_group:
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(
+        run_dir=run_dir,
+        best_path=best_path,
+        last_path=last_path,
+        best_epoch=state["best_epoch"],
+        best_roc_auc=state["best_roc_auc"],
+        epochs_run=state["epoch"],
+        history=state["history"],
+        model=model,
+    )
+
+
+class LogitsOf(nn.Module):
+    """The model with forward() = forward_logits(): DDP syncs gradients only through
+    forward(), and the loss wants logits (BCE-with-logits is stable; sigmoid then BCE is not)."""
+
+    def __init__(self, model: TaggerModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_logits(waves)
+
+
+def _payload(model, data, config, recipe, state, summary, thresholds) -> dict[str, Any]:
+    """A checkpoint: model, card with validation scores and thresholds, training state."""
+    card = card_for_model(
+        model, name=config.name or f"{model.arch}-{Path(config.data).name}", tags=data.tags
+    )
+    card.thresholds = thresholds
+    card.training = {
+        "data": data.source,
+        "prepared": str(Path(config.data).resolve()),
+        "clips": {split: len(data.indices(split)) for split in ("train", "valid", "test")},
+        "recipe": config.recipe,
+        **{key: recipe[key] for key in ("optimizer", "lr", "batch_size")},
+        "epochs": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "seed": config.seed,
+        "init_from": config.init_from,
+        "thresholds": "max F1 per tag on the valid split",
+    }
+    card.scores = {
+        "valid": {
+            key: round(summary[key], 4)
+            for key in ("roc_auc_macro", "pr_auc_macro", "roc_auc_weighted")
+        }
+    }
+    card.validate()
+    return {
+        "arch": model.arch,
+        "hparams": model.hparams,
+        "n_tags": model.n_tags,
+        "tags": list(data.tags),
+        "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "card": card.to_dict(),
+        "config": json.loads(json.dumps(dataclasses.asdict(config))),
+        "train_state": json.loads(json.dumps(state)),
+    }
+
+
+def _append_log(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None  # optional: the CSV log has the same numbers
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _mean_across_ranks(total: float, count: int, ranks: Ranks, device: torch.device) -> float:
+    if ranks.distributed:
+        both = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(both)
+        total, count = both.tolist()
+    return total / max(count, 1)
+
+
+def _sync_buffers(model: nn.Module, ranks: Ranks) -> None:
+    if ranks.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _broadcast_floats(values: list[float], ranks: Ranks, device: torch.device) -> list[float]:
+    if not ranks.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
