@@ -127,10 +127,11 @@ class ModelCard:
 
     # -- (de)serialisation ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types only (str subclasses such as torch's version become str)."""
+        return json.loads(self.to_json())
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:

@@ -1,0 +1,103 @@
+"""Engines on real exported models: ONNX Runtime and torch agree, cards are enforced."""
+
+import numpy as np
+import onnx
+import pytest
+
+from tagd.card import CARD_METADATA_KEY, CardError, ModelCard
+from tagd.engines import EngineError, load_engine
+
+
+@pytest.mark.parametrize("arch", ["fcn4", "samplecnn"])
+def test_onnx_engine_scores_a_batch(export_model, music, arch):
+    engine = load_engine(export_model(arch))
+    card = engine.card
+    assert engine.backend == "onnxruntime"
+    assert card.architecture == arch
+    batch = np.stack([music(card.window_seconds, card.sample_rate, seed=s) for s in (1, 2, 3)])
+    scores = engine.run(batch)
+    assert scores.shape == (3, card.n_tags)
+    assert scores.dtype == np.float32
+    assert np.all((scores > 0) & (scores < 1))
+    # different audio, different scores; the same audio, the same scores
+    assert np.abs(scores[0] - scores[1]).max() > 0, "scores ignore the audio"
+    np.testing.assert_array_equal(engine.run(batch[:1])[0], engine.run(batch[:1])[0])
+
+
+def test_wrong_window_length_is_refused(export_model):
+    engine = load_engine(export_model("samplecnn"))
+    with pytest.raises(EngineError, match=r"expected a batch \[n, 59049\]"):
+        engine.run(np.zeros((1, 1000), dtype=np.float32))
+
+
+def test_a_card_that_disagrees_with_the_graph_is_refused(export_model, tmp_path):
+    model = onnx.load(str(export_model("samplecnn")))
+    entry = next(p for p in model.metadata_props if p.key == CARD_METADATA_KEY)
+    card = ModelCard.from_json(entry.value)
+    card.tags = card.tags + ["extra"]
+    card.thresholds = card.thresholds + [0.5]
+    entry.value = card.to_json()
+    path = tmp_path / "lying.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(CardError, match=r"outputs 8 scores but the card names 9 tags"):
+        load_engine(path)
+
+
+def test_a_model_without_a_card_is_refused(export_model, tmp_path):
+    model = onnx.load(str(export_model("samplecnn")))
+    del model.metadata_props[:]
+    path = tmp_path / "anonymous.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(CardError, match="carries no model card"):
+        load_engine(path)
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+    (tmp_path / "model.tflite").write_bytes(b"x")
+    with pytest.raises(
+        EngineError, match="unknown model type '.tflite'; known: .engine, .onnx, .plan, .pt"
+    ):
+        load_engine(tmp_path / "model.tflite")
+    with pytest.raises(EngineError, match="not found"):
+        load_engine(tmp_path / "nope.onnx")
+
+
+def test_garbage_onnx_file_is_an_engine_error(tmp_path):
+    path = tmp_path / "garbage.onnx"
+    path.write_bytes(b"not a protobuf at all")
+    with pytest.raises(EngineError, match="ONNX Runtime cannot load it"):
+        load_engine(path)
+
+
+def test_torch_checkpoint_engine_matches_onnx(tmp_path, music):
+    torch = pytest.importorskip("torch")
+    from trainer.export import export_onnx
+    from trainer.models import create_model
+
+    torch.manual_seed(3)
+    model = create_model("samplecnn", 5, width=0.25).eval()
+    result = export_onnx(model, tmp_path / "m.onnx", tags=list("abcde"))
+    checkpoint = {
+        "card": result.card.to_dict(),
+        "arch": model.arch,
+        "hparams": model.hparams,
+        "n_tags": model.n_tags,
+        "state_dict": model.state_dict(),
+    }
+    torch.save(checkpoint, tmp_path / "m.pt")
+    batch = np.stack([music(59049 / 22050, 22050, seed=s) for s in (4, 5)])
+    torch_scores = load_engine(tmp_path / "m.pt").run(batch)
+    onnx_scores = load_engine(tmp_path / "m.onnx").run(batch)
+    np.testing.assert_allclose(torch_scores, onnx_scores, atol=1e-4)
+
+
+def test_tensorrt_needs_its_sdk_or_says_which_extra(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        plan = tmp_path / "m.plan"
+        plan.write_bytes(b"x")
+        with pytest.raises(EngineError, match=r"pip install 'tagd\[tensorrt\]'"):
+            load_engine(plan)
+    else:
+        pytest.skip("tensorrt is installed; tests/test_compile_tensorrt.py covers it")
