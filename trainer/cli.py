@@ -1,0 +1,497 @@
+"""``tagd-train``: prepare data, train, evaluate, fine-tune, export and compile models.
+
+Every command prints what it wrote on stdout and logs progress on stderr; bad input ends
+with a one-line error and a non-zero exit code. docs/training.md is the user's guide.
+Multi-GPU: ``torchrun --nproc-per-node N -m trainer.cli train ...``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tagd.card import CardError
+from trainer.data.dataset import DataError
+
+log = logging.getLogger("trainer.cli")
+
+USER_ERRORS = (
+    DataError,
+    CardError,
+    ValueError,
+    FileNotFoundError,
+)  # + CheckpointError, ExportError
+
+
+def friendly_errors(command):
+    """Turn the errors a user can fix into one line and exit code 1, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from trainer.checkpoint import CheckpointError
+        from trainer.export import ExportError
+
+        try:
+            return command(*args, **kwargs)
+        except (*USER_ERRORS, CheckpointError, ExportError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def parse_hparams(values: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` pairs; values are JSON when they parse (0.5, [1, 2], true), else text."""
+    hparams = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected key=value, got {item!r}", param_hint="--hparam")
+        try:
+            hparams[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            hparams[key.strip()] = raw
+    return hparams
+
+
+def parse_lr_groups(values: tuple[str, ...]) -> dict[str, float]:
+    groups = {}
+    for item in values:
+        prefix, sep, raw = item.partition("=")
+        try:
+            groups[prefix.strip()] = float(raw)
+        except ValueError:
+            raise click.BadParameter(
+                f"expected PREFIX=LR like blocks.0=1e-5, got {item!r}", param_hint="--lr-group"
+            ) from None
+        if not sep or not prefix.strip():
+            raise click.BadParameter(f"expected PREFIX=LR, got {item!r}", param_hint="--lr-group")
+    return groups
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def main(verbose: bool, quiet: bool) -> None:
+    """Train, evaluate and export tagd's music auto-tagging models."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+# -- data --------------------------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--mtt",
+    type=click.Path(path_type=Path),
+    help="MagnaTagATune: annotations_final.csv or its folder.",
+)
+@click.option(
+    "--audio-dir", type=click.Path(path_type=Path), help="MTT mp3 tree, if not beside the CSV."
+)
+@click.option(
+    "--split-file",
+    type=click.Path(path_type=Path),
+    help="MTT: `clip_id<TAB>split` lines instead of the folder split.",
+)
+@click.option(
+    "--msd-audio",
+    type=click.Path(path_type=Path),
+    help="MSD: `track_id<TAB>path` list of your audio.",
+)
+@click.option("--msd-tags", type=click.Path(path_type=Path), help="MSD: `track_id<TAB>tag` list.")
+@click.option(
+    "--msd-split",
+    "msd_splits",
+    multiple=True,
+    metavar="SPLIT=FILE",
+    help="MSD: track-id list per split, e.g. train=train_ids.txt (repeat).",
+)
+@click.option(
+    "--manifest", type=click.Path(path_type=Path), help="CSV manifest: path,tags[,split]."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Prepared dataset folder.",
+)
+@click.option("--model", "model_name", help="Prepare at this model's sample rate.")
+@click.option("--sample-rate", type=int, help="Or give the rate in Hz.")
+@click.option(
+    "--n-tags",
+    type=int,
+    help="Keep the N most frequent tags. Default: 50 for MTT/MSD, all for a manifest.",
+)
+@click.option("--workers", type=int, help="Decoding processes (default: all cores).")
+@click.option("--clips-per-shard", type=int, default=64, show_default=True)
+@click.option(
+    "--min-seconds", type=float, default=1.0, show_default=True, help="Shorter files are skipped."
+)
+@click.option("--no-progress", is_flag=True)
+@friendly_errors
+def prepare(mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, manifest, out_dir,
+            model_name, sample_rate, n_tags, workers, clips_per_shard, min_seconds, no_progress):  # fmt: skip
+    """Decode a dataset once into int16 shards at the model's sample rate (resumable)."""
+    from trainer.data.prepare import prepare as run_prepare
+
+    sources = [s for s in (mtt, msd_audio or msd_tags, manifest) if s]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one of --mtt, --msd-audio/--msd-tags, --manifest")
+    if (model_name is None) == (sample_rate is None):
+        raise click.UsageError("give exactly one of --model (its rate) or --sample-rate")
+    if model_name is not None:
+        from trainer.models import create_model
+
+        sample_rate = create_model(model_name).sample_rate
+    labelled = _load_labelled(
+        mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, manifest, n_tags
+    )
+    click.echo(labelled.summary(), err=True)
+    report = run_prepare(
+        labelled, out_dir, sample_rate, workers=workers, clips_per_shard=clips_per_shard,
+        min_seconds=min_seconds, progress=not no_progress,
+    )  # fmt: skip
+    click.echo(report.summary())
+    if report.skipped:
+        click.echo(f"skipped files are listed in {out_dir / 'skipped.csv'}")
+
+
+def _load_labelled(mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, manifest, n_tags):
+    if mtt:
+        from trainer.data.mtt import DEFAULT_N_TAGS, load_mtt
+
+        return load_mtt(mtt, audio_dir, n_tags or DEFAULT_N_TAGS, split_file)
+    if manifest:
+        from trainer.data.manifest import load_manifest
+
+        return load_manifest(manifest, n_tags)
+    if not (msd_audio and msd_tags):
+        raise click.UsageError("MSD needs both --msd-audio and --msd-tags")
+    from trainer.data.msd import DEFAULT_N_TAGS, load_msd
+
+    splits = {}
+    for item in msd_splits:
+        split, sep, path = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected SPLIT=FILE, got {item!r}", param_hint="--msd-split")
+        splits[split.strip()] = path
+    return load_msd(msd_audio, msd_tags, splits or None, n_tags or DEFAULT_N_TAGS)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--layout", type=click.Choice(["mtt", "manifest"]), default="mtt", show_default=True)
+@click.option("--clips", type=int, default=200, show_default=True)
+@click.option("--seconds", type=float, default=4.0, show_default=True)
+@click.option("--sample-rate", type=int, default=16_000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def synthetic(out_dir, layout, clips, seconds, sample_rate, seed):
+    """Write a small learnable dataset (tones, chords, drums...) to try the pipeline."""
+    from trainer.data import synthetic as synth
+
+    if layout == "mtt":
+        path = synth.write_mtt(out_dir, clips, seed, seconds, sample_rate)
+    else:
+        path = synth.write_manifest_dataset(out_dir, clips, seed, seconds, sample_rate)
+    click.echo(f"wrote {clips} synthetic clips: {path}")
+
+
+# -- training ----------------------------------------------------------------------------------------
+def training_options(command):
+    options = [
+        click.option(
+            "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run folder."
+        ),
+        click.option("--name", help="Model card name (default: <arch>-<data folder>)."),
+        click.option(
+            "--recipe",
+            type=click.Choice(["fcn", "samplecnn", "finetune"]),
+            help="Default: by model family.",
+        ),
+        click.option(
+            "--optimizer", type=click.Choice(["adam", "sgd"]), help="Override the recipe's."
+        ),
+        click.option("--epochs", type=int),
+        click.option("--batch-size", type=int),
+        click.option("--lr", type=float),
+        click.option(
+            "--patience", type=int, help="Epochs of stalled validation loss before a lr drop."
+        ),
+        click.option(
+            "--max-lr-drops", type=int, help="Stop at the next stall after this many drops."
+        ),
+        click.option("--crops-per-clip", type=int, default=1, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            default="auto",
+            show_default=True,
+        ),
+        click.option(
+            "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
+        ),
+        click.option("--workers", type=int, help="Data loader workers."),
+        click.option("--resume", is_flag=True, help="Continue from OUT/last.pt."),
+        click.option(
+            "--freeze", multiple=True, metavar="PREFIX", help="Keep these blocks fixed (repeat)."
+        ),
+        click.option(
+            "--lr-group",
+            "lr_groups",
+            multiple=True,
+            metavar="PREFIX=LR",
+            help="Learning rate per block (repeat).",
+        ),
+        click.option("--no-progress", is_flag=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run_training(
+    data_dir: Path, model_name: str | None, hparams: dict, init_from: Path | None, options: dict
+) -> None:
+    from trainer.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=str(data_dir),
+        out=str(options["out_dir"]),
+        model=model_name or "fcn4",
+        hparams=hparams,
+        name=options["name"],
+        recipe=options["recipe"],
+        optimizer=options["optimizer"],
+        epochs=options["epochs"],
+        batch_size=options["batch_size"],
+        lr=options["lr"],
+        patience=options["patience"],
+        max_lr_drops=options["max_lr_drops"],
+        crops_per_clip=options["crops_per_clip"],
+        seed=options["seed"],
+        precision=options["precision"],
+        device=options["device"],
+        workers=options["workers"],
+        resume=options["resume"],
+        init_from=str(init_from) if init_from else None,
+        freeze=list(options["freeze"]),
+        lr_groups=parse_lr_groups(options["lr_groups"]),
+        progress=not options["no_progress"],
+    )
+    result = train(config)
+    click.echo(
+        f"best validation ROC-AUC {result.best_roc_auc:.4f} at epoch {result.best_epoch} of "
+        f"{result.epochs_run}; best model {result.best_path}, resume state {result.last_path}"
+    )
+
+
+@main.command("train")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    "model_name",
+    default="fcn4",
+    show_default=True,
+    help="Registry name (tagd-train models).",
+)
+@click.option(
+    "--hparam",
+    "hparams",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Model hyper-parameter, e.g. width=0.5 (repeat).",
+)
+@click.option(
+    "--from-checkpoint",
+    "init_from",
+    type=click.Path(path_type=Path),
+    help="Fine-tune from this checkpoint.",
+)
+@training_options
+@friendly_errors
+def train_command(data_dir, model_name, hparams, init_from, **options):
+    """Train a model on a prepared dataset; best.pt is the best by validation ROC-AUC."""
+    _run_training(data_dir, model_name, parse_hparams(hparams), init_from, options)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@training_options
+@friendly_errors
+def finetune(checkpoint, data_dir, **options):
+    """Transfer a trained model to new tags (recipe finetune: Adam, lr 1e-4)."""
+    _run_training(data_dir, None, {}, checkpoint, options)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--split", type=click.Choice(["test", "valid", "train"]), default="test", show_default=True
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    help="Report folder (default: beside the checkpoint, eval-SPLIT).",
+)
+@click.option(
+    "--roc-tag",
+    "roc_tags",
+    multiple=True,
+    help="Tags for the ROC plot (default: best and worst few).",
+)
+@click.option(
+    "--hop", type=int, help="Hop between a clip's windows in samples (default: one window)."
+)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--no-update", is_flag=True, help="Leave the checkpoint's card as it is.")
+@click.option("--no-progress", is_flag=True)
+@friendly_errors
+def evaluate(
+    checkpoint, data_dir, split, out_dir, roc_tags, hop, batch_size, device, no_update, no_progress
+):
+    """Score clips, choose thresholds on valid, write metrics, plots and report.md."""
+    from trainer.evaluate import evaluate_checkpoint
+
+    evaluation, files, _ = evaluate_checkpoint(
+        checkpoint, data_dir, out_dir, split=split, update_checkpoint=not no_update,
+        roc_tags=list(roc_tags) or None, hop_samples=hop, batch_size=batch_size,
+        device=device, progress=not no_progress,
+    )  # fmt: skip
+    s = evaluation.summary
+    click.echo(
+        f"{split}: macro ROC-AUC {s['roc_auc_macro']:.4f}, macro PR-AUC {s['pr_auc_macro']:.4f}, "
+        f"weighted ROC-AUC {s['roc_auc_weighted']:.4f} on {s['clips']} clips; report {files['report']}"
+    )
+    if not no_update:
+        click.echo(f"thresholds and scores written into {checkpoint}'s card")
+
+
+# -- shipping ----------------------------------------------------------------------------------------
+@main.command()
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("--model", "model_name", help="Export untrained weights of this model instead.")
+@click.option("--n-tags", type=int, default=50, show_default=True, help="With --model.")
+@click.option(
+    "--tags-file", type=click.Path(path_type=Path), help="With --model: one tag name per line."
+)
+@click.option("--hparam", "hparams", multiple=True, metavar="KEY=VALUE", help="With --model.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="With --model: initial weights."
+)
+@click.option(
+    "--out", "out_path", required=True, type=click.Path(path_type=Path), help="ONNX file to write."
+)
+@click.option("--name", help="Card name (default: the checkpoint's).")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime parity check.")
+@friendly_errors
+def export(
+    checkpoint, model_name, n_tags, tags_file, hparams, seed, out_path, name, opset, no_check
+):
+    """Write ONNX with the model card (tags, thresholds, scores) inside."""
+    import torch
+
+    from trainer.checkpoint import card_from_checkpoint, load_checkpoint, model_from_checkpoint
+    from trainer.export import export_onnx
+    from trainer.models import create_model
+
+    if (checkpoint is None) == (model_name is None):
+        raise click.UsageError("give a CHECKPOINT or --model NAME (untrained weights)")
+    if checkpoint is not None:
+        saved = load_checkpoint(checkpoint)
+        model, card = model_from_checkpoint(saved), card_from_checkpoint(saved)
+        if name:
+            card.name = name
+        result = export_onnx(model, out_path, card=card, opset=opset, check=not no_check)
+    else:
+        tags = _read_tags(tags_file) if tags_file else None
+        torch.manual_seed(seed)
+        model = create_model(model_name, len(tags) if tags else n_tags, **parse_hparams(hparams))
+        result = export_onnx(model, out_path, name=name, tags=tags, opset=opset, check=not no_check)
+    parity = (
+        "" if result.max_abs_diff is None else f"; ONNX Runtime parity {result.max_abs_diff:.1e}"
+    )
+    scored = ", ".join(sorted(result.card.scores)) or "none (untrained)"
+    click.echo(
+        f"wrote {result.path}: {result.card.architecture}, {result.card.n_tags} tags, scores: {scored}{parity}"
+    )
+
+
+def _read_tags(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such tags file")
+    tags = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not tags:
+        raise DataError(f"{path}: no tag names in it")
+    return tags
+
+
+@main.command("compile")
+@click.argument("onnx_path", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "plan_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="TensorRT .plan to write (card beside it as .plan.json).",
+)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True)
+@click.option("--min-batch", type=int, default=1, show_default=True)
+@click.option("--opt-batch", type=int, default=8, show_default=True)
+@click.option("--max-batch", type=int, default=32, show_default=True)
+@click.option(
+    "--timing-cache", type=click.Path(path_type=Path), help="Reuse TensorRT timings between builds."
+)
+@friendly_errors
+def compile_command(onnx_path, plan_path, precision, min_batch, opt_batch, max_batch, timing_cache):
+    """Build a TensorRT engine from an exported ONNX model (needs tensorrt and a GPU)."""
+    if not onnx_path.is_file():
+        raise click.ClickException(f"{onnx_path}: no such ONNX file; run `tagd-train export` first")
+    try:
+        from trainer.compile import compile_engine
+    except ImportError as exc:
+        raise click.ClickException(
+            f"cannot compile: {exc}; install tagd[tensorrt] on a machine with a GPU"
+        ) from exc
+    try:
+        result = compile_engine(
+            onnx_path, plan_path, precision=precision, min_batch=min_batch,
+            opt_batch=opt_batch, max_batch=max_batch, timing_cache=timing_cache,
+        )  # fmt: skip
+    except (ImportError, RuntimeError) as exc:
+        raise click.ClickException(f"cannot compile {onnx_path}: {exc}") from exc
+    click.echo(f"wrote {getattr(result, 'path', plan_path)}")
+
+
+# -- information --------------------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--blocks", "show_blocks", is_flag=True, help="Also list block names for --freeze/--lr-group."
+)
+def models(show_blocks):
+    """List the models that train and export can build."""
+    from trainer.finetune import block_names
+    from trainer.models import create_model, list_models
+
+    for name in list_models():
+        model = create_model(name)
+        line = f"{name:<20} {model.sample_rate:>6} Hz  window {model.window_samples:>7} samples ({model.window_samples / model.sample_rate:.2f} s)"
+        if show_blocks:
+            line += "  blocks: " + ", ".join(block_names(model))
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()
