@@ -110,14 +110,19 @@ def test_raw_input_reads_ffmpeg_style_messages_as_one_byte_stream(context):
             position += size
         want = expected_windows(payload)
         collector.wait_for({"radio1": len(want) - 1})
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and received(metrics, "radio1") < 2.0:
+            time.sleep(0.01)
     finally:
         source.stop()
         assert source.join(1.0)
         producer.close()
     assert_same_windows(collector.windows["radio1"], want, at_least=len(want) - 1)
-    assert metrics.sample(
-        "tagd_audio_received_seconds_total", {"stream": "radio1"}
-    ) == pytest.approx(2.0)
+    assert received(metrics, "radio1") == pytest.approx(2.0)
+
+
+def received(metrics: Metrics, stream: str) -> float:
+    return metrics.sample("tagd_audio_received_seconds_total", {"stream": stream}) or 0.0
 
 
 def message(stream: str, seq: int, payload: bytes, **header) -> list[bytes]:
