@@ -53,7 +53,7 @@ def test_prepare_stores_int16_at_the_model_rate_and_reports_bad_files(library, t
     data = PreparedData(tmp_path)
     assert data.sample_rate == RATE and data.tags == ["a", "b"]
     assert [clip.clip_id for clip in data.clips] == [f"good{i}" for i in range(8)]
-    for i, clip in enumerate(data.clips):
+    for i in range(len(data.clips)):
         stored = data.audio(i)
         assert stored.dtype == np.int16
         expected = decode_file(library.clips[i].path, RATE)
