@@ -1,0 +1,169 @@
+"""Evaluation: clip scores over windows, macro / weighted AUC, max-F1 thresholds, report files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.data.dataset import INDEX_NAME, PREPARED_FORMAT, PREPARED_VERSION, PreparedData
+from trainer.evaluate import (
+    choose_thresholds,
+    evaluate_checkpoint,
+    evaluate_model,
+    f1_at,
+    predict_clips,
+    summarise,
+    tag_metrics,
+    write_outputs,
+)
+from trainer.export import card_for_model
+from trainer.models import create_model
+
+
+def make_prepared(root, clips, rate=22_050, tags=("x", "y")):
+    """A prepared folder by hand: clips are (int16 samples, tag indices, split)."""
+    (root / "shards").mkdir(parents=True)
+    data = np.concatenate([samples for samples, _, _ in clips]).astype(np.int16)
+    np.save(root / "shards" / "s.npy", data)
+    entries, offset = [], 0
+    for i, (samples, present, split) in enumerate(clips):
+        entries.append(
+            {
+                "id": str(i),
+                "split": split,
+                "tags": list(present),
+                "shard": "s.npy",
+                "offset": offset,
+                "length": len(samples),
+            }
+        )
+        offset += len(samples)
+    index = {
+        "format": PREPARED_FORMAT,
+        "version": PREPARED_VERSION,
+        "sample_rate": rate,
+        "tags": list(tags),
+        "clips": entries,
+    }
+    (root / INDEX_NAME).write_text(json.dumps(index))
+    return PreparedData(root)
+
+
+class WindowMean(nn.Module):
+    """Score = the window's mean sample: lets a test know what every window scores."""
+
+    window_samples = 4
+    n_tags = 1
+
+    def forward(self, x):
+        return x.mean(dim=1, keepdim=True)  # (B, 1)
+
+
+def test_clip_score_is_the_mean_over_windows_covering_the_clip(tmp_path):
+    ramp = (np.arange(10) * 1000).astype(np.int16)  # windows at 0, 3, 6 (evenly, 3 of 4)
+    short = np.full(2, 16384, dtype=np.int16)  # one window, zero-padded
+    data = make_prepared(tmp_path, [(ramp, (0,), "test"), (short, (0,), "test")], tags=("x",))
+    scores = predict_clips(WindowMean(), data, [0, 1], batch_size=2)
+    starts = [0, 3, 6]
+    expected = np.mean([(ramp[s : s + 4] / 32768.0).mean() for s in starts])
+    assert scores[0, 0] == pytest.approx(expected, rel=1e-6)
+    assert scores[1, 0] == pytest.approx(0.5 * 2 / 4, rel=1e-6)
+    # batching across clips does not change a clip's score
+    assert np.allclose(predict_clips(WindowMean(), data, [0, 1], batch_size=1), scores)
+
+
+def test_macro_and_frequency_weighted_auc():
+    labels = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 0]])
+    scores = np.array(
+        [[0.9, 0.2, 0.1], [0.8, 0.3, 0.2], [0.1, 0.4, 0.3], [0.2, 0.1, 0.4], [0.7, 0.5, 0.5]]
+    )
+    results = tag_metrics(labels, scores, ["a", "b", "c"])
+    auc_a = roc_auc_score(labels[:, 0], scores[:, 0])
+    auc_b = roc_auc_score(labels[:, 1], scores[:, 1])
+    summary = summarise(results)
+    assert np.isnan(results[2].roc_auc)  # "c" has no positive clip: no AUC
+    assert summary["tags_without_auc"] == ["c"] and summary["tags_scored"] == 2
+    assert summary["roc_auc_macro"] == pytest.approx((auc_a + auc_b) / 2)
+    assert summary["roc_auc_weighted"] == pytest.approx((3 * auc_a + 2 * auc_b) / 5)
+    assert auc_a == 1.0 and summary["roc_auc_weighted"] > summary["roc_auc_macro"]
+
+
+def test_thresholds_maximise_f1():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((200, 3)) < 0.3).astype(float)
+    scores = np.clip(labels * 0.3 + rng.random((200, 3)) * 0.7, 0, 1)
+    thresholds = choose_thresholds(labels, scores)
+    best = f1_at(labels, scores, thresholds)
+    for cut in np.linspace(0, 1, 101):
+        assert np.all(f1_at(labels, scores, [cut] * 3) <= best + 1e-9)
+    assert choose_thresholds(np.zeros((5, 1)), rng.random((5, 1))) == [0.5]
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """Clips whose level says their tag: loud → "x", quiet → "y"; 22,050 Hz."""
+    rng = np.random.default_rng(1)
+    clips = []
+    for i in range(24):
+        loud = i % 2 == 0
+        samples = (rng.standard_normal(300) * (8000 if loud else 500)).astype(np.int16)
+        clips.append((samples, (0,) if loud else (1,), ["train", "valid", "test"][i % 3]))
+    return make_prepared(tmp_path / "data", clips)
+
+
+def test_report_files_and_card_update(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("samplecnn", 2, width=0.125, n=3)  # 81-sample windows
+    card = card_for_model(model, name="tiny", tags=tiny_data.tags)
+    checkpoint = tmp_path / "run" / "best.pt"
+    save_checkpoint(
+        checkpoint,
+        {"arch": model.arch, "hparams": model.hparams, "n_tags": 2, "tags": tiny_data.tags,
+         "state_dict": model.state_dict(), "card": card.to_dict()},
+    )  # fmt: skip
+    (tmp_path / "run" / "log.csv").write_text(
+        "epoch,lr,train_loss,valid_loss,valid_roc_auc,valid_pr_auc,seconds,examples_per_second\n"
+        "1,0.01,0.7,0.69,0.6,0.5,1.0,10\n2,0.01,0.6,0.65,0.7,0.6,1.0,10\n"
+    )
+    evaluation, files, new_card = evaluate_checkpoint(checkpoint, tiny_data.root, progress=False)
+
+    assert evaluation.summary["clips"] == 8
+    for key in ("metrics", "per_tag", "tag_auc_plot", "roc_plot", "curves_plot", "report", "card"):
+        assert files[key].is_file() and files[key].stat().st_size > 0, key
+    assert files["tag_auc_plot"].read_bytes()[:4] == b"\x89PNG"
+    report = files["report"].read_text()
+    assert "macro ROC-AUC" in report and "| x |" in report and "training_curves.png" in report
+
+    # thresholds come from valid, scores from test; both land in the checkpoint's card
+    valid = tiny_data.indices("valid")
+    valid_scores = predict_clips(model.eval(), tiny_data, valid)
+    assert new_card.thresholds == pytest.approx(
+        choose_thresholds(tiny_data.label_matrix(valid), valid_scores)
+    )
+    stored = load_checkpoint(checkpoint)["card"]
+    assert stored["thresholds"] == new_card.thresholds
+    assert stored["scores"]["test"]["roc_auc_macro"] == pytest.approx(
+        evaluation.summary["roc_auc_macro"], abs=1e-4
+    )
+    assert set(stored["scores"]["test"]["roc_auc_per_tag"]) == {"x", "y"}
+
+
+def test_evaluate_refuses_a_model_with_other_tags(tiny_data):
+    model = create_model("samplecnn", 3, width=0.125, n=3)
+    with pytest.raises(ValueError, match="same tag set"):
+        evaluate_model(model, tiny_data)
+
+
+def test_write_outputs_with_chosen_roc_tags(tiny_data, tmp_path):
+    model = create_model("samplecnn", 2, width=0.125, n=3)
+    evaluation = evaluate_model(model, tiny_data)
+    files = write_outputs(evaluation, tmp_path / "out", title="t", roc_tags=["y"])
+    assert files["roc_plot"].is_file() and "curves_plot" not in files
+    with pytest.raises(ValueError, match="unknown tags"):
+        write_outputs(evaluation, tmp_path / "out2", title="t", roc_tags=["nope"])
