@@ -1,0 +1,145 @@
+"""Wire out and health: a slow subscriber drops (counted) without holding up the others;
+/healthz says 503 until ready; message shapes follow docs/topics.md."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+
+from tagd.card import ModelCard
+from tagd.metrics import Metrics, MetricsServer
+from tagd.publish import Publisher, event_messages, tags_message
+from tagd.stream import Arrival, ReadyWindow
+from tagd.tagger import Tagger
+
+
+@pytest.fixture
+def context():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def test_a_stuck_subscriber_misses_messages_counted_and_the_others_get_them_all(context):
+    metrics = Metrics()
+    publisher = Publisher(context, "tcp://127.0.0.1:*", metrics, sndhwm=5, linger_ms=0)
+    stuck = context.socket(zmq.SUB)  # subscribes, then never reads
+    stuck.setsockopt(zmq.RCVHWM, 5)
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.setsockopt(zmq.SUBSCRIBE, b"")
+    stuck.connect(publisher.address)
+    reader = context.socket(zmq.SUB)
+    reader.setsockopt(zmq.RCVHWM, 100_000)
+    reader.setsockopt(zmq.SUBSCRIBE, b"")
+    reader.connect(publisher.address)
+    time.sleep(0.3)  # both subscriptions reach the publisher
+
+    received: list[int] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set() or reader.poll(200):
+            if reader.poll(50):
+                _, body = reader.recv_multipart()
+                received.append(json.loads(body)["n"])
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    padding = "x" * 20_000  # big messages fill the stuck subscriber's TCP buffers quickly
+    sent_all = True
+    started = time.perf_counter()
+    for n in range(400):
+        began = time.perf_counter()
+        sent_all &= publisher.send("tags.radio1", {"n": n, "pad": padding})
+        assert time.perf_counter() - began < 0.05  # publishing never blocks
+        time.sleep(0.001)
+    assert time.perf_counter() - started < 10
+    done.set()
+    thread.join()
+    missed = metrics.sample("tagd_publish_dropped_total", {"topic": "tags"})
+    assert not sent_all and missed > 0
+    assert received == list(range(400))  # the healthy subscriber lost nothing
+    publisher.close()
+
+
+def test_healthz_is_503_until_ready_and_metrics_are_served():
+    metrics = Metrics()
+    metrics.windows_published.labels("radio1").inc(3)
+    ready = threading.Event()
+    server = MetricsServer(metrics, "127.0.0.1", 0, ready.is_set)
+    server.start()
+    base = f"http://127.0.0.1:{server.address[1]}"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(base + "/healthz", timeout=5)
+        assert caught.value.code == 503
+        ready.set()
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+            assert response.headers["Content-Type"].startswith("text/plain")
+        assert 'tagd_windows_published_total{stream="radio1"} 3.0' in text
+    finally:
+        server.stop()
+
+
+def test_metric_names_follow_prometheus_conventions():
+    metrics = Metrics()
+    names = {metric.name for metric in metrics.registry.collect()}
+    assert all(name.startswith("tagd_") for name in names)
+    for metric in metrics.registry.collect():
+        if metric.type == "counter":
+            assert not metric.name.endswith("_total")  # the client appends _total to counters
+        if metric.type == "histogram" and metric.name != "tagd_batch_size":
+            assert metric.name.endswith("_seconds")
+    assert {
+        "tagd_end_to_end_latency_seconds", "tagd_queue_wait_seconds", "tagd_inference_seconds",
+        "tagd_batch_size", "tagd_windows_published", "tagd_windows_dropped", "tagd_publish_dropped",
+        "tagd_audio_received_seconds", "tagd_stream_gaps", "tagd_malformed_messages",
+        "tagd_active_streams", "tagd_engine",
+    } <= names  # fmt: skip
+
+
+def test_message_shapes_match_docs_topics():
+    card = ModelCard(name="m", architecture="fcn4", sample_rate=100, window_samples=100,
+                     hop_samples=50, tags=["rock", "jazz"], thresholds=[0.5, 0.5])  # fmt: skip
+    tagger = Tagger(card, on_after=1)
+    window = ReadyWindow("radio1", 4, 1, 200, np.zeros(100, np.float32), Arrival(1000.0, 0.0))
+    prediction = tagger.update(window, [0.9, 0.1])
+    message = tags_message(prediction, card, captured_at=1000.0, published_at=1000.05, queue_ms=10,
+                           inference_ms=30, total_ms=50, batch_size=2)  # fmt: skip
+    assert message == {
+        "schema": 1,
+        "stream": "radio1",
+        "seq": 4,
+        "model": "m",
+        "window": {"start_s": 2.0, "end_s": 3.0, "segments": 1},
+        "captured_at": 1000.0,
+        "published_at": 1000.05,
+        "latency_ms": {"queue": 10, "inference": 30, "total": 50},
+        "batch_size": 2,
+        "scores": {"rock": pytest.approx(0.9), "jazz": pytest.approx(0.1)},
+        "tags": ["rock"],
+        "active": ["rock"],
+    }
+    (event,) = event_messages(prediction, card, published_at=1000.05)
+    assert event == {
+        "schema": 1,
+        "stream": "radio1",
+        "seq": 4,
+        "model": "m",
+        "tag": "rock",
+        "state": "on",
+        "score": pytest.approx(0.9),
+        "threshold": 0.5,
+        "window": {"start_s": 2.0, "end_s": 3.0},
+        "published_at": 1000.05,
+    }
