@@ -29,9 +29,9 @@ def context():
 
 def test_a_stuck_subscriber_misses_messages_counted_and_the_others_get_them_all(context):
     metrics = Metrics()
-    publisher = Publisher(context, "tcp://127.0.0.1:*", metrics, sndhwm=5, linger_ms=0)
+    publisher = Publisher(context, "tcp://127.0.0.1:*", metrics, sndhwm=200, linger_ms=0)
     stuck = context.socket(zmq.SUB)  # subscribes, then never reads
-    stuck.setsockopt(zmq.RCVHWM, 5)
+    stuck.setsockopt(zmq.RCVHWM, 1)
     stuck.setsockopt(zmq.RCVBUF, 4096)
     stuck.setsockopt(zmq.SUBSCRIBE, b"")
     stuck.connect(publisher.address)
@@ -52,10 +52,10 @@ def test_a_stuck_subscriber_misses_messages_counted_and_the_others_get_them_all(
 
     thread = threading.Thread(target=read)
     thread.start()
-    padding = "x" * 20_000  # big messages fill the stuck subscriber's TCP buffers quickly
+    padding = "x" * 100_000  # big messages fill the stuck subscriber's TCP buffers quickly
     sent_all = True
     started = time.perf_counter()
-    for n in range(400):
+    for n in range(600):
         began = time.perf_counter()
         sent_all &= publisher.send("tags.radio1", {"n": n, "pad": padding})
         assert time.perf_counter() - began < 0.05  # publishing never blocks
@@ -65,7 +65,7 @@ def test_a_stuck_subscriber_misses_messages_counted_and_the_others_get_them_all(
     thread.join()
     missed = metrics.sample("tagd_publish_dropped_total", {"topic": "tags"})
     assert not sent_all and missed > 0
-    assert received == list(range(400))  # the healthy subscriber lost nothing
+    assert received == list(range(600))  # the healthy subscriber lost nothing
     publisher.close()
 
 
