@@ -1,0 +1,304 @@
+"""The consumers in examples/, each against a stand-in its user would recognise.
+
+A real ZeroMQ XPUB on loopback plays tagd: it waits until the example has subscribed (so
+nothing is lost to the slow-joiner rule), then publishes messages built by
+``tagd.publish`` itself, so they are exactly what ``tagd serve`` puts on the wire. The
+examples run as their users run them: ``python examples/NAME.py ...`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from tagd.card import ModelCard
+from tagd.publish import EVENTS_TOPIC, TAGS_TOPIC, event_messages, tags_message, topic
+from tagd.tagger import OFF, ON, Prediction, TagEvent
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TIMEOUT_S = 10.0
+CARD = ModelCard(
+    name="fcn4-mtt",
+    architecture="fcn4",
+    sample_rate=12000,
+    window_samples=349_440,
+    hop_samples=12000,
+    tags=["rock", "guitar", "speech", "jazz"],
+)
+
+
+def predict(
+    stream: str, seq: int, active: list[str], events: list[TagEvent] | None = None
+) -> Prediction:
+    scores = np.array([0.9 if tag in active else 0.1 for tag in CARD.tags], dtype=np.float32)
+    start = seq * CARD.hop_samples
+    return Prediction(stream, seq, start, start + CARD.window_samples, 1, scores,
+                      over=list(active), active=list(active), events=events or [])  # fmt: skip
+
+
+def tags_of(prediction: Prediction) -> dict:
+    now = time.time()
+    return tags_message(prediction, CARD, captured_at=now - 0.05, published_at=now,
+                        queue_ms=1.0, inference_ms=20.0, total_ms=50.0, batch_size=1)  # fmt: skip
+
+
+class FakeTagd:
+    """An XPUB on loopback that publishes [topic, JSON] like tagd's Publisher."""
+
+    def __init__(self) -> None:
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.XPUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def wait_subscribed(self, *prefixes: str) -> None:
+        pending = {b"\x01" + prefix.encode() for prefix in prefixes}
+        deadline = time.monotonic() + TIMEOUT_S
+        while pending:
+            if not self.socket.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                pytest.fail(f"the example never subscribed to {sorted(pending)}")
+            pending.discard(self.socket.recv())
+
+    def send(self, name: str, message: dict) -> None:
+        self.socket.send_multipart([name.encode(), json.dumps(message).encode()])
+
+    def close(self) -> None:
+        self.socket.close()
+        self.context.term()
+
+
+class Example:
+    """``python examples/NAME.py ARGS`` with its output read line by line."""
+
+    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / name), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.stdout: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump, args=(self.process.stdout, self.stdout.put)).start()
+        threading.Thread(target=self._pump, args=(self.process.stderr, self.stderr.append)).start()
+
+    @staticmethod
+    def _pump(pipe, sink) -> None:
+        for line in pipe:
+            sink(line.rstrip("\n"))
+
+    def lines(self, count: int) -> list[str]:
+        try:
+            return [self.stdout.get(timeout=TIMEOUT_S) for _ in range(count)]
+        except queue.Empty:
+            pytest.fail(f"{self.process.args[1]} printed too little; stderr: {self.stderr}")
+
+    def interrupt(self) -> int:
+        """Ctrl-C, as a user stops it; returns the exit status."""
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=TIMEOUT_S)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def tagd() -> Iterator[FakeTagd]:
+    fake = FakeTagd()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def run_example() -> Iterator:
+    started: list[Example] = []
+
+    def run(name: str, *args: str, env: dict[str, str] | None = None) -> Example:
+        started.append(Example(name, *args, env=env))
+        return started[-1]
+
+    yield run
+    for example in started:
+        example.kill()
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- subscriber.py ------------------------------------------------------------------------
+
+
+def test_subscriber_prints_the_tags_and_events_of_its_stream_only(tagd, run_example):
+    example = run_example("subscriber.py", tagd.endpoint, "radio1")
+    tagd.wait_subscribed("tags.radio1", "events.radio1")
+
+    tagd.send(topic(TAGS_TOPIC, "radio10"), tags_of(predict("radio10", 0, ["jazz"])))
+    turned_on = predict("radio1", 7, ["rock"], [TagEvent("rock", ON, 0.9, 0.5)])
+    tagd.send(topic(TAGS_TOPIC, "radio1"), tags_of(turned_on))
+    for event in event_messages(turned_on, CARD, published_at=time.time()):
+        tagd.send(topic(EVENTS_TOPIC, "radio1"), event)
+
+    tags_line, event_line = example.lines(2)
+    assert tags_line.startswith("radio1 #7 on: rock  top: rock 0.90")
+    assert event_line == "radio1 rock on (0.90)"
+    assert example.interrupt() == 0
+    assert "jazz" not in " ".join([tags_line, event_line])
+
+
+# -- webhook_bridge.py ----------------------------------------------------------------------
+
+
+class Webhook(ThreadingHTTPServer):
+    """An HTTP endpoint that records the POSTs it gets; fails the first ``failures``."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.posts: list[tuple[str, Message, bytes]] = []  # headers match any case
+        self.failures = failures
+        webhook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                webhook.posts.append((self.path, self.headers, body))
+                failing = len(webhook.posts) <= webhook.failures
+                self.send_response(500 if failing else 204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/hooks/tagd"
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}).start()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    server = Webhook(failures=1)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_webhook_bridge_posts_each_event_as_json_and_survives_a_failing_webhook(
+    tagd, run_example, webhook
+):
+    env = {**os.environ, "WEBHOOK_HEADER": "X-API-Key: secret"}
+    example = run_example("webhook_bridge.py", tagd.endpoint, webhook.url, "radio1", env=env)
+    tagd.wait_subscribed("events.radio1")
+
+    change = predict(
+        "radio1", 3, ["rock"], [TagEvent("rock", ON, 0.9, 0.5), TagEvent("speech", OFF, 0.2, 0.5)]
+    )
+    first, second = event_messages(change, CARD, published_at=time.time())
+    tagd.send(topic(TAGS_TOPIC, "radio1"), tags_of(change))  # not an event: not posted
+    tagd.send(topic(EVENTS_TOPIC, "radio1"), first)  # the webhook answers 500
+    other = predict("radio10", 0, ["jazz"], [TagEvent("jazz", ON, 0.9, 0.5)])
+    tagd.send(topic(EVENTS_TOPIC, "radio10"), event_messages(other, CARD, published_at=0)[0])
+    tagd.send(topic(EVENTS_TOPIC, "radio1"), second)
+
+    wait_for(lambda: len(webhook.posts) >= 2, "two POSTs")
+    assert [json.loads(body) for _, _, body in webhook.posts] == [first, second]
+    for path, headers, _ in webhook.posts:
+        assert path == "/hooks/tagd"
+        assert headers["Content-Type"] == "application/json"
+        assert headers["X-API-Key"] == "secret"
+    assert example.interrupt() == 0
+    assert any("rock on: POST" in line and "failed" in line for line in example.stderr)
+    assert any("speech off: posted, HTTP 204" in line for line in example.stderr)
+
+
+# -- liquidsoap_bridge.py --------------------------------------------------------------------
+
+INSERT = re.compile(r"^(?P<source>[\w-]+)\.insert (?P<fields>.*)$")
+FIELD = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+class Liquidsoap(socketserver.ThreadingTCPServer):
+    """A line server speaking Liquidsoap's telnet commands for ``insert_metadata(id=...)``.
+
+    ``SOURCE.insert key="value",...`` answers "Done" and "END"; anything else the error
+    Liquidsoap gives. Like a Liquidsoap that restarts, it hangs up after
+    ``hang_up_after`` commands on a connection.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, source_ids: set[str], hang_up_after: int = 0) -> None:
+        self.inserts: list[tuple[str, dict[str, str]]] = []
+        self.connections = 0
+        liquidsoap = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                liquidsoap.connections += 1
+                for served, raw in enumerate(self.rfile, start=1):
+                    match = INSERT.match(raw.decode().strip())
+                    if match and match["source"] in source_ids:
+                        fields = {k: re.sub(r"\\(.)", r"\1", v) for k, v in FIELD.findall(match["fields"])}  # fmt: skip
+                        liquidsoap.inserts.append((match["source"], fields))
+                        self.wfile.write(b"Done\nEND\n")
+                    else:
+                        self.wfile.write(
+                            b'ERROR: unknown command, type "help" to get a list of commands.\nEND\n'
+                        )
+                    if served == hang_up_after:
+                        return
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}).start()
+
+
+@pytest.fixture
+def liquidsoap() -> Iterator[Liquidsoap]:
+    server = Liquidsoap({"live"}, hang_up_after=2)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_liquidsoap_bridge_inserts_the_active_tags_when_they_change(tagd, run_example, liquidsoap):
+    example = run_example("liquidsoap_bridge.py", tagd.endpoint, liquidsoap.address, "radio1=live")
+    tagd.wait_subscribed("tags.radio1")
+
+    for seq, active in enumerate([[], ["rock"], ["rock"], ["rock", "guitar"]]):
+        tagd.send(topic(TAGS_TOPIC, "radio1"), tags_of(predict("radio1", seq, active)))
+        if seq == 1:  # another stream whose name starts alike: not for this source
+            tagd.send(topic(TAGS_TOPIC, "radio10"), tags_of(predict("radio10", 0, ["jazz"])))
+
+    wait_for(lambda: len(liquidsoap.inserts) >= 3, "three inserts")
+    assert liquidsoap.inserts == [
+        ("live", {"tagd_tags": "", "tagd_model": "fcn4-mtt"}),
+        ("live", {"tagd_tags": "rock", "tagd_model": "fcn4-mtt"}),
+        ("live", {"tagd_tags": "rock,guitar", "tagd_model": "fcn4-mtt"}),
+    ]
+    assert liquidsoap.connections == 2  # hung up after two commands: the bridge reconnected
+    assert example.interrupt() == 0
+    assert not [line for line in example.stderr if "WARNING" in line]
