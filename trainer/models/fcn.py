@@ -25,7 +25,7 @@ FCN_FRAMES = 1_366  # 29.12 s of 256-sample hops, centred framing
 FCN_HOP_LENGTH = 256
 # Streaming hop: a fresh 29.12 s prediction every 3 s. FCN-4 costs about 0.1 s of CPU per
 # window, so a stream costs a few percent of a core; the daemon config can change it.
-FCN_DEFAULT_HOP_SAMPLES = 3 * FCN_SAMPLE_RATE
+FCN_DEFAULT_HOP_SECONDS = 3.0
 
 
 @dataclass
@@ -93,7 +93,7 @@ class FCN(TaggerModel):
         c = config
         self.sample_rate = c.sample_rate
         self.window_samples = c.window_samples
-        self.default_hop_samples = FCN_DEFAULT_HOP_SAMPLES * c.sample_rate // FCN_SAMPLE_RATE
+        self.default_hop_samples = round(FCN_DEFAULT_HOP_SECONDS * c.sample_rate)
         self.clip_seconds = c.window_samples / c.sample_rate  # one window is one clip
 
         self.frontend = LogMel(LogMelConfig(c.sample_rate, c.n_fft, c.hop_length, c.n_mels))
@@ -105,8 +105,9 @@ class FCN(TaggerModel):
             for cin, cout, pool in zip([1, *widths[:-1]], widths, c.pools, strict=True)
         )
         extra = [scaled(ch, c.width) for ch in c.extra_1x1]
+        extra_inputs = [widths[-1], *extra][: len(extra)]
         self.extra = nn.ModuleList(
-            Conv1x1(cin, cout) for cin, cout in zip([widths[-1], *extra], extra, strict=False)
+            Conv1x1(cin, cout) for cin, cout in zip(extra_inputs, extra, strict=True)
         )
         self.head = nn.Linear(extra[-1] if extra else widths[-1], c.n_tags)
 
