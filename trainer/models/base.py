@@ -29,7 +29,7 @@ def scaled(channels: int, width: float) -> int:
 
 
 class TaggerModel(nn.Module):
-    """Base of the zoo. Subclasses set the audio attributes and ``forward_logits``."""
+    """Base of the zoo. Subclasses give the hop and clip length and define ``forward_logits``."""
 
     arch: str  # registry name, set by create_model
     sample_rate: int  # Hz
@@ -37,11 +37,16 @@ class TaggerModel(nn.Module):
     default_hop_samples: int  # suggested hop when streaming; the daemon may override
     clip_seconds: float  # audio one clip-level prediction covers
 
-    def __init__(self, config: Any, arch: str):
+    def __init__(self, config: Any, arch: str, *, hop_samples: int, clip_seconds: float):
+        """``config`` has ``n_tags``, ``sample_rate`` and ``window_samples``."""
         super().__init__()
         self.config = config
         self.arch = arch
         self.n_tags = config.n_tags
+        self.sample_rate = config.sample_rate
+        self.window_samples = config.window_samples
+        self.default_hop_samples = hop_samples
+        self.clip_seconds = clip_seconds
 
     @property
     def hparams(self) -> dict[str, Any]:

@@ -89,12 +89,13 @@ class Conv1x1(nn.Module):
 
 class FCN(TaggerModel):
     def __init__(self, config: FCNConfig, arch: str = "fcn"):
-        super().__init__(config, arch)
         c = config
-        self.sample_rate = c.sample_rate
-        self.window_samples = c.window_samples
-        self.default_hop_samples = round(FCN_DEFAULT_HOP_SECONDS * c.sample_rate)
-        self.clip_seconds = c.window_samples / c.sample_rate  # one window is one clip
+        super().__init__(
+            c,
+            arch,
+            hop_samples=round(FCN_DEFAULT_HOP_SECONDS * c.sample_rate),
+            clip_seconds=c.window_samples / c.sample_rate,  # one window is one clip
+        )
 
         self.frontend = LogMel(LogMelConfig(c.sample_rate, c.n_fft, c.hop_length, c.n_mels))
         # per-band input normalisation, as Choi's bn_0_freq

@@ -145,12 +145,9 @@ class ResBlock(nn.Module):
 
 class SampleCNN(TaggerModel):
     def __init__(self, config: SampleCNNConfig, arch: str = "samplecnn"):
-        super().__init__(config, arch)
         c = config
-        self.sample_rate = c.sample_rate
-        self.window_samples = c.window_samples
-        self.default_hop_samples = c.window_samples  # non-overlapping segments
-        self.clip_seconds = c.clip_seconds
+        # non-overlapping segments, averaged over clip_seconds
+        super().__init__(c, arch, hop_samples=c.window_samples, clip_seconds=c.clip_seconds)
 
         first = scaled(c.first_channels, c.width)
         self.stem = ConvBNReLU(1, first, c.m, stride=c.m)
