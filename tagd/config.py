@@ -200,15 +200,18 @@ class MetricsConfig:
 
 @dataclass
 class BatchingConfig:
-    max_batch: int = 8  # windows per engine call (capped by the engine's own limit)
+    # Windows per engine call, capped by the engine's own limit. 0: automatic, 1 on CPU
+    # (where bigger batches cost memory and gain nothing: docs/serve.md), else 8.
+    max_batch: int = 0
     max_wait_ms: float = 10.0  # how long the oldest window waits for a batch to fill
     max_pending_per_stream: int = 2  # older windows of a stream beyond this are dropped
     max_queue_age_s: float = 0.0  # drop windows that waited longer; 0: no age limit
+    spread_phases: bool = True  # move live streams' hop grids apart once (tagd/stream.py)
 
     def problems(self, path: str) -> list[str]:
         found = []
-        if self.max_batch < 1:
-            found.append(f"{path}.max_batch: must be at least 1, got {self.max_batch}")
+        if self.max_batch < 0:
+            found.append(f"{path}.max_batch: must be 0 (automatic) or more, got {self.max_batch}")
         if not 0 <= self.max_wait_ms <= 10_000:
             found.append(f"{path}.max_wait_ms: must lie in 0..10000, got {self.max_wait_ms}")
         if self.max_pending_per_stream < 1:

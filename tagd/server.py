@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 STOP_BUDGET_S = 1.5  # SIGTERM to exit must stay under 2 s
 SWEEP_INTERVAL_S = 0.25  # how often idle streams are marked and gauges refreshed
 EXIT_STARTUP_FAILED = 2
+CPU_MAX_BATCH = 1
+ACCELERATOR_MAX_BATCH = 8
 
 
 class StartupError(RuntimeError):
@@ -208,6 +210,7 @@ class Server:
             max_streams=limits.max_streams,
             idle_after_s=limits.idle_after_s,
             evict_after_s=limits.evict_after_s,
+            spread_phases=batching.spread_phases,
         )
 
     def _open_inputs(self) -> None:
@@ -228,9 +231,19 @@ class Server:
 
     # -- helpers --------------------------------------------------------------------------
     def _max_batch(self) -> int:
-        limit = self.engine.max_batch if self.engine else None
-        wanted = self.config.batching.max_batch
+        wanted = self.config.batching.max_batch or self._automatic_max_batch()
+        limit = self.engine.max_batch
         return min(wanted, limit) if limit else wanted
+
+    def _automatic_max_batch(self) -> int:
+        # On CPU a batch costs its windows' time one after the other and its activations
+        # stay in ONNX Runtime's arena (FCN-4: ~150 MB a window): batching only adds
+        # memory and latency. Accelerators amortise a call over the batch.
+        providers = getattr(self.engine, "providers", None) or []
+        on_cpu = (
+            providers == ["CPUExecutionProvider"] or getattr(self.engine, "device", None) == "cpu"
+        )
+        return CPU_MAX_BATCH if on_cpu else ACCELERATOR_MAX_BATCH
 
     def _hop_samples(self) -> int:
         card = self.engine.card
@@ -301,7 +314,7 @@ class Server:
 @click.option(
     "--hop", "hop_seconds", type=float, help="Seconds between windows [the model card's]."
 )
-@click.option("--max-batch", type=int, help="Windows per engine call [8].")
+@click.option("--max-batch", type=int, help="Windows per engine call [0: 1 on CPU, else 8].")
 @click.option("--max-wait-ms", type=float, help="Longest wait for a batch to fill [10].")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")

@@ -12,6 +12,14 @@ second) marks silent streams idle and evicts long-idle dynamic ones.
 Stream time counts the audio received: a stream that falls silent is not fed zeros;
 when data resumes its pipeline restarts (a new ``epoch``: a fresh window must fill
 before the next prediction) and the gap is counted.
+
+Live streams complete their windows at arbitrary phases of the hop, and windows that
+complete together queue behind each other at the engine. With ``spread_phases`` the hub
+places each live stream (audio arriving at about real time) once, in the middle of the
+largest gap between the phases of the streams placed before it, by delaying its next
+window: the hop grid of that stream moves once by less than a hop, and the engine sees
+evenly spaced windows instead of bursts. Streams fed faster than real time (files,
+catch-up) are never moved, so their windows stay where an offline run puts them.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from tagd.metrics import (
 from tagd.windowing import Windower
 
 log = logging.getLogger(__name__)
+
+LIVE_CHECK_S = 2.0  # wall time over which a stream's audio rate is measured
+LIVE_RATE = (0.8, 1.25)  # audio seconds per wall second of a live stream
 
 # Epochs are unique across streams and their lifetimes, so that a stream evicted and
 # opened again under the same name never continues an old average.
@@ -103,6 +114,16 @@ class Stream:
         self.windows_emitted = 0
         self.last_arrival: float | None = None  # monotonic; None until the first data
         self.idle = True  # for reporting: StreamHub.sweep sets it, data clears it
+        # Phase spreading: written by this stream's ingest thread, read by the sweeper,
+        # except the delay, which the sweeper asks for and the ingest thread applies.
+        self.live = False  # audio arrives at about real time
+        self.last_window_mono: float | None = None  # when the last window completed
+        self.placed = False  # the hub has chosen this epoch's phase
+        self.phase: float | None = None  # seconds into the hop where its windows complete
+        self._audio_s = 0.0  # audio received this epoch, seconds
+        self._rate_mark: tuple[float, float] | None = None  # (mono, audio seconds)
+        self._delay_lock = threading.Lock()
+        self._pending_delay = 0  # samples to delay the next window by
 
     # -- feeding -------------------------------------------------------------------
     def push_pcm(self, payload: bytes, pcm_format: str, rate: int, channels: int,
@@ -158,14 +179,25 @@ class Stream:
             self._resampler.reset()
         self._windower.restart_at(self._windower.total)
         self.epoch = next(_epochs)
+        self.live, self.placed, self.phase, self.last_window_mono = False, False, None, None
+        self._audio_s, self._rate_mark = 0.0, None
+        with self._delay_lock:
+            self._pending_delay = 0
 
     def _feed(self, frames: np.ndarray, rate: int, arrival: Arrival) -> int:
         if len(frames) == 0:
             return 0
         self._metrics.audio_received.labels(self.name).inc(len(frames) / rate)
+        self._track_rate(len(frames) / rate, arrival.mono)
         assert self._resampler is not None
         mono = self._resampler.process(downmix(frames))
+        if self._pending_delay:
+            with self._delay_lock:
+                delay, self._pending_delay = self._pending_delay, 0
+            self._windower.delay_next(delay)
         windows = self._windower.push(mono)
+        if windows:
+            self.last_window_mono = arrival.mono
         for window in windows:
             self._sink(
                 ReadyWindow(
@@ -179,6 +211,22 @@ class Stream:
             )
             self.windows_emitted += 1
         return len(windows)
+
+    def _track_rate(self, audio_s: float, now_mono: float) -> None:
+        self._audio_s += audio_s
+        if self._rate_mark is None:
+            self._rate_mark = (now_mono, self._audio_s)
+            return
+        since, audio_then = self._rate_mark
+        if now_mono - since >= LIVE_CHECK_S:
+            ratio = (self._audio_s - audio_then) / (now_mono - since)
+            self.live = LIVE_RATE[0] <= ratio <= LIVE_RATE[1]
+            self._rate_mark = (now_mono, self._audio_s)
+
+    def delay_next_window(self, samples: int) -> None:
+        """Ask the ingest thread to emit the next window ``samples`` later (any thread)."""
+        with self._delay_lock:
+            self._pending_delay += samples
 
     # -- state ---------------------------------------------------------------------
     def silent_for(self, now_mono: float) -> float:
@@ -194,8 +242,10 @@ class _Entry:
 
 class StreamHub:
     def __init__(self, geometry: StreamGeometry, sink: WindowSink, metrics: Metrics, *,
-                 max_streams: int, idle_after_s: float, evict_after_s: float) -> None:  # fmt: skip
+                 max_streams: int, idle_after_s: float, evict_after_s: float,
+                 spread_phases: bool = False) -> None:  # fmt: skip
         self.geometry = geometry
+        self.spread_phases = spread_phases
         self._sink = sink
         self._metrics = metrics
         self.max_streams = max_streams
@@ -260,7 +310,35 @@ class StreamHub:
                     evicted.append(name)
             self._metrics.active_streams.set(active)
             self._metrics.known_streams.set(len(self._entries))
+            if self.spread_phases:
+                self._place_live_streams([e.stream for e in self._entries.values()])
         for name in evicted:
             log.info("stream %s evicted after %.0f s idle", name, self.evict_after_s)
             self._metrics.forget_stream(name)
         return evicted
+
+    def _place_live_streams(self, streams: list[Stream]) -> None:
+        hop_s = self.geometry.hop_samples / self.geometry.sample_rate
+        live = [s for s in streams if s.live and not s.idle and s.last_window_mono is not None]
+        phases = [s.phase for s in live if s.placed and s.phase is not None]
+        for stream in sorted((s for s in live if not s.placed), key=lambda s: s.name):
+            own = stream.last_window_mono % hop_s
+            target = largest_gap_middle(phases, hop_s) if phases else own
+            delay_s = (target - own) % hop_s
+            stream.delay_next_window(round(delay_s * self.geometry.sample_rate))
+            stream.phase, stream.placed = target, True
+            phases.append(target)
+            log.debug(
+                "stream %s placed at %.3f s of the hop (delayed %.3f s)",
+                stream.name,
+                target,
+                delay_s,
+            )
+
+
+def largest_gap_middle(phases: list[float], period: float) -> float:
+    """The middle of the largest gap between points on a circle of circumference ``period``."""
+    ordered = sorted(p % period for p in phases)
+    ends = ordered[1:] + [ordered[0] + period]
+    size, begin = max((end - begin, begin) for begin, end in zip(ordered, ends, strict=True))
+    return (begin + size / 2) % period

@@ -46,6 +46,16 @@ class Windower:
         self.total = stream_index
         self._next_end = stream_index + self.window_samples
 
+    def delay_next(self, samples: int) -> None:
+        """Emit the next window ``samples`` later; the hop grid moves with it.
+
+        The daemon uses this once per live stream to spread window completions of many
+        streams over the hop, so that they do not queue behind each other.
+        """
+        if samples < 0:
+            raise ValueError("a window can be delayed, not advanced")
+        self._next_end += samples
+
     @property
     def buffered(self) -> int:
         return self._filled

@@ -136,9 +136,9 @@ def test_wrong_types_and_values_are_rejected_with_the_reason(tmp_path):
         "batching.max_batch: expected an integer, got str 'eight'",
         "limits.idle_after_s: expected a number, got boolean True",
     ]
-    path.write_text('engine = "m.onnx"\ninputs = ["file:///x.wav"]\n[batching]\nmax_batch = 0\n')
+    path.write_text('engine = "m.onnx"\ninputs = ["file:///x.wav"]\n[batching]\nmax_batch = -1\n')
     assert problems_of(lambda: load_config(path)) == [
-        "batching.max_batch: must be at least 1, got 0"
+        "batching.max_batch: must be 0 (automatic) or more, got -1"
     ]
 
 

@@ -8,7 +8,15 @@ from audio_fixtures import make_music
 
 from tagd.audio import resample
 from tagd.metrics import MALFORMED_STREAM_TAKEN, MALFORMED_TOO_MANY_STREAMS, Metrics
-from tagd.stream import Arrival, ReadyWindow, Stream, StreamGeometry, StreamHub, StreamRefused
+from tagd.stream import (
+    Arrival,
+    ReadyWindow,
+    Stream,
+    StreamGeometry,
+    StreamHub,
+    StreamRefused,
+    largest_gap_middle,
+)
 
 GEOMETRY = StreamGeometry(sample_rate=12_000, window_samples=6_000, hop_samples=1_500)
 SOURCE_RATE = 44_100
@@ -157,3 +165,67 @@ def test_sweep_marks_idle_streams_and_evicts_only_unpinned_ones():
     assert hub.names() == ["pinned"]
     assert metrics.sample("tagd_streams") == 1
     assert metrics.sample("tagd_audio_received_seconds_total", {"stream": "dyn"}) is None
+
+
+SPREAD = StreamGeometry(sample_rate=12_000, window_samples=6_000, hop_samples=6_000)  # 0.5 s hop
+
+
+def simulate(
+    hub: StreamHub, streams: dict[str, float], seconds: float, message_s: float = 0.01
+) -> None:
+    """Feed streams on a simulated clock, each ``rate`` seconds of audio per second.
+
+    The audio is at the model's rate, so the resampler passes it straight through and
+    windows complete exactly when their last message arrives.
+    """
+    rate = SPREAD.sample_rate
+    audio = {
+        name: make_music(seconds * speed + 1, rate, seed=i)
+        for i, (name, speed) in enumerate(streams.items())
+    }
+    sent = dict.fromkeys(streams, 0)
+    for step in range(1, round(seconds / message_s) + 1):
+        now = step * message_s
+        for name, speed in streams.items():
+            due = round(now * speed * rate)
+            payload = (audio[name][sent[name] : due] * 32767).astype("<i2").tobytes()
+            hub.open(name, "sim").push_pcm(payload, "s16le", rate, 1, Arrival(now, now))
+            sent[name] = due
+        if step % round(0.25 / message_s) == 0:
+            hub.sweep(now_mono=now)
+
+
+def spread_hub(windows: list[ReadyWindow]) -> StreamHub:
+    return StreamHub(SPREAD, windows.append, Metrics(), max_streams=8, idle_after_s=5.0,
+                     evict_after_s=0, spread_phases=True)  # fmt: skip
+
+
+def test_live_streams_in_step_are_spread_over_the_hop():
+    windows: list[ReadyWindow] = []
+    simulate(
+        spread_hub(windows), {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}, seconds=6.0
+    )  # all in step
+    hop_s = SPREAD.hop_samples / SPREAD.sample_rate
+    phases = sorted({round(w.captured.mono % hop_s, 3) for w in windows if w.captured.mono > 4.5})
+    assert len(phases) == 4  # one per stream: no two complete together any more
+    gaps = np.diff(phases + [phases[0] + hop_s])
+    np.testing.assert_allclose(gaps, hop_s / 4, atol=0.011)  # evenly spread, to a message
+    for name in "abcd":  # each stream's windows still come one hop apart, after one move
+        starts = [w.start for w in windows if w.stream == name]
+        steps = {b - a for a, b in zip(starts, starts[1:], strict=False)}
+        assert len(steps - {SPREAD.hop_samples}) <= 1
+
+
+def test_streams_fed_faster_than_real_time_keep_their_grid():
+    windows: list[ReadyWindow] = []
+    simulate(spread_hub(windows), {"live": 1.0, "fast": 3.0}, seconds=4.0)
+    fast = [w.start for w in windows if w.stream == "fast"]
+    assert fast == [i * SPREAD.hop_samples for i in range(len(fast))]
+    assert len(fast) >= 20
+
+
+def test_largest_gap_middle():
+    assert largest_gap_middle([0.5], 3.0) == 2.0
+    assert largest_gap_middle([0.0, 1.5], 3.0) == 2.25
+    assert largest_gap_middle([0.1, 2.9], 3.0) == 1.5
+    assert largest_gap_middle([1.0, 1.0], 3.0) == 2.5
