@@ -459,20 +459,17 @@ def compile_command(onnx_path, plan_path, precision, min_batch, opt_batch, max_b
     """Build a TensorRT engine from an exported ONNX model (needs tensorrt and a GPU)."""
     if not onnx_path.is_file():
         raise click.ClickException(f"{onnx_path}: no such ONNX file; run `tagd-train export` first")
-    try:
-        from trainer.compile import compile_engine
-    except ImportError as exc:
-        raise click.ClickException(
-            f"cannot compile: {exc}; install tagd[tensorrt] on a machine with a GPU"
-        ) from exc
+    from tagd.card import sidecar_path
+    from trainer.compile import compile_engine
+
     try:
         result = compile_engine(
             onnx_path, plan_path, precision=precision, min_batch=min_batch,
             opt_batch=opt_batch, max_batch=max_batch, timing_cache=timing_cache,
         )  # fmt: skip
-    except (ImportError, RuntimeError) as exc:
+    except RuntimeError as exc:  # CompileError, and CUDA failures
         raise click.ClickException(f"cannot compile {onnx_path}: {exc}") from exc
-    click.echo(f"wrote {getattr(result, 'path', plan_path)}")
+    click.echo(f"wrote {result} and its card {sidecar_path(result)}")
 
 
 # -- information --------------------------------------------------------------------------------------

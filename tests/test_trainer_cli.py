@@ -1,0 +1,212 @@
+"""The `tagd-train` CLI end to end: MagnaTagATune layout and a manifest, export, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from trainer_support import TINY, one_torch_thread
+
+from tagd.card import read_card
+from trainer.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+assert one_torch_thread  # imported for pytest
+
+TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--hparam", f"{key}={value}")]
+QUICK_TRAINING = ["--optimizer", "adam", "--lr", "0.003", "--epochs", "2", "--no-progress"]
+
+
+def tagd_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The real command line, in a child process, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"tagd-train {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def invoke(*args: str, code: int = 0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, (
+        f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def mtt_run(tmp_path_factory):
+    """synthetic → prepare → train → evaluate → export, each a `python -m trainer.cli` process."""
+    root = tmp_path_factory.mktemp("cli-mtt")
+    tagd_train("synthetic", root / "mtt", "--clips", "90", "--seconds", "2")
+    prepared = tagd_train(
+        "prepare",
+        "--mtt",
+        root / "mtt",
+        "--n-tags",
+        "7",
+        "--model",
+        "samplecnn",
+        "--out",
+        root / "prepared",
+        "--no-progress",
+    )
+    tagd_train(
+        "train",
+        root / "prepared",
+        "--model",
+        "samplecnn",
+        *TINY_ARGS,
+        *QUICK_TRAINING,
+        "--out",
+        root / "run",
+    )
+    evaluated = tagd_train("evaluate", root / "run" / "best.pt", root / "prepared", "--no-progress")
+    tagd_train("export", root / "run" / "best.pt", "--out", root / "model.onnx")
+    return root, prepared, evaluated
+
+
+def test_mtt_layout_end_to_end(mtt_run):
+    root, prepared, evaluated = mtt_run
+    assert (
+        "skipped 1" in prepared.stdout and (root / "prepared" / "skipped.csv").is_file()
+    )  # the empty mp3
+    assert "macro ROC-AUC" in evaluated.stdout
+    for name in (
+        "report.md",
+        "metrics.json",
+        "per_tag.csv",
+        "tag_roc_auc.png",
+        "roc_curves.png",
+        "training_curves.png",
+    ):
+        assert (root / "run" / "eval-test" / name).is_file(), name
+
+    card = read_card(root / "model.onnx")
+    assert card.architecture == "samplecnn" and card.sample_rate == 22_050 and card.n_tags == 7
+    assert {"valid", "test"} <= set(card.scores)
+    assert 0.0 <= card.scores["test"]["roc_auc_macro"] <= 1.0
+    assert card.thresholds != [0.5] * 7
+    assert card.training["thresholds"] == "max F1 per tag on the valid split"
+
+
+def test_manifest_end_to_end_and_finetune(mtt_run, tmp_path):
+    mtt_root = mtt_run[0]
+    invoke(
+        "synthetic", tmp_path / "station", "--layout", "manifest", "--clips", "40", "--seconds", "2"
+    )
+    invoke("prepare", "--manifest", tmp_path / "station" / "manifest.csv", "--sample-rate", "22050",
+           "--out", tmp_path / "prepared", "--workers", "1", "--no-progress")  # fmt: skip
+    invoke(
+        "train",
+        tmp_path / "prepared",
+        "--model",
+        "samplecnn",
+        *TINY_ARGS,
+        *QUICK_TRAINING,
+        "--out",
+        tmp_path / "run",
+    )
+    invoke("evaluate", tmp_path / "run" / "best.pt", tmp_path / "prepared", "--no-progress")
+    invoke("finetune", mtt_root / "run" / "best.pt", tmp_path / "prepared", "--freeze", "stem",
+           "--lr-group", "blocks.0=1e-5", "--epochs", "1", "--no-progress", "--out", tmp_path / "tuned")  # fmt: skip
+    result = invoke(
+        "export",
+        tmp_path / "run" / "best.pt",
+        "--out",
+        tmp_path / "station.onnx",
+        "--name",
+        "station-v1",
+    )
+    assert "scores: test, valid" in result.output
+
+    card = read_card(tmp_path / "station.onnx")
+    assert card.name == "station-v1" and card.n_tags == 8  # every synthetic tag, "rare" too
+    assert "test" in card.scores and len(card.thresholds) == 8
+    assert (tmp_path / "tuned" / "best.pt").is_file()
+
+
+def test_export_untrained_model_by_name(tmp_path):
+    result = invoke("export", "--model", "fcn4", "--out", tmp_path / "fcn4.onnx")
+    assert "50 tags" in result.output
+    card = read_card(tmp_path / "fcn4.onnx")
+    assert (card.architecture, card.n_tags, card.sample_rate, card.window_samples) == (
+        "fcn4",
+        50,
+        12_000,
+        349_440,
+    )
+    assert card.scores == {}
+
+
+def test_models_lists_the_registry():
+    output = invoke("models").output
+    assert "fcn4" in output and "samplecnn-rese" in output and "12000 Hz" in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prepare", "--mtt", "missing-folder", "--model", "fcn4", "--out", "x"], "no such file"),
+        (["train", ".", "--out", "run"], "run `tagd-train prepare` first"),
+        (["evaluate", "missing.pt", "."], "no such checkpoint"),
+        (["export", "--model", "fcn99", "--out", "x.onnx"], "unknown model 'fcn99'"),
+        (
+            ["export", "--model", "fcn4", "--hparam", "depth=3", "--out", "x.onnx"],
+            "unknown hyper-parameters depth",
+        ),
+    ],
+)
+def test_bad_input_gives_one_line_and_a_failing_exit_code(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_usage_errors_exit_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    both = invoke(
+        "prepare", "--mtt", "a", "--manifest", "b", "--model", "fcn4", "--out", tmp_path, code=2
+    )
+    assert "exactly one of --mtt" in both.output
+    assert (
+        "expected key=value"
+        in invoke("export", "--model", "fcn4", "--hparam", "width", "--out", "x", code=2).output
+    )
+    assert "CHECKPOINT or --model" in invoke("export", "--out", "x.onnx", code=2).output
+
+
+def test_compile_without_tensorrt_says_how_to_get_it(tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    invoke(
+        "export",
+        "--model",
+        "samplecnn",
+        "--hparam",
+        "width=0.125",
+        "--n-tags",
+        "3",
+        "--out",
+        tmp_path / "m.onnx",
+    )
+    result = tagd_train("compile", tmp_path / "m.onnx", "--out", tmp_path / "m.plan", check=False)
+    assert result.returncode == 1
+    assert "tensorrt is not installed" in result.stderr and "Traceback" not in result.stderr
