@@ -10,6 +10,7 @@ import pytest
 import torch
 from trainer_support import N_TAGS, TINY, one_torch_thread, synthetic_prepared
 
+from tagd.engines.torch import TorchEngine
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint
 from trainer.data import synthetic
 from trainer.data.dataset import DataError, PreparedData
@@ -80,6 +81,9 @@ def test_checkpoint_loads_weights_only_and_rebuilds_the_model(trained, prepared)
     assert len(card["thresholds"]) == N_TAGS and card["thresholds"] != [0.5] * N_TAGS
     rebuilt = create_model(raw["arch"], raw["n_tags"], **raw["hparams"])
     rebuilt.load_state_dict(raw["state_dict"])
+    engine = TorchEngine.load(trained.best_path)  # the daemon's torch backend takes it as is
+    assert engine.card.tags == prepared.tags
+    assert engine.run(np.zeros((2, 3**9), dtype=np.float32)).shape == (2, N_TAGS)
 
     with (trained.run_dir / "log.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -97,6 +101,12 @@ def test_resumed_run_ends_with_the_same_weights(prepared, tmp_path):
     assert resumed.epochs_run == 2 and len(resumed.history) == 2
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)
+    with pytest.raises(ValueError, match="resume with the options it was started with"):
+        train(
+            tiny_config(
+                prepared, tmp_path / "split", epochs=3, resume=True, hparams={**TINY, "width": 0.25}
+            )
+        )
 
 
 def test_plateau_schedule_drops_the_rate_then_stops(prepared, tmp_path):

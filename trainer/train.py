@@ -298,6 +298,11 @@ def train(config: TrainConfig) -> TrainResult:
     }
     if config.resume and last_path.is_file():
         last = load_checkpoint(last_path)
+        if (last["arch"], last["hparams"], last["tags"]) != (model.arch, model.hparams, data.tags):
+            raise ValueError(
+                f"{last_path} holds a {last['arch']} with other hyper-parameters or tags; "
+                f"resume with the options it was started with, or train into a new --out"
+            )
         model.load_state_dict(last["state_dict"])
         optimizer.load_state_dict(last["optimizer"])
         scaler.load_state_dict(last["scaler"])
