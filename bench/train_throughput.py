@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from trainer.models import create_model, list_models
-from trainer.train import RECIPES, autocast_dtype, recipe_for
+from trainer.train import RECIPES, autocast_dtype, check_precision, recipe_for
 
 
 def sync(device: torch.device) -> None:
@@ -48,6 +48,7 @@ def measure(name: str, args, device: torch.device) -> dict:
     waves = torch.randn(args.batch, model.window_samples, device=device) * 0.1
     targets = (torch.rand(args.batch, 50, device=device) < 0.1).float()
     amp = autocast_dtype(args.precision, device)
+    check_precision(model, amp)
     if recipe.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True)
     else:
@@ -130,7 +131,11 @@ def main() -> None:
     print("-" * len(header))
     rows = []
     for name in args.models:
-        row = measure(name, args, device)
+        try:
+            row = measure(name, args, device)
+        except ValueError as exc:  # fp16 with a log-mel front end
+            print(f"{name:<18} skipped: {exc}")
+            continue
         rows.append(row)
         print(
             f"{row['model']:<18} {row['parameters']:>11,} {row['window_seconds']:>6}s {row['optimizer']:>4} "

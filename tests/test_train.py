@@ -19,7 +19,7 @@ from trainer.data.prepare import prepare
 from trainer.evaluate import evaluate_checkpoint
 from trainer.finetune import block_names, parameter_groups, replace_head
 from trainer.models import create_model
-from trainer.train import RECIPES, TrainConfig, train
+from trainer.train import RECIPES, TrainConfig, autocast_dtype, check_precision, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 assert one_torch_thread  # imported for pytest
@@ -129,6 +129,16 @@ def test_default_recipe_uses_nesterov_sgd_for_samplecnn(prepared, tmp_path):
     group = last["optimizer"]["param_groups"][0]
     assert group["nesterov"] is True and group["momentum"] == 0.9 and group["lr"] == 0.01
     assert last["config"]["recipe"] == "samplecnn"
+
+
+def test_mixed_precision_only_where_it_is_safe():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("bf16", cpu) is None
+    assert autocast_dtype("fp16", gpu) == torch.float16 and autocast_dtype("fp32", gpu) is None
+    with pytest.raises(ValueError, match="use --precision bf16"):
+        check_precision(create_model("fcn4", 3, width=0.0625), torch.float16)
+    check_precision(create_model("samplecnn", 3, **TINY), torch.float16)
+    check_precision(create_model("fcn4", 3, width=0.0625), torch.bfloat16)
 
 
 def test_training_refuses_data_at_another_rate(prepared, tmp_path):

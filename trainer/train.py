@@ -39,10 +39,12 @@ from trainer.evaluate import bce, choose_thresholds, predict_clips, summarise, t
 from trainer.export import card_for_model
 from trainer.finetune import parameter_groups, replace_head, set_frozen_batchnorm_eval
 from trainer.models import TaggerModel, create_model
+from trainer.models.frontend import LogMel
 
 log = logging.getLogger(__name__)
 
 LAST_NAME, BEST_NAME, LOG_NAME, CONFIG_NAME = "last.pt", "best.pt", "log.csv", "config.json"
+MIN_LOSS_IMPROVEMENT = 1e-4  # a smaller drop in validation loss counts as a stall
 LOG_COLUMNS = (
     "epoch", "lr", "train_loss", "valid_loss", "valid_roc_auc", "valid_pr_auc",
     "seconds", "examples_per_second",
@@ -221,12 +223,26 @@ def start_distributed(device_request: str) -> tuple[Ranks, bool]:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision only on GPUs: CPU autocast is slower than fp32 for these convs."""
+    """Mixed precision only on GPUs (CPU autocast is slower than fp32 for these convs).
+
+    "auto" is bf16 where the GPU has it and fp32 elsewhere, never fp16: bf16 keeps
+    float32's range, fp16 needs a gradient scaler and overflows a log-mel front end.
+    """
     if precision == "fp32" or device.type != "cuda":
         return None
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_precision(model: nn.Module, amp_dtype: torch.dtype | None) -> None:
+    # A full-scale frame's power reaches 256² = 65,536, past fp16's 65,504, and the
+    # -100 dB floor (1e-10) is below its smallest number: the features become inf.
+    if amp_dtype == torch.float16 and any(isinstance(m, LogMel) for m in model.modules()):
+        raise ValueError(
+            "fp16 autocast overflows the log-mel front end of FCN models; "
+            "use --precision bf16 (or fp32 on GPUs without bf16)"
+        )
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -283,6 +299,7 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         optimizer = torch.optim.Adam(groups, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     amp_dtype = autocast_dtype(config.precision, device)
+    check_precision(model, amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = nn.BCEWithLogitsLoss()
 
@@ -294,6 +311,7 @@ def train(config: TrainConfig) -> TrainResult:
         "best_loss": math.inf,
         "best_roc_auc": -1.0,
         "best_epoch": 0,
+        "stopped": False,  # the plateau rule ended the run
         "history": [],
     }
     if config.resume and last_path.is_file():
@@ -343,8 +361,7 @@ def train(config: TrainConfig) -> TrainResult:
                  len(train_idx), len(valid_idx), config.recipe, recipe)  # fmt: skip
 
     # 6. Epochs: train on crops, validate on whole clips, adjust lr, checkpoint.
-    stop = False
-    while state["epoch"] < recipe["epochs"] and not stop:
+    while state["epoch"] < recipe["epochs"] and not state["stopped"]:
         epoch = state["epoch"] + 1
         started = time.monotonic()
         examples.set_epoch(epoch)
@@ -401,14 +418,14 @@ def train(config: TrainConfig) -> TrainResult:
         valid_loss, valid_auc = _broadcast_floats([valid_loss, valid_auc], ranks, device)
 
         # Plateau schedule (Lee et al.): stall on validation loss → lr drop, or stop.
-        if valid_loss < state["best_loss"] - 1e-4:
+        if valid_loss < state["best_loss"] - MIN_LOSS_IMPROVEMENT:
             state["best_loss"], state["stall"] = valid_loss, 0
         else:
             state["stall"] += 1
         lr_now = max(group["lr"] for group in optimizer.param_groups)
         if state["stall"] >= recipe["patience"]:
             if state["lr_drops"] >= recipe["max_lr_drops"]:
-                stop = True
+                state["stopped"] = True
             else:
                 for group in optimizer.param_groups:
                     group["lr"] *= recipe["lr_factor"]
