@@ -354,7 +354,7 @@ def finetune(checkpoint, data_dir, **options):
     "--hop", type=int, help="Hop between a clip's windows in samples (default: one window)."
 )
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-update", is_flag=True, help="Leave the checkpoint's card as it is.")
 @click.option("--no-progress", is_flag=True)
 @friendly_errors

@@ -48,6 +48,13 @@ ROC_PLOT_TAGS = 6  # the ROC figure shows the best and worst few tags
 SUMMARY_KEYS = ("roc_auc_macro", "pr_auc_macro", "roc_auc_weighted")
 
 
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is the GPU when torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 # -- scoring clips -----------------------------------------------------------------------------
 @torch.no_grad()
 def predict_clips(
@@ -387,7 +394,7 @@ def evaluate_checkpoint(
     roc_tags: list[str] | None = None,
     hop_samples: int | None = None,
     batch_size: int = DEFAULT_BATCH,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = True,
 ) -> tuple[Evaluation, dict[str, Path], ModelCard]:
     """Evaluate a checkpoint, write the report, put thresholds and scores in its card.
@@ -398,6 +405,7 @@ def evaluate_checkpoint(
     """
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
+    device = resolve_device(device)
     model = model_from_checkpoint(checkpoint).to(device)
     data = PreparedData(data_dir)
     if data.tags != checkpoint["tags"]:

@@ -35,7 +35,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from trainer.data.dataset import DataError, PreparedData, crop, random_starts
-from trainer.evaluate import bce, choose_thresholds, predict_clips, summarise, tag_metrics
+from trainer.evaluate import (
+    bce,
+    choose_thresholds,
+    predict_clips,
+    resolve_device,
+    summarise,
+    tag_metrics,
+)
 from trainer.export import card_for_model
 from trainer.finetune import parameter_groups, replace_head, set_frozen_batchnorm_eval
 from trainer.models import TaggerModel, create_model
@@ -197,9 +204,7 @@ class Ranks:
 
 
 def pick_device(requested: str, ranks: Ranks) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    device = resolve_device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device cuda was asked for but torch sees no GPU; use --device cpu")
