@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -561,6 +560,7 @@ def test_grafana_provisioning_points_at_the_dashboard_and_prometheus(yaml):
 
 EXAMPLES = REPO / "examples"
 FEEDS = ["feed-file.sh", "feed-url.sh", "feed-alsa.sh"]
+FEED_TIMEOUT_S = 15.0
 
 
 @pytest.mark.parametrize("script", FEEDS)
@@ -596,8 +596,8 @@ def received(tagd: TagdProcess) -> float:
     return tagd.metric("tagd_audio_received_seconds_total", stream="radio1")
 
 
-def run_feed(script: str, *args: str, seconds: float | None = None, env=None) -> None:
-    """Run a feed script to its end, or for ``seconds`` when it would run forever."""
+def run_feed(script: str, *args: str, stop_when=None, env=None) -> None:
+    """Run a feed script to its end, or until ``stop_when()`` for one that would not end."""
     with tempfile.TemporaryFile("w+") as errors:
         process = subprocess.Popen(
             ["bash", str(EXAMPLES / script), *args],
@@ -605,20 +605,20 @@ def run_feed(script: str, *args: str, seconds: float | None = None, env=None) ->
             stderr=errors,
             env={**os.environ, **(env or {})},
         )
-        try:
-            process.wait(timeout=seconds or 20)
-        except subprocess.TimeoutExpired:
-            process.terminate()  # the script exec'd ffmpeg: this stops ffmpeg
-            try:
-                process.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:  # ffmpeg waiting to reconnect may not notice
-                process.kill()
-                process.wait()
-            if seconds is None:
-                raise
-            return
+        deadline = time.monotonic() + FEED_TIMEOUT_S
+        while process.poll() is None:
+            if (stop_when and stop_when()) or time.monotonic() > deadline:
+                process.terminate()  # the script exec'd ffmpeg: this stops ffmpeg
+                try:
+                    process.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:  # ffmpeg waiting to reconnect may not notice
+                    process.kill()
+                    process.wait()
+                assert time.monotonic() <= deadline, f"{script}: not done after {FEED_TIMEOUT_S} s"
+                return
+            time.sleep(0.05)
         errors.seek(0)
-        assert process.returncode == 0, (
+        assert process.returncode == 0 and not stop_when, (
             f"{script}: exit {process.returncode}: {errors.read()[-2000:]}"
         )
 
@@ -674,7 +674,10 @@ def test_feed_url_relays_an_icecast_stream(fed_tagd, music_wav, tmp_path):
     try:
         before = received(tagd)
         # When the show ends, ffmpeg retries the mount for ~10 s (-reconnect): stop it first.
-        run_feed("feed-url.sh", station.url, endpoint, seconds=STATION_S + 1.5)
+        show_over = time.monotonic() + STATION_S + 1.5
+        run_feed(
+            "feed-url.sh", station.url, endpoint, stop_when=lambda: time.monotonic() > show_over
+        )
     finally:
         station.shutdown()
         station.server_close()
@@ -686,5 +689,5 @@ def test_feed_url_relays_an_icecast_stream(fed_tagd, music_wav, tmp_path):
 def test_feed_alsa_captures_a_device(fed_tagd, alsa_home):
     tagd, endpoint = fed_tagd
     before = received(tagd)
-    run_feed("feed-alsa.sh", "tagdtest", endpoint, seconds=2.0, env={"HOME": str(alsa_home)})
-    assert received(tagd) - before > 1.0
+    run_feed("feed-alsa.sh", "tagdtest", endpoint, env={"HOME": str(alsa_home)},
+             stop_when=lambda: received(tagd) - before > 1.0)  # fmt: skip
