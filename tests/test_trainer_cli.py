@@ -7,11 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import soundfile
 from click.testing import CliRunner
 from trainer_support import TINY, one_torch_thread
 
 from tagd.card import read_card
 from trainer.cli import main
+from trainer.data import synthetic
+from trainer.data.dataset import PreparedData
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 assert one_torch_thread  # imported for pytest
@@ -134,6 +137,31 @@ def test_manifest_end_to_end_and_finetune(mtt_run, tmp_path):
     assert card.name == "station-v1" and card.n_tags == 8  # every synthetic tag, "rare" too
     assert "test" in card.scores and len(card.thresholds) == 8
     assert (tmp_path / "tuned" / "best.pt").is_file()
+
+
+def test_prepare_msd_lists(tmp_path):
+    audio_lines, tag_lines = [], []
+    for clip in synthetic.generate(6, seed=2, seconds=1.5):
+        soundfile.write(tmp_path / f"{clip.number}.wav", clip.audio, 16_000)
+        audio_lines.append(f"TR{clip.number}\t{clip.number}.wav")
+        tag_lines += [f"TR{clip.number}\t{tag}" for tag in clip.tags]
+    (tmp_path / "audio.tsv").write_text("\n".join(audio_lines) + "\n")
+    (tmp_path / "tags.tsv").write_text("\n".join(tag_lines) + "\n")
+    (tmp_path / "train.txt").write_text("TR0\nTR1\nTR2\nTR3\n")
+    (tmp_path / "valid.txt").write_text("TR4\n")
+    (tmp_path / "test.txt").write_text("TR5\n")
+    splits = [
+        arg
+        for split in ("train", "valid", "test")
+        for arg in ("--msd-split", f"{split}={tmp_path / split}.txt")
+    ]
+    invoke("prepare", "--msd-audio", tmp_path / "audio.tsv", "--msd-tags", tmp_path / "tags.tsv", *splits,
+           "--sample-rate", "8000", "--workers", "1", "--out", tmp_path / "prepared", "--no-progress")  # fmt: skip
+    data = PreparedData(tmp_path / "prepared")
+    assert data.sample_rate == 8000 and len(data.clips) == 6
+    assert {clip.clip_id: clip.split for clip in data.clips}["TR4"] == "valid"
+    assert "expected SPLIT=FILE" in invoke("prepare", "--msd-audio", "a", "--msd-tags", "b", "--msd-split", "x",
+                                           "--sample-rate", "8000", "--out", tmp_path / "o", code=2).output  # fmt: skip
 
 
 def test_export_untrained_model_by_name(tmp_path):
