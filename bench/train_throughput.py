@@ -29,16 +29,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step, steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per call of ``step`` after ``warmup`` untimed calls."""
+def timed(step, steps: int, repeats: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of ``step``: the best of ``repeats`` rounds of ``steps`` calls.
+
+    The best round, not the mean: on a shared machine the slow rounds measure the
+    neighbours, not the model.
+    """
     for _ in range(warmup):
         step()
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - started) / steps
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        best = min(best, (time.perf_counter() - started) / steps)
+    return best
 
 
 def measure(name: str, args, device: torch.device) -> dict:
@@ -69,9 +76,9 @@ def measure(name: str, args, device: torch.device) -> dict:
         scaler.update()
 
     model.eval()
-    forward_seconds = timed(forward_only, args.steps, args.warmup, device)
+    forward_seconds = timed(forward_only, args.steps, args.repeats, args.warmup, device)
     model.train()
-    train_seconds = timed(train_step, args.steps, args.warmup, device)
+    train_seconds = timed(train_step, args.steps, args.repeats, args.warmup, device)
     return {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -95,7 +102,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--batch", type=int, help="default: 16 on GPU, 4 on CPU")
-    parser.add_argument("--steps", type=int, help="timed steps; default: 20 on GPU, 3 on CPU")
+    parser.add_argument(
+        "--steps", type=int, help="timed steps per round; default: 20 on GPU, 2 on CPU"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest counts")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
         "--width", type=float, default=1.0, help="channel multiplier (1.0: paper size)"
@@ -113,7 +123,7 @@ def main() -> None:
     )
     on_gpu = device.type == "cuda"
     args.batch = args.batch or (16 if on_gpu else 4)
-    args.steps = args.steps or (20 if on_gpu else 3)
+    args.steps = args.steps or (20 if on_gpu else 2)
     if args.threads:
         torch.set_num_threads(args.threads)
     if on_gpu:
@@ -124,7 +134,7 @@ def main() -> None:
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         )
     amp = autocast_dtype(args.precision, device)
-    print(f"# {where}; torch {torch.__version__}; batch {args.batch}; {args.steps} timed steps; "
+    print(f"# {where}; torch {torch.__version__}; batch {args.batch}; best of {args.repeats} x {args.steps} steps; "
           f"width {args.width}; autocast {amp or 'off'}")  # fmt: skip
     header = f"{'model':<18} {'params':>11} {'window':>7} {'opt':>4} {'forward ex/s':>13} {'train ex/s':>11} {'train/fwd':>9}"
     print(header)
