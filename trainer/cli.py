@@ -20,12 +20,14 @@ from trainer.data.dataset import DataError
 
 log = logging.getLogger("trainer.cli")
 
-USER_ERRORS = (
-    DataError,
-    CardError,
-    ValueError,
-    FileNotFoundError,
-)  # + CheckpointError, ExportError
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input, not a bug: reported as one line."""
+    # imported here: they pull in torch, which `tagd-train -h` has no need to load
+    from trainer.checkpoint import CheckpointError
+    from trainer.export import ExportError
+
+    return (DataError, CardError, CheckpointError, ExportError, ValueError, FileNotFoundError)
 
 
 def friendly_errors(command):
@@ -33,12 +35,9 @@ def friendly_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from trainer.checkpoint import CheckpointError
-        from trainer.export import ExportError
-
         try:
             return command(*args, **kwargs)
-        except (*USER_ERRORS, CheckpointError, ExportError) as exc:
+        except user_errors() as exc:
             raise click.ClickException(str(exc)) from exc
 
     return wrapper
