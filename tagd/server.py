@@ -114,21 +114,26 @@ class Server:
         self.metrics.ready.set(0)
         for source in self.sources:  # 1. no new audio
             source.stop()
-        sources_done = all(
+        joined = [
             source.join(max(0.05, deadline - time.perf_counter() - 0.5)) for source in self.sources
-        )
+        ]
         if self.batcher is not None:  # 2. drop pending windows, finish the batch in flight
             self.batcher.stop(timeout=max(0.05, deadline - time.perf_counter() - 0.2))
         if self._sweeper is not None:
             self._sweeper.join(timeout=SWEEP_INTERVAL_S * 2)
-        if self.publisher is not None:  # 3. outputs
-            self.publisher.close()
+        if self.batcher is not None and self.batcher.busy():
+            # The worker is inside an engine call that outlasted the budget: its socket
+            # and engine are still in use, so leave them to the process exit.
+            log.warning("stopping with a batch still on the engine; it is abandoned")
+        else:
+            if self.publisher is not None:  # 3. outputs
+                self.publisher.close()
+            if self.engine is not None:  # 4. the engine
+                self.engine.close()
+            if all(joined):
+                self._context.term()  # every socket is closed: term() returns at once
         if self._http is not None:
             self._http.stop()
-        if self.engine is not None:  # 4. the engine
-            self.engine.close()
-        if sources_done and (self.batcher is None or not self.batcher.busy()):
-            self._context.term()  # every socket is closed: term() returns at once
         log.info("tagd serve stopped")
 
     def is_ready(self) -> bool:
