@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(ffmpeg libportaudio2 libsndfile1 sox alsa-utils prometheus)
+APT_PACKAGES=(ffmpeg libportaudio2 libsndfile1 sox alsa-utils prometheus systemd)
 
 if [ "${TAGD_SKIP_APT:-0}" != 1 ]; then
   sudo=""
