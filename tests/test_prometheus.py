@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from test_deploy import DEPLOY, HOP_S, SHORT_FCN, TagdProcess, free_port, http_get, substitute
+from test_deploy import (
+    DEPLOY,
+    HOP_S,
+    SHORT_FCN,
+    TagdProcess,
+    free_port,
+    http_get,
+    substitute,
+    tool,
+)
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 SCRAPE_TIMEOUT_S = 30.0
@@ -26,10 +35,7 @@ ALERTS = ("TagdDown", "TagdLatencyOverBudget", "TagdWindowsDropped", "TagdStream
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if not found:
-        pytest.skip("promtool is absent: apt-get install prometheus")
-    return found
+    return tool("promtool", "apt-get install prometheus")
 
 
 def run(*command: str | Path) -> None:
@@ -53,13 +59,13 @@ def test_alert_rules_pass_promtool_and_each_fires_on_its_fault(promtool):
 class Prometheus:
     """Debian's prometheus on loopback with a temporary storage path."""
 
-    def __init__(self, config: Path, folder: Path) -> None:
+    def __init__(self, server: str, config: Path, folder: Path) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = folder / "prometheus.log"
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
                 [
-                    shutil.which("prometheus"),
+                    server,
                     f"--config.file={config}",
                     f"--storage.tsdb.path={folder / 'data'}",
                     f"--web.listen-address={self.url.removeprefix('http://')}",
@@ -97,8 +103,7 @@ class Prometheus:
 
 @pytest.fixture
 def scraped_tagd(tmp_path, export_model, music) -> Iterator[tuple[Prometheus, TagdProcess]]:
-    if not shutil.which("prometheus"):
-        pytest.skip("prometheus is absent: apt-get install prometheus")
+    prometheus_server = tool("prometheus", "apt-get install prometheus")
     soundfile.write(tmp_path / "station.wav", music(4.0, 44_100), 44_100, subtype="PCM_16")
     metrics = free_port()
     url = f"file://{tmp_path / 'station.wav'}?stream=radio1&loop=true"  # real time, one window per hop
@@ -114,7 +119,7 @@ def scraped_tagd(tmp_path, export_model, music) -> Iterator[tuple[Prometheus, Ta
     })  # fmt: skip
     (tmp_path / "prometheus.yml").write_text(config)
     shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp_path / "alerts.yml")
-    prometheus = Prometheus(tmp_path / "prometheus.yml", tmp_path)
+    prometheus = Prometheus(prometheus_server, tmp_path / "prometheus.yml", tmp_path)
     try:
         tagd.wait_ready()
         yield prometheus, tagd
