@@ -353,6 +353,9 @@ def test_dockerfiles_pass_hadolint():
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda path: path.name)
 def test_dockerfile_runs_tagd_unprivileged_with_a_healthcheck(path):
     instructions = dockerfile_instructions(path)
+    dockerignore = path.with_name(path.name + ".dockerignore")  # else the context is all of it
+    sent = dockerignore.read_text().splitlines()
+    assert "**" in sent, f"{dockerignore.name}: ignore everything, then let in what is copied"
     keywords = [keyword for keyword, _ in instructions]
     arguments = {keyword: args for keyword, args in instructions}  # the last of each
     assert keywords[0] == "FROM"
@@ -374,6 +377,7 @@ def test_dockerfile_runs_tagd_unprivileged_with_a_healthcheck(path):
         if keyword == "COPY":
             for source in args.split()[:-1]:
                 assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+                assert f"!{source}" in sent, f"{dockerignore.name} keeps {source} out"
     installs = [
         args for keyword, args in instructions if keyword == "RUN" and "pip install" in args
     ]
