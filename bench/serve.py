@@ -55,7 +55,7 @@ MESSAGE_S = 0.1  # each stream sends 100 ms of audio per message
 PREROLL_MESSAGE_FRAMES = 5 * SOURCE_RATE  # the pre-roll goes in 5 s messages
 AUDIO_LOOP_S = 37.0  # streams loop this much generated audio
 IDLE_STREAMS = 50
-WARMUP_S = 3.0  # measurements skip the first seconds of each run
+WARMUP_S = 6.0  # measurements skip the first seconds of each run (streams get placed)
 
 
 # -- audio and producers -------------------------------------------------------------------
