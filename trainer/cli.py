@@ -208,7 +208,10 @@ def training_options(command):
         click.option(
             "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run folder."
         ),
-        click.option("--name", help="Model card name (default: <arch>-<data folder>)."),
+        click.option(
+            "--name",
+            help="Model card name (default: <arch>-<kind of data>, e.g. fcn4-magnatagatune).",
+        ),
         click.option(
             "--recipe",
             type=click.Choice(["fcn", "samplecnn", "finetune"]),

@@ -104,7 +104,7 @@ class TrainConfig:
     out: str  # run folder
     model: str = "fcn4"  # registry name; ignored when init_from gives the architecture
     hparams: dict[str, Any] = field(default_factory=dict)  # e.g. {"width": 0.5}
-    name: str | None = None  # model card name; default "<arch>-<data folder>"
+    name: str | None = None  # model card name; default "<arch>-<kind of data>"
     recipe: str | None = None  # RECIPES key; default by family, "finetune" with init_from
     # None: take the recipe's value
     optimizer: str | None = None  # adam | sgd
@@ -505,9 +505,9 @@ class LogitsOf(nn.Module):
 
 def _payload(model, data, config, recipe, state, summary, thresholds) -> dict[str, Any]:
     """A checkpoint: model, card with validation scores and thresholds, training state."""
-    card = card_for_model(
-        model, name=config.name or f"{model.arch}-{Path(config.data).name}", tags=data.tags
-    )
+    # default name: architecture and kind of data, e.g. "fcn4-magnatagatune"
+    kind = data.source.split()[0] if data.source else Path(config.data).name
+    card = card_for_model(model, name=config.name or f"{model.arch}-{kind}", tags=data.tags)
     card.thresholds = thresholds
     card.training = {
         "data": data.source,
