@@ -95,3 +95,27 @@ def test_a_bad_engine_is_one_clear_line(tmp_path, songs):
     assert result.returncode != 0
     assert "model file not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_exported_full_size_fcn4_tags_an_mp3_with_50_scores(songs, tmp_path):
+    """The issue's first-run path: `tagd-train export --model fcn4`, then `tagd tag`."""
+    pytest.importorskip("torch")
+    model = tmp_path / "fcn4.onnx"
+    export = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "export", "--model", "fcn4", "--out", str(model)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr
+    long_song = tmp_path / "long.mp3"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-stream_loop", "4", "-i", str(songs["mp3"]), "-t", "35", str(long_song)],
+        check=True,
+    )  # fmt: skip
+    result = run_tag(long_song, "--engine", model, "--json")
+    assert result.returncode == 0, result.stderr
+    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["model"].startswith("fcn4")
+    assert len(record["scores"]) == 50
+    # 35 s at the card's 3 s hop: windows start at 0, 3 s (29.12 s each)
+    assert record["windows"] == 2
+    assert all(0.0 < s < 1.0 for s in record["scores"].values())
