@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import queue
 import signal
@@ -55,6 +56,7 @@ SWEEP_INTERVAL_S = 0.25  # how often idle streams are marked and gauges refreshe
 EXIT_STARTUP_FAILED = 2
 CPU_MAX_BATCH = 1
 ACCELERATOR_MAX_BATCH = 8
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default, kept fixed (see release_freed_memory)
 
 
 class StartupError(RuntimeError):
@@ -297,6 +299,22 @@ class Server:
                 self.metrics.events_published.labels(window.stream).inc()
 
 
+def release_freed_memory() -> None:
+    """Have glibc allocate large blocks with mmap always, so that freeing them returns them.
+
+    glibc raises its mmap threshold the first time a large block is freed; from then on
+    windows (1.4 MB for FCN-4) and PCM buffers come from the heap and stay resident after
+    a burst. Measured with 50 FCN-4 streams idle after a catch-up burst: 650 MB resident
+    with the moving threshold, 430 MB with it fixed. Not glibc: nothing to do.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # from malloc.h
+    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
+
+
 # -- the command ------------------------------------------------------------------------------
 
 
@@ -348,6 +366,7 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
         return
 
     setup_logging(config.log.level, config.log.format)
+    release_freed_memory()
     stop_requested = threading.Event()
 
     def request_stop(signum: int, _frame) -> None:
