@@ -11,8 +11,9 @@ in one run on this machine:
 2. naive loop: one thread that reads the same streams and runs each window as soon as
    it is complete (batch 1, ingest waits for inference, nothing dropped);
 3. `tagd serve` in a subprocess, fed over the multi-stream protocol by streams paced in
-   real time (44.1 kHz stereo s16le, 100 ms messages, random phases; the first window
-   is pre-rolled so that measuring starts at once):
+   real time (44.1 kHz stereo s16le, 100 ms messages, each stream at its own random
+   phase of the hop and of the message cycle; the first window is pre-rolled so that
+   measuring starts at once):
    - saturation: offered twice the bare engine's rate → windows published per second;
    - half load: half the saturation throughput → end-to-end latency p50/p99;
    - the largest N streams at the card's hop with no drops and p99 under one hop;
@@ -91,6 +92,11 @@ class Producer:
         rng = np.random.default_rng(seed)
         self.phases = rng.uniform(0.05, 0.05 + hop_s, streams)
         self.offsets = rng.integers(0, len(AUDIO), streams)  # different audio per stream
+        # Independent producers: each stream's messages leave at its own point of the
+        # 100 ms cycle, not all at once.
+        self.message_lag = np.round(rng.uniform(0, MESSAGE_S, streams) * SOURCE_RATE).astype(
+            np.int64
+        )
         self.frames_sent = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -132,7 +138,7 @@ class Producer:
         message_frames = round(MESSAGE_S * SOURCE_RATE)
         started = time.perf_counter()
         while not self._stop.is_set():
-            due = preroll + int((time.perf_counter() - started) * SOURCE_RATE)
+            due = preroll + int((time.perf_counter() - started) * SOURCE_RATE) - self.message_lag
             for stream in range(self.streams):
                 while sent[stream] < preroll[stream]:  # at once, in big messages
                     frames = int(min(PREROLL_MESSAGE_FRAMES, preroll[stream] - sent[stream]))

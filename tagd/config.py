@@ -321,8 +321,8 @@ class ServeConfig:
 # -- building dataclasses from TOML and URLs ----------------------------------------
 
 
-def load_config(path: str | Path) -> ServeConfig:
-    """Read and validate a TOML config file."""
+def load_config(path: str | Path, *, validate: bool = True) -> ServeConfig:
+    """Read a TOML config file; validate it unless flags are still to be applied."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -338,7 +338,7 @@ def load_config(path: str | Path) -> ServeConfig:
     config = build(ServeConfig, data, "")
     if config.engine and not Path(config.engine).is_absolute():
         config.engine = str(path.parent / config.engine)
-    return config.validate()
+    return config.validate() if validate else config
 
 
 def parse_input(url: str, path: str = "--input") -> InputConfig:

@@ -354,7 +354,7 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
     from tagd.cli import setup_logging  # the cli module registers this command
 
     try:
-        config = load_config(config_path) if config_path else ServeConfig()
+        config = load_config(config_path, validate=False) if config_path else ServeConfig()
         config = apply_overrides(config, **flags).validate()
     except ConfigError as exc:
         for problem in exc.problems:

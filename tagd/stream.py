@@ -28,6 +28,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 
 LIVE_CHECK_S = 2.0  # wall time over which a stream's audio rate is measured
 LIVE_RATE = (0.8, 1.25)  # audio seconds per wall second of a live stream
+# Completions wobble by a message and a resampler block (~0.2 s): a stream's phase is
+# the circular mean of its last few, taken once it is live.
+PHASE_WINDOWS = 3
 
 # Epochs are unique across streams and their lifetimes, so that a stream evicted and
 # opened again under the same name never continues an old average.
@@ -117,7 +121,7 @@ class Stream:
         # Phase spreading: written by this stream's ingest thread, read by the sweeper,
         # except the delay, which the sweeper asks for and the ingest thread applies.
         self.live = False  # audio arrives at about real time
-        self.last_window_mono: float | None = None  # when the last window completed
+        self.window_times: deque[float] = deque(maxlen=PHASE_WINDOWS)  # completions, mono
         self.placed = False  # the hub has chosen this epoch's phase
         self.phase: float | None = None  # seconds into the hop where its windows complete
         self._audio_s = 0.0  # audio received this epoch, seconds
@@ -179,7 +183,8 @@ class Stream:
             self._resampler.reset()
         self._windower.restart_at(self._windower.total)
         self.epoch = next(_epochs)
-        self.live, self.placed, self.phase, self.last_window_mono = False, False, None, None
+        self.live, self.placed, self.phase = False, False, None
+        self.window_times.clear()
         self._audio_s, self._rate_mark = 0.0, None
         with self._delay_lock:
             self._pending_delay = 0
@@ -197,7 +202,7 @@ class Stream:
             self._windower.delay_next(delay)
         windows = self._windower.push(mono)
         if windows:
-            self.last_window_mono = arrival.mono
+            self.window_times.append(arrival.mono)
         for window in windows:
             self._sink(
                 ReadyWindow(
@@ -220,7 +225,10 @@ class Stream:
         since, audio_then = self._rate_mark
         if now_mono - since >= LIVE_CHECK_S:
             ratio = (self._audio_s - audio_then) / (now_mono - since)
-            self.live = LIVE_RATE[0] <= ratio <= LIVE_RATE[1]
+            live = LIVE_RATE[0] <= ratio <= LIVE_RATE[1]
+            if live != self.live:
+                self.window_times.clear()  # a burst's completions say nothing of the phase
+            self.live = live
             self._rate_mark = (now_mono, self._audio_s)
 
     def delay_next_window(self, samples: int) -> None:
@@ -319,10 +327,12 @@ class StreamHub:
 
     def _place_live_streams(self, streams: list[Stream]) -> None:
         hop_s = self.geometry.hop_samples / self.geometry.sample_rate
-        live = [s for s in streams if s.live and not s.idle and s.last_window_mono is not None]
-        phases = [s.phase for s in live if s.placed and s.phase is not None]
+        live = [
+            s for s in streams if s.live and not s.idle and len(s.window_times) >= PHASE_WINDOWS
+        ]
+        phases = [s.phase for s in streams if s.placed and not s.idle and s.phase is not None]
         for stream in sorted((s for s in live if not s.placed), key=lambda s: s.name):
-            own = stream.last_window_mono % hop_s
+            own = circular_mean(list(stream.window_times), hop_s)
             target = largest_gap_middle(phases, hop_s) if phases else own
             delay_s = (target - own) % hop_s
             stream.delay_next_window(round(delay_s * self.geometry.sample_rate))
@@ -342,3 +352,10 @@ def largest_gap_middle(phases: list[float], period: float) -> float:
     ends = ordered[1:] + [ordered[0] + period]
     size, begin = max((end - begin, begin) for begin, end in zip(ordered, ends, strict=True))
     return (begin + size / 2) % period
+
+
+def circular_mean(times: list[float], period: float) -> float:
+    """The mean position of ``times`` on a circle of circumference ``period``, in [0, period)."""
+    angles = 2 * np.pi * (np.asarray(times) % period) / period
+    mean = np.angle(np.mean(np.exp(1j * angles)))
+    return float(mean % (2 * np.pi) * period / (2 * np.pi))

@@ -165,6 +165,18 @@ def test_flags_override_the_file(tmp_path):
     assert [spec.url for spec in config.inputs] == ["zmq+pull://127.0.0.1:7001"]
 
 
+def test_a_file_may_leave_to_the_flags_what_they_give(tmp_path):
+    path = tmp_path / "tagd.toml"
+    path.write_text("[batching]\nspread_phases = false\n")
+    result = CliRunner().invoke(
+        main,
+        ["serve", "--config", str(path), "--engine", "m.onnx", "--input", RAW, "--check-config"],
+    )
+    assert result.exit_code == 0, result.output
+    missing = CliRunner().invoke(main, ["serve", "--config", str(path), "--check-config"])
+    assert missing.exit_code == 2 and "engine: no model file given" in missing.output
+
+
 def test_check_config_validates_and_exits(tmp_path):
     runner = CliRunner()
     good = runner.invoke(main, ["serve", "--engine", "m.onnx", "--input", RAW, "--check-config"])
