@@ -53,7 +53,9 @@ def test_unreadable_files_raise_audio_error(tmp_path):
         decode_file(empty, 12000)
 
 
-@pytest.mark.parametrize("pcm_format, dtype, scale", [("s16le", "<i2", 32767), ("f32le", "<f4", 1.0)])
+@pytest.mark.parametrize(
+    "pcm_format, dtype, scale", [("s16le", "<i2", 32767), ("f32le", "<f4", 1.0)]
+)
 def test_pcm_decoder_carries_partial_frames(pcm_format, dtype, scale):
     rng = np.random.default_rng(1)
     frames = rng.uniform(-0.9, 0.9, size=(500, 2))
