@@ -246,10 +246,7 @@ class Server:
         # On CPU a batch costs its windows' time one after the other and its activations
         # stay in ONNX Runtime's arena (FCN-4: ~150 MB a window): batching only adds
         # memory and latency. Accelerators amortise a call over the batch.
-        providers = getattr(self.engine, "providers", None) or []
-        on_cpu = (
-            providers == ["CPUExecutionProvider"] or getattr(self.engine, "device", None) == "cpu"
-        )
+        on_cpu = getattr(self.engine, "providers", None) == ["CPUExecutionProvider"]
         return CPU_MAX_BATCH if on_cpu else ACCELERATOR_MAX_BATCH
 
     def _hop_samples(self) -> int:
