@@ -39,6 +39,21 @@ def downmix(frames: np.ndarray) -> np.ndarray:
     return frames.mean(axis=1, dtype=np.float32)
 
 
+def clean_samples(frames: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Float samples made safe for the model: NaN → 0, ±Inf → ±1, the rest clipped to [-1, 1].
+
+    Returns the samples (the same array when nothing was wrong) and how many were
+    non-finite and how many finite ones were out of range.
+    """
+    if len(frames) == 0 or (frames.min() >= -1.0 and frames.max() <= 1.0):  # NaN fails both
+        return frames, 0, 0
+    nonfinite = int(np.count_nonzero(~np.isfinite(frames)))
+    cleaned = np.nan_to_num(frames, nan=0.0, posinf=1.0, neginf=-1.0)
+    out_of_range = int(np.count_nonzero(np.abs(cleaned) > 1.0))
+    np.clip(cleaned, -1.0, 1.0, out=cleaned)
+    return cleaned, nonfinite, out_of_range
+
+
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     if from_rate == to_rate:
         return np.asarray(samples, dtype=np.float32)
@@ -89,6 +104,15 @@ def _decode_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     return samples
 
 
+def frame_bytes(pcm_format: str, channels: int) -> int:
+    """Bytes of one interleaved sample frame; AudioError for an unknown format."""
+    if pcm_format not in PCM_FORMATS:
+        raise AudioError(f"unknown PCM format {pcm_format!r}; known: {', '.join(PCM_FORMATS)}")
+    if channels < 1:
+        raise AudioError(f"channels must be at least 1, got {channels}")
+    return PCM_FORMATS[pcm_format][0].itemsize * channels
+
+
 class PcmDecoder:
     """Turns a byte stream of interleaved PCM into float32 frames.
 
@@ -97,13 +121,9 @@ class PcmDecoder:
     """
 
     def __init__(self, pcm_format: str, channels: int):
-        if pcm_format not in PCM_FORMATS:
-            raise AudioError(f"unknown PCM format {pcm_format!r}; known: {', '.join(PCM_FORMATS)}")
-        if channels < 1:
-            raise AudioError(f"channels must be at least 1, got {channels}")
+        self.frame_bytes = frame_bytes(pcm_format, channels)
         self.dtype, self.scale = PCM_FORMATS[pcm_format]
         self.channels = channels
-        self.frame_bytes = self.dtype.itemsize * channels
         self._carry = b""
 
     def reset(self) -> None:

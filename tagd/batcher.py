@@ -11,6 +11,11 @@ When the worker falls behind, a stream never has more than ``max_pending_per_str
 windows waiting: submitting one more drops that stream's oldest, counted as
 ``queue_full``. Latency stays bounded by about that many hops plus one batch; windows
 older than ``max_queue_age_s`` (when set) are dropped as ``stale`` before a batch.
+
+An engine that raises loses that batch's windows (``engine_error``), not the worker:
+each kind of error is logged in full the first time, and ``healthy()`` turns false after
+``unhealthy_after`` failed batches in a row (the daemon's /healthz then says 503) and
+true again with the next batch that succeeds.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ class Batcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], window_samples: int,
                  on_batch: Callable[[BatchResult], None], metrics: Metrics, *, max_batch: int,
                  max_wait_s: float, max_pending_per_stream: int,
-                 max_queue_age_s: float = 0.0) -> None:  # fmt: skip
+                 max_queue_age_s: float = 0.0, unhealthy_after: int = 3) -> None:  # fmt: skip
         self._run = run
         self._on_batch = on_batch
         self._metrics = metrics
@@ -68,6 +73,9 @@ class Batcher:
         # One reusable input buffer: engines copy their input, so reuse is safe.
         self._buffer = np.zeros((max_batch, window_samples), dtype=np.float32)
         self.batches_run = 0
+        self.unhealthy_after = unhealthy_after
+        self.failures_in_a_row = 0  # written by the worker, read by health checks
+        self._errors_seen: set[str] = set()  # kinds of engine error already logged in full
 
     # -- ingest side (any thread) -------------------------------------------------------
     def submit(self, window: ReadyWindow) -> None:
@@ -88,6 +96,10 @@ class Batcher:
         if dropped is not None:
             reason = DROP_SHUTDOWN if self._stopping else DROP_QUEUE_FULL
             self._metrics.windows_dropped.labels(dropped.stream, reason).inc()
+
+    def healthy(self) -> bool:
+        """False after ``unhealthy_after`` failed batches in a row, until one succeeds."""
+        return self.failures_in_a_row < self.unhealthy_after
 
     def busy(self) -> bool:
         """Whether the worker thread is still running (an engine call it could not leave)."""
@@ -153,7 +165,10 @@ class Batcher:
 
     def _take_oldest(self) -> Pending:
         oldest = self._oldest()
-        self._pending[oldest.window.stream].popleft()
+        queue = self._pending[oldest.window.stream]
+        queue.popleft()
+        if not queue:  # streams come and go: keep no empty queue for a stream gone
+            del self._pending[oldest.window.stream]
         self._count -= 1
         return oldest
 
@@ -161,9 +176,11 @@ class Batcher:
         if not self.max_queue_age_s:
             return []
         stale = []
-        for queue in self._pending.values():
+        for stream, queue in list(self._pending.items()):
             while queue and now - queue[0].submitted > self.max_queue_age_s:
                 stale.append(queue.popleft())
+            if not queue:
+                del self._pending[stream]
         self._count -= len(stale)
         return stale
 
@@ -176,13 +193,13 @@ class Batcher:
         started = time.perf_counter()
         try:
             scores = self._run(batch)
-        except Exception:  # an engine failure must not kill the worker; count and go on
-            log.exception("engine failed on a batch of %d windows", len(items))
-            self._metrics.engine_errors.inc()
-            for item in items:
-                self._metrics.windows_dropped.labels(item.window.stream, DROP_ENGINE_ERROR).inc()
+        except Exception as exc:  # an engine failure must not kill the worker; count and go on
+            self._engine_failed(exc, items)
             return
         finished = time.perf_counter()
+        if self.failures_in_a_row:
+            log.info("engine recovered after %d failed batches", self.failures_in_a_row)
+            self.failures_in_a_row = 0
         self.batches_run += 1
         self._metrics.inference.observe(finished - started)
         self._metrics.batch_size.observe(len(items))
@@ -192,3 +209,20 @@ class Batcher:
             self._on_batch(BatchResult(items, scores, started, finished))
         except Exception:  # a publishing bug must not stop inference for every stream
             log.exception("handling a batch's results failed")
+
+    def _engine_failed(self, exc: Exception, items: list[Pending]) -> None:
+        self.failures_in_a_row += 1
+        self._metrics.engine_errors.inc()
+        for item in items:
+            self._metrics.windows_dropped.labels(item.window.stream, DROP_ENGINE_ERROR).inc()
+        kind = type(exc).__qualname__
+        if kind not in self._errors_seen:  # in full once per kind; the counter has the rest
+            self._errors_seen.add(kind)
+            log.error("engine failed on a batch of %d windows (%s; further failures of this "
+                      "kind are counted in tagd_engine_errors_total, not logged)", len(items),
+                      kind, exc_info=exc)  # fmt: skip
+        else:
+            log.debug("engine failed on a batch of %d windows: %r", len(items), exc)
+        if self.failures_in_a_row == self.unhealthy_after:
+            log.error("engine failed %d batches in a row: /healthz says 503 until one succeeds",
+                      self.failures_in_a_row)  # fmt: skip

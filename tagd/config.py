@@ -63,6 +63,9 @@ class InputConfig:
     loop: bool = False  # file: start over at the end
     chunk_ms: float = 20.0  # file: audio per chunk pushed
     blocksize: int = 0  # soundcard: frames per callback; 0 lets PortAudio choose
+    # zmq+sub/pull: None (default) or true: CURVE when [security] is set; false: plain.
+    # zmq+raw: must be false when [security] is set (ffmpeg's zmq output has no CURVE).
+    curve: bool | None = None
 
     # -- derived from the URL ------------------------------------------------------
     @property
@@ -145,7 +148,17 @@ class InputConfig:
             found.append(f"{path}.chunk_ms: must be positive, got {self.chunk_ms}")
         if self.blocksize < 0:
             found.append(f"{path}.blocksize: must be 0 or positive, got {self.blocksize}")
+        if self.curve is not None and not scheme.startswith("zmq+"):
+            found.append(f"{path}.curve: not used by {scheme} (only ZeroMQ inputs)")
+        elif self.curve and scheme == "zmq+raw":
+            found.append(
+                f"{path}.curve: ffmpeg's zmq output cannot do CURVE; see docs/operations.md"
+            )
         return found
+
+    def uses_curve(self, security: SecurityConfig) -> bool:
+        """Whether this input's socket is a CURVE server (multi-stream inputs, by default)."""
+        return security.enabled and self.is_multi_stream and self.curve is not False
 
     def stream_name(self) -> str:
         """The name of a single-stream input's stream (a file's stem when not given)."""
@@ -245,6 +258,10 @@ class LimitsConfig:
     max_message_bytes: int = 4 * 1024 * 1024  # ZMQ_MAXMSGSIZE on every input socket
     idle_after_s: float = 5.0  # a stream without data this long is idle (not fed zeros)
     evict_after_s: float = 600.0  # forget idle multi-stream streams after this; 0: never
+    # A seq jump that lost more audio than this (estimated from the message's duration)
+    # restarts the stream's window instead of splicing audio from either side of the gap.
+    max_spliced_gap_s: float = 2.0
+    unhealthy_after_failed_batches: int = 3  # engine failures in a row that make /healthz 503
 
     def problems(self, path: str) -> list[str]:
         found = []
@@ -260,6 +277,42 @@ class LimitsConfig:
             found.append(f"{path}.evict_after_s: must be 0 or positive, got {self.evict_after_s}")
         elif 0 < self.evict_after_s < self.idle_after_s:
             found.append(f"{path}.evict_after_s: must not be shorter than idle_after_s")
+        if self.max_spliced_gap_s < 0:
+            found.append(
+                f"{path}.max_spliced_gap_s: must be 0 or positive, got {self.max_spliced_gap_s}"
+            )
+        if self.unhealthy_after_failed_batches < 1:
+            found.append(f"{path}.unhealthy_after_failed_batches: must be at least 1, "
+                         f"got {self.unhealthy_after_failed_batches}")  # fmt: skip
+        return found
+
+
+@dataclass
+class SecurityConfig:
+    # tagd's CURVE key pair: the NAME.key_secret file `tagd keys generate` writes.
+    curve_server_secret: str = ""
+    # A directory of the public keys (*.key) of the producers and subscribers allowed in.
+    curve_allowed_clients: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.curve_server_secret or self.curve_allowed_clients)
+
+    def problems(self, path: str) -> list[str]:
+        if not self.enabled:
+            return []
+        if not (self.curve_server_secret and self.curve_allowed_clients):
+            return [
+                f"{path}: CURVE needs both curve_server_secret and curve_allowed_clients "
+                f"(`tagd keys generate` makes the keys)"
+            ]
+        found = []
+        if not Path(self.curve_server_secret).is_file():
+            found.append(f"{path}.curve_server_secret: no such file: {self.curve_server_secret}")
+        if not Path(self.curve_allowed_clients).is_dir():
+            found.append(
+                f"{path}.curve_allowed_clients: no such directory: {self.curve_allowed_clients}"
+            )
         return found
 
 
@@ -287,6 +340,7 @@ class ServeConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     tagger: TaggerConfig = field(default_factory=TaggerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def problems(self) -> list[str]:
@@ -307,7 +361,13 @@ class ServeConfig:
                         f"inputs[{index}].stream: {name!r} is already the name of inputs[{names[name]}]"
                     )
                 names.setdefault(name, index)
-        for key in ("publish", "metrics", "batching", "tagger", "limits", "log"):
+            if self.security.enabled and spec.scheme == "zmq+raw" and spec.curve is None:
+                found.append(
+                    f"inputs[{index}].curve: [security] turns CURVE on, which ffmpeg's zmq "
+                    f"output cannot do: keep ffmpeg on this host and set curve = false "
+                    f"(docs/operations.md)"
+                )
+        for key in ("publish", "metrics", "batching", "tagger", "limits", "security", "log"):
             found += getattr(self, key).problems(key)
         return found
 
@@ -338,6 +398,10 @@ def load_config(path: str | Path, *, validate: bool = True) -> ServeConfig:
     config = build(ServeConfig, data, "")
     if config.engine and not Path(config.engine).is_absolute():
         config.engine = str(path.parent / config.engine)
+    for key in ("curve_server_secret", "curve_allowed_clients"):
+        value = getattr(config.security, key)
+        if value and not Path(value).is_absolute():
+            setattr(config.security, key, str(path.parent / value))
     return config.validate() if validate else config
 
 

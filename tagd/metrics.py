@@ -43,13 +43,35 @@ DROP_ENGINE_ERROR = "engine_error"  # the engine raised on its batch
 DROP_REASONS = (DROP_QUEUE_FULL, DROP_STALE, DROP_SHUTDOWN, DROP_ENGINE_ERROR)
 
 # Why an input message was refused (tagd_malformed_messages_total{reason}).
+MALFORMED_TOO_LARGE = "too_large"  # all frames together over limits.max_message_bytes
 MALFORMED_FRAMES = "frames"  # not the [stream, header, pcm] multipart shape
 MALFORMED_STREAM_ID = "stream_id"  # stream id not UTF-8 or not a valid name
-MALFORMED_HEADER = "header"  # header not a JSON object with valid fields
-MALFORMED_PCM = "pcm"  # PCM payload empty or not decodable as declared
+MALFORMED_HEADER = "header"  # header not a JSON object, a key missing, a bad seq or t
+MALFORMED_FORMAT = "format"  # a sample format tagd does not know
+MALFORMED_RATE = "rate"  # sample rate not an integer in config.RATE_RANGE
+MALFORMED_CHANNELS = "channels"  # channels not an integer in 1..config.MAX_CHANNELS
+MALFORMED_PCM = "pcm"  # PCM payload empty or not a whole number of sample frames
+MALFORMED_OUT_OF_ORDER = "out_of_order"  # seq not after the stream's last: a repeat or late
 MALFORMED_NOT_ALLOWED = "stream_not_allowed"  # stream id not in the input's allow-list
 MALFORMED_STREAM_TAKEN = "stream_taken"  # stream id already fed by another input
 MALFORMED_TOO_MANY_STREAMS = "too_many_streams"  # limits.max_streams reached
+MALFORMED_UNHANDLED = "unhandled"  # raised an unexpected error in tagd: a bug, see the log
+MALFORMED_REASONS = (
+    MALFORMED_TOO_LARGE, MALFORMED_FRAMES, MALFORMED_STREAM_ID, MALFORMED_HEADER,
+    MALFORMED_FORMAT, MALFORMED_RATE, MALFORMED_CHANNELS, MALFORMED_PCM, MALFORMED_OUT_OF_ORDER,
+    MALFORMED_NOT_ALLOWED, MALFORMED_STREAM_TAKEN, MALFORMED_TOO_MANY_STREAMS, MALFORMED_UNHANDLED,
+)  # fmt: skip
+
+# Samples repaired on the way in (tagd_samples_cleaned_total{kind}).
+CLEANED_NONFINITE = "nonfinite"  # NaN → 0, ±Inf → ±1
+CLEANED_OUT_OF_RANGE = "out_of_range"  # finite but outside [-1, 1]: clipped
+CLEANED_KINDS = (CLEANED_NONFINITE, CLEANED_OUT_OF_RANGE)
+
+# Why a peer's connection attempt failed (tagd_handshake_failures_total{reason}).
+HANDSHAKE_AUTH = "auth"  # CURVE key not in security.curve_allowed_clients
+HANDSHAKE_PROTOCOL = "protocol"  # wrong mechanism (no CURVE where CURVE is required) or garbage
+HANDSHAKE_OTHER = "other"
+PUBLISH_SOCKET = "publish"  # the `socket` label of the publisher's connection metrics
 
 
 class Metrics:
@@ -137,6 +159,48 @@ class Metrics:
             "Batches the engine failed on.",
             registry=r,
         )
+        self.samples_cleaned = Counter(
+            "tagd_samples_cleaned_total",
+            "Input samples repaired: NaN/Inf (nonfinite) or outside [-1, 1] (out_of_range).",
+            ["stream", "kind"],
+            registry=r,
+        )
+        self.stream_idle = Gauge(
+            "tagd_stream_idle",
+            "1 while a stream has had no data for limits.idle_after_s, else 0.",
+            ["stream"],
+            registry=r,
+        )
+        self.stream_last_audio = Gauge(
+            "tagd_stream_last_audio_timestamp_seconds",
+            "Unix time of the last audio a stream received.",
+            ["stream"],
+            registry=r,
+        )
+        self.tag_score = Gauge(
+            "tagd_tag_score",
+            "Each tag's score in the stream's last published prediction.",
+            ["stream", "tag"],
+            registry=r,
+        )
+        self.tag_active = Gauge(
+            "tagd_tag_active",
+            "1 while a tag is on for the stream (after hysteresis), else 0.",
+            ["stream", "tag"],
+            registry=r,
+        )
+        self.peer_disconnects = Counter(
+            "tagd_peer_disconnects_total",
+            "Peers that disconnected (or were disconnected: a frame over max_message_bytes).",
+            ["socket"],
+            registry=r,
+        )
+        self.handshake_failures = Counter(
+            "tagd_handshake_failures_total",
+            "Connections refused during the ZeroMQ handshake (CURVE authentication).",
+            ["socket", "reason"],
+            registry=r,
+        )
         self.ready = Gauge(
             "tagd_ready",
             "1 once the engine is loaded and warm and inputs are open.",
@@ -147,6 +211,8 @@ class Metrics:
             "The model being served: card name, architecture, backend, card version.",
             registry=r,
         )
+        self._tag_children: dict[str, list[tuple[Gauge, Gauge]]] = {}
+        self._tags: list[str] = []
 
     def describe_engine(self, *, model: str, architecture: str, backend: str, card_version: int,
                         sample_rate: int, window_samples: int, hop_samples: int, n_tags: int) -> None:  # fmt: skip
@@ -163,17 +229,38 @@ class Metrics:
             }
         )
 
+    def tag_gauges(self, stream: str, tags: list[str]) -> list[tuple[Gauge, Gauge]]:
+        """(score, active) children per tag of a stream, looked up once and kept."""
+        children = self._tag_children.get(stream)
+        if children is None:
+            children = self._tag_children[stream] = [
+                (self.tag_score.labels(stream, tag), self.tag_active.labels(stream, tag))
+                for tag in tags
+            ]
+            self._tags = list(tags)
+        return children
+
     def forget_stream(self, stream: str) -> None:
         """Remove an evicted stream's series, so label values stay bounded."""
-        series = [
-            (metric, (stream,))
-            for metric in (
-                self.windows_published,
-                self.events_published,
-                self.audio_received,
-                self.gaps,
-            )
-        ] + [(self.windows_dropped, (stream, reason)) for reason in DROP_REASONS]
+        series = (
+            [
+                (metric, (stream,))
+                for metric in (
+                    self.windows_published,
+                    self.events_published,
+                    self.audio_received,
+                    self.gaps,
+                    self.stream_idle,
+                    self.stream_last_audio,
+                )
+            ]
+            + [(self.windows_dropped, (stream, reason)) for reason in DROP_REASONS]
+            + [(self.samples_cleaned, (stream, kind)) for kind in CLEANED_KINDS]
+        )
+        if self._tag_children.pop(stream, None) is not None:
+            series += [
+                (m, (stream, tag)) for tag in self._tags for m in (self.tag_score, self.tag_active)
+            ]
         for metric, labels in series:
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
@@ -186,7 +273,8 @@ class Metrics:
 class MetricsServer:
     """/metrics and /healthz from one small http.server thread."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int, is_ready: Callable[[], bool]):
+    def __init__(self, metrics: Metrics, host: str, port: int, is_ready: Callable[[], bool],
+                 why_not: Callable[[], str] = lambda: "starting") -> None:  # fmt: skip
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
@@ -196,7 +284,7 @@ class MetricsServer:
                     self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     ready = is_ready()
-                    body = b"ok\n" if ready else b"starting\n"
+                    body = b"ok\n" if ready else f"{why_not()}\n".encode()
                     self._reply(200 if ready else 503, body, "text/plain; charset=utf-8")
                 else:
                     self._reply(404, b"try /metrics or /healthz\n", "text/plain; charset=utf-8")

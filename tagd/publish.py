@@ -8,6 +8,10 @@ Publishing never blocks inference. The socket is an XPUB with ``XPUB_NODROP`` so
 send to a subscriber whose queue is full (``sndhwm``) fails at once instead of being
 dropped silently: that miss is counted in ``tagd_publish_dropped_total`` and the message
 is then sent in the ordinary lossy way, so the other subscribers still get it.
+
+With ``[security]`` set the socket is a CURVE server: only subscribers whose public key
+is allowed complete the handshake (tagd/sockets.py). Its ``PeerMonitor`` counts
+subscribers that leave or are refused; the daemon's sweeper thread reads it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 import zmq
 
 from tagd.card import ModelCard
-from tagd.metrics import Metrics
+from tagd.metrics import PUBLISH_SOCKET, Metrics
+from tagd.sockets import CurveServer, PeerMonitor
 from tagd.tagger import Prediction
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,7 @@ SCHEMA_VERSION = 1
 TAGS_TOPIC = "tags"
 EVENTS_TOPIC = "events"
 SCORE_DECIMALS = 6  # float32 carries ~7 significant digits; more is noise on the wire
+MAX_SUBSCRIPTION_BYTES = 1024  # what a subscriber may send: subscriptions to topic prefixes
 
 
 class PublishError(RuntimeError):
@@ -95,15 +101,21 @@ def event_messages(
 
 class Publisher:
     def __init__(self, context: zmq.Context, address: str, metrics: Metrics, *,
-                 sndhwm: int = 1000, linger_ms: int = 200) -> None:  # fmt: skip
+                 sndhwm: int = 1000, linger_ms: int = 200,
+                 curve: CurveServer | None = None) -> None:  # fmt: skip
         self._metrics = metrics
         self._socket = context.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         self._socket.setsockopt(zmq.LINGER, linger_ms)
         self._socket.setsockopt(zmq.XPUB_NODROP, 1)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
+        if curve is not None:
+            curve.secure(self._socket)
+        self.monitor = PeerMonitor(self._socket, PUBLISH_SOCKET, metrics)
         try:
             self._socket.bind(address)
         except zmq.ZMQError as exc:
+            self.monitor.close()
             self._socket.close(linger=0)
             raise PublishError(f"cannot publish on {address}: {exc.strerror}") from None
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -135,4 +147,5 @@ class Publisher:
                 return
 
     def close(self) -> None:
+        self.monitor.close()
         self._socket.close()

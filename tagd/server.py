@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import queue
 import signal
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 import click
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from tagd.batcher import Batcher, BatchResult
 from tagd.card import CardError
@@ -45,6 +45,7 @@ from tagd.publish import (
     tags_message,
     topic,
 )
+from tagd.sockets import CurveServer, SecurityError
 from tagd.sources import Source, SourceError, make_source
 from tagd.stream import StreamGeometry, StreamHub
 from tagd.tagger import Tagger
@@ -78,13 +79,15 @@ class Server:
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
-        self._evicted: queue.SimpleQueue[str] = queue.SimpleQueue()  # hub → worker thread
+        self._curve: CurveServer | None = None  # tagd's keys when [security] is set
+        self._authenticator: ThreadAuthenticator | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Bring the daemon up; raise StartupError (after cleaning up) if a step fails."""
         try:
             self._serve_metrics()  # /healthz answers 503 until the last step
+            self._secure()  # CURVE keys and the allowed clients, when configured
             self._bind_publisher()  # a port in use fails here, before the slow load
             self._load_engine()  # load, check the card against the I/O, warm up
             self._build_pipeline()  # streams → batcher → tagger → publisher
@@ -123,6 +126,7 @@ class Server:
             self.batcher.stop(timeout=max(0.05, deadline - time.perf_counter() - 0.2))
         if self._sweeper is not None:
             self._sweeper.join(timeout=SWEEP_INTERVAL_S * 2)
+            self.metrics.ready.set(0)
         if self.batcher is not None and self.batcher.busy():
             # The worker is inside an engine call that outlasted the budget: its socket
             # and engine are still in use, so leave them to the process exit.
@@ -132,6 +136,8 @@ class Server:
                 self.publisher.close()
             if self.engine is not None:  # 4. the engine
                 self.engine.close()
+            if self._authenticator is not None:  # 5. the ZAP handler, last of the sockets
+                self._authenticator.stop()
             if all(joined):
                 self._context.term()  # every socket is closed: term() returns at once
         if self._http is not None:
@@ -140,6 +146,13 @@ class Server:
 
     def is_ready(self) -> bool:
         return self._ready.is_set()
+
+    def is_healthy(self) -> bool:
+        """What /healthz says: ready, and the engine not failing batch after batch."""
+        return self.is_ready() and (self.batcher is None or self.batcher.healthy())
+
+    def _unhealthy_reason(self) -> str:
+        return "engine failing" if self.is_ready() else "starting"
 
     @property
     def publish_address(self) -> str:
@@ -155,10 +168,24 @@ class Server:
             return
         host, port = self.config.metrics.host_port()
         try:
-            self._http = MetricsServer(self.metrics, host, port, self.is_ready)
+            self._http = MetricsServer(
+                self.metrics, host, port, self.is_healthy, why_not=self._unhealthy_reason
+            )
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
         self._http.start()
+
+    def _secure(self) -> None:
+        security = self.config.security
+        if not security.enabled:
+            return
+        try:
+            self._curve = CurveServer.load(
+                security.curve_server_secret, security.curve_allowed_clients
+            )
+        except SecurityError as exc:
+            raise StartupError(str(exc)) from None
+        self._authenticator = self._curve.start_authenticator(self._context)
 
     def _bind_publisher(self) -> None:
         publish = self.config.publish
@@ -169,6 +196,7 @@ class Server:
                 self.metrics,
                 sndhwm=publish.sndhwm,
                 linger_ms=publish.linger_ms,
+                curve=self._curve,
             )
         except PublishError as exc:
             raise StartupError(str(exc)) from None
@@ -208,6 +236,7 @@ class Server:
             max_wait_s=batching.max_wait_ms / 1000,
             max_pending_per_stream=batching.max_pending_per_stream,
             max_queue_age_s=batching.max_queue_age_s,
+            unhealthy_after=limits.unhealthy_after_failed_batches,
         )
         geometry = StreamGeometry(card.sample_rate, card.window_samples, self._hop_samples())
         self.hub = StreamHub(
@@ -218,11 +247,16 @@ class Server:
             idle_after_s=limits.idle_after_s,
             evict_after_s=limits.evict_after_s,
             spread_phases=batching.spread_phases,
+            max_spliced_gap_s=limits.max_spliced_gap_s,
+            on_evict=self.tagger.forget,  # a dict pop: safe from the evicting thread
         )
 
     def _open_inputs(self) -> None:
         for spec in self.config.inputs:
-            source = make_source(spec, self.hub, self.metrics, self._context, self.config.limits)
+            curve = self._curve if spec.uses_curve(self.config.security) else None
+            source = make_source(
+                spec, self.hub, self.metrics, self._context, self.config.limits, curve
+            )
             try:
                 source.open()
             except SourceError as exc:
@@ -257,8 +291,9 @@ class Server:
 
     def _sweep(self) -> None:
         while not self._stopping.wait(SWEEP_INTERVAL_S):
-            for name in self.hub.sweep():
-                self._evicted.put(name)
+            self.hub.sweep()
+            self.publisher.monitor.drain()  # this thread is the monitor socket's only user
+            self.metrics.ready.set(1 if self.is_healthy() else 0)
 
     # -- the inference worker's side ----------------------------------------------------------
     def _run_engine(self, batch: np.ndarray) -> np.ndarray:
@@ -266,11 +301,6 @@ class Server:
 
     def _publish_batch(self, result: BatchResult) -> None:
         """Runs in the inference worker: tag, publish, measure. Never blocks."""
-        while True:  # streams the hub evicted: forget their averages, in this thread
-            try:
-                self.tagger.forget(self._evicted.get_nowait())
-            except queue.Empty:
-                break
         card = self.engine.card
         inference_ms = result.inference_seconds * 1000
         for item, scores in zip(result.items, result.scores, strict=True):
@@ -291,6 +321,12 @@ class Server:
             self.publisher.send(topic(TAGS_TOPIC, window.stream), message)
             self.metrics.end_to_end_latency.observe(total_s)
             self.metrics.windows_published.labels(window.stream).inc()
+            active = set(prediction.active)
+            gauges = self.metrics.tag_gauges(window.stream, card.tags)
+            for (score, is_active), tag, value in zip(gauges, card.tags, prediction.scores,
+                                                      strict=True):  # fmt: skip
+                score.set(float(value))
+                is_active.set(1 if tag in active else 0)
             for event in event_messages(prediction, card, published_at=published_at):
                 self.publisher.send(topic(EVENTS_TOPIC, window.stream), event)
                 self.metrics.events_published.labels(window.stream).inc()

@@ -7,11 +7,22 @@ to a sink (the batcher) that must not block. Each stream is fed by one source th
 
 A ``StreamHub`` holds the streams by name: sources open them, it enforces the stream
 limit and ownership (one input per name), and ``sweep()`` (called every fraction of a
-second) marks silent streams idle and evicts long-idle dynamic ones.
+second) marks silent streams idle and evicts long-idle dynamic ones. When the limit is
+reached, a new stream takes the place of the longest-idle dynamic stream, if any is
+idle: a flood of stream ids is refused while the streams it displaced are live, and
+cannot hold slots for ever.
 
 Stream time counts the audio received: a stream that falls silent is not fed zeros;
 when data resumes its pipeline restarts (a new ``epoch``: a fresh window must fill
 before the next prediction) and the gap is counted.
+
+Messages of the multi-stream protocol carry a ``seq``. A message whose seq is not after
+the last one (a repeat, or one overtaken by later ones) is refused, so audio is never
+played back out of order; seq 0 after others means the producer started counting
+again. A jump forward is a gap: counted, and spliced over when the audio it lost
+(estimated from the message's own duration) is under ``max_spliced_gap_s``, else the
+window restarts rather than join unrelated audio. Float samples are cleaned (NaN, Inf,
+beyond ±1) and counted before anything else sees them.
 
 Live streams complete their windows at arbitrary phases of the hop, and windows that
 complete together queue behind each other at the engine. With ``spread_phases`` the hub
@@ -34,8 +45,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tagd.audio import PcmDecoder, StreamResampler, downmix
+from tagd.audio import PcmDecoder, StreamResampler, clean_samples, downmix, frame_bytes
 from tagd.metrics import (
+    CLEANED_NONFINITE,
+    CLEANED_OUT_OF_RANGE,
+    MALFORMED_OUT_OF_ORDER,
     MALFORMED_STREAM_TAKEN,
     MALFORMED_TOO_MANY_STREAMS,
     Metrics,
@@ -49,6 +63,10 @@ LIVE_RATE = (0.8, 1.25)  # audio seconds per wall second of a live stream
 # Completions wobble by a message and a resampler block (~0.2 s): a stream's phase is
 # the circular mean of its last few, taken once it is live.
 PHASE_WINDOWS = 3
+# A seq this far or further behind the last is a producer that started counting again
+# (from a number other than 0), not a late message: accepted, counted as a gap.
+REORDER_WINDOW = 64
+FLOAT_FORMATS = (None, "f32le")  # decoded shapes whose samples may be NaN or beyond ±1
 
 # Epochs are unique across streams and their lifetimes, so that a stream evicted and
 # opened again under the same name never continues an old average.
@@ -94,7 +112,8 @@ WindowSink = Callable[[ReadyWindow], None]
 
 
 class StreamRefused(Exception):
-    """A stream could not be opened; ``reason`` is a tagd_malformed_messages_total reason."""
+    """A stream could not be opened, or refused a message; ``reason`` is a
+    tagd_malformed_messages_total reason."""
 
     def __init__(self, reason: str, message: str):
         self.reason = reason
@@ -103,9 +122,11 @@ class StreamRefused(Exception):
 
 class Stream:
     def __init__(self, name: str, geometry: StreamGeometry, sink: WindowSink, metrics: Metrics,
-                 idle_after_s: float = float("inf")) -> None:  # fmt: skip
+                 idle_after_s: float = float("inf"),
+                 max_spliced_gap_s: float = float("inf")) -> None:  # fmt: skip
         self.name = name
         self.idle_after_s = idle_after_s
+        self.max_spliced_gap_s = max_spliced_gap_s
         self.geometry = geometry
         self._sink = sink
         self._metrics = metrics
@@ -117,6 +138,7 @@ class Stream:
         self.epoch = 0
         self.windows_emitted = 0
         self.last_arrival: float | None = None  # monotonic; None until the first data
+        self.last_unix: float | None = None  # the same moment in unix time, for metrics
         self.idle = True  # for reporting: StreamHub.sweep sets it, data clears it
         # Phase spreading: written by this stream's ingest thread, read by the sweeper,
         # except the delay, which the sweeper asks for and the ingest thread applies.
@@ -134,24 +156,28 @@ class Stream:
                  arrival: Arrival, seq: int | None = None) -> int:  # fmt: skip
         """Feed interleaved PCM bytes; returns how many windows it completed.
 
-        Raises ``tagd.audio.AudioError`` for a format PcmDecoder does not know.
+        Raises ``StreamRefused`` (out_of_order) for a message whose ``seq`` is not after
+        the last one, and ``tagd.audio.AudioError`` for a format PcmDecoder does not know.
         """
-        self._prepare((pcm_format, rate, channels), arrival, seq)
+        message_s = len(payload) / (frame_bytes(pcm_format, channels) * rate)
+        self._prepare((pcm_format, rate, channels), arrival, seq, message_s)
         assert self._decoder is not None
         return self._feed(self._decoder.decode(payload), rate, arrival)
 
     def push_frames(self, frames: np.ndarray, rate: int, arrival: Arrival) -> int:
         """Feed float frames [n, channels] or mono [n] (soundcards, files)."""
         channels = 1 if frames.ndim == 1 else frames.shape[1]
-        self._prepare((None, rate, channels), arrival, None)
+        self._prepare((None, rate, channels), arrival, None, len(frames) / rate)
         return self._feed(frames, rate, arrival)
 
-    def _prepare(
-        self, shape: tuple[str | None, int, int], arrival: Arrival, seq: int | None
-    ) -> None:
+    def _prepare(self, shape: tuple[str | None, int, int], arrival: Arrival, seq: int | None,
+                 message_s: float) -> None:  # fmt: skip
         resumed = (
             self.silent_for(arrival.mono) >= self.idle_after_s and self.last_arrival is not None
         )
+        gap_too_long = False
+        if seq is not None and self._last_seq is not None and not resumed and shape == self._shape:
+            gap_too_long = self._follow_seq(seq, message_s)  # raises for a repeat or a late one
         if shape != self._shape:
             if self._shape is not None:
                 log.info(
@@ -169,12 +195,35 @@ class Stream:
             log.info("stream %s: data again after being idle; restarting its window", self.name)
             self._metrics.gaps.labels(self.name).inc()
             self._restart()
+        elif gap_too_long:
+            self._restart()
         if seq is not None:
-            if self._last_seq is not None and seq != self._last_seq + 1 and not resumed:
-                self._metrics.gaps.labels(self.name).inc()
             self._last_seq = seq
         self.last_arrival = arrival.mono
+        self.last_unix = arrival.unix
         self.idle = False
+
+    def _follow_seq(self, seq: int, message_s: float) -> bool:
+        """Check ``seq`` against the last one; True when the gap is too long to splice."""
+        last = self._last_seq
+        assert last is not None
+        if seq == last + 1:
+            return False
+        if seq > last:
+            self._metrics.gaps.labels(self.name).inc()
+            lost_s = (seq - last - 1) * message_s
+            if lost_s > self.max_spliced_gap_s:
+                log.info("stream %s: seq %d after %d lost about %.1f s; restarting its window",
+                         self.name, seq, last, lost_s)  # fmt: skip
+                return True
+            return False
+        if (seq == 0 and last > 0) or last - seq >= REORDER_WINDOW:
+            log.info("stream %s: seq %d after %d: the producer started again", self.name, seq, last)
+            self._metrics.gaps.labels(self.name).inc()
+            return False
+        raise StreamRefused(
+            MALFORMED_OUT_OF_ORDER, f"stream {self.name!r}: seq {seq} is not after {last}"
+        )
 
     def _restart(self) -> None:
         if self._decoder is not None:
@@ -192,6 +241,8 @@ class Stream:
     def _feed(self, frames: np.ndarray, rate: int, arrival: Arrival) -> int:
         if len(frames) == 0:
             return 0
+        if self._shape is not None and self._shape[0] in FLOAT_FORMATS:
+            frames = self._clean(frames)
         self._metrics.audio_received.labels(self.name).inc(len(frames) / rate)
         self._track_rate(len(frames) / rate, arrival.mono)
         assert self._resampler is not None
@@ -216,6 +267,13 @@ class Stream:
             )
             self.windows_emitted += 1
         return len(windows)
+
+    def _clean(self, frames: np.ndarray) -> np.ndarray:
+        frames, nonfinite, out_of_range = clean_samples(frames)
+        for kind, count in ((CLEANED_NONFINITE, nonfinite), (CLEANED_OUT_OF_RANGE, out_of_range)):
+            if count:
+                self._metrics.samples_cleaned.labels(self.name, kind).inc(count)
+        return frames
 
     def _track_rate(self, audio_s: float, now_mono: float) -> None:
         self._audio_s += audio_s
@@ -251,7 +309,8 @@ class _Entry:
 class StreamHub:
     def __init__(self, geometry: StreamGeometry, sink: WindowSink, metrics: Metrics, *,
                  max_streams: int, idle_after_s: float, evict_after_s: float,
-                 spread_phases: bool = False) -> None:  # fmt: skip
+                 spread_phases: bool = False, max_spliced_gap_s: float = float("inf"),
+                 on_evict: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self.geometry = geometry
         self.spread_phases = spread_phases
         self._sink = sink
@@ -259,15 +318,18 @@ class StreamHub:
         self.max_streams = max_streams
         self.idle_after_s = idle_after_s
         self.evict_after_s = evict_after_s
+        self.max_spliced_gap_s = max_spliced_gap_s
+        self._on_evict = on_evict  # told each evicted name, from the evicting thread
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
 
     def open(self, name: str, owner: str, *, pinned: bool = False) -> Stream:
         """The stream ``name`` fed by input ``owner``, created on first use.
 
-        Raises ``StreamRefused`` when another input feeds that name or the stream limit
-        is reached.
+        Raises ``StreamRefused`` when another input feeds that name, or the stream limit
+        is reached and no dynamic stream is idle.
         """
+        displaced = None
         with self._lock:
             entry = self._entries.get(name)
             if entry is not None:
@@ -277,15 +339,33 @@ class StreamHub:
                     )
                 return entry.stream
             if len(self._entries) >= self.max_streams:
-                raise StreamRefused(
-                    MALFORMED_TOO_MANY_STREAMS,
-                    f"stream {name!r} refused: limits.max_streams={self.max_streams} reached",
-                )
-            stream = Stream(name, self.geometry, self._sink, self._metrics, self.idle_after_s)
+                displaced = self._longest_idle()
+                if displaced is None:
+                    raise StreamRefused(
+                        MALFORMED_TOO_MANY_STREAMS,
+                        f"stream {name!r} refused: limits.max_streams={self.max_streams} reached",
+                    )
+                del self._entries[displaced]
+            stream = Stream(name, self.geometry, self._sink, self._metrics, self.idle_after_s,
+                            self.max_spliced_gap_s)  # fmt: skip
             self._entries[name] = _Entry(stream, owner, pinned)
             self._metrics.known_streams.set(len(self._entries))
-            log.info("stream %s opened by %s", name, owner)
-            return stream
+        log.info("stream %s opened by %s", name, owner)
+        if displaced is not None:
+            self._forget(displaced, f"to make room for {name}")
+        return stream
+
+    def _longest_idle(self) -> str | None:
+        """The dynamic stream silent the longest among those sweep() marked idle (lock held)."""
+        idle = [(e.stream.last_arrival, n) for n, e in self._entries.items()
+                if e.stream.idle and e.stream.last_arrival is not None and not e.pinned]  # fmt: skip
+        return min(idle)[1] if idle else None
+
+    def _forget(self, name: str, why: str) -> None:
+        log.info("stream %s evicted %s", name, why)
+        self._metrics.forget_stream(name)
+        if self._on_evict is not None:
+            self._on_evict(name)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -306,13 +386,18 @@ class StreamHub:
         with self._lock:
             active = 0
             for name, entry in list(self._entries.items()):
-                silent = entry.stream.silent_for(now_mono)
+                stream = entry.stream
+                silent = stream.silent_for(now_mono)
+                if stream.last_unix is not None:
+                    self._metrics.stream_last_audio.labels(name).set(stream.last_unix)
                 if silent < self.idle_after_s:
                     active += 1
+                    self._metrics.stream_idle.labels(name).set(0)
                     continue
-                if not entry.stream.idle:
-                    entry.stream.idle = True
+                if not stream.idle:
+                    stream.idle = True
                     log.info("stream %s idle: no data for %.1f s", name, silent)
+                self._metrics.stream_idle.labels(name).set(1)
                 if not entry.pinned and self.evict_after_s and silent >= self.evict_after_s:
                     del self._entries[name]
                     evicted.append(name)
@@ -321,8 +406,7 @@ class StreamHub:
             if self.spread_phases:
                 self._place_live_streams([e.stream for e in self._entries.values()])
         for name in evicted:
-            log.info("stream %s evicted after %.0f s idle", name, self.evict_after_s)
-            self._metrics.forget_stream(name)
+            self._forget(name, f"after {self.evict_after_s:.0f} s idle")
         return evicted
 
     def _place_live_streams(self, streams: list[Stream]) -> None:

@@ -177,24 +177,28 @@ def test_sub_input_connects_to_a_multi_stream_publisher(context):
     assert "other" not in collector.windows  # not in the allow-list
 
 
+def header(**fields) -> bytes:
+    return json.dumps({"format": "s16le", "rate": RATE, "channels": 2} | fields).encode()
+
+
 BAD_MESSAGES = {
     "frames": [[b"radio1", b"{}"], [b"a", b"b", b"c", b"d"]],
     "stream_id": [[b"no.dots", b"{}", b"x"], [b"\xff\xfe", b"{}", b"x"], [b"x" * 65, b"{}", b"x"]],
     "header": [
         [b"s", b"not json", b"xx"],
         [b"s", b"[1, 2]", b"xx"],
+        [b"s", b"[" * 3000 + b"]" * 3000, b"xx"],  # nested deeper than json's recursion limit
         [b"s", json.dumps({"format": "s16le", "rate": RATE}).encode(), b"xx"],
-        [b"s", json.dumps({"format": "mp3", "rate": RATE, "channels": 2}).encode(), b"xx"],
-        [b"s", json.dumps({"format": "s16le", "rate": 5, "channels": 2}).encode(), b"xx"],
-        [b"s", json.dumps({"format": "s16le", "rate": RATE, "channels": True}).encode(), b"xx"],
-        [
-            b"s",
-            json.dumps({"format": "s16le", "rate": RATE, "channels": 2, "seq": -1}).encode(),
-            b"xx",
-        ],
+        [b"s", header(seq=-1), b"xx"],
+        [b"s", header(t="noon"), b"xx"],
         [b"s", b" " * 5000, b"xx"],
     ],
-    "pcm": [[b"s", json.dumps({"format": "s16le", "rate": RATE, "channels": 2}).encode(), b""]],
+    "format": [[b"s", header(format="mp3"), b"xx"], [b"s", header(format=["s16le"]), b"xx"]],
+    "rate": [[b"s", header(rate=5), b"xx"], [b"s", header(rate=10**9), b"xx"],
+             [b"s", header(rate="44100"), b"xx"]],  # fmt: skip
+    "channels": [[b"s", header(channels=True), b"xx"], [b"s", header(channels=0), b"xx"],
+                 [b"s", header(channels=65), b"xx"]],  # fmt: skip
+    "pcm": [[b"s", header(), b""], [b"s", header(), b"xxx"], [b"s", header(format="f32le"), b"xx"]],
 }
 
 

@@ -22,9 +22,12 @@ import zmq
 
 from tagd.config import InputConfig, LimitsConfig
 from tagd.metrics import Metrics
+from tagd.ratelimit import RateLimitedLog
+from tagd.sockets import CurveServer
 from tagd.stream import StreamHub
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)
 
 POLL_INTERVAL_S = 0.1  # how often a reader checks whether it should stop
 
@@ -35,12 +38,14 @@ class SourceError(RuntimeError):
 
 class Source(abc.ABC):
     def __init__(self, spec: InputConfig, hub: StreamHub, metrics: Metrics,
-                 context: zmq.Context, limits: LimitsConfig) -> None:  # fmt: skip
+                 context: zmq.Context, limits: LimitsConfig,
+                 curve: CurveServer | None = None) -> None:  # fmt: skip
         self.spec = spec
         self.hub = hub
         self.metrics = metrics
         self.context = context
         self.limits = limits
+        self.curve = curve  # CURVE server keys for this input's socket; None: plain
         self.label = spec.name  # the `input` label of tagd_malformed_messages_total
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,8 +83,11 @@ class Source(abc.ABC):
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def count_malformed(self, reason: str) -> None:
+    def count_malformed(self, reason: str, detail: object = "") -> None:
+        """Count a refused message; log it, at most every few seconds per reason."""
         self.metrics.malformed.labels(self.label, reason).inc()
+        _limited.warning((self.label, reason), "input %s: dropped a message (%s): %s",
+                         self.label, reason, detail)  # fmt: skip
 
 
 # scheme → (module, class)
@@ -93,10 +101,10 @@ SOURCES: dict[str, tuple[str, str]] = {
 
 
 def make_source(spec: InputConfig, hub: StreamHub, metrics: Metrics, context: zmq.Context,
-                limits: LimitsConfig) -> Source:  # fmt: skip
+                limits: LimitsConfig, curve: CurveServer | None = None) -> Source:  # fmt: skip
     module_name, class_name = SOURCES[spec.scheme]
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(spec, hub, metrics, context, limits)
+    return cls(spec, hub, metrics, context, limits, curve)
 
 
 __all__ = ["POLL_INTERVAL_S", "SOURCES", "Source", "SourceError", "make_source"]

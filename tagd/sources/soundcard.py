@@ -51,6 +51,14 @@ class SoundcardSource(Source):
             raise SourceError(
                 f"input {self.label}: cannot open soundcard {self.spec.device!r}: {exc}"
             ) from None
+        except MemoryError:
+            # PortAudio calls back through a cffi closure, which needs writable and
+            # executable memory: systemd's MemoryDenyWriteExecute=yes forbids it.
+            raise SourceError(
+                f"input {self.label}: cannot open soundcard {self.spec.device!r}: no writable "
+                f"and executable memory for PortAudio's callback (MemoryDenyWriteExecute?); "
+                f"install deploy/systemd/soundcard.conf, which allows it"
+            ) from None
         self._stream = self.hub.open(self.spec.stream_name(), self.label, pinned=True)
         log.info("input %s: soundcard %r (%s) at %d Hz, %d channels", self.label, self.spec.device,
                  info["name"], self._rate, self._channels)  # fmt: skip

@@ -8,9 +8,12 @@ was published before it joined).
 
 ``zmq+sub://HOST:PORT`` (connects a SUB) and ``zmq+pull://HOST:PORT`` (binds a PULL) carry
 many streams on one socket as multipart ``[stream id, JSON header, PCM]``; see
-docs/protocol.md. Each message is validated; a bad one is dropped and counted in
-``tagd_malformed_messages_total{input, reason}``. Every socket refuses messages over
-``limits.max_message_bytes`` (ZMQ_MAXMSGSIZE: the peer is disconnected).
+docs/protocol.md. Each message is validated; a bad one is dropped, counted in
+``tagd_malformed_messages_total{input, reason}`` and logged (rate-limited). A frame over
+``limits.max_message_bytes`` never reaches tagd (ZMQ_MAXMSGSIZE: ZeroMQ disconnects the
+peer, counted in ``tagd_peer_disconnects_total``); a message whose frames together are
+over it is refused as ``too_large``. Multi-stream sockets are CURVE servers when
+``[security]`` is set (tagd/sockets.py).
 """
 
 from __future__ import annotations
@@ -21,15 +24,21 @@ from typing import Any
 
 import zmq
 
-from tagd.audio import PCM_FORMATS
+from tagd.audio import PCM_FORMATS, frame_bytes
 from tagd.config import MAX_CHANNELS, RATE_RANGE, STREAM_NAME
 from tagd.metrics import (
+    MALFORMED_CHANNELS,
+    MALFORMED_FORMAT,
     MALFORMED_FRAMES,
     MALFORMED_HEADER,
     MALFORMED_NOT_ALLOWED,
     MALFORMED_PCM,
+    MALFORMED_RATE,
     MALFORMED_STREAM_ID,
+    MALFORMED_TOO_LARGE,
+    MALFORMED_UNHANDLED,
 )
+from tagd.sockets import PeerMonitor
 from tagd.sources import POLL_INTERVAL_S, Source, SourceError
 from tagd.stream import Arrival, Stream, StreamRefused
 
@@ -56,30 +65,39 @@ class _ZmqSource(Source):
         self._socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         if self.socket_type == zmq.SUB:
             self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        if self.curve is not None:
+            self.curve.secure(self._socket)
+        self._monitor = PeerMonitor(self._socket, self.label, self.metrics)
         try:
             if self.bind:
                 self._socket.bind(self.spec.address)
             else:
                 self._socket.connect(self.spec.address)
         except zmq.ZMQError as exc:
+            self._monitor.close()
             self._socket.close()
             verb = "bind" if self.bind else "connect to"
             raise SourceError(
                 f"input {self.label}: cannot {verb} {self.spec.address}: {exc.strerror}"
             ) from None
         log.info(
-            "input %s: %s %s",
+            "input %s: %s %s%s",
             self.label,
             "bound" if self.bind else "connecting to",
             self.spec.address,
+            " (CURVE)" if self.curve else "",
         )
 
     def _read(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor.socket, zmq.POLLIN)
         timeout_ms = int(POLL_INTERVAL_S * 1000)
         while not self._stop.is_set():
-            if not poller.poll(timeout_ms):
+            ready = dict(poller.poll(timeout_ms))
+            if self._monitor.socket in ready:
+                self._monitor.drain()
+            if self._socket not in ready:
                 continue
             # Drain what is queued, but look at the stop flag between messages.
             while not self._stop.is_set():
@@ -87,12 +105,17 @@ class _ZmqSource(Source):
                     frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
                 except zmq.Again:
                     break
-                self._handle(frames, Arrival.now())
+                try:
+                    self._handle(frames, Arrival.now())
+                except Exception as exc:  # a bug met by one message must not end the input
+                    log.debug("input %s: message failed", self.label, exc_info=True)
+                    self.count_malformed(MALFORMED_UNHANDLED, repr(exc))
 
     def _handle(self, frames: list[bytes], arrival: Arrival) -> None:
         raise NotImplementedError
 
     def _close(self) -> None:
+        self._monitor.close()
         self._socket.close()
 
 
@@ -108,7 +131,7 @@ class RawZmqSource(_ZmqSource):
 
     def _handle(self, frames: list[bytes], arrival: Arrival) -> None:
         if len(frames) != 1:
-            self.count_malformed(MALFORMED_FRAMES)
+            self.count_malformed(MALFORMED_FRAMES, f"{len(frames)} frames; ffmpeg sends 1")
             return
         spec = self.spec
         self._stream.push_pcm(frames[0], spec.format, spec.rate, spec.channels, arrival)
@@ -125,21 +148,22 @@ class MultiStreamZmqSource(_ZmqSource):
 
     def _handle(self, frames: list[bytes], arrival: Arrival) -> None:
         try:
-            name, header, pcm = parse_message(frames)
+            name, header, pcm = parse_message(frames, self.limits.max_message_bytes)
             if self._allowed and name not in self._allowed:
                 raise MalformedMessage(MALFORMED_NOT_ALLOWED, f"stream {name!r} is not in streams=")
             stream = self.hub.open(name, self.label)
+            stream.push_pcm(pcm, header["format"], header["rate"], header["channels"], arrival,
+                            header.get("seq"))  # fmt: skip
         except (MalformedMessage, StreamRefused) as exc:
-            self.count_malformed(exc.reason)
-            log.debug("input %s: dropped a message: %s", self.label, exc)
-            return
-        stream.push_pcm(
-            pcm, header["format"], header["rate"], header["channels"], arrival, header.get("seq")
-        )
+            self.count_malformed(exc.reason, exc)
 
 
-def parse_message(frames: list[bytes]) -> tuple[str, dict[str, Any], bytes]:
+def parse_message(
+    frames: list[bytes], max_bytes: int | None = None
+) -> tuple[str, dict[str, Any], bytes]:
     """Validate one multi-stream message; raise MalformedMessage with a metrics reason."""
+    if max_bytes is not None and sum(map(len, frames)) > max_bytes:
+        raise MalformedMessage(MALFORMED_TOO_LARGE, f"message over {max_bytes} bytes")
     if len(frames) != 3:
         raise MalformedMessage(MALFORMED_FRAMES, f"expected 3 frames, got {len(frames)}")
     raw_id, raw_header, pcm = frames
@@ -152,8 +176,15 @@ def parse_message(frames: list[bytes]) -> tuple[str, dict[str, Any], bytes]:
     if not STREAM_NAME.match(name):
         raise MalformedMessage(MALFORMED_STREAM_ID, f"stream id {name!r} is not a valid name")
     header = _parse_header(raw_header)
-    if len(pcm) == 0:  # partial sample frames are legal: the stream carries them over
+    if len(pcm) == 0:
         raise MalformedMessage(MALFORMED_PCM, "empty PCM frame")
+    # Whole sample frames only: a message lost on the way must not shift every later
+    # sample of the stream by a byte (zmq+raw, one byte stream from ffmpeg, differs).
+    size = frame_bytes(header["format"], header["channels"])
+    if len(pcm) % size:
+        raise MalformedMessage(
+            MALFORMED_PCM, f"{len(pcm)} bytes of PCM is not a whole number of {size}-byte frames"
+        )
     return name, header, pcm
 
 
@@ -162,19 +193,19 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
         raise MalformedMessage(MALFORMED_HEADER, f"header longer than {MAX_HEADER_BYTES} bytes")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # [[[[... nests deep
         raise MalformedMessage(MALFORMED_HEADER, "header is not JSON") from None
     if not isinstance(header, dict):
         raise MalformedMessage(MALFORMED_HEADER, "header is not a JSON object")
     missing = [key for key in HEADER_REQUIRED if key not in header]
     if missing:
         raise MalformedMessage(MALFORMED_HEADER, f"header lacks {', '.join(missing)}")
-    if header["format"] not in PCM_FORMATS:
-        raise MalformedMessage(MALFORMED_HEADER, f"unknown format {header['format']!r}")
+    if not isinstance(header["format"], str) or header["format"] not in PCM_FORMATS:
+        raise MalformedMessage(MALFORMED_FORMAT, f"unknown format {header['format']!r}")
     if not _is_int(header["rate"]) or not RATE_RANGE[0] <= header["rate"] <= RATE_RANGE[1]:
-        raise MalformedMessage(MALFORMED_HEADER, f"rate {header['rate']!r} out of range")
+        raise MalformedMessage(MALFORMED_RATE, f"rate {header['rate']!r} out of range")
     if not _is_int(header["channels"]) or not 1 <= header["channels"] <= MAX_CHANNELS:
-        raise MalformedMessage(MALFORMED_HEADER, f"channels {header['channels']!r} out of range")
+        raise MalformedMessage(MALFORMED_CHANNELS, f"channels {header['channels']!r} out of range")
     if "seq" in header and (not _is_int(header["seq"]) or header["seq"] < 0):
         raise MalformedMessage(MALFORMED_HEADER, f"seq {header['seq']!r} is not a count")
     if "t" in header and (

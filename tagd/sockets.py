@@ -1,0 +1,147 @@
+"""What every ZeroMQ socket of tagd shares: CURVE security and a monitor of its peers.
+
+**CURVE.** With ``[security]`` set, tagd is the CURVE *server* on each socket it secures,
+whether that socket binds (``zmq+pull``, the publisher) or connects (``zmq+sub``): in
+ZeroMQ the CURVE roles do not depend on who binds. Every peer (producer or subscriber)
+is a CURVE client holding its own key pair and tagd's public key; a ZAP handler (pyzmq's
+``ThreadAuthenticator``) admits only the public keys found in
+``security.curve_allowed_clients``. A peer without CURVE, or with a key not listed,
+fails the handshake: nothing it sends is read and nothing is sent to it.
+
+**Monitoring.** ``PeerMonitor`` reads a socket's monitor events in the thread that owns
+the socket and counts ``tagd_peer_disconnects_total{socket}`` and
+``tagd_handshake_failures_total{socket, reason}``. A frame over ``ZMQ_MAXMSGSIZE`` is
+not delivered: ZeroMQ drops the connection, so it shows as a disconnect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import parse_monitor_message
+
+from tagd.metrics import HANDSHAKE_AUTH, HANDSHAKE_OTHER, HANDSHAKE_PROTOCOL, Metrics
+from tagd.ratelimit import RateLimitedLog
+
+log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)
+
+ZAP_DOMAIN = "tagd"
+MONITORED_EVENTS = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+HANDSHAKE_REASONS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: HANDSHAKE_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: HANDSHAKE_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: HANDSHAKE_OTHER,
+}
+
+
+class SecurityError(RuntimeError):
+    """Keys or the allowed-clients directory cannot be used; the message says which."""
+
+
+@dataclass(frozen=True)
+class CurveServer:
+    """tagd's CURVE key pair (from a ``.key_secret`` file) and who may connect."""
+
+    public_key: bytes
+    secret_key: bytes
+    allowed_clients: Path
+
+    @classmethod
+    def load(cls, secret_file: str | Path, allowed_clients: str | Path) -> CurveServer:
+        secret_file, allowed_clients = Path(secret_file), Path(allowed_clients)
+        try:
+            public, secret = zmq.auth.load_certificate(secret_file)
+        except OSError as exc:
+            raise SecurityError(f"cannot read the CURVE key {secret_file}: {exc}") from None
+        except ValueError as exc:
+            raise SecurityError(f"{secret_file} is not a ZeroMQ certificate: {exc}") from None
+        if not secret:
+            raise SecurityError(
+                f"{secret_file} holds no secret key: give the .key_secret file that "
+                f"`tagd keys generate` wrote, not the public .key"
+            )
+        if not allowed_clients.is_dir():
+            raise SecurityError(
+                f"security.curve_allowed_clients: no such directory: {allowed_clients}"
+            )
+        return cls(public, secret, allowed_clients)
+
+    def start_authenticator(self, context: zmq.Context) -> ThreadAuthenticator:
+        """Start the ZAP handler of ``context`` admitting the allowed clients' keys."""
+        clients = sorted(self.allowed_clients.glob("*.key"))
+        if not clients:
+            log.warning("no public keys (*.key) in %s: every CURVE peer will be refused",
+                        self.allowed_clients)  # fmt: skip
+        authenticator = ThreadAuthenticator(context, log=logging.getLogger("tagd.auth"))
+        authenticator.start()
+        authenticator.configure_curve(domain="*", location=str(self.allowed_clients))
+        log.info("CURVE on: %d allowed client key(s) from %s", len(clients), self.allowed_clients)
+        return authenticator
+
+    def secure(self, socket: zmq.Socket) -> None:
+        """Make ``socket`` a CURVE server; call before bind or connect."""
+        socket.curve_secretkey = self.secret_key
+        socket.curve_publickey = self.public_key
+        socket.curve_server = True
+        socket.zap_domain = ZAP_DOMAIN.encode()
+
+
+def generate_keys(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (public) and ``NAME.key_secret`` (0600) into ``directory``."""
+    directory = Path(directory)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    existing = [str(path) for path in (public, secret) if path.exists()]
+    if existing:
+        raise SecurityError(f"refusing to overwrite {', '.join(existing)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    public_file, secret_file = zmq.auth.create_certificates(directory, name)
+    Path(secret_file).chmod(0o600)
+    return Path(public_file), Path(secret_file)
+
+
+class PeerMonitor:
+    """Counts a socket's peer disconnects and refused handshakes.
+
+    The monitor is a second socket: read it (``drain``) in the thread that reads or
+    writes the monitored socket, and ``close`` it before that socket.
+    """
+
+    def __init__(self, socket: zmq.Socket, label: str, metrics: Metrics):
+        self.label = label
+        self._metrics = metrics
+        self._owner = socket
+        self.socket = socket.get_monitor_socket(MONITORED_EVENTS)
+
+    def drain(self) -> None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = parse_monitor_message(frames)
+            kind, endpoint = event["event"], event["endpoint"].decode(errors="replace")
+            if kind == zmq.EVENT_DISCONNECTED:
+                self._metrics.peer_disconnects.labels(self.label).inc()
+                log.debug("%s: peer %s disconnected", self.label, endpoint)
+            elif kind in HANDSHAKE_REASONS:
+                reason = HANDSHAKE_REASONS[kind]
+                self._metrics.handshake_failures.labels(self.label, reason).inc()
+                _limited.warning((self.label, reason), "%s: refused a peer at %s (%s)",
+                                 self.label, endpoint, reason)  # fmt: skip
+
+    def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._owner.disable_monitor()
+        self.socket.close(linger=0)
