@@ -141,6 +141,35 @@ def tag(files, engine_path, hop, top, as_json, batch, log_level) -> None:
         sys.exit(1)
 
 
+@main.group()
+def keys() -> None:
+    """CURVE keys for `tagd serve`'s [security] section (docs/operations.md)."""
+
+
+@keys.command("generate")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default="server", show_default=True,
+              help="Key pair name: NAME.key (public) and NAME.key_secret.")  # fmt: skip
+def keys_generate(directory: Path, name: str) -> None:
+    """Write a CURVE key pair into DIRECTORY (created if missing).
+
+    NAME.key_secret (mode 0600) stays with its owner: tagd's is curve_server_secret, a
+    producer's or subscriber's is used by that client. NAME.key is the public half: give
+    tagd's to clients, and copy clients' into the curve_allowed_clients directory.
+    """
+    from tagd.config import STREAM_NAME
+    from tagd.sockets import SecurityError, generate_keys
+
+    if not STREAM_NAME.match(name):
+        raise click.BadParameter("letters, digits, '_' and '-' only", param_hint="--name")
+    try:
+        public, secret = generate_keys(directory, name)
+    except (SecurityError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"public key: {public}")
+    click.echo(f"secret key: {secret} (keep it private)")
+
+
 def _register_stream_commands() -> None:
     from tagd.listen import listen
     from tagd.server import serve

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,12 @@ def generate_keys(directory: str | Path, name: str) -> tuple[Path, Path]:
     if existing:
         raise SecurityError(f"refusing to overwrite {', '.join(existing)}")
     directory.mkdir(parents=True, exist_ok=True)
-    public_file, secret_file = zmq.auth.create_certificates(directory, name)
-    Path(secret_file).chmod(0o600)
+    umask = os.umask(0o077)  # the secret is never readable by others, not even briefly
+    try:
+        public_file, secret_file = zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(umask)
+    Path(public_file).chmod(0o644)
     return Path(public_file), Path(secret_file)
 
 

@@ -7,7 +7,12 @@ import pytest
 from audio_fixtures import make_music
 
 from tagd.audio import resample
-from tagd.metrics import MALFORMED_STREAM_TAKEN, MALFORMED_TOO_MANY_STREAMS, Metrics
+from tagd.metrics import (
+    MALFORMED_OUT_OF_ORDER,
+    MALFORMED_STREAM_TAKEN,
+    MALFORMED_TOO_MANY_STREAMS,
+    Metrics,
+)
 from tagd.stream import (
     Arrival,
     ReadyWindow,
@@ -122,6 +127,76 @@ def test_sequence_gaps_are_counted_but_do_not_restart_the_window():
     assert windows and windows[0].start == 0  # 1 s received in all: the window kept filling
 
 
+def test_repeats_and_late_messages_are_refused_before_touching_the_stream():
+    stream, windows, metrics = collect()
+    chunks = [stereo_s16le(0.2, seed=i) for i in range(6)]
+    for seq in (0, 1, 2, 3):
+        stream.push_pcm(chunks[seq], "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=seq)
+    for seq in (3, 1):  # a repeat, then a message overtaken by later ones
+        with pytest.raises(StreamRefused) as refused:
+            stream.push_pcm(chunks[seq], "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=seq)
+        assert refused.value.reason == MALFORMED_OUT_OF_ORDER
+    stream.push_pcm(chunks[4], "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=4)
+    # the stream saw 0..4 in order: the same windows as the audio in one piece
+    reference, ref_windows, _ = collect()
+    reference.push_pcm(b"".join(chunks[:5]), "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0))
+    assert [w.start for w in windows] == [w.start for w in ref_windows]
+    for got, want in zip(windows, ref_windows, strict=True):
+        np.testing.assert_array_equal(got.samples, want.samples)
+    assert metrics.sample("tagd_audio_received_seconds_total", {"stream": "s"}) == pytest.approx(
+        1.0
+    )
+    assert metrics.sample("tagd_stream_gaps_total", {"stream": "s"}) is None
+
+
+def test_seq_from_0_again_is_a_producer_restart_spliced_like_a_short_silence():
+    stream, windows, metrics = collect(idle_after_s=5.0)
+    for seq in range(5):
+        stream.push_pcm(stereo_s16le(0.2, seed=seq), "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=seq)  # fmt: skip
+    epoch, emitted = stream.epoch, len(windows)
+    stream.push_pcm(stereo_s16le(0.2, seed=9), "s16le", SOURCE_RATE, 2, Arrival(1.0, 1.0), seq=0)
+    assert stream.epoch == epoch  # not refused as a repeat, and the window goes on
+    assert len(windows) > emitted  # within a hop of the new data: 0.2 s > the 0.125 s hop
+    assert metrics.sample("tagd_stream_gaps_total", {"stream": "s"}) == 1
+
+
+@pytest.mark.parametrize(("missing", "restarts"), [(2, False), (12, True)])
+def test_a_seq_jump_is_spliced_when_short_and_restarts_the_window_when_long(missing, restarts):
+    stream, windows, metrics = collect(max_spliced_gap_s=2.0)
+    chunk = stereo_s16le(0.2)
+    stream.push_pcm(chunk, "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=0)
+    stream.push_pcm(chunk, "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=1)
+    epoch = stream.epoch
+    # 2 messages of 0.2 s lost is 0.4 s; 12 of them, 2.4 s: over max_spliced_gap_s
+    stream.push_pcm(chunk, "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=2 + missing)
+    assert (stream.epoch != epoch) == restarts
+    assert metrics.sample("tagd_stream_gaps_total", {"stream": "s"}) == 1
+
+
+def test_nan_inf_and_out_of_range_float_samples_are_cleaned_and_counted():
+    samples = make_music(1.0, SOURCE_RATE, seed=3)
+    dirty = samples.copy()
+    dirty[[10, 2000]] = np.nan
+    dirty[[500]] = np.inf
+    dirty[[501]] = -np.inf
+    dirty[[7000, 7001, 9000]] = [3.0, -7.5, 1.0001]
+    clean = samples.copy()
+    clean[[10, 2000]] = 0.0
+    clean[[500, 501]] = [1.0, -1.0]
+    clean[[7000, 7001, 9000]] = [1.0, -1.0, 1.0]
+    stream, windows, metrics = collect()
+    stream.push_pcm(dirty.astype("<f4").tobytes(), "f32le", SOURCE_RATE, 1, Arrival(0.0, 0.0))
+    reference, want, _ = collect()
+    reference.push_pcm(clean.astype("<f4").tobytes(), "f32le", SOURCE_RATE, 1, Arrival(0.0, 0.0))
+    assert windows and len(windows) == len(want)
+    for got, expected in zip(windows, want, strict=True):
+        assert np.all(np.isfinite(got.samples))
+        np.testing.assert_array_equal(got.samples, expected.samples)
+    cleaned = {k: metrics.sample("tagd_samples_cleaned_total", {"stream": "s", "kind": k})
+               for k in ("nonfinite", "out_of_range")}  # fmt: skip
+    assert cleaned == {"nonfinite": 4, "out_of_range": 3}
+
+
 def test_a_change_of_format_restarts_the_stream():
     stream, windows, _ = collect()
     stream.push_pcm(stereo_s16le(0.4), "s16le", SOURCE_RATE, 2, Arrival(0, 0))
@@ -149,6 +224,29 @@ def test_hub_enforces_ownership_and_the_stream_limit():
     with pytest.raises(StreamRefused) as full:
         hub.open("c", "input-1")
     assert full.value.reason == MALFORMED_TOO_MANY_STREAMS
+
+
+def test_a_full_hub_gives_the_longest_idle_dynamic_stream_s_place_to_a_new_one():
+    evicted: list[str] = []
+    hub, metrics = make_hub(max_streams=3, on_evict=evicted.append)
+    pinned = hub.open("pinned", "cfg", pinned=True)
+    old, older = hub.open("old", "multi"), hub.open("older", "multi")
+    pinned.push_pcm(stereo_s16le(0.1), "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0))
+    older.push_pcm(stereo_s16le(0.1), "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0))
+    old.push_pcm(stereo_s16le(0.1), "s16le", SOURCE_RATE, 2, Arrival(0.5, 0.5))
+    with pytest.raises(StreamRefused):  # every stream still live: a flood is refused
+        hub.open("new1", "multi")
+    hub.sweep(now_mono=3.0)  # all three idle now (idle_after_s = 1)
+    assert metrics.sample("tagd_stream_idle", {"stream": "older"}) == 1
+    assert metrics.sample("tagd_stream_last_audio_timestamp_seconds", {"stream": "old"}) == 0.5
+    hub.open("new1", "multi")
+    assert evicted == ["older"]  # silent the longest; the pinned one is never displaced
+    assert sorted(hub.names()) == ["new1", "old", "pinned"]
+    assert metrics.sample("tagd_stream_idle", {"stream": "older"}) is None
+    hub.open("new2", "multi")
+    assert evicted == ["older", "old"]
+    with pytest.raises(StreamRefused):  # new1 and new2 have had no data: not idle
+        hub.open("new3", "multi")
 
 
 def test_sweep_marks_idle_streams_and_evicts_only_unpinned_ones():
