@@ -18,8 +18,8 @@ before the next prediction) and the gap is counted.
 
 Messages of the multi-stream protocol carry a ``seq``. A message whose seq is not after
 the last one (a repeat, or one overtaken by later ones) is refused, so audio is never
-played back out of order; seq 0 after others means the producer started counting
-again. A jump forward is a gap: counted, and spliced over when the audio it lost
+played back out of order; seq 0 is never refused: it means the producer started
+counting again (a restart is a gap, spliced like a short silence). A jump forward is a gap: counted, and spliced over when the audio it lost
 (estimated from the message's own duration) is under ``max_spliced_gap_s``, else the
 window restarts rather than join unrelated audio. Float samples are cleaned (NaN, Inf,
 beyond ±1) and counted before anything else sees them.
@@ -217,7 +217,7 @@ class Stream:
                          self.name, seq, last, lost_s)  # fmt: skip
                 return True
             return False
-        if (seq == 0 and last > 0) or last - seq >= REORDER_WINDOW:
+        if seq == 0 or last - seq >= REORDER_WINDOW:
             log.info("stream %s: seq %d after %d: the producer started again", self.name, seq, last)
             self._metrics.gaps.labels(self.name).inc()
             return False

@@ -217,11 +217,11 @@ def bad_messages(kind: str, count: int, rng: np.random.Generator, ids: list[byte
 
 def out_of_order_copies(messages: list[list[bytes]], count: int, rng: np.random.Generator):
     """``messages`` with ``count`` repeats (right after the original) or late copies
-    (after one to five later messages) mixed in; seq 0 is only ever repeated."""
+    (after one to five later messages) mixed in; never of seq 0, which means a restart."""
     after: dict[int, list[list[bytes]]] = {}
     for _ in range(count):
-        k = int(rng.integers(len(messages)))
-        late = k >= 1 and k + 1 < len(messages) and rng.random() < 0.5
+        k = int(rng.integers(1, len(messages)))
+        late = k + 1 < len(messages) and rng.random() < 0.5
         slot = min(len(messages) - 1, k + int(rng.integers(1, 6))) if late else k
         after.setdefault(slot, []).append(messages[k])
     return [m for i, original in enumerate(messages) for m in (original, *after.get(i, []))]
