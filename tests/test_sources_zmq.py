@@ -194,10 +194,16 @@ BAD_MESSAGES = {
         [b"s", b" " * 5000, b"xx"],
     ],
     "format": [[b"s", header(format="mp3"), b"xx"], [b"s", header(format=["s16le"]), b"xx"]],
-    "rate": [[b"s", header(rate=5), b"xx"], [b"s", header(rate=10**9), b"xx"],
-             [b"s", header(rate="44100"), b"xx"]],  # fmt: skip
-    "channels": [[b"s", header(channels=True), b"xx"], [b"s", header(channels=0), b"xx"],
-                 [b"s", header(channels=65), b"xx"]],  # fmt: skip
+    "rate": [
+        [b"s", header(rate=5), b"xx"],
+        [b"s", header(rate=10**9), b"xx"],
+        [b"s", header(rate="44100"), b"xx"],
+    ],  # fmt: skip
+    "channels": [
+        [b"s", header(channels=True), b"xx"],
+        [b"s", header(channels=0), b"xx"],
+        [b"s", header(channels=65), b"xx"],
+    ],  # fmt: skip
     "pcm": [[b"s", header(), b""], [b"s", header(), b"xxx"], [b"s", header(format="f32le"), b"xx"]],
 }
 
