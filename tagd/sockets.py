@@ -33,7 +33,6 @@ from tagd.ratelimit import RateLimitedLog
 log = logging.getLogger(__name__)
 _limited = RateLimitedLog(log)
 
-ZAP_DOMAIN = "tagd"
 MONITORED_EVENTS = (
     zmq.EVENT_DISCONNECTED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -95,8 +94,7 @@ class CurveServer:
         """Make ``socket`` a CURVE server; call before bind or connect."""
         socket.curve_secretkey = self.secret_key
         socket.curve_publickey = self.public_key
-        socket.curve_server = True
-        socket.zap_domain = ZAP_DOMAIN.encode()
+        socket.curve_server = True  # no ZAP domain: the authenticator's "*" covers it
 
 
 def generate_keys(directory: str | Path, name: str) -> tuple[Path, Path]:
