@@ -161,3 +161,43 @@ def test_logs_go_to_stderr_as_json_or_text(export_model, log_format):
         assert any(r["message"].startswith("tagd serve ready") for r in records)
     else:
         assert all(not line.startswith("{") for line in daemon.lines)
+
+
+def test_sigterm_during_a_batch_exits_within_2_s_leaving_only_whole_messages(export_model):
+    # A full-width model: a batch of two windows takes ~0.1 s, and a window comes every
+    # 12.5 ms, so the engine is never idle and SIGTERM lands while a batch is on it.
+    model = export_model("fcn4", **SHORT_FCN, width=1.0)
+    port = free_port()
+    daemon = Daemon("--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{port}",
+                    "--publish", "tcp://127.0.0.1:*", "--metrics", "127.0.0.1:0", "--hop", "0.05",
+                    "--max-batch", "2", "--max-wait-ms", "0")  # fmt: skip
+    daemon.wait_ready()
+    context = zmq.Context()
+    subscriber = context.socket(zmq.SUB)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+    subscriber.connect(daemon.publish_address)
+    time.sleep(0.3)
+    stop = threading.Event()
+    producer = threading.Thread(target=stream_audio, args=(port, 30.0, stop))
+    producer.start()
+    messages: list[list[bytes]] = []
+    try:
+        while len(messages) < 3:  # the first batches are out: the engine is busy from now on
+            assert subscriber.poll(30_000), "\n".join(daemon.lines)
+            messages.append(subscriber.recv_multipart())
+        time.sleep(0.1)  # into the next batch
+        code, elapsed = daemon.terminate_and_time()
+    finally:
+        stop.set()
+        producer.join()
+    while subscriber.poll(500):  # whatever the daemon sent before it went
+        messages.append(subscriber.recv_multipart())
+    subscriber.close(linger=0)
+    context.term()
+    assert code == 0, "\n".join(daemon.lines)
+    assert elapsed < 2.0
+    for frames in messages:  # complete multipart messages only, each one parses
+        assert len(frames) == 2
+        topic, body = frames[0].decode(), json.loads(frames[1])
+        assert topic.split(".", 1)[0] in ("tags", "events") and body["schema"] == 1
+        assert topic == f"{topic.split('.', 1)[0]}.{body['stream']}"

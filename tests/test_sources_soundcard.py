@@ -133,3 +133,41 @@ def test_a_missing_soundcard_fails_to_open_with_one_line(tmp_path):
     )
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and "cannot open soundcard 'no-such-card'" in lines[0], result
+
+
+# Under systemd's MemoryDenyWriteExecute=yes no memory may be writable and executable, and
+# cffi's callback for PortAudio needs some. prctl(PR_SET_MDWE) (Linux 6.3+) sets the same
+# rule on a process, so `tagd serve` can be run under it here.
+UNDER_MDWE = textwrap.dedent(
+    """
+    import ctypes, os, runpy, sys
+    PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0):
+        sys.exit(77)  # the kernel cannot: skip
+    sys.argv = ["tagd", *sys.argv[1:]]
+    runpy.run_module("tagd.cli", run_name="__main__")
+    """
+)
+
+
+def test_memory_deny_write_execute_is_a_one_line_startup_error_naming_the_drop_in(
+    tmp_path, export_model
+):
+    model = export_model("fcn4", n_frames=94, pools=((2, 2), (2, 2), (3, 2), (4, 2)))
+    raw = tmp_path / "capture.raw"
+    raw.write_bytes(np.zeros(48_000 * 2, dtype="<i2").tobytes())
+    asoundrc(tmp_path, raw)
+    result = subprocess.run(
+        [sys.executable, "-c", UNDER_MDWE, "serve", "--engine", str(model), "--input",
+         "soundcard://tagdtest?rate=48000&channels=2&format=s16le&stream=studio",
+         "--metrics", "off", "--publish", "tcp://127.0.0.1:*"],
+        env={**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if result.returncode == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tagd serve: input studio: cannot open soundcard 'tagdtest'")
+    assert "MemoryDenyWriteExecute" in last and "deploy/systemd/soundcard.conf" in last
+    assert "Traceback" not in result.stderr
