@@ -52,14 +52,31 @@ def _clock(unix: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON messages, one per line.")
 @click.option("--count", type=click.IntRange(min=1), help="Exit after this many messages.")
 @click.option("--timeout", type=float, help="Exit 1 if nothing arrives for this many seconds.")
+@click.option(
+    "--server-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CURVE: tagd's public key file (NAME.key), when tagd has [security].",
+)
+@click.option("--key", type=click.Path(exists=True, dir_okay=False),
+              help="CURVE: this listener's NAME.key_secret; its NAME.key must be allowed.")  # fmt: skip
 def listen(endpoint: str, streams: tuple[str, ...], events_only: bool, as_json: bool,
-           count: int | None, timeout: float | None) -> None:  # fmt: skip
+           count: int | None, timeout: float | None, server_key: str | None,
+           key: str | None) -> None:  # fmt: skip
     """Print the tags and events published on ENDPOINT [tcp://127.0.0.1:5560]."""
     kinds = [EVENTS_TOPIC] if events_only else [TAGS_TOPIC, EVENTS_TOPIC]
     wanted = {f"{kind}.{name}" for kind in kinds for name in streams}
+    if bool(server_key) != bool(key):
+        raise click.UsageError("CURVE needs both --server-key and --key")
     context = zmq.Context()
     socket = context.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
+    if server_key:
+        from tagd.sockets import SecurityError, secure_client
+
+        try:
+            secure_client(socket, server_key, key)
+        except SecurityError as exc:
+            raise click.ClickException(str(exc)) from None
     # Prefixes match more than one stream (tags.radio1 matches tags.radio10): filter exactly below.
     for prefix in sorted(wanted) or [f"{kind}." for kind in kinds]:
         socket.setsockopt_string(zmq.SUBSCRIBE, prefix)

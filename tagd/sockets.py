@@ -97,6 +97,21 @@ class CurveServer:
         socket.curve_server = True  # no ZAP domain: the authenticator's "*" covers it
 
 
+def secure_client(socket: zmq.Socket, server_key: str | Path, client_secret: str | Path) -> None:
+    """Make ``socket`` a CURVE client of tagd: tagd's public ``.key`` file and this
+    client's ``.key_secret`` (whose public half is in tagd's allowed clients)."""
+    try:
+        server_public, _ = zmq.auth.load_certificate(server_key)
+        public, secret = zmq.auth.load_certificate(client_secret)
+    except (OSError, ValueError) as exc:
+        raise SecurityError(f"cannot read a CURVE key: {exc}") from None
+    if not secret:
+        raise SecurityError(f"{client_secret} holds no secret key: give the .key_secret file")
+    socket.curve_serverkey = server_public
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+
+
 def generate_keys(directory: str | Path, name: str) -> tuple[Path, Path]:
     """Write ``NAME.key`` (public) and ``NAME.key_secret`` (0600) into ``directory``."""
     directory = Path(directory)

@@ -8,8 +8,11 @@ and the refusal is counted.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,8 +26,10 @@ from test_serve import SHORT_FCN, make_config, s16le, scrape, serving, socket_po
 
 from tagd.cli import main
 from tagd.config import ConfigError, ServeConfig, load_config
+from tagd.sockets import secure_client
 
 RATE = 16_000
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +61,7 @@ def test_keys_generate_writes_a_private_secret_and_never_overwrites(tmp_path):
 
 
 def curve_client(socket: zmq.Socket, keys: Path, name: str) -> zmq.Socket:
-    socket.curve_publickey, socket.curve_secretkey = zmq.auth.load_certificate(
-        keys / f"{name}.key_secret"
-    )
-    socket.curve_serverkey = zmq.auth.load_certificate(keys / "server.key")[0]
+    secure_client(socket, keys / "server.key", keys / f"{name}.key_secret")
     return socket
 
 
@@ -102,7 +104,14 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
                 curve_client(socket, keys, name)
             socket.connect(f"tcp://127.0.0.1:{pull_port}")
             producers[name or "plain"] = socket
+        listen = subprocess.Popen(
+            [sys.executable, "-m", "tagd.cli", "listen", server.publish_address, "--count", "1",
+             "--timeout", "30", "--server-key", str(keys / "server.key"),
+             "--key", str(keys / "subscriber.key_secret")],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
         assert publisher.poll(5000) and publisher.recv() == b"\x01"  # tagd's SUB got in
+        time.sleep(1.0)  # `tagd listen` has started and subscribed
         time.sleep(0.5)  # handshakes done (or refused)
         for name, socket in producers.items():
             try:  # a refused PUSH may have no connection to queue on: do not wait for one
@@ -124,6 +133,7 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
                         received[name].append(socket.recv_multipart()[0].decode())
                 break
             time.sleep(0.02)
+        printed, _ = listen.communicate(timeout=30)
         sample = server.metrics.sample
         status, text = scrape(server)
         names = sorted(server.hub.names())
@@ -141,6 +151,7 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
     assert {"tags.from_producer", "tags.from_pub"} <= topics
     assert not any("intruder" in t or "plain" in t for t in topics)
     assert received["intruder"] == [] and received["plain"] == []
+    assert listen.returncode == 0 and " from_p" in printed  # `tagd listen` with keys
     assert status == 200 and "tagd_handshake_failures_total" in text
     # each side refused the intruder's key (auth) and the plain peer (no CURVE)
     for socket_label in (f"127.0.0.1:{pull_port}", "publish"):
