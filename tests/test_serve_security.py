@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import zmq
 import zmq.auth
 from audio_fixtures import make_music
@@ -104,6 +105,13 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
                 curve_client(socket, keys, name)
             socket.connect(f"tcp://127.0.0.1:{pull_port}")
             producers[name or "plain"] = socket
+        soundfile.write(keys / "example.wav", make_music(2.5, RATE, seed=9), RATE)
+        example = subprocess.Popen(
+            [sys.executable, str(REPO / "examples" / "producer.py"),
+             f"tcp://127.0.0.1:{pull_port}", f"from_example={keys / 'example.wav'}"],
+            env={**os.environ, "TAGD_SERVER_KEY": str(keys / "server.key"),
+                 "TAGD_CLIENT_KEY": str(keys / "producer.key_secret")},
+        )  # fmt: skip
         listen = subprocess.Popen(
             [sys.executable, "-m", "tagd.cli", "listen", server.publish_address, "--count", "1",
              "--timeout", "30", "--server-key", str(keys / "server.key"),
@@ -126,7 +134,9 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
             for name, socket in subscribers.items():
                 while socket.poll(0):
                     received[name].append(socket.recv_multipart()[0].decode())
-            if {"tags.from_producer", "tags.from_pub"} <= set(received["subscriber"]):
+            if {"tags.from_producer", "tags.from_pub", "tags.from_example"} <= set(
+                received["subscriber"]
+            ):
                 time.sleep(0.5)  # let anything else that is coming arrive
                 for name, socket in subscribers.items():
                     while socket.poll(0):
@@ -134,6 +144,7 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
                 break
             time.sleep(0.02)
         printed, _ = listen.communicate(timeout=30)
+        assert example.wait(timeout=30) == 0
         sample = server.metrics.sample
         status, text = scrape(server)
         names = sorted(server.hub.names())
@@ -146,9 +157,9 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
             socket.close(linger=0)
     context.term()
 
-    assert names == ["from_producer", "from_pub"]  # the intruders' audio opened no stream
+    assert names == ["from_example", "from_producer", "from_pub"]  # none from intruders
     topics = set(received["subscriber"])
-    assert {"tags.from_producer", "tags.from_pub"} <= topics
+    assert {"tags.from_producer", "tags.from_pub", "tags.from_example"} <= topics
     assert not any("intruder" in t or "plain" in t for t in topics)
     assert received["intruder"] == [] and received["plain"] == []
     assert listen.returncode == 0 and " from_p" in printed  # `tagd listen` with keys
