@@ -265,3 +265,30 @@ def test_a_port_in_use_fails_to_open_with_one_line(context):
     with pytest.raises(SourceError, match="cannot bind tcp://127.0.0.1:.*Address already in use"):
         start_source(f"zmq+pull://127.0.0.1:{port}", context)
     squatter.close()
+
+
+def test_a_frame_over_the_size_limit_disconnects_its_peer_counted_and_others_flow(context):
+    port = free_port(context)
+    source, collector, metrics = start_source(
+        f"zmq+pull://127.0.0.1:{port}", context, max_message_bytes=64 * 1024
+    )
+    label = f"127.0.0.1:{port}"
+    big, good = context.socket(zmq.PUSH), context.socket(zmq.PUSH)
+    for push in (big, good):
+        push.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        big.send_multipart(message("huge", 0, b"\0" * (1 << 20)))  # 1 MiB: never read
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not metrics.sample(
+            "tagd_peer_disconnects_total", {"socket": label}
+        ):
+            time.sleep(0.01)
+        send_interleaved(good, {"fine": pcm(1.0, seed=6)}, chunk=4000)
+        collector.wait_for({"fine": 1})
+    finally:
+        source.stop()
+        source.join(1.0)
+        big.close(linger=0)
+        good.close(linger=0)
+    assert metrics.sample("tagd_peer_disconnects_total", {"socket": label}) >= 1
+    assert "huge" not in collector.windows and received(metrics, "huge") == 0
