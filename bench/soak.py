@@ -276,10 +276,17 @@ def main() -> None:
         subscribers.join(5)
         code = daemon.stop() if alive else daemon.process.returncode
     before = before if before is not None else rows[0]["rss_mb"]
+    # One reading is noisy (ONNX Runtime's arena, streams coming and going): a leak shows
+    # as a slope over the whole run after the warm-up.
+    settled = [row for row in rows if row["t_s"] >= args.warmup_s] or rows
+    minutes = np.array([row["t_s"] for row in settled]) / 60
+    rss = np.array([row["rss_mb"] for row in settled])
+    slope = float(np.polyfit(minutes, rss, 1)[0]) if len(settled) > 1 else 0.0
     summary = {
         "minutes": args.minutes, "streams": args.streams, "hop_s": args.hop, "alive": alive,
         "exit_code": code, "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
-        "rss_growth_mb": round(after - before, 1), "sent": load.sent,
+        "rss_growth_mb": round(after - before, 1), "rss_range_mb": [float(rss.min()), float(rss.max())],
+        "rss_slope_mb_per_min": round(slope, 2), "sent": load.sent,
         "counters": {k: v for k, v in final.items() if k.startswith(("tagd_windows", "tagd_malformed",
                      "tagd_publish_dropped", "tagd_peer", "tagd_engine_errors"))
                      and "_created" not in k},
@@ -287,7 +294,8 @@ def main() -> None:
     }  # fmt: skip
     print(f"\nRSS {summary['rss_before_mb']} MB after {args.warmup_s:g} s → "
           f"{summary['rss_after_mb']} MB at the end: growth {summary['rss_growth_mb']} MB "
-          f"(target < {GROWTH_TARGET_MB} MB); exit code {code}")  # fmt: skip
+          f"(target < {GROWTH_TARGET_MB} MB); {rss.min():.0f}-{rss.max():.0f} MB after the warm-up, "
+          f"trend {slope:+.2f} MB/min; exit code {code}")  # fmt: skip
     print(json.dumps(summary["counters"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
