@@ -194,7 +194,7 @@ def plan_card(
             "precision": precision,
             "strongly_typed": strongly_typed,
             "profile": profile,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
     }
     return plan

@@ -52,7 +52,7 @@ def default_tags(n_tags: int) -> list[str]:
 
 def export_info(opset: int) -> dict[str, Any]:
     return {
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
         "opset": opset,
