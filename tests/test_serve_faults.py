@@ -187,15 +187,13 @@ def test_a_producer_that_restarts_resumes_within_a_hop_and_an_idle_one_is_report
     assert after_idle[0]["window"]["start_s"] >= resumed[-1]["window"]["end_s"]
 
 
-def test_stalled_and_vanished_subscribers_cost_the_others_nothing(export_model, tmp_path):
-    import soundfile
-
-    fcn = export_model("fcn4", n_tags=300, **SHORT_FCN)  # ~10 kB messages fill buffers fast
-    path = tmp_path / "long.wav"
-    soundfile.write(path, make_music(12.0, 12_000, seed=2), 12_000, subtype="PCM_16")
-    config = make_config(fcn, [f"file://{path}?realtime=0&stream=flood"],
-                         publish={"sndhwm": 100}, batching={"max_pending_per_stream": 10_000},
-                         tagger={"on_after": 1})  # fmt: skip
+def test_stalled_and_vanished_subscribers_cost_the_others_nothing(export_model):
+    # ~35 kB messages, ~40 MB in all: far more than loopback TCP buffers (a few MB) hold
+    fcn = export_model("fcn4", n_tags=1000, **SHORT_FCN)
+    with socket_port() as port:
+        config = make_config(fcn, [f"zmq+pull://127.0.0.1:{port}"],
+                             publish={"sndhwm": 100}, batching={"max_pending_per_stream": 10_000},
+                             tagger={"on_after": 1})  # fmt: skip
     config.hop_seconds = 0.01
     context = zmq.Context()
     with serving(config) as server:
@@ -208,19 +206,26 @@ def test_stalled_and_vanished_subscribers_cost_the_others_nothing(export_model, 
         gone.setsockopt(zmq.SUBSCRIBE, b"")
         gone.connect(server.publish_address)
         healthy = Listener(server, "tags.")
+        time.sleep(0.5)  # all three subscriptions reach the publisher before the audio
+        producer = Producer(port)
+        audio = make_music(12.0, RATE, seed=2)
+        sample = server.metrics.sample
+        for first in range(0, len(audio), RATE // 2):
+            producer.send("flood", audio[first : first + RATE // 2])
         gone.poll(5000)
         gone.close(linger=0)
         healthy.collect(until_quiet=2.0, limit=60.0)
-        sample = server.metrics.sample
         emitted = server.hub.get("flood").windows_emitted
         published = sample("tagd_windows_published_total", {"stream": "flood"})
         events = sample("tagd_events_published_total", {"stream": "flood"}) or 0
-        missed = sample("tagd_publish_dropped_total", {"topic": "tags"}) or 0
         stuck.close(linger=0)
         healthy.close()
+        producer.close()
     context.term()
+    assert emitted >= 1000  # 12 s at a 0.01 s hop
     assert published == emitted  # inference lost nothing to the stalled subscriber
-    assert missed > 0  # it missed messages, counted
+    # That the stuck subscriber's misses are counted is asserted in test_serve_publish.py,
+    # where it is deterministic; here whether the kernel's buffers fill depends on timing.
     tags = healthy.on("tags.flood")
     seqs = [m["seq"] for m in tags]
     # the healthy subscriber has every message published since it joined, in order
