@@ -36,7 +36,14 @@ def downmix(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames, dtype=np.float32)
     if frames.ndim == 1:
         return frames
-    return frames.mean(axis=1, dtype=np.float32)
+    # Column by column: numpy's mean over a short last axis costs ~19 µs for a 26 ms
+    # stereo message, half of a live stream's ingest; this costs 3. Bit for bit numpy's
+    # mean up to 7 channels (same order, same division), within a rounding beyond.
+    mono = frames[:, 0].copy()
+    for channel in range(1, frames.shape[1]):
+        mono += frames[:, channel]
+    mono /= np.float32(frames.shape[1])
+    return mono
 
 
 def clean_samples(frames: np.ndarray) -> tuple[np.ndarray, int, int]:

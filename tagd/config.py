@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tagd.audio import PCM_FORMATS
+from tagd.engines.onnx import SPINNING
 
 # Stream names become topic suffixes (tags.<stream>) and metric label values: keep them
 # short, printable and free of the '.' that separates topic levels.
@@ -36,6 +37,7 @@ MAX_CHANNELS = 64
 RATE_RANGE = (1000, 768_000)  # Hz a producer may declare
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_ENGINE_THREADS = 256
 
 
 class ConfigError(ValueError):
@@ -238,6 +240,30 @@ class BatchingConfig:
 
 
 @dataclass
+class OnnxRuntimeConfig:
+    """Session options of the ONNX Runtime engine (.onnx models; other engines ignore them)."""
+
+    threads: int = 0  # intra-op threads; 0: TAGD_ORT_THREADS if set, else one per core
+    # Pool threads spin "while_running" (stop when a run returns), "never", or "always"
+    # (ONNX Runtime's default: they spin on after each run, CPU taken from ingest).
+    spinning: str = "while_running"
+    memory_arena: bool = True  # reuse activation memory across runs (faster, keeps RSS)
+
+    def problems(self, path: str) -> list[str]:
+        found = []
+        if not 0 <= self.threads <= MAX_ENGINE_THREADS:
+            found.append(f"{path}.threads: must lie in 0..{MAX_ENGINE_THREADS}, got {self.threads}")
+        if self.spinning not in SPINNING:
+            found.append(f"{path}.spinning: {self.spinning!r} is not one of {', '.join(SPINNING)}")
+        return found
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``OnnxEngine.load``."""
+        return {"intra_op_threads": self.threads, "spinning": self.spinning,
+                "memory_arena": self.memory_arena}  # fmt: skip
+
+
+@dataclass
 class TaggerConfig:
     on_after: int = 2  # consecutive predictions over threshold before a tag turns on
     off_margin: float = 0.1  # a tag turns off under its threshold minus this
@@ -337,6 +363,7 @@ class ServeConfig:
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
     tagger: TaggerConfig = field(default_factory=TaggerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -366,7 +393,16 @@ class ServeConfig:
                     f"output cannot do: keep ffmpeg on this host and set curve = false "
                     f"(docs/operations.md)"
                 )
-        for key in ("publish", "metrics", "batching", "tagger", "limits", "security", "log"):
+        for key in (
+            "publish",
+            "metrics",
+            "batching",
+            "onnxruntime",
+            "tagger",
+            "limits",
+            "security",
+            "log",
+        ):
             found += getattr(self, key).problems(key)
         return found
 

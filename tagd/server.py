@@ -204,7 +204,8 @@ class Server:
     def _load_engine(self) -> None:
         path = Path(self.config.engine)
         try:
-            self.engine = load_engine(path, warmup=False)
+            options = self.config.onnxruntime.engine_options() if path.suffix == ".onnx" else {}
+            self.engine = load_engine(path, warmup=False, **options)
             self.engine.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
         except (EngineError, CardError, OSError) as exc:
             reason = " ".join(str(exc).split())  # one line, whatever the runtime said

@@ -140,6 +140,14 @@ def test_wrong_types_and_values_are_rejected_with_the_reason(tmp_path):
     assert problems_of(lambda: load_config(path)) == [
         "batching.max_batch: must be 0 (automatic) or more, got -1"
     ]
+    path.write_text(
+        'engine = "m.onnx"\ninputs = ["file:///x.wav"]\n'
+        '[onnxruntime]\nthreads = -1\nspinning = "sometimes"\n'
+    )
+    assert problems_of(lambda: load_config(path)) == [
+        "onnxruntime.threads: must lie in 0..256, got -1",
+        "onnxruntime.spinning: 'sometimes' is not one of while_running, never, always",
+    ]
 
 
 def test_a_value_given_in_both_url_and_table_is_ambiguous(tmp_path):

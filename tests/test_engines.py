@@ -24,6 +24,59 @@ def test_onnx_engine_scores_a_batch(export_model, music, arch):
     np.testing.assert_array_equal(engine.run(batch[:1])[0], engine.run(batch[:1])[0])
 
 
+@pytest.mark.parametrize(
+    "options, threads, arena, spin, stop_spinning",
+    [
+        ({}, 0, True, "1", "1"),  # spin during a run only
+        ({"intra_op_threads": 1}, 1, True, "1", "1"),
+        ({"spinning": "never"}, 0, True, "0", "0"),
+        ({"spinning": "always"}, 0, True, "1", "0"),  # ONNX Runtime's own default
+        ({"memory_arena": False}, 0, False, "1", "1"),
+    ],
+    ids=["default", "one-thread", "never-spin", "always-spin", "no-arena"],
+)
+def test_onnx_session_options_change_how_it_runs_not_what_it_scores(
+    export_model, music, options, threads, arena, spin, stop_spinning
+):
+    path = export_model("samplecnn")
+    reference = load_engine(path, spinning="always")
+    tuned = load_engine(path, **options)
+    applied = tuned._session.get_session_options()
+    assert applied.intra_op_num_threads == threads
+    assert applied.enable_cpu_mem_arena == arena
+    assert applied.get_session_config_entry("session.intra_op.allow_spinning") == spin
+    assert applied.get_session_config_entry("session.force_spinning_stop") == stop_spinning
+    card = reference.card
+    batch = np.stack([music(card.window_seconds, card.sample_rate, seed=s) for s in (1, 2)])
+    np.testing.assert_allclose(tuned.run(batch), reference.run(batch), rtol=0, atol=1e-6)
+
+
+def test_unknown_spinning_mode_is_refused(export_model):
+    with pytest.raises(EngineError, match="spinning='sometimes': use one of while_running"):
+        load_engine(export_model("samplecnn"), spinning="sometimes")
+
+
+def test_serve_config_passes_onnxruntime_options_to_the_engine(export_model, tmp_path):
+    from tagd.config import load_config
+    from tagd.server import Server
+
+    config = tmp_path / "tagd.toml"
+    config.write_text(
+        f'engine = "{export_model("samplecnn")}"\n'
+        'inputs = ["zmq+pull://127.0.0.1:0"]\n'
+        '[metrics]\naddress = "off"\n'
+        '[onnxruntime]\nthreads = 1\nspinning = "never"\nmemory_arena = false\n'
+    )
+    server = Server(load_config(config))
+    server._load_engine()
+    session_options = server.engine._session.get_session_options()
+    assert session_options.intra_op_num_threads == 1
+    assert not session_options.enable_cpu_mem_arena
+    assert session_options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    server.engine.close()
+    server._context.term()
+
+
 def test_wrong_window_length_is_refused(export_model):
     engine = load_engine(export_model("samplecnn"))
     with pytest.raises(EngineError, match=r"expected a batch \[n, 59049\]"):

@@ -1,4 +1,19 @@
-"""ONNX Runtime backend: CPU by default, CUDA when onnxruntime-gpu provides it."""
+"""ONNX Runtime backend: CPU by default, CUDA when onnxruntime-gpu provides it.
+
+Session options that matter on a small CPU shared with ingest (docs/serve.md,
+"Performance", has the measurements):
+
+- ``spinning``: ONNX Runtime's pool threads spin between the parallel parts of a run
+  (faster than sleeping and waking) and, by ONNX Runtime's default, for a while after
+  the run too, waiting for the next. In a daemon that runs a window every few tens of ms
+  that spinning after the run burns ~20 ms of a core per window (SampleCNN: 55 ms of CPU
+  per 16 ms window instead of 33), taken from the threads that read and publish streams.
+  ``while_running`` (the default) spins during a run and stops when it returns,
+  ``never`` does not spin at all, ``always`` is ONNX Runtime's default.
+- ``intra_op_threads``: 0 lets ONNX Runtime take one thread per core.
+- ``memory_arena``: the CPU arena keeps the activations of the largest batch run for
+  the next; without it every run allocates afresh (slower).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +29,8 @@ from tagd.engines.base import Engine, EngineError
 log = logging.getLogger(__name__)
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+# spinning → (allow_spinning, force_spinning_stop) of the intra- and inter-op pools
+SPINNING = {"while_running": ("1", "1"), "never": ("0", "0"), "always": ("1", "0")}
 
 
 class OnnxEngine(Engine):
@@ -33,7 +50,12 @@ class OnnxEngine(Engine):
         *,
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
+        spinning: str = "while_running",
+        memory_arena: bool = True,
     ) -> OnnxEngine:
+        """Load ``path``; ``intra_op_threads`` 0 or None: TAGD_ORT_THREADS, else one per core."""
+        if spinning not in SPINNING:
+            raise EngineError(f"spinning={spinning!r}: use one of {', '.join(SPINNING)}")
         try:
             import onnxruntime as ort
         except ImportError:
@@ -47,6 +69,11 @@ class OnnxEngine(Engine):
         threads = intra_op_threads or int(os.environ.get("TAGD_ORT_THREADS", "0"))
         if threads:
             options.intra_op_num_threads = threads
+        options.enable_cpu_mem_arena = memory_arena
+        allow_spinning, stop_after_run = SPINNING[spinning]
+        for pool in ("intra_op", "inter_op"):
+            options.add_session_config_entry(f"session.{pool}.allow_spinning", allow_spinning)
+        options.add_session_config_entry("session.force_spinning_stop", stop_after_run)
         available = ort.get_available_providers()
         chosen = providers or [p for p in PREFERRED_PROVIDERS if p in available]
         try:
