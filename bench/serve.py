@@ -230,6 +230,8 @@ class RunResult:
     queue_p50_ms: float | None = None
     inference_p99_ms: float | None = None
     queue_p99_ms: float | None = None
+    # share of windows that waited over 1 ms for the engine: behind another stream's window
+    queued_share: float | None = None
     # total - queue - inference: ingest after the completing message, tagging, publishing
     overhead_p50_ms: float | None = None
     overhead_p99_ms: float | None = None
@@ -381,6 +383,7 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
         queue_p50_ms=float(np.median(queued)) if queued else None,
         inference_p99_ms=float(np.percentile(inference, 99)) if inference else None,
         queue_p99_ms=float(np.percentile(queued, 99)) if queued else None,
+        queued_share=float(np.mean(np.asarray(queued) > 1.0)) if queued else None,
         overhead_p50_ms=float(np.percentile(overhead, 50)) if overhead else None,
         overhead_p99_ms=float(np.percentile(overhead, 99)) if overhead else None,
         outside_p50_ms=float(np.percentile(outside, 50)) if outside else None,
@@ -593,7 +596,7 @@ def bench_model(arch: str, folder: Path, seconds: float, message_frames: int) ->
     print(f"daemon at half load ({half.offered_per_s:.2f} windows/s): p50 {half.p50_ms:.0f} ms, "
           f"p99 {half.p99_ms:.0f} ms ({half.p99_ms / bare['window_inference_ms']:.2f} x one window; "
           f"in the daemon: inference p50/p99 {half.inference_p50_ms:.0f}/{half.inference_p99_ms:.0f} ms, "
-          f"queue p50/p99 {half.queue_p50_ms:.1f}/{half.queue_p99_ms:.0f} ms), dropped {half.dropped:.0f}; "
+          f"queue p50/p99 {half.queue_p50_ms:.1f}/{half.queue_p99_ms:.0f} ms, {half.queued_share:.0%} of windows waited > 1 ms), dropped {half.dropped:.0f}; "
           f"from the producer's send to the subscriber p50 {half.outside_p50_ms:.0f} ms p99 {half.outside_p99_ms:.0f} ms; "
           f"daemon {half.cpu_cores:.2f} cores, bench {half.bench_cores:.2f} cores", flush=True)  # fmt: skip
 
