@@ -204,3 +204,21 @@ def test_invalid_toml_says_where(tmp_path):
     path.write_text("engine = \n")
     (problem,) = problems_of(lambda: load_config(path))
     assert "not valid TOML" in problem and "line 1" in problem
+
+
+def test_the_example_configuration_in_the_docs_is_valid(tmp_path):
+    # docs/serve.md shows every table with its defaults; it must stay loadable.
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "serve.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "tagd.toml"
+    path.write_text(example)
+    config = load_config(path)
+    assert config.onnxruntime.engine_options() == {
+        "intra_op_threads": 0,
+        "spinning": "while_running",
+        "memory_arena": True,
+    }
+    assert config.batching.spread_phases
+    assert [i.name for i in config.inputs][:1] == ["radio1"]
