@@ -96,3 +96,21 @@ def test_a_flicker_under_threshold_resets_the_count_to_on():
 def test_scores_must_match_the_tags():
     with pytest.raises(ValueError, match="2 scores for 3 tags"):
         Tagger(card()).update(window(0), [0.1, 0.2])
+
+
+@pytest.mark.parametrize("hop", [100, 7])  # a few segments per clip, and hundreds
+def test_the_clip_mean_stays_numpys_mean_over_many_windows(hop):
+    # With a short hop the mean is a running sum; it must not drift from the true mean.
+    sample_level = card(window_samples=100, hop_samples=hop, clip_seconds=29.1)
+    tagger = Tagger(sample_level)
+    rng = np.random.default_rng(hop)
+    # scores as a sigmoid gives them: from almost 0 to almost 1
+    history = [rng.uniform(0, 1, 3).astype(np.float32) ** 8 for _ in range(2500)]
+    for seq, scores in enumerate(history):
+        prediction = tagger.update(window(seq, hop=hop), scores)
+        kept = [s for i, s in enumerate(history[: seq + 1]) if i * hop >= seq * hop + 100 - 2910]
+        assert prediction.segments == len(kept)
+        expected = np.mean(kept, axis=0, dtype=np.float64).astype(np.float32)
+        if prediction.segments <= 16:
+            np.testing.assert_array_equal(prediction.scores, expected)
+        np.testing.assert_allclose(prediction.scores, expected, rtol=1e-6, atol=1e-9)
