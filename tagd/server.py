@@ -30,6 +30,7 @@ from tagd.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     ConfigError,
+    OnnxRuntimeConfig,
     ServeConfig,
     apply_overrides,
     load_config,
@@ -204,7 +205,11 @@ class Server:
     def _load_engine(self) -> None:
         path = Path(self.config.engine)
         try:
-            options = self.config.onnxruntime.engine_options() if path.suffix == ".onnx" else {}
+            options = {}
+            if path.suffix == ".onnx":
+                options = self.config.onnxruntime.engine_options()
+            elif self.config.onnxruntime != OnnxRuntimeConfig():
+                log.warning("[onnxruntime] applies to .onnx models only; %s ignores it", path.name)
             self.engine = load_engine(path, warmup=False, **options)
             self.engine.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
         except (EngineError, CardError, OSError) as exc:

@@ -144,6 +144,32 @@ def test_torch_checkpoint_engine_matches_onnx(tmp_path, music):
     np.testing.assert_allclose(torch_scores, onnx_scores, atol=1e-4)
 
 
+def test_onnxruntime_options_are_ignored_with_a_warning_by_other_engines(tmp_path, caplog):
+    torch = pytest.importorskip("torch")
+    from tagd.config import load_config
+    from tagd.server import Server
+    from trainer.export import export_onnx
+    from trainer.models import create_model
+
+    model = create_model("samplecnn", 3, width=0.25).eval()
+    card = export_onnx(model, tmp_path / "m.onnx", tags=list("abc")).card
+    checkpoint = {"card": card.to_dict(), "arch": model.arch, "hparams": model.hparams,
+                  "n_tags": model.n_tags, "state_dict": model.state_dict()}  # fmt: skip
+    torch.save(checkpoint, tmp_path / "m.pt")
+    config = tmp_path / "tagd.toml"
+    config.write_text(
+        f'engine = "{tmp_path / "m.pt"}"\ninputs = ["zmq+pull://127.0.0.1:0"]\n'
+        '[metrics]\naddress = "off"\n[onnxruntime]\nspinning = "never"\n'
+    )
+    server = Server(load_config(config))
+    with caplog.at_level("WARNING", logger="tagd.server"):
+        server._load_engine()
+    assert server.engine.backend == "torch"
+    assert "[onnxruntime] applies to .onnx models only; m.pt ignores it" in caplog.text
+    server.engine.close()
+    server._context.term()
+
+
 def test_tensorrt_needs_its_sdk_or_says_which_extra(tmp_path):
     try:
         import tensorrt  # noqa: F401
