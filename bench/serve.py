@@ -709,6 +709,16 @@ def main() -> None:
         idle = results["idle"]
         print(f"\n{idle['streams']} idle-but-connected streams ({args.models.split(',')[0]}): RSS {idle['rss_mb']:.0f} MB "
               f"(peak {idle['peak_rss_mb']:.0f} MB, before them {idle['rss_before_mb']:.0f} MB)", flush=True)  # fmt: skip
+    print("\nthe issue's targets, this run:")
+    for model in results["models"]:
+        throughput, p99 = model["throughput_vs_bare"], model["p99_vs_window_inference"]
+        print(f"  {model['model']}: throughput at saturation {throughput:.2f} x bare "
+              f"({'met' if throughput >= 0.9 else 'MISSED'}, target >= 0.9); half-load p99 "
+              f"{p99:.2f} x one window ({'met' if p99 <= 1.5 else 'MISSED'}, target <= 1.5; "
+              f"{model['p99_vs_paced_window']:.2f} x paced)")  # fmt: skip
+    rss = results["idle"]["rss_mb"]
+    print(f"  RSS with {IDLE_STREAMS} idle streams: {rss:.0f} MB "
+          f"({'met' if rss < 500 else 'MISSED'}, target < 500 MB)")  # fmt: skip
     results["bench_seconds"] = time.perf_counter() - began
     results["load_average_end"] = os.getloadavg()[0]
     print(
