@@ -103,6 +103,9 @@ class TensorRTEngine(Engine):
                 f"version or for another GPU? rebuild it with `tagd-train compile`)"
             )
         instance = cls(path, card, trt, cudart, engine)
+        # The engine is the runtime's: keep the runtime and its logger alive as long
+        # (and release them after it, in close).
+        instance._runtime, instance._logger = runtime, logger
         log.info(
             "loaded %s (max batch %d, TensorRT %s)",
             instance.describe(),
@@ -138,9 +141,11 @@ class TensorRTEngine(Engine):
         return scores
 
     def close(self) -> None:
+        # Context, then engine, then runtime; device memory once nothing refers to it.
+        self._context = None
+        self._engine = None
         cudart = self._cudart
         for pointer in (self._d_in, self._d_out):
             cudart.cudaFree(pointer)
         cudart.cudaStreamDestroy(self._stream)
-        self._context = None
-        self._engine = None
+        self._runtime = self._logger = None
