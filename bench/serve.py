@@ -1,6 +1,6 @@
 """Benchmark `tagd serve`: N live streams against the bare engine and a naive loop.
 
-    .venv/bin/python bench/serve.py                    # fcn4 and samplecnn, ~10 minutes
+    .venv/bin/python bench/serve.py                    # fcn4 and samplecnn, ~9 minutes
     .venv/bin/python bench/serve.py --models fcn4 --seconds 15
 
 For each model (full size, untrained, exported here with trainer.export) it measures,
@@ -453,8 +453,8 @@ def paced_window(engines: dict, windows: np.ndarray, rate: float, seconds: float
 
     Back to back a window runs faster than on its own (SampleCNN here: 14.5 against
     16.3 ms with 15 ms between runs): this is the inference time the half-load latency
-    is held against, next to the back-to-back figure. Each engine for half the time;
-    the faster median is kept.
+    is held against, next to the back-to-back figure. Each engine given gets an equal
+    share of ``seconds``; the faster median is kept.
     """
     found = {}
     for name, engine in engines.items():

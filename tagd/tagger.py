@@ -67,12 +67,16 @@ class _StreamState:
     def add(self, start: int, end: int, scores: np.ndarray, oldest_start: int) -> None:
         """Add a segment; drop those starting before ``oldest_start``."""
         self.segments.append((start, end, scores))
-        self.total += scores
+        dropped = []
         while self.segments and self.segments[0][0] < oldest_start:
-            self.total -= self.segments.popleft()[2]
+            dropped.append(self.segments.popleft()[2])
         self.updates += 1
         if len(self.segments) <= EXACT_SEGMENTS or self.updates % RESUM_EVERY == 0:
             self.total = np.sum([s for _, _, s in self.segments], axis=0, dtype=np.float64)
+            return
+        self.total += scores
+        for old in dropped:
+            self.total -= old
 
     def clear(self) -> None:
         self.segments.clear()
