@@ -84,6 +84,13 @@ class Metrics:
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
+        self.ingest_delay = Histogram(
+            "tagd_ingest_delay_seconds",
+            "From the arrival of a window's last sample to the window being ready: audio the "
+            "resampler held back until its block was full.",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.queue_wait = Histogram(
             "tagd_queue_wait_seconds",
             "From a window being ready to its batch starting on the engine.",

@@ -45,8 +45,8 @@ def topic(kind: str, stream: str) -> str:
 
 
 def tags_message(prediction: Prediction, card: ModelCard, *, captured_at: float,
-                 published_at: float, queue_ms: float, inference_ms: float, total_ms: float,
-                 batch_size: int) -> dict[str, Any]:  # fmt: skip
+                 published_at: float, ingest_ms: float, queue_ms: float, inference_ms: float,
+                 total_ms: float, batch_size: int) -> dict[str, Any]:  # fmt: skip
     rate = card.sample_rate
     return {
         "schema": SCHEMA_VERSION,
@@ -61,6 +61,7 @@ def tags_message(prediction: Prediction, card: ModelCard, *, captured_at: float,
         "captured_at": round(captured_at, 6),
         "published_at": round(published_at, 6),
         "latency_ms": {
+            "ingest": round(ingest_ms, 3),
             "queue": round(queue_ms, 3),
             "inference": round(inference_ms, 3),
             "total": round(total_ms, 3),

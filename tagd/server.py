@@ -314,17 +314,20 @@ class Server:
             prediction = self.tagger.update(window, scores)
             published_at = time.time()
             total_s = time.perf_counter() - window.captured.mono
+            ingest_s = item.submitted - window.captured.mono
             message = tags_message(
                 prediction,
                 card,
                 captured_at=window.captured.unix,
                 published_at=published_at,
+                ingest_ms=ingest_s * 1000,
                 queue_ms=(result.started - item.submitted) * 1000,
                 inference_ms=inference_ms,
                 total_ms=total_s * 1000,
                 batch_size=len(result.items),
             )
             self.publisher.send(topic(TAGS_TOPIC, window.stream), message)
+            self.metrics.ingest_delay.observe(ingest_s)
             self.metrics.end_to_end_latency.observe(total_s)
             self.metrics.windows_published.labels(window.stream).inc()
             active = set(prediction.active)

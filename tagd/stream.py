@@ -12,6 +12,12 @@ reached, a new stream takes the place of the longest-idle dynamic stream, if any
 idle: a flood of stream ids is refused while the streams it displaced are live, and
 cannot hold slots for ever.
 
+A window is captured when the message carrying its last sample arrived. The resampler
+holds audio back (soxr HQ releases 44.1 kHz input in blocks: 4–42 ms late at 22.05 kHz,
+9–85 ms at 12 kHz for 26 ms messages), so that is earlier than the message that
+completed the window; each stream remembers the arrivals of the few messages that can
+still hold the next window's last sample, and latency is counted from the right one.
+
 Stream time counts the audio received: a stream that falls silent is not fed zeros;
 when data resumes its pipeline restarts (a new ``epoch``: a fresh window must fill
 before the next prediction) and the gap is counted.
@@ -92,7 +98,7 @@ class ReadyWindow:
     epoch: int  # bumped when the stream restarts; averaging never spans epochs
     start: int  # stream position of the first sample, at the model's rate
     samples: np.ndarray  # float32 [window_samples]
-    captured: Arrival  # when the message that completed this window arrived
+    captured: Arrival  # when the message carrying the window's last sample arrived
 
     @property
     def end(self) -> int:
@@ -150,6 +156,14 @@ class Stream:
         self._rate_mark: tuple[float, float] | None = None  # (mono, audio seconds)
         self._delay_lock = threading.Lock()
         self._pending_delay = 0  # samples to delay the next window by
+        # When input arrived, for the windows' capture times: (input frames of this epoch
+        # up to and including a message, its arrival), only for messages that may still
+        # carry the last sample of the next window: those within the resampler's hold,
+        # a few. The epoch starts at stream index ``_epoch_start``, where the resampler
+        # starts afresh.
+        self._arrivals: deque[tuple[int, Arrival]] = deque()
+        self._epoch_frames = 0
+        self._epoch_start = 0
 
     # -- feeding -------------------------------------------------------------------
     def push_pcm(self, payload: bytes, pcm_format: str, rate: int, channels: int,
@@ -231,6 +245,8 @@ class Stream:
         if self._resampler is not None:
             self._resampler.reset()
         self._windower.restart_at(self._windower.total)
+        self._arrivals.clear()
+        self._epoch_frames, self._epoch_start = 0, self._windower.total
         self.epoch = next(_epochs)
         self.live, self.placed, self.phase = False, False, None
         self.window_times.clear()
@@ -245,6 +261,7 @@ class Stream:
             frames = self._clean(frames)
         self._metrics.audio_received.labels(self.name).inc(len(frames) / rate)
         self._track_rate(len(frames) / rate, arrival.mono)
+        self._note_arrival(len(frames), arrival)
         assert self._resampler is not None
         mono = self._resampler.process(downmix(frames))
         if self._pending_delay:
@@ -262,11 +279,36 @@ class Stream:
                     self.epoch,
                     window.start,
                     window.samples,
-                    arrival,
+                    self._captured(window.end, rate, arrival),
                 )
             )
             self.windows_emitted += 1
+        self._forget_arrivals_before(self._windower.next_end, rate)
         return len(windows)
+
+    # -- capture times ---------------------------------------------------------------
+    def _note_arrival(self, frames: int, arrival: Arrival) -> None:
+        self._epoch_frames += frames
+        self._arrivals.append((self._epoch_frames, arrival))
+
+    def _frames_needed(self, end: int, rate: int) -> int:
+        """Input frames of this epoch that hold the sample before stream index ``end``.
+
+        soxr's output is aligned in time with its input: output sample k is input time
+        k / model rate.
+        """
+        return (end - 1 - self._epoch_start) * rate // self.geometry.sample_rate + 1
+
+    def _captured(self, end: int, rate: int, completed: Arrival) -> Arrival:
+        """Arrival of the message that carried the sample before stream index ``end``."""
+        self._forget_arrivals_before(end, rate)
+        return self._arrivals[0][1] if self._arrivals else completed
+
+    def _forget_arrivals_before(self, end: int, rate: int) -> None:
+        """Drop the arrivals of messages that all lie before the window ending at ``end``."""
+        needed = self._frames_needed(end, rate)
+        while self._arrivals and self._arrivals[0][0] < needed:
+            self._arrivals.popleft()
 
     def _clean(self, frames: np.ndarray) -> np.ndarray:
         frames, nonfinite, out_of_range = clean_samples(frames)

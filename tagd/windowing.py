@@ -57,6 +57,11 @@ class Windower:
         self._next_end += samples
 
     @property
+    def next_end(self) -> int:
+        """Stream index where the next window will end."""
+        return self._next_end
+
+    @property
     def buffered(self) -> int:
         return self._filled
 

@@ -55,7 +55,7 @@ def predict(
 def tags_of(prediction: Prediction) -> dict:
     now = time.time()
     return tags_message(prediction, CARD, captured_at=now - 0.05, published_at=now,
-                        queue_ms=1.0, inference_ms=20.0, total_ms=50.0, batch_size=1)  # fmt: skip
+                        ingest_ms=5.0, queue_ms=1.0, inference_ms=20.0, total_ms=50.0, batch_size=1)  # fmt: skip
 
 
 class FakeTagd:

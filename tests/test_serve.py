@@ -155,7 +155,7 @@ def test_ffmpeg_over_zmq_gives_tags_every_hop_with_every_field(fcn, tmp_path):
     first = tags[0]
     assert set(first) >= REQUIRED_FIELDS
     assert (first["schema"], first["stream"], first["model"]) == (1, "radio1", card.name)
-    assert set(first["latency_ms"]) == {"queue", "inference", "total"}
+    assert set(first["latency_ms"]) == {"ingest", "queue", "inference", "total"}
     window_s = card.window_samples / card.sample_rate
     for message in tags:
         assert set(message["scores"]) == set(card.tags)
@@ -172,7 +172,8 @@ def test_ffmpeg_over_zmq_gives_tags_every_hop_with_every_field(fcn, tmp_path):
         assert total == pytest.approx(
             (message["published_at"] - message["captured_at"]) * 1000, abs=5
         )
-        assert total >= message["latency_ms"]["inference"]
+        parts = [message["latency_ms"][k] for k in ("ingest", "queue", "inference")]
+        assert min(parts) >= 0 and total >= sum(parts) - 0.01  # the rest: tagging, publishing
     # one message per hop: consecutive windows, start times a hop apart, sent a hop apart
     assert [m["seq"] for m in tags] == list(range(tags[0]["seq"], tags[0]["seq"] + len(tags)))
     starts = [m["window"]["start_s"] for m in tags]
@@ -182,6 +183,7 @@ def test_ffmpeg_over_zmq_gives_tags_every_hop_with_every_field(fcn, tmp_path):
 
     assert status == 200
     assert metric_value(metrics_text, "tagd_end_to_end_latency_seconds_count") == len(tags)
+    assert metric_value(metrics_text, "tagd_ingest_delay_seconds_count") == len(tags)
     assert 'tagd_end_to_end_latency_seconds_bucket{le="0.001"}' in metrics_text
     assert 'tagd_end_to_end_latency_seconds_bucket{le="30.0"}' in metrics_text
     assert metric_value(metrics_text, 'tagd_windows_published_total{stream="radio1"}') == len(tags)

@@ -101,7 +101,7 @@ def test_metric_names_follow_prometheus_conventions():
         if metric.type == "histogram" and metric.name != "tagd_batch_size":
             assert metric.name.endswith("_seconds")
     assert {
-        "tagd_end_to_end_latency_seconds", "tagd_queue_wait_seconds", "tagd_inference_seconds",
+        "tagd_end_to_end_latency_seconds", "tagd_ingest_delay_seconds", "tagd_queue_wait_seconds", "tagd_inference_seconds",
         "tagd_batch_size", "tagd_windows_published", "tagd_windows_dropped", "tagd_publish_dropped",
         "tagd_audio_received_seconds", "tagd_stream_gaps", "tagd_malformed_messages",
         "tagd_active_streams", "tagd_engine",
@@ -114,8 +114,8 @@ def test_message_shapes_match_docs_topics():
     tagger = Tagger(card, on_after=1)
     window = ReadyWindow("radio1", 4, 1, 200, np.zeros(100, np.float32), Arrival(1000.0, 0.0))
     prediction = tagger.update(window, [0.9, 0.1])
-    message = tags_message(prediction, card, captured_at=1000.0, published_at=1000.05, queue_ms=10,
-                           inference_ms=30, total_ms=50, batch_size=2)  # fmt: skip
+    message = tags_message(prediction, card, captured_at=1000.0, published_at=1000.05, ingest_ms=8,
+                           queue_ms=10, inference_ms=30, total_ms=50, batch_size=2)  # fmt: skip
     assert message == {
         "schema": 1,
         "stream": "radio1",
@@ -124,7 +124,7 @@ def test_message_shapes_match_docs_topics():
         "window": {"start_s": 2.0, "end_s": 3.0, "segments": 1},
         "captured_at": 1000.0,
         "published_at": 1000.05,
-        "latency_ms": {"queue": 10, "inference": 30, "total": 50},
+        "latency_ms": {"ingest": 8, "queue": 10, "inference": 30, "total": 50},
         "batch_size": 2,
         "scores": {"rock": pytest.approx(0.9), "jazz": pytest.approx(0.1)},
         "tags": ["rock"],

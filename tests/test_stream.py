@@ -90,13 +90,60 @@ def test_windows_hold_the_downmixed_resampled_audio_every_hop():
     )
 
 
-def test_a_window_records_when_its_completing_message_arrived():
+def test_a_window_records_when_its_last_sample_arrived_not_when_soxr_released_it():
     stream, windows, _ = collect()
-    half = stereo_s16le(0.5)
-    stream.push_pcm(half, "s16le", SOURCE_RATE, 2, Arrival(100.0, 1.0))
-    assert windows == []  # 0.5 s is less than one window
-    stream.push_pcm(half, "s16le", SOURCE_RATE, 2, Arrival(100.6, 1.6))
-    assert windows and windows[0].captured == Arrival(100.6, 1.6)
+    frames = 1152  # ffmpeg's zmq output: 26 ms messages
+    payload = stereo_s16le(3.0)
+    completed_by: list[int] = []  # for each window, the message that completed it
+    for index, start in enumerate(range(0, len(payload), frames * 4)):
+        emitted = stream.push_pcm(payload[start : start + frames * 4], "s16le", SOURCE_RATE, 2,
+                                  Arrival(1000.0 + index, float(index)))  # fmt: skip
+        completed_by += [index] * emitted
+    assert len(windows) >= 5
+    for window, completing in zip(windows, completed_by, strict=True):
+        last_sample = window.end - 1  # at 12 kHz; the source frame at the same time:
+        carrying = (last_sample * SOURCE_RATE // GEOMETRY.sample_rate) // frames
+        assert window.captured == Arrival(1000.0 + carrying, float(carrying))
+        assert carrying <= completing
+    # soxr HQ at 12 kHz releases ~76 ms blocks: windows complete messages after their end
+    held_back = [int(w.captured.mono) < c for w, c in zip(windows, completed_by, strict=True)]
+    assert any(held_back)
+
+
+def test_capture_times_follow_the_stream_across_a_restart():
+    stream, windows, _ = collect(idle_after_s=1.0)
+    stream.push_pcm(stereo_s16le(1.0), "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0))
+    first_epoch = len(windows)
+    # after 5 s of nothing the window fills afresh: stream time goes on, soxr starts over
+    seconds = 0.1
+    payload = stereo_s16le(1.0, seed=3)
+    step = int(SOURCE_RATE * seconds) * 4
+    for index, start in enumerate(range(0, len(payload), step)):
+        stream.push_pcm(payload[start : start + step], "s16le", SOURCE_RATE, 2,
+                        Arrival(100.0 + index, 5.0 + index * seconds))  # fmt: skip
+    again = windows[first_epoch:]
+    assert len(again) >= 2 and again[0].epoch != windows[0].epoch
+    restart = again[0].end - GEOMETRY.window_samples  # the new epoch's first sample
+    assert restart >= windows[first_epoch - 1].end
+    for window in again:
+        seconds_in = (window.end - 1 - restart) / GEOMETRY.sample_rate
+        assert window.captured.unix == 100.0 + int(seconds_in / seconds)
+
+
+@pytest.mark.parametrize("size", [1764, 4, 8029], ids=["10ms", "one-frame", "split-frames"])
+def test_capture_times_hold_for_messages_of_any_size(size):
+    stream, windows, _ = collect()
+    payload = stereo_s16le(1.0)
+    arrivals, frames_after = [], []  # per message: its arrival, whole frames received
+    for index, start in enumerate(range(0, len(payload), size)):
+        arrivals.append(Arrival(100.0 + index, index * 0.001))
+        frames_after.append(min(start + size, len(payload)) // 4)  # s16le stereo: 4 bytes
+        stream.push_pcm(payload[start : start + size], "s16le", SOURCE_RATE, 2, arrivals[-1])
+    assert len(windows) >= 3
+    for window in windows:
+        last_frame = (window.end - 1) * SOURCE_RATE // GEOMETRY.sample_rate
+        carrying = np.searchsorted(frames_after, last_frame, side="right")  # first with it
+        assert window.captured == arrivals[carrying]
 
 
 def test_a_silent_stream_is_not_fed_zeros_and_restarts_when_data_resumes():
