@@ -1,6 +1,6 @@
 """Benchmark `tagd serve`: N live streams against the bare engine and a naive loop.
 
-    .venv/bin/python bench/serve.py                    # fcn4 and samplecnn, ~9 minutes
+    .venv/bin/python bench/serve.py                    # fcn4 and samplecnn, ~12 minutes
     .venv/bin/python bench/serve.py --models fcn4 --seconds 15
 
 For each model (full size, untrained, exported here with trainer.export) it measures,
@@ -22,6 +22,8 @@ in one run on this machine:
    the message cycle; the first window is pre-rolled so that measuring starts at once):
    - saturation: offered twice the bare engine's rate → windows published per second;
    - half load: half the saturation throughput → end-to-end latency p50/p99;
+   - both again with `[batching] instances = 2` (two engines of half the cores each,
+     against the bare pair running side by side and the best bare figure of all);
    - the largest N streams at the card's hop with no drops and p99 under one hop;
    - RSS with 50 idle-but-connected streams.
 
@@ -488,6 +490,30 @@ def paced_window(engines: dict, windows: np.ndarray, rate: float, seconds: float
     return {"engine": best, **found[best], "per_engine": found}
 
 
+def side_by_side(engines: list, window: np.ndarray, seconds: float) -> dict:
+    """Engine instances each running ``window`` back to back in its own thread, at once:
+    windows/s of them all, and one window's median time on one instance."""
+    times: list[list[float]] = [[] for _ in engines]
+    began = time.perf_counter()
+
+    def work(engine, found: list[float]) -> None:
+        while time.perf_counter() - began < seconds:
+            t0 = time.perf_counter()
+            engine.run(window)
+            found.append(time.perf_counter() - t0)
+
+    threads = [
+        threading.Thread(target=work, args=pair) for pair in zip(engines, times, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    return {"windows_per_s": sum(map(len, times)) / elapsed,
+            "window_ms": float(np.median(np.concatenate(times))) * 1000}  # fmt: skip
+
+
 def bare_engine(engines: dict, windows: np.ndarray, seconds_per_size: float = 4.0,
                 rounds: int = 4) -> dict:  # fmt: skip
     """Each engine at batch sizes 1..8, in alternating rounds; the best is the reference.
@@ -659,6 +685,9 @@ def bench_model(arch: str, folder: Path, seconds: float, message_frames: int) ->
     engine.close()
     del engine
 
+    instances = two_instances(model, window_s, windows, sat_streams, sat_hop, seconds,
+                              message_frames, reference, bare["window_inference_ms"])  # fmt: skip
+
     # the largest N at the card's hop: no drops, p99 under one hop
     capacity = int(saturation.published_per_s * card_hop_s)
     sustained = None
@@ -699,8 +728,49 @@ def bench_model(arch: str, folder: Path, seconds: float, message_frames: int) ->
         "p99_vs_paced_window": half.p99_ms / paced["p50_ms"],
         "naive_saturation": naive_sat,
         "naive_half_load": naive_half,
+        "two_instances": instances,
         "max_streams": sustained,
         "max_streams_runs": tried,
+    }
+
+
+def two_instances(model: Path, window_s: float, windows: np.ndarray, streams: int,
+                  sat_hop: float, seconds: float, message_frames: int, reference: float,
+                  window_ms: float) -> dict:  # fmt: skip
+    """`[batching] instances = 2`: two engines of half the cores each, side by side.
+
+    The bare figure is both instances running windows back to back at once; the
+    throughput target is held against the better of that and the one-instance
+    reference, so a configuration is never measured against a slower engine than
+    this machine has.
+    """
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    pair = [load_engine(model, intra_op_threads=threads) for _ in range(2)]
+    bare = side_by_side(pair, windows[:1], 8.0)
+    for engine in pair:
+        engine.close()
+    toml = "[batching]\ninstances = 2\n"
+    saturation = run_daemon(model, window_s, streams, sat_hop, seconds, toml=toml,
+                            message_frames=message_frames)  # fmt: skip
+    best = max(reference, bare["windows_per_s"])
+    half_hop = streams / (0.5 * saturation.published_per_s)
+    half = run_daemon(model, window_s, streams, half_hop, seconds * 1.5, toml=toml,
+                      message_frames=message_frames)  # fmt: skip
+    print(f"two instances of {threads} thread(s): bare {bare['windows_per_s']:.1f} windows/s side by side "
+          f"({bare['window_ms']:.1f} ms a window); daemon at saturation {saturation.published_per_s:.2f} windows/s "
+          f"= {saturation.published_per_s / best:.2f} x the best bare ({best:.1f}), dropped {saturation.dropped:.0f}; "
+          f"half load ({half.offered_per_s:.2f} windows/s) p50 {half.p50_ms:.0f} ms p99 {half.p99_ms:.0f} ms "
+          f"({half.p99_ms / window_ms:.2f} x the fastest one window, {half.p99_ms / bare['window_ms']:.2f} x one "
+          f"window on one instance; ingest p99 {half.ingest_p99_ms:.0f} ms, window ready to published "
+          f"p50/p99 {half.ready_p50_ms:.0f}/{half.ready_p99_ms:.0f} ms)", flush=True)  # fmt: skip
+    return {
+        "threads_each": threads,
+        "bare": bare,
+        "saturation": asdict(saturation),
+        "throughput_vs_best_bare": saturation.published_per_s / best,
+        "half_load": asdict(half),
+        "p99_vs_window_inference": half.p99_ms / window_ms,
+        "p99_vs_instance_window": half.p99_ms / bare["window_ms"],
     }
 
 
@@ -737,6 +807,13 @@ def main() -> None:
               f"{p99:.2f} x one window ({'met' if p99 <= 1.5 else 'MISSED'}, target <= 1.5; "
               f"{model['p99_vs_paced_window']:.2f} x paced; from the window ready, without the "
               f"resampler's hold: {model['ready_p99_vs_window_inference']:.2f} x)")  # fmt: skip
+        two = model["two_instances"]
+        print(f"  {model['model']} with two instances: throughput at saturation "
+              f"{two['throughput_vs_best_bare']:.2f} x the best bare "
+              f"({'met' if two['throughput_vs_best_bare'] >= 0.9 else 'MISSED'}); half-load p99 "
+              f"{two['p99_vs_window_inference']:.2f} x the fastest one window "
+              f"({'met' if two['p99_vs_window_inference'] <= 1.5 else 'MISSED'}; "
+              f"{two['p99_vs_instance_window']:.2f} x one window on one instance)")  # fmt: skip
     rss = results["idle"]["rss_mb"]
     print(f"  RSS with {IDLE_STREAMS} idle streams: {rss:.0f} MB "
           f"({'met' if rss < 500 else 'MISSED'}, target < 500 MB)")  # fmt: skip

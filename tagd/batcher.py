@@ -1,11 +1,16 @@
-"""Dynamic batching: every stream's windows into one inference worker, never blocking ingest.
+"""Dynamic batching: every stream's windows into one queue of inference, never blocking ingest.
 
 Ingest threads ``submit`` windows; the call takes a lock for microseconds and returns.
-One worker thread forms batches the way Triton's dynamic batcher does: it starts a batch
+A worker thread forms batches the way Triton's dynamic batcher does: it starts a batch
 when the oldest pending window has waited ``max_wait_s`` or ``max_batch`` windows are
 pending, whichever comes first, takes the oldest windows across all streams, runs the
 engine (ONNX Runtime and TensorRT release the GIL meanwhile) and hands the scores to
 ``on_batch`` (the tagger and publisher) in the same thread.
+
+With more than one engine instance (Triton's instance groups) there is one worker per
+instance, all taking from the same queue. A stream's windows are never on two instances
+at once, so each stream's predictions stay in order, and ``on_batch`` runs for one
+batch at a time.
 
 When the worker falls behind, a stream never has more than ``max_pending_per_stream``
 windows waiting: submitting one more drops that stream's oldest, counted as
@@ -24,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,11 +59,13 @@ class BatchResult:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], window_samples: int,
+    def __init__(self, runs: Sequence[Callable[[np.ndarray], np.ndarray]], window_samples: int,
                  on_batch: Callable[[BatchResult], None], metrics: Metrics, *, max_batch: int,
                  max_wait_s: float, max_pending_per_stream: int,
                  max_queue_age_s: float = 0.0, unhealthy_after: int = 3) -> None:  # fmt: skip
-        self._run = run
+        if not runs:
+            raise ValueError("a batcher needs at least one engine instance")
+        self._runs = list(runs)  # one per engine instance, each used by its own worker
         self._on_batch = on_batch
         self._metrics = metrics
         self.max_batch = max_batch
@@ -69,9 +76,14 @@ class Batcher:
         self._count = 0
         self._cond = threading.Condition(threading.Lock())
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        # One reusable input buffer: engines copy their input, so reuse is safe.
-        self._buffer = np.zeros((max_batch, window_samples), dtype=np.float32)
+        self._in_flight: set[str] = set()  # streams with a window on an instance
+        self._threads: list[threading.Thread] = []
+        # One reusable input buffer per worker: engines copy their input, so reuse is safe.
+        self._buffers = [
+            np.zeros((max_batch, window_samples), dtype=np.float32) for _ in self._runs
+        ]
+        # Results are handled, and failures counted, one batch at a time.
+        self._results_lock = threading.Lock()
         self.batches_run = 0
         self.unhealthy_after = unhealthy_after
         self.failures_in_a_row = 0  # written by the worker, read by health checks
@@ -91,8 +103,7 @@ class Batcher:
                     self._count -= 1
                 queue.append(Pending(window, time.perf_counter()))
                 self._count += 1
-                if self._count == 1 or self._count >= self.max_batch:
-                    self._cond.notify()
+                self._cond.notify_all()
         if dropped is not None:
             reason = DROP_SHUTDOWN if self._stopping else DROP_QUEUE_FULL
             self._metrics.windows_dropped.labels(dropped.stream, reason).inc()
@@ -102,8 +113,8 @@ class Batcher:
         return self.failures_in_a_row < self.unhealthy_after
 
     def busy(self) -> bool:
-        """Whether the worker thread is still running (an engine call it could not leave)."""
-        return self._thread is not None and self._thread.is_alive()
+        """Whether a worker thread is still running (an engine call it could not leave)."""
+        return any(thread.is_alive() for thread in self._threads)
 
     def pending(self) -> int:
         with self._cond:
@@ -111,8 +122,13 @@ class Batcher:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="tagd-inference", daemon=True)
-        self._thread.start()
+        for index, run in enumerate(self._runs):
+            name = "tagd-inference" if len(self._runs) == 1 else f"tagd-inference-{index}"
+            thread = threading.Thread(
+                target=self._work, args=(run, self._buffers[index]), name=name, daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 1.0) -> bool:
         """Drop pending windows, let an in-flight batch finish; False if it did not in time."""
@@ -124,44 +140,58 @@ class Batcher:
             self._cond.notify_all()
         for item in leftover:
             self._metrics.windows_dropped.labels(item.window.stream, DROP_SHUTDOWN).inc()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        deadline = time.perf_counter() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.perf_counter()))
+        if self.busy():
             log.warning("inference worker still busy after %.1f s; leaving it behind", timeout)
             return False
         return True
 
     # -- the worker ---------------------------------------------------------------------------
-    def _work(self) -> None:
+    def _work(self, run: Callable[[np.ndarray], np.ndarray], buffer: np.ndarray) -> None:
         while True:
             items = self._next_batch()
             if items is None:
                 return
-            self._run_batch(items)
+            try:
+                self._run_batch(run, buffer, items)
+            finally:
+                with self._cond:
+                    self._in_flight.difference_update(item.window.stream for item in items)
+                    self._cond.notify_all()  # their streams' next windows may go now
 
     def _next_batch(self) -> list[Pending] | None:
         with self._cond:
-            while self._count == 0 and not self._stopping:
+            while self._available() == 0 and not self._stopping:
                 self._cond.wait()
-            deadline = self._oldest().submitted + self.max_wait_s if self._count else 0.0
-            while not self._stopping and self._count < self.max_batch:
+            deadline = self._oldest().submitted + self.max_wait_s if not self._stopping else 0.0
+            while not self._stopping and self._available() < self.max_batch:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or self._available() == 0:  # another worker took them
                     break
                 self._cond.wait(remaining)
             if self._stopping:
                 return None
             stale = self._take_stale(time.perf_counter())
-            items = [self._take_oldest() for _ in range(min(self._count, self.max_batch))]
+            items = [self._take_oldest() for _ in range(min(self._available(), self.max_batch))]
+            self._in_flight.update(item.window.stream for item in items)
         for item in stale:
             self._metrics.windows_dropped.labels(item.window.stream, DROP_STALE).inc()
         return items
 
+    def _available(self) -> int:
+        """Pending windows this worker may take: none of a stream on another instance."""
+        if not self._in_flight:
+            return self._count
+        return sum(len(q) for s, q in self._pending.items() if s not in self._in_flight)
+
     def _oldest(self) -> Pending:
         return min(
-            (queue[0] for queue in self._pending.values() if queue), key=lambda p: p.submitted
-        )
+            (queue[0] for stream, queue in self._pending.items()
+             if queue and stream not in self._in_flight),
+            key=lambda p: p.submitted,
+        )  # fmt: skip
 
     def _take_oldest(self) -> Pending:
         oldest = self._oldest()
@@ -184,19 +214,26 @@ class Batcher:
         self._count -= len(stale)
         return stale
 
-    def _run_batch(self, items: list[Pending]) -> None:
+    def _run_batch(self, run: Callable[[np.ndarray], np.ndarray], buffer: np.ndarray,
+                   items: list[Pending]) -> None:  # fmt: skip
         if not items:
             return
-        batch = self._buffer[: len(items)]
+        batch = buffer[: len(items)]
         for row, item in enumerate(items):
             batch[row] = item.window.samples
         started = time.perf_counter()
         try:
-            scores = self._run(batch)
+            scores = run(batch)
         except Exception as exc:  # an engine failure must not kill the worker; count and go on
-            self._engine_failed(exc, items)
+            with self._results_lock:
+                self._engine_failed(exc, items)
             return
         finished = time.perf_counter()
+        with self._results_lock:
+            self._handle(items, scores, started, finished)
+
+    def _handle(self, items: list[Pending], scores: np.ndarray, started: float,
+                finished: float) -> None:  # fmt: skip
         if self.failures_in_a_row:
             log.info("engine recovered after %d failed batches", self.failures_in_a_row)
             self.failures_in_a_row = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 import types
@@ -38,6 +39,7 @@ RATE_RANGE = (1000, 768_000)  # Hz a producer may declare
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_ENGINE_THREADS = 256
+MAX_INSTANCES = 64  # engine instances
 
 
 class ConfigError(ValueError):
@@ -221,9 +223,15 @@ class BatchingConfig:
     max_pending_per_stream: int = 2  # older windows of a stream beyond this are dropped
     max_queue_age_s: float = 0.0  # drop windows that waited longer; 0: no age limit
     spread_phases: bool = True  # move live streams' hop grids apart once (tagd/stream.py)
+    # Engine instances, each with its own worker taking batches from the one queue
+    # (Triton's instance groups): on a CPU with more cores than one window's inference
+    # uses well, more windows at once; each instance loads the model again.
+    instances: int = 1
 
     def problems(self, path: str) -> list[str]:
         found = []
+        if not 1 <= self.instances <= MAX_INSTANCES:
+            found.append(f"{path}.instances: must lie in 1..{MAX_INSTANCES}, got {self.instances}")
         if self.max_batch < 0:
             found.append(f"{path}.max_batch: must be 0 (automatic) or more, got {self.max_batch}")
         if not 0 <= self.max_wait_ms <= 10_000:
@@ -243,7 +251,9 @@ class BatchingConfig:
 class OnnxRuntimeConfig:
     """Session options of the ONNX Runtime engine (.onnx models; other engines ignore them)."""
 
-    threads: int = 0  # intra-op threads; 0: TAGD_ORT_THREADS if set, else one per core
+    # Intra-op threads of each instance; 0: TAGD_ORT_THREADS if set, else one per core,
+    # shared out among [batching] instances.
+    threads: int = 0
     # Pool threads spin "while_running" (stop when a run returns), "never", or "always"
     # (ONNX Runtime's default: they spin on after each run, CPU taken from ingest).
     spinning: str = "while_running"
@@ -257,9 +267,13 @@ class OnnxRuntimeConfig:
             found.append(f"{path}.spinning: {self.spinning!r} is not one of {', '.join(SPINNING)}")
         return found
 
-    def engine_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``OnnxEngine.load``."""
-        return {"intra_op_threads": self.threads, "spinning": self.spinning,
+    def engine_options(self, instances: int = 1) -> dict[str, Any]:
+        """Keyword arguments of ``OnnxEngine.load`` for each of ``instances`` instances."""
+        threads = self.threads
+        if not threads and instances > 1 and not os.environ.get("TAGD_ORT_THREADS"):
+            # the cores shared out, not each instance taking them all
+            threads = max(1, (os.cpu_count() or 1) // instances)
+        return {"intra_op_threads": threads, "spinning": self.spinning,
                 "memory_arena": self.memory_arena}  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import signal
 import sys
@@ -69,7 +70,8 @@ class Server:
     def __init__(self, config: ServeConfig, metrics: Metrics | None = None):
         self.config = config.validate()
         self.metrics = metrics or Metrics()
-        self.engine: Engine | None = None
+        self.engine: Engine | None = None  # the first instance: card, limits, description
+        self.engines: list[Engine] = []  # every instance, [batching] instances of them
         self.publisher: Publisher | None = None
         self.batcher: Batcher | None = None
         self.hub: StreamHub | None = None
@@ -100,8 +102,9 @@ class Server:
         self._ready.set()
         self.metrics.ready.set(1)
         log.info(
-            "tagd serve ready: %s; hop %.3f s; publishing on %s%s; %d input(s)",
+            "tagd serve ready: %s%s; hop %.3f s; publishing on %s%s; %d input(s)",
             self.engine.describe(),
+            f" ({len(self.engines)} instances)" if len(self.engines) > 1 else "",
             self.hub.geometry.hop_samples / self.hub.geometry.sample_rate,
             self.publisher.address,
             f"; metrics on http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
@@ -135,8 +138,8 @@ class Server:
         else:
             if self.publisher is not None:  # 3. outputs
                 self.publisher.close()
-            if self.engine is not None:  # 4. the engine
-                self.engine.close()
+            for engine in self.engines:  # 4. the engine's instances
+                engine.close()
             if self._authenticator is not None:  # 5. the ZAP handler, last of the sockets
                 self._authenticator.stop()
             if all(joined):
@@ -204,14 +207,18 @@ class Server:
 
     def _load_engine(self) -> None:
         path = Path(self.config.engine)
+        instances = self.config.batching.instances
         try:
             options = {}
             if path.suffix == ".onnx":
-                options = self.config.onnxruntime.engine_options()
+                options = self.config.onnxruntime.engine_options(instances)
             elif self.config.onnxruntime != OnnxRuntimeConfig():
                 log.warning("[onnxruntime] applies to .onnx models only; %s ignores it", path.name)
-            self.engine = load_engine(path, warmup=False, **options)
-            self.engine.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
+            for _ in range(instances):
+                engine = load_engine(path, warmup=False, **options)
+                self.engines.append(engine)
+                self.engine = self.engines[0]
+                engine.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
         except (EngineError, CardError, OSError) as exc:
             reason = " ".join(str(exc).split())  # one line, whatever the runtime said
             raise StartupError(f"cannot load the engine {path}: {reason}") from None
@@ -234,7 +241,7 @@ class Server:
             card, on_after=self.config.tagger.on_after, off_margin=self.config.tagger.off_margin
         )
         self.batcher = Batcher(
-            self._run_engine,
+            [functools.partial(self._run_engine, index) for index in range(len(self.engines))],
             card.window_samples,
             self._publish_batch,
             self.metrics,
@@ -301,9 +308,9 @@ class Server:
             self.publisher.monitor.drain()  # this thread is the monitor socket's only user
             self.metrics.ready.set(1 if self.is_healthy() else 0)
 
-    # -- the inference worker's side ----------------------------------------------------------
-    def _run_engine(self, batch: np.ndarray) -> np.ndarray:
-        return self.engine.run(batch)
+    # -- the inference workers' side ----------------------------------------------------------
+    def _run_engine(self, instance: int, batch: np.ndarray) -> np.ndarray:
+        return self.engines[instance].run(batch)
 
     def _publish_batch(self, result: BatchResult) -> None:
         """Runs in the inference worker: tag, publish, measure. Never blocks."""

@@ -52,7 +52,8 @@ class Recorder:
 def make(engine=mean_engine, **settings) -> tuple[Batcher, Recorder, Metrics]:
     recorder, metrics = Recorder(), Metrics()
     options = {"max_batch": 4, "max_wait_s": 0.005, "max_pending_per_stream": 2, **settings}
-    batcher = Batcher(engine, WINDOW, recorder, metrics, **options)
+    runs = engine if isinstance(engine, list) else [engine]  # one per engine instance
+    batcher = Batcher(runs, WINDOW, recorder, metrics, **options)
     return batcher, recorder, metrics
 
 
@@ -212,3 +213,51 @@ def test_every_window_is_either_published_or_counted_as_dropped(streams):
     )
     assert recorder.published() + dropped == submitted
     assert dropped > 0
+
+
+def test_instances_run_batches_at_the_same_time():
+    both_inside = threading.Barrier(2, timeout=5)
+
+    def meeting_engine(batch: np.ndarray) -> np.ndarray:
+        both_inside.wait()  # raises, and the batch fails, unless the other call is inside too
+        return mean_engine(batch)
+
+    batcher, recorder, metrics = make([meeting_engine, meeting_engine], max_batch=1)
+    batcher.start()
+    batcher.submit(window("a", 0))
+    batcher.submit(window("b", 0))
+    recorder.wait_for(2)
+    batcher.stop()
+    assert metrics.sample("tagd_engine_errors_total") == 0
+    assert sorted(r.items[0].window.stream for r in recorder.results) == ["a", "b"]
+
+
+def test_a_streams_windows_are_never_on_two_instances_and_stay_in_order():
+    on_engine: list[set[str]] = [set(), set()]
+    overlaps = []
+
+    def instance(index: int):
+        def run(batch: np.ndarray) -> np.ndarray:
+            streams = {chr(ord("a") + int(row[1])) for row in batch}
+            if streams & on_engine[1 - index]:
+                overlaps.append(streams)
+            on_engine[index] = streams
+            time.sleep(0.002)
+            on_engine[index] = set()
+            return mean_engine(batch)
+
+        return run
+
+    batcher, recorder, _ = make([instance(0), instance(1)], max_batch=2, max_wait_s=0.0,
+                                max_pending_per_stream=100)  # fmt: skip
+    batcher.start()
+    for seq in range(40):
+        for number, stream in enumerate("abc"):
+            item = window(stream, seq)
+            item.samples[1] = number  # tells the engine the stream
+            batcher.submit(item)
+    recorder.wait_for(120)
+    batcher.stop()
+    assert overlaps == []
+    for stream in "abc":
+        assert recorder.seqs(stream) == list(range(40))  # handled in order, none lost

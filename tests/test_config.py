@@ -136,9 +136,12 @@ def test_wrong_types_and_values_are_rejected_with_the_reason(tmp_path):
         "batching.max_batch: expected an integer, got str 'eight'",
         "limits.idle_after_s: expected a number, got boolean True",
     ]
-    path.write_text('engine = "m.onnx"\ninputs = ["file:///x.wav"]\n[batching]\nmax_batch = -1\n')
+    path.write_text(
+        'engine = "m.onnx"\ninputs = ["file:///x.wav"]\n[batching]\nmax_batch = -1\ninstances = 0\n'
+    )
     assert problems_of(lambda: load_config(path)) == [
-        "batching.max_batch: must be 0 (automatic) or more, got -1"
+        "batching.instances: must lie in 1..64, got 0",
+        "batching.max_batch: must be 0 (automatic) or more, got -1",
     ]
     path.write_text(
         'engine = "m.onnx"\ninputs = ["file:///x.wav"]\n'
@@ -220,5 +223,15 @@ def test_the_example_configuration_in_the_docs_is_valid(tmp_path):
         "spinning": "while_running",
         "memory_arena": True,
     }
-    assert config.batching.spread_phases
+    assert config.batching.spread_phases and config.batching.instances == 1
     assert [i.name for i in config.inputs][:1] == ["radio1"]
+
+
+def test_instances_share_the_cores_unless_threads_are_set(monkeypatch):
+    from tagd.config import OnnxRuntimeConfig
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert OnnxRuntimeConfig().engine_options(1)["intra_op_threads"] == 0  # one per core
+    assert OnnxRuntimeConfig().engine_options(4)["intra_op_threads"] == 4
+    assert OnnxRuntimeConfig().engine_options(32)["intra_op_threads"] == 1
+    assert OnnxRuntimeConfig(threads=3).engine_options(4)["intra_op_threads"] == 3

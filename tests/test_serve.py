@@ -208,16 +208,20 @@ def socket_port():
     yield port
 
 
-def test_two_streams_from_the_example_producer_are_told_apart(fcn, tmp_path):
+@pytest.mark.parametrize("instances", [1, 2])
+def test_two_streams_from_the_example_producer_are_told_apart(fcn, tmp_path, instances):
+    # with two engine instances the streams' windows run side by side: same scores
     rate = 22_050
     audio = {"radio1": make_music(2.6, rate, seed=1), "radio2": make_music(2.6, rate, seed=2) * 0.3}
     for name, samples in audio.items():
         soundfile.write(tmp_path / f"{name}.wav", samples, rate, subtype="PCM_16")
     with socket_port() as port:  # windows compared by seq: keep the grids where they start
         config = make_config(
-            fcn, [f"zmq+pull://127.0.0.1:{port}"], batching={"spread_phases": False}
-        )
+            fcn, [f"zmq+pull://127.0.0.1:{port}"],
+            batching={"spread_phases": False, "instances": instances},
+        )  # fmt: skip
     with serving(config) as server:
+        assert len(server.engines) == instances
         listener = Listener(server, "tags.")
         producer = subprocess.run(
             [sys.executable, str(REPO / "examples" / "producer.py"), f"tcp://127.0.0.1:{port}",
