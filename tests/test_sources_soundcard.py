@@ -171,3 +171,21 @@ def test_memory_deny_write_execute_is_a_one_line_startup_error_naming_the_drop_i
     assert last.startswith("tagd serve: input studio: cannot open soundcard 'tagdtest'")
     assert "MemoryDenyWriteExecute" in last and "deploy/systemd/soundcard.conf" in last
     assert "Traceback" not in result.stderr
+
+
+def test_a_block_arrives_when_its_last_sample_was_captured_not_at_the_callback():
+    from types import SimpleNamespace
+
+    from tagd.sources.soundcard import captured
+    from tagd.stream import Arrival
+
+    now = Arrival(1000.0, 50.0)
+    # 480 frames at 48 kHz (10 ms) whose first sample was captured 30 ms before the
+    # callback: the last one 20 ms before it
+    times = SimpleNamespace(inputBufferAdcTime=7.970, currentTime=8.0)
+    got = captured(now, times, 480, 48_000)
+    assert got.unix == pytest.approx(999.98) and got.mono == pytest.approx(49.98)
+    # no timestamps (some ALSA plugins), a capture "after" the callback, a clock jump
+    for adc, current in ((0.0, 0.0), (8.0, 8.0), (1.0, 8.0)):
+        times = SimpleNamespace(inputBufferAdcTime=adc, currentTime=current)
+        assert captured(now, times, 480, 48_000) == now

@@ -6,6 +6,12 @@ ALSA PCM name from .asoundrc) or its index in ``python -m sounddevice``. ``forma
 converts from what the card delivers. PortAudio's callback runs on its own real-time thread, so it only
 copies the block into a queue; the reader thread does the resampling and windowing.
 An input overflow (the reader fell behind the card) is counted as a gap.
+
+A block's arrival is when its last sample was captured, from PortAudio's timestamps
+(the first sample's ADC time plus the block's length, against the callback's time),
+not when the callback ran: the driver's buffering comes before the callback. Devices
+that give no usable timestamps (zero, or a capture time in the future or more than
+``MAX_CAPTURE_LAG_S`` back) get the callback's time.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_BLOCKS = 1000  # ~10 s of 10 ms blocks: beyond that the reader is stuck; drop
 DEFAULT_FORMAT = "f32le"
 DTYPES = {"s16le": "int16", "s32le": "int32", "f32le": "float32"}  # sounddevice's names
+MAX_CAPTURE_LAG_S = 1.0  # a longer lag from capture to callback is a clock to distrust
 
 
 class SoundcardSource(Source):
@@ -65,7 +72,8 @@ class SoundcardSource(Source):
 
     def _callback(self, indata: np.ndarray, frames: int, time_info, status) -> None:
         try:
-            self._blocks.put_nowait((indata.copy(), Arrival.now(), bool(status.input_overflow)))
+            arrival = captured(Arrival.now(), time_info, frames, self._rate)
+            self._blocks.put_nowait((indata.copy(), arrival, bool(status.input_overflow)))
         except queue.Full:
             self._lost_blocks = True  # the reader fell behind; it counts the gap
 
@@ -86,3 +94,19 @@ class SoundcardSource(Source):
     def _close(self) -> None:
         self._audio.stop()
         self._audio.close()
+
+
+def captured(now: Arrival, time_info, frames: int, rate: int) -> Arrival:
+    """When the block's last sample was captured, from PortAudio's callback times.
+
+    ``time_info`` has ``inputBufferAdcTime`` (the first sample's capture) and
+    ``currentTime`` (the callback's), both on the stream's clock; ``now`` is the
+    callback's time on ours.
+    """
+    adc, current = time_info.inputBufferAdcTime, time_info.currentTime
+    if not adc or not current:
+        return now
+    lag = current - (adc + frames / rate)
+    if not 0.0 <= lag <= MAX_CAPTURE_LAG_S:
+        return now
+    return Arrival(now.unix - lag, now.mono - lag)
