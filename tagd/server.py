@@ -217,7 +217,7 @@ class Server:
             for _ in range(instances):
                 engine = load_engine(path, warmup=False, **options)
                 self.engines.append(engine)
-                self.engine = self.engines[0]
+                self.engine = self.engines[0]  # what _max_batch() asks
                 engine.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
         except (EngineError, CardError, OSError) as exc:
             reason = " ".join(str(exc).split())  # one line, whatever the runtime said
