@@ -248,8 +248,8 @@ class RunResult:
     overhead_p50_ms: float | None = None
     overhead_p99_ms: float | None = None
     # From the producer's send of the message carrying the window's last sample to the
-    # subscriber's receipt: adds what the daemon's own clock cannot see (the resampler
-    # holding samples back, time in sockets before the reader gets to them).
+    # subscriber's receipt: adds what the daemon's own clock cannot see (time in sockets
+    # before the reader gets to them, and after publication).
     outside_p50_ms: float | None = None
     outside_p99_ms: float | None = None
     bench_cores: float | None = None  # this process: producer and subscriber
@@ -389,29 +389,33 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
         hop_s=hop_s,
         offered_per_s=streams / hop_s,
         published_per_s=published / seconds,
-        p50_ms=float(np.percentile(latencies, 50)) if latencies else None,
-        p99_ms=float(np.percentile(latencies, 99)) if latencies else None,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
         dropped=dropped,
         published=published,
         cpu_cores=cpu,
         rss_mb=rss,
         batch_mean=published / batches if batches else None,
-        inference_p50_ms=float(np.median(inference)) if inference else None,
-        queue_p50_ms=float(np.median(queued)) if queued else None,
-        inference_p99_ms=float(np.percentile(inference, 99)) if inference else None,
-        queue_p99_ms=float(np.percentile(queued, 99)) if queued else None,
+        inference_p50_ms=percentile(inference, 50),
+        queue_p50_ms=percentile(queued, 50),
+        inference_p99_ms=percentile(inference, 99),
+        queue_p99_ms=percentile(queued, 99),
         queued_share=float(np.mean(np.asarray(queued) > 1.0)) if queued else None,
-        ingest_p50_ms=float(np.percentile(ingest, 50)) if ingest else None,
-        ingest_p99_ms=float(np.percentile(ingest, 99)) if ingest else None,
-        ready_p50_ms=float(np.percentile(ready, 50)) if ready else None,
-        ready_p99_ms=float(np.percentile(ready, 99)) if ready else None,
-        overhead_p50_ms=float(np.percentile(overhead, 50)) if overhead else None,
-        overhead_p99_ms=float(np.percentile(overhead, 99)) if overhead else None,
-        outside_p50_ms=float(np.percentile(outside, 50)) if outside else None,
-        outside_p99_ms=float(np.percentile(outside, 99)) if outside else None,
+        ingest_p50_ms=percentile(ingest, 50),
+        ingest_p99_ms=percentile(ingest, 99),
+        ready_p50_ms=percentile(ready, 50),
+        ready_p99_ms=percentile(ready, 99),
+        overhead_p50_ms=percentile(overhead, 50),
+        overhead_p99_ms=percentile(overhead, 99),
+        outside_p50_ms=percentile(outside, 50),
+        outside_p99_ms=percentile(outside, 99),
         bench_cores=bench_cpu,
         notes={"exit_code": code, "received": received},
     )
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
 
 
 def idle_rss(model: Path, window_s: float, hop_s: float, streams: int = IDLE_STREAMS) -> dict:

@@ -103,7 +103,10 @@ class Batcher:
                     self._count -= 1
                 queue.append(Pending(window, time.perf_counter()))
                 self._count += 1
-                self._cond.notify_all()
+                # Wake the workers when this can start a batch: the first window, a full
+                # batch, or (several instances) a window of a stream none of them has.
+                if self._count == 1 or self._count >= self.max_batch or len(self._runs) > 1:
+                    self._cond.notify_all()
         if dropped is not None:
             reason = DROP_SHUTDOWN if self._stopping else DROP_QUEUE_FULL
             self._metrics.windows_dropped.labels(dropped.stream, reason).inc()
