@@ -21,7 +21,11 @@ in one run on this machine:
    zmq output sends per packet; each stream at its own random phase of the hop and of
    the message cycle; the first window is pre-rolled so that measuring starts at once):
    - saturation: offered twice the bare engine's rate → windows published per second;
-   - half load: half the saturation throughput → end-to-end latency p50/p99;
+   - half load: half the saturation throughput → end-to-end latency p50/p99; next to
+     it, what an ideal daemon would reach on the same windows (one engine, FIFO, each
+     window at the bare engine's paced median, no cost of its own: a lower bound), and
+     the same load again with the streams at the model's rate in mono, so the daemon
+     has nothing to resample;
    - both again with `[batching] instances = 2` (two engines of half the cores each,
      against the bare pair running side by side and the best bare figure of all);
    - the largest N streams at the card's hop with no drops and p99 under one hop;
@@ -73,7 +77,7 @@ CHANNELS = 2
 # size sets how finely completion times fall.
 MESSAGE_FRAMES = 1152
 MAX_PRODUCER_SLEEP_S = 0.01
-PREROLL_MESSAGE_FRAMES = 5 * SOURCE_RATE  # the pre-roll goes in 5 s messages
+PREROLL_S = 5  # the pre-roll goes in 5 s messages
 AUDIO_LOOP_S = 37.0  # streams loop this much generated audio
 IDLE_STREAMS = 50
 MAX_STREAMS = 1024  # the daemon's limits.max_streams in the bench
@@ -85,11 +89,11 @@ WARMUP_S = 12.0  # measurements skip the first seconds of each run: streams get 
 # -- audio and producers -------------------------------------------------------------------
 
 
-def music_like(seconds: float, rate: int, seed: int) -> np.ndarray:
-    """Stereo float32: chords changing every second over noise (content barely matters)."""
+def music_like(seconds: float, rate: int, seed: int, channels: int = CHANNELS) -> np.ndarray:
+    """Float32 frames: chords changing every second over noise (content barely matters)."""
     rng = np.random.default_rng(seed)
     t = np.arange(round(seconds * rate)) / rate
-    out = 0.02 * rng.standard_normal((len(t), CHANNELS))
+    out = 0.02 * rng.standard_normal((len(t), channels))
     for second in range(int(np.ceil(seconds))):
         part = slice(second * rate, (second + 1) * rate)
         root = 110 * 2 ** rng.uniform(0, 2)
@@ -98,9 +102,12 @@ def music_like(seconds: float, rate: int, seed: int) -> np.ndarray:
     return np.clip(out, -1, 1).astype(np.float32)
 
 
-AUDIO = (music_like(AUDIO_LOOP_S, SOURCE_RATE, seed=0) * 32767).astype("<i2")
-AUDIO_BYTES = AUDIO.tobytes()
-FRAME_BYTES = 2 * CHANNELS
+def looped_audio(rate: int, channels: int) -> np.ndarray:
+    """The s16le frames that streams loop, at ``rate`` with ``channels``."""
+    return (music_like(AUDIO_LOOP_S, rate, seed=0, channels=channels) * 32767).astype("<i2")
+
+
+AUDIO = looped_audio(SOURCE_RATE, CHANNELS)
 
 
 class Producer:
@@ -111,16 +118,25 @@ class Producer:
     ``message_frames`` per message, each when its last frame is due, at its own lag in
     the message cycle (independent producers). Every message's last frame and send time
     are kept, so a subscriber can time a prediction from the message that carried its
-    window's last sample (``sent_at``).
+    window's last sample (``sent_at``). Streams are 44.1 kHz stereo unless ``rate`` and
+    ``channels`` say otherwise (the model's rate in mono: nothing for the daemon to
+    resample).
     """
 
     def __init__(self, endpoint: str, streams: int, window_s: float, hop_s: float, seed: int = 1,
-                 message_frames: int = MESSAGE_FRAMES) -> None:  # fmt: skip
+                 message_frames: int = MESSAGE_FRAMES, rate: int = SOURCE_RATE,
+                 channels: int = CHANNELS) -> None:  # fmt: skip
         self.endpoint, self.streams, self.window_s = endpoint, streams, window_s
         self.message_frames = message_frames
+        self.rate, self.channels = rate, channels
+        audio = (
+            AUDIO if (rate, channels) == (SOURCE_RATE, CHANNELS) else looped_audio(rate, channels)
+        )
+        self._audio_frames, self._audio_bytes = len(audio), audio.tobytes()
+        self._frame_bytes = 2 * channels
         rng = np.random.default_rng(seed)
         self.phases = rng.uniform(0.05, 0.05 + hop_s, streams)
-        self.offsets = rng.integers(0, len(AUDIO), streams)  # different audio per stream
+        self.offsets = rng.integers(0, len(audio), streams)  # different audio per stream
         self.message_lag = rng.integers(0, message_frames, streams)
         self.frames_sent = 0
         # per stream: frames sent after each message, and when it left (perf_counter)
@@ -145,16 +161,16 @@ class Producer:
 
     def _chunk(self, stream: int, start_frame: int, frames: int) -> bytes:
         # Byte slices of the looped audio: the producer must cost the CPUs next to nothing.
-        first = (int(self.offsets[stream]) + start_frame) % len(AUDIO)
-        parts, left = [], frames
+        first = (int(self.offsets[stream]) + start_frame) % self._audio_frames
+        parts, left, size = [], frames, self._frame_bytes
         while left:
-            take = min(left, len(AUDIO) - first)
-            parts.append(AUDIO_BYTES[first * FRAME_BYTES : (first + take) * FRAME_BYTES])
+            take = min(left, self._audio_frames - first)
+            parts.append(self._audio_bytes[first * size : (first + take) * size])
             left, first = left - take, 0
         return b"".join(parts)
 
     def _send(self, push: zmq.Socket, stream: int, start_frame: int, frames: int, seq: int) -> None:
-        header = {"format": "s16le", "rate": SOURCE_RATE, "channels": CHANNELS, "seq": seq}
+        header = {"format": "s16le", "rate": self.rate, "channels": self.channels, "seq": seq}
         header["t"] = time.time()  # the naive loop counts its latency from here
         payload = self._chunk(stream, start_frame, frames)
         push.send_multipart([f"s{stream}".encode(), json.dumps(header).encode(), payload])
@@ -166,14 +182,15 @@ class Producer:
         push = context.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 0)
         push.connect(self.endpoint)
-        preroll = [max(0, round((self.window_s - phase) * SOURCE_RATE)) for phase in self.phases]
+        rate = self.rate
+        preroll = [max(0, round((self.window_s - phase) * rate)) for phase in self.phases]
         lag = [int(frames) for frames in self.message_lag]
         message_frames = self.message_frames
         sent = [0] * self.streams  # frames sent per stream
         seq = [0] * self.streams
         for stream in range(self.streams):  # at once, in big messages
             while sent[stream] < preroll[stream]:
-                frames = min(PREROLL_MESSAGE_FRAMES, preroll[stream] - sent[stream])
+                frames = min(PREROLL_S * rate, preroll[stream] - sent[stream])
                 self._send(push, stream, sent[stream], frames, seq[stream])
                 sent[stream] += frames
                 seq[stream] += 1
@@ -181,10 +198,7 @@ class Producer:
         started = time.perf_counter()
 
         def due_at(stream: int) -> float:  # when the next message's last frame is due
-            return (
-                started
-                + (sent[stream] + message_frames + lag[stream] - preroll[stream]) / SOURCE_RATE
-            )
+            return started + (sent[stream] + message_frames + lag[stream] - preroll[stream]) / rate
 
         # then in real time, each message when its last frame is due (ffmpeg sends each
         # packet when decoded); a heap keeps the cost per message, not per stream
@@ -254,6 +268,14 @@ class RunResult:
     outside_p99_ms: float | None = None
     bench_cores: float | None = None  # this process: producer and subscriber
     notes: dict = field(default_factory=dict)
+    # per window received: (unix time it was ready, its latency_ms.ingest), for ideal_fifo
+    windows_ready: list[tuple[float, float]] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        """The figures, without the per-window list."""
+        figures = asdict(self)
+        figures.pop("windows_ready")
+        return figures
 
 
 class Daemon:
@@ -326,7 +348,9 @@ class Daemon:
 
 
 def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds: float,
-               toml: str = "", message_frames: int = MESSAGE_FRAMES) -> RunResult:  # fmt: skip
+               toml: str = "", message_frames: int = MESSAGE_FRAMES, rate: int = SOURCE_RATE,
+               channels: int = CHANNELS) -> RunResult:  # fmt: skip
+    """``message_frames`` are at 44.1 kHz: other rates keep the same message duration."""
     daemon = Daemon(model, hop_s, toml=toml)
     try:
         context = zmq.Context()
@@ -336,11 +360,18 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
         sub.connect(f"tcp://127.0.0.1:{daemon.publish_port}")
         time.sleep(0.3)
         producer = Producer(
-            daemon.input, streams, window_s, hop_s, message_frames=message_frames
+            daemon.input,
+            streams,
+            window_s,
+            hop_s,
+            rate=rate,
+            channels=channels,
+            message_frames=round(message_frames * rate / SOURCE_RATE),
         ).start()
         started = time.perf_counter()
         measure_from = started + WARMUP_S
         latencies, ingest, ready, inference, queued, overhead, outside = [], [], [], [], [], [], []
+        windows_ready = []
         received = 0
         cpu0 = bench_cpu0 = None
         published0 = dropped0 = 0.0
@@ -366,10 +397,13 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
                 queued.append(timing["queue"])
                 ingest.append(timing["ingest"])
                 ready.append(timing["total"] - timing["ingest"])
+                windows_ready.append(
+                    (message["captured_at"] + timing["ingest"] / 1000, timing["ingest"])
+                )
                 overhead.append(
                     timing["total"] - timing["ingest"] - timing["queue"] - timing["inference"]
                 )
-                last_frame = math.ceil(message["window"]["end_s"] * SOURCE_RATE - 1e-3) - 1
+                last_frame = math.ceil(message["window"]["end_s"] * rate - 1e-3) - 1
                 sent = producer.sent_at(int(message["stream"][1:]), last_frame)
                 if sent is not None:
                     outside.append((received_at - sent) * 1000)
@@ -411,11 +445,38 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
         outside_p99_ms=percentile(outside, 99),
         bench_cores=bench_cpu,
         notes={"exit_code": code, "received": received},
+        windows_ready=windows_ready,
     )
 
 
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
+
+
+def ideal_fifo(result: RunResult, window_ms: float) -> dict:
+    """What a daemon with no cost of its own would reach on the same windows.
+
+    One engine that takes the windows in the order they were ready, each in exactly
+    ``window_ms``, with nothing else on the machine: a window waits only for those
+    ready before it. Its latency counts from the same capture as the daemon's (the
+    resampler's hold, ``ingest``, included), so no design with one engine can do better
+    at the p99 than this on these arrivals; only the windows' spacing decides it.
+    """
+    free_at = -math.inf
+    totals, readies = [], []
+    for ready_at, ingest_ms in sorted(result.windows_ready):
+        finished = max(ready_at, free_at) + window_ms / 1000
+        free_at = finished
+        readies.append((finished - ready_at) * 1000)
+        totals.append(ingest_ms + readies[-1])
+    return {
+        "window_ms": window_ms,
+        "p50_ms": percentile(totals, 50),
+        "p99_ms": percentile(totals, 99),
+        "ready_p50_ms": percentile(readies, 50),
+        "ready_p99_ms": percentile(readies, 99),
+        "waited_share": float(np.mean(np.asarray(readies) > window_ms + 1.0)) if readies else None,
+    }
 
 
 def idle_rss(model: Path, window_s: float, hop_s: float, streams: int = IDLE_STREAMS) -> dict:
@@ -681,6 +742,23 @@ def bench_model(arch: str, folder: Path, seconds: float, message_frames: int) ->
           f"queue p50/p99 {half.queue_p50_ms:.1f}/{half.queue_p99_ms:.0f} ms, {half.queued_share:.0%} of windows waited > 1 ms, tagging and publishing p99 {half.overhead_p99_ms:.1f} ms), dropped {half.dropped:.0f}; "
           f"from the producer's send to the subscriber p50 {half.outside_p50_ms:.0f} ms p99 {half.outside_p99_ms:.0f} ms; "
           f"daemon {half.cpu_cores:.2f} cores, bench {half.bench_cores:.2f} cores", flush=True)  # fmt: skip
+    ideal = ideal_fifo(half, paced["p50_ms"])
+    print(f"an ideal daemon on the same windows (one engine, each window {ideal['window_ms']:.1f} ms, "
+          f"nothing else): p50 {ideal['p50_ms']:.0f} ms p99 {ideal['p99_ms']:.0f} ms "
+          f"({ideal['p99_ms'] / bare['window_inference_ms']:.2f} x one window); window ready to published "
+          f"p99 {ideal['ready_p99_ms']:.0f} ms ({ideal['ready_p99_ms'] / bare['window_inference_ms']:.2f} x), "
+          f"{ideal['waited_share']:.0%} of windows waited", flush=True)  # fmt: skip
+
+    # the same load, but the streams arrive at the model's rate in mono: no resampling
+    unresampled = run_daemon(model, window_s, sat_streams, half_hop, seconds * 1.5,
+                             message_frames=message_frames, rate=card.sample_rate, channels=1)  # fmt: skip
+    ideal_unresampled = ideal_fifo(unresampled, paced["p50_ms"])
+    print(f"daemon at half load, streams at {card.sample_rate} Hz mono (nothing to resample): "
+          f"p50 {unresampled.p50_ms:.0f} ms p99 {unresampled.p99_ms:.0f} ms "
+          f"({unresampled.p99_ms / bare['window_inference_ms']:.2f} x one window; ingest p99 "
+          f"{unresampled.ingest_p99_ms:.1f} ms, {unresampled.queued_share:.0%} of windows waited > 1 ms); "
+          f"the ideal daemon on these windows p99 {ideal_unresampled['p99_ms']:.0f} ms "
+          f"({ideal_unresampled['p99_ms'] / bare['window_inference_ms']:.2f} x)", flush=True)  # fmt: skip
 
     naive_sat = naive_loop(engine, window_s, sat_streams, sat_hop, seconds, message_frames)
     naive_half = naive_loop(engine, window_s, sat_streams, half_hop, seconds, message_frames)
@@ -709,7 +787,7 @@ def bench_model(arch: str, folder: Path, seconds: float, message_frames: int) ->
             and result.p99_ms is not None
             and result.p99_ms < card_hop_s * 1000
         )
-        tried.append(asdict(result) | {"sustained": ok})
+        tried.append(result.summary() | {"sustained": ok})
         print(f"{streams} streams at hop {card_hop_s:.2f} s: {'sustained' if ok else 'NOT sustained'}: "
               f"{result.published_per_s:.2f} of {result.offered_per_s:.2f} windows/s published, "
               f"p50 {result.p50_ms:.0f} ms p99 {result.p99_ms:.0f} ms, dropped {result.dropped:.0f}, "
@@ -723,11 +801,16 @@ def bench_model(arch: str, folder: Path, seconds: float, message_frames: int) ->
         "window_s": window_s,
         "card_hop_s": card_hop_s,
         "bare": bare,
-        "saturation": asdict(saturation),
+        "saturation": saturation.summary(),
         "throughput_vs_bare": saturation.published_per_s / reference,
-        "half_load": asdict(half),
+        "half_load": half.summary(),
         "p99_vs_window_inference": half.p99_ms / bare["window_inference_ms"],
         "ready_p99_vs_window_inference": half.ready_p99_ms / bare["window_inference_ms"],
+        "ideal_half_load": ideal,
+        "ideal_p99_vs_window_inference": ideal["p99_ms"] / bare["window_inference_ms"],
+        "unresampled_half_load": unresampled.summary(),
+        "unresampled_p99_vs_window_inference": unresampled.p99_ms / bare["window_inference_ms"],
+        "ideal_unresampled": ideal_unresampled,
         "paced_window": paced,
         "p99_vs_paced_window": half.p99_ms / paced["p50_ms"],
         "naive_saturation": naive_sat,
@@ -770,9 +853,9 @@ def two_instances(model: Path, window_s: float, windows: np.ndarray, streams: in
     return {
         "threads_each": threads,
         "bare": bare,
-        "saturation": asdict(saturation),
+        "saturation": saturation.summary(),
         "throughput_vs_best_bare": saturation.published_per_s / best,
-        "half_load": asdict(half),
+        "half_load": half.summary(),
         "p99_vs_window_inference": half.p99_ms / window_ms,
         "p99_vs_instance_window": half.p99_ms / bare["window_ms"],
     }
@@ -811,6 +894,11 @@ def main() -> None:
               f"{p99:.2f} x one window ({'met' if p99 <= 1.5 else 'MISSED'}, target <= 1.5; "
               f"{model['p99_vs_paced_window']:.2f} x paced; from the window ready, without the "
               f"resampler's hold: {model['ready_p99_vs_window_inference']:.2f} x)")  # fmt: skip
+        print(f"  {model['model']}: half-load p99 of an ideal daemon on the same windows "
+              f"{model['ideal_p99_vs_window_inference']:.2f} x one window; with streams at the "
+              f"model's rate (no resampling) {model['unresampled_p99_vs_window_inference']:.2f} x "
+              f"({'met' if model['unresampled_p99_vs_window_inference'] <= 1.5 else 'MISSED'}), "
+              f"ideal {model['ideal_unresampled']['p99_ms'] / model['bare']['window_inference_ms']:.2f} x")  # fmt: skip
         two = model["two_instances"]
         print(f"  {model['model']} with two instances: throughput at saturation "
               f"{two['throughput_vs_best_bare']:.2f} x the best bare "
