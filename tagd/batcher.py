@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tagd.affinity import keep_off_pinned_cores
 from tagd.metrics import DROP_ENGINE_ERROR, DROP_QUEUE_FULL, DROP_SHUTDOWN, DROP_STALE, Metrics
 from tagd.stream import ReadyWindow
 
@@ -153,6 +154,7 @@ class Batcher:
 
     # -- the worker ---------------------------------------------------------------------------
     def _work(self, run: Callable[[np.ndarray], np.ndarray], buffer: np.ndarray) -> None:
+        keep_off_pinned_cores()  # not on a core with the engine's pinned threads (affinity.py)
         while True:
             items = self._next_batch()
             if items is None:
