@@ -17,6 +17,9 @@ windows waiting: submitting one more drops that stream's oldest, counted as
 ``queue_full``. Latency stays bounded by about that many hops plus one batch; windows
 older than ``max_queue_age_s`` (when set) are dropped as ``stale`` before a batch.
 
+Once a window is copied into a batch, or dropped, its samples go to ``recycle`` (the
+streams' ``WindowPool``): nothing reads a submitted window's samples after that.
+
 An engine that raises loses that batch's windows (``engine_error``), not the worker:
 each kind of error is logged in full the first time, and ``healthy()`` turns false after
 ``unhealthy_after`` failed batches in a row (the daemon's /healthz then says 503) and
@@ -63,11 +66,13 @@ class Batcher:
     def __init__(self, runs: Sequence[Callable[[np.ndarray], np.ndarray]], window_samples: int,
                  on_batch: Callable[[BatchResult], None], metrics: Metrics, *, max_batch: int,
                  max_wait_s: float, max_pending_per_stream: int,
-                 max_queue_age_s: float = 0.0, unhealthy_after: int = 3) -> None:  # fmt: skip
+                 max_queue_age_s: float = 0.0, unhealthy_after: int = 3,
+                 recycle: Callable[[np.ndarray], None] | None = None) -> None:  # fmt: skip
         if not runs:
             raise ValueError("a batcher needs at least one engine instance")
         self._runs = list(runs)  # one per engine instance, each used by its own worker
         self._on_batch = on_batch
+        self._recycle = recycle  # takes a window's samples that nothing will read again
         self._metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -111,6 +116,7 @@ class Batcher:
         if dropped is not None:
             reason = DROP_SHUTDOWN if self._stopping else DROP_QUEUE_FULL
             self._metrics.windows_dropped.labels(dropped.stream, reason).inc()
+            self._done_with(dropped)
 
     def healthy(self) -> bool:
         """False after ``unhealthy_after`` failed batches in a row, until one succeeds."""
@@ -144,6 +150,7 @@ class Batcher:
             self._cond.notify_all()
         for item in leftover:
             self._metrics.windows_dropped.labels(item.window.stream, DROP_SHUTDOWN).inc()
+            self._done_with(item.window)
         deadline = time.perf_counter() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.perf_counter()))
@@ -183,7 +190,12 @@ class Batcher:
             self._in_flight.update(item.window.stream for item in items)
         for item in stale:
             self._metrics.windows_dropped.labels(item.window.stream, DROP_STALE).inc()
+            self._done_with(item.window)
         return items
+
+    def _done_with(self, window: ReadyWindow) -> None:
+        if self._recycle is not None:
+            self._recycle(window.samples)
 
     def _available(self) -> int:
         """Pending windows this worker may take: none of a stream on another instance."""
@@ -226,6 +238,7 @@ class Batcher:
         batch = buffer[: len(items)]
         for row, item in enumerate(items):
             batch[row] = item.window.samples
+            self._done_with(item.window)
         started = time.perf_counter()
         try:
             scores = run(batch)

@@ -51,6 +51,7 @@ from tagd.sockets import CurveServer, SecurityError
 from tagd.sources import Source, SourceError, make_source
 from tagd.stream import StreamGeometry, StreamHub
 from tagd.tagger import Tagger
+from tagd.windowing import WindowPool
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ EXIT_STARTUP_FAILED = 2
 CPU_MAX_BATCH = 1
 ACCELERATOR_MAX_BATCH = 8
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default, kept fixed (see release_freed_memory)
+# Free window buffers kept for reuse (windowing.WindowPool): 35 SampleCNN windows, 5 of
+# FCN-4's, at least 2.
+WINDOW_POOL_BYTES = 8 * 1024 * 1024
 
 
 class StartupError(RuntimeError):
@@ -240,6 +244,10 @@ class Server:
         self.tagger = Tagger(
             card, on_after=self.config.tagger.on_after, off_margin=self.config.tagger.off_margin
         )
+        window_bytes = card.window_samples * np.dtype(np.float32).itemsize
+        self.window_pool = WindowPool(
+            card.window_samples, max(2, WINDOW_POOL_BYTES // window_bytes)
+        )
         self.batcher = Batcher(
             [functools.partial(self._run_engine, index) for index in range(len(self.engines))],
             card.window_samples,
@@ -250,6 +258,7 @@ class Server:
             max_pending_per_stream=batching.max_pending_per_stream,
             max_queue_age_s=batching.max_queue_age_s,
             unhealthy_after=limits.unhealthy_after_failed_batches,
+            recycle=self.window_pool.give,
         )
         geometry = StreamGeometry(card.sample_rate, card.window_samples, self._hop_samples())
         self.hub = StreamHub(
@@ -262,6 +271,7 @@ class Server:
             spread_phases=batching.spread_phases,
             max_spliced_gap_s=limits.max_spliced_gap_s,
             on_evict=self.tagger.forget,  # a dict pop: safe from the evicting thread
+            pool=self.window_pool,
         )
 
     def _open_inputs(self) -> None:

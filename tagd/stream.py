@@ -60,7 +60,7 @@ from tagd.metrics import (
     MALFORMED_TOO_MANY_STREAMS,
     Metrics,
 )
-from tagd.windowing import Windower
+from tagd.windowing import Windower, WindowPool
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class ReadyWindow:
     seq: int  # windows this stream has emitted before this one (gaps in seq = drops)
     epoch: int  # bumped when the stream restarts; averaging never spans epochs
     start: int  # stream position of the first sample, at the model's rate
-    samples: np.ndarray  # float32 [window_samples]
+    samples: np.ndarray  # float32 [window_samples]; the batcher recycles it once batched
     captured: Arrival  # when the message carrying the window's last sample arrived
 
     @property
@@ -128,15 +128,15 @@ class StreamRefused(Exception):
 
 class Stream:
     def __init__(self, name: str, geometry: StreamGeometry, sink: WindowSink, metrics: Metrics,
-                 idle_after_s: float = float("inf"),
-                 max_spliced_gap_s: float = float("inf")) -> None:  # fmt: skip
+                 idle_after_s: float = float("inf"), max_spliced_gap_s: float = float("inf"),
+                 pool: WindowPool | None = None) -> None:  # fmt: skip
         self.name = name
         self.idle_after_s = idle_after_s
         self.max_spliced_gap_s = max_spliced_gap_s
         self.geometry = geometry
         self._sink = sink
         self._metrics = metrics
-        self._windower = Windower(geometry.window_samples, geometry.hop_samples)
+        self._windower = Windower(geometry.window_samples, geometry.hop_samples, pool)
         self._decoder: PcmDecoder | None = None
         self._resampler: StreamResampler | None = None
         self._shape: tuple[str | None, int, int] | None = None  # (format, rate, channels)
@@ -352,8 +352,10 @@ class StreamHub:
     def __init__(self, geometry: StreamGeometry, sink: WindowSink, metrics: Metrics, *,
                  max_streams: int, idle_after_s: float, evict_after_s: float,
                  spread_phases: bool = False, max_spliced_gap_s: float = float("inf"),
-                 on_evict: Callable[[str], None] | None = None) -> None:  # fmt: skip
+                 on_evict: Callable[[str], None] | None = None,
+                 pool: WindowPool | None = None) -> None:  # fmt: skip
         self.geometry = geometry
+        self._pool = pool  # where every stream's windows come from (windowing.WindowPool)
         self.spread_phases = spread_phases
         self._sink = sink
         self._metrics = metrics
@@ -389,7 +391,7 @@ class StreamHub:
                     )
                 del self._entries[displaced]
             stream = Stream(name, self.geometry, self._sink, self._metrics, self.idle_after_s,
-                            self.max_spliced_gap_s)  # fmt: skip
+                            self.max_spliced_gap_s, self._pool)  # fmt: skip
             self._entries[name] = _Entry(stream, owner, pinned)
             self._metrics.known_streams.set(len(self._entries))
         log.info("stream %s opened by %s", name, owner)

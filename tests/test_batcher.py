@@ -268,3 +268,43 @@ def test_a_streams_windows_are_never_on_two_instances_and_stay_in_order():
     assert overlaps == []
     for stream in "abc":
         assert recorder.seqs(stream) == list(range(40))  # handled in order, none lost
+
+
+def test_every_window_is_recycled_once_batched_or_dropped_never_twice():
+    engine = GatedEngine()
+    recycled: list[int] = []
+    batcher, recorder, metrics = make(
+        engine=engine, max_batch=1, max_pending_per_stream=2, max_queue_age_s=0.05,
+        recycle=lambda samples: recycled.append(id(samples)),
+    )  # fmt: skip
+    windows = [window("a", seq) for seq in range(7)]
+    batcher.start()
+    batcher.submit(windows[0])
+    assert engine.entered.wait(2)  # a0 is in the engine: copied into the batch, recycled
+    assert recycled == [id(windows[0].samples)]
+    for w in windows[1:4]:  # a1 dropped as queue_full when a3 arrives
+        batcher.submit(w)
+    time.sleep(0.1)  # a2 and a3 go stale while the engine is held
+    engine.release.set()  # a0 finishes; before the next batch the worker drops a2 and a3
+    deadline = time.monotonic() + 5
+    while (
+        metrics.sample("tagd_windows_dropped_total", {"stream": "a", "reason": "stale"}) or 0
+    ) < 2:
+        assert time.monotonic() < deadline, "the stale windows were not dropped"
+        time.sleep(0.01)
+    batcher.submit(windows[4])
+    recorder.wait_for(2)
+    engine.release.clear()
+    engine.entered.clear()
+    batcher.submit(windows[5])
+    assert engine.entered.wait(2)  # the engine is held on a5
+    batcher.submit(windows[6])  # still pending at stop: dropped as shutdown
+    threading.Timer(0.1, engine.release.set).start()
+    assert batcher.stop(timeout=2.0)
+    assert recorder.seqs("a") == [0, 4, 5]
+    reasons = {
+        r: metrics.sample("tagd_windows_dropped_total", {"stream": "a", "reason": r})
+        for r in ("queue_full", "stale", "shutdown")
+    }
+    assert reasons == {"queue_full": 1, "stale": 2, "shutdown": 1}
+    assert sorted(recycled) == sorted(id(w.samples) for w in windows)  # each exactly once

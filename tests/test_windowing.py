@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tagd.windowing import Windower, clip_windows
+from tagd.windowing import Windower, WindowPool, clip_windows
 
 
 def test_windows_start_every_hop_and_hold_the_right_samples():
@@ -53,3 +53,42 @@ def test_reset_and_restart_forget_buffered_audio():
 
 def test_too_short_gives_no_window():
     assert clip_windows(np.zeros(9, dtype=np.float32), 10, 5) == []
+
+
+def test_pooled_windows_reuse_given_back_buffers_and_hold_the_same_samples():
+    rng = np.random.default_rng(1)
+    samples = rng.standard_normal(500).astype(np.float32)
+    reference = clip_windows(samples, 64, 24)
+    pool = WindowPool(64, capacity=2)
+    windower = Windower(64, 24, pool)
+    seen_buffers = set()
+    streamed = []
+    most_at_once = 0
+    for first in range(0, len(samples), 37):
+        windows = windower.push(samples[first : first + 37])
+        most_at_once = max(most_at_once, len(windows))
+        for window in windows:
+            streamed.append((window.start, window.samples.copy()))  # what a batch copies
+            seen_buffers.add(id(window.samples))
+            pool.give(window.samples)  # then nothing reads it: the next window may reuse it
+    assert [start for start, _ in streamed] == [w.start for w in reference]
+    for (_, got), want in zip(streamed, reference, strict=True):
+        np.testing.assert_array_equal(got, want.samples)
+    # No more buffers than windows out at once (two when a chunk completes two)
+    assert len(streamed) > 10 and len(seen_buffers) == most_at_once == 2
+
+
+def test_a_pool_keeps_at_most_capacity_and_refuses_foreign_buffers():
+    pool = WindowPool(8, capacity=2)
+    taken = [pool.take() for _ in range(3)]  # none free: three new buffers
+    assert len({id(b) for b in taken}) == 3 and all(b.shape == (8,) for b in taken)
+    for buffer in taken:
+        pool.give(buffer)
+    assert pool.free == 2  # the third is left to the garbage collector
+    assert {id(pool.take()), id(pool.take())} <= {id(b) for b in taken}
+    with pytest.raises(ValueError, match="not a window of this pool"):
+        pool.give(np.zeros(9, dtype=np.float32))
+    with pytest.raises(ValueError, match="not a window of this pool"):
+        pool.give(np.zeros(8, dtype=np.float64))
+    with pytest.raises(ValueError, match="a pool of 8-sample windows for 16"):
+        Windower(16, 4, pool)
