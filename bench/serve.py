@@ -1,6 +1,6 @@
 """Benchmark `tagd serve`: N live streams against the bare engine and a naive loop.
 
-    .venv/bin/python bench/serve.py                    # fcn4 and samplecnn, ~12 minutes
+    .venv/bin/python bench/serve.py                    # fcn4 and samplecnn, ~17 minutes
     .venv/bin/python bench/serve.py --models fcn4 --seconds 15
 
 For each model (full size, untrained, exported here with trainer.export) it measures,
@@ -19,7 +19,8 @@ in one run on this machine:
 3. `tagd serve` in a subprocess, fed over the multi-stream protocol by streams paced in
    real time (44.1 kHz stereo s16le in messages of 1152 frames, 26 ms, what ffmpeg's
    zmq output sends per packet; each stream at its own random phase of the hop and of
-   the message cycle; the first window is pre-rolled so that measuring starts at once):
+   the message cycle; the first window is pre-rolled; each run is measured once every
+   stream's phase is placed, after 12 s or more, see ``warmup_s``):
    - saturation: offered twice the bare engine's rate → windows published per second;
    - half load: half the saturation throughput → end-to-end latency p50/p99; next to
      it, what an ideal daemon would reach on the same windows (one engine, FIFO, each
@@ -28,7 +29,8 @@ in one run on this machine:
      has nothing to resample;
    - both again with `[batching] instances = 2` (two engines of half the cores each,
      against the bare pair running side by side and the best bare figure of all);
-   - the largest N streams at the card's hop with no drops and p99 under one hop;
+   - the largest N streams at the card's hop with no drops and p99 under one hop,
+     trying 0.9, 0.8 ... 0.5 of the saturation throughput;
    - RSS with 50 idle-but-connected streams.
 
 End-to-end latency is the daemon's own `latency_ms.total` (arrival of the message that
