@@ -347,12 +347,9 @@ class Server:
             self.metrics.ingest_delay.observe(ingest_s)
             self.metrics.end_to_end_latency.observe(total_s)
             self.metrics.windows_published.labels(window.stream).inc()
-            active = set(prediction.active)
-            gauges = self.metrics.tag_gauges(window.stream, card.tags)
-            for (score, is_active), tag, value in zip(gauges, card.tags, prediction.scores,
-                                                      strict=True):  # fmt: skip
-                score.set(float(value))
-                is_active.set(1 if tag in active else 0)
+            self.metrics.last_predictions.update(
+                window.stream, card.tags, prediction.scores, prediction.active
+            )
             for event in event_messages(prediction, card, published_at=published_at):
                 self.publisher.send(topic(EVENTS_TOPIC, window.stream), event)
                 self.metrics.events_published.labels(window.stream).inc()

@@ -12,6 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 import zmq
+from prometheus_client import generate_latest
 
 from tagd.card import ModelCard
 from tagd.metrics import Metrics, MetricsServer
@@ -149,3 +150,26 @@ def test_message_shapes_match_docs_topics():
         "window": {"start_s": 2.0, "end_s": 3.0},
         "published_at": 1000.05,
     }
+
+
+def test_tag_gauges_show_each_streams_last_prediction_and_go_with_the_stream():
+    metrics = Metrics()
+    tags = ["rock", "jazz", "vocal"]
+    last = metrics.last_predictions
+    last.update("radio1", tags, np.array([0.9, 0.1, 0.5], np.float32), ["rock"])
+    last.update("radio2", tags, np.array([0.2, 0.7, 0.4], np.float32), [])
+    last.update("radio1", tags, np.array([0.8, 0.2, 0.6], np.float32), ["rock", "vocal"])
+
+    def series(name: str, stream: str) -> list[float | None]:
+        return [metrics.sample(name, {"stream": stream, "tag": tag}) for tag in tags]
+
+    assert series("tagd_tag_score", "radio1") == pytest.approx([0.8, 0.2, 0.6])  # the latest
+    assert series("tagd_tag_score", "radio2") == pytest.approx([0.2, 0.7, 0.4])
+    assert series("tagd_tag_active", "radio1") == [1, 0, 1]
+    assert series("tagd_tag_active", "radio2") == [0, 0, 0]
+    metrics.forget_stream("radio1")
+    assert series("tagd_tag_score", "radio1") == [None, None, None]
+    text = generate_latest(metrics.registry).decode()
+    assert "# TYPE tagd_tag_score gauge" in text and "# TYPE tagd_tag_active gauge" in text
+    assert 'tagd_tag_active{stream="radio2",tag="jazz"} 0.0' in text
+    assert "radio1" not in text
