@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import tomllib
 import types
@@ -26,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tagd.audio import PCM_FORMATS
-from tagd.engines.onnx import SPINNING
+from tagd.engines.onnx import SPINNING, resolve_threads
 
 # Stream names become topic suffixes (tags.<stream>) and metric label values: keep them
 # short, printable and free of the '.' that separates topic levels.
@@ -269,10 +268,7 @@ class OnnxRuntimeConfig:
 
     def engine_options(self, instances: int = 1) -> dict[str, Any]:
         """Keyword arguments of ``OnnxEngine.load`` for each of ``instances`` instances."""
-        threads = self.threads
-        if not threads and instances > 1 and not os.environ.get("TAGD_ORT_THREADS"):
-            # the cores shared out, not each instance taking them all
-            threads = max(1, (os.cpu_count() or 1) // instances)
+        threads = resolve_threads(self.threads, instances)
         return {"intra_op_threads": threads, "spinning": self.spinning,
                 "memory_arena": self.memory_arena}  # fmt: skip
 

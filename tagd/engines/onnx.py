@@ -33,6 +33,18 @@ PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 SPINNING = {"while_running": ("1", "1"), "never": ("0", "0"), "always": ("1", "0")}
 
 
+def resolve_threads(configured: int | None = None, instances: int = 1) -> int:
+    """Intra-op threads for each of ``instances`` sessions; 0 lets ONNX Runtime choose.
+
+    ``configured``, else TAGD_ORT_THREADS, else one per core for a single session and
+    the cores shared out among several (each taking them all would oversubscribe).
+    """
+    threads = configured or int(os.environ.get("TAGD_ORT_THREADS", "0"))
+    if threads or instances <= 1:
+        return threads
+    return max(1, (os.cpu_count() or 1) // instances)
+
+
 class OnnxEngine(Engine):
     backend = "onnxruntime"
 
@@ -66,7 +78,7 @@ class OnnxEngine(Engine):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = intra_op_threads or int(os.environ.get("TAGD_ORT_THREADS", "0"))
+        threads = resolve_threads(intra_op_threads)
         if threads:
             options.intra_op_num_threads = threads
         options.enable_cpu_mem_arena = memory_arena
