@@ -1,97 +1,256 @@
-"""Insert tagd's tags into Liquidsoap as metadata, through Liquidsoap's telnet server.
+"""Insert tagd's tags into Liquidsoap as metadata, through Liquidsoap's server.
 
-Usage: python examples/liquidsoap_bridge.py TAGD_ENDPOINT HOST:PORT STREAM=SOURCE_ID [...]
+Usage: python examples/liquidsoap_bridge.py TAGD_ENDPOINT SERVER STREAM=SOURCE_ID [...]
 e.g.   python examples/liquidsoap_bridge.py tcp://127.0.0.1:5560 127.0.0.1:1234 radio1=live
+       python examples/liquidsoap_bridge.py tcp://127.0.0.1:5560 /run/liquidsoap/radio.sock radio1=live
 
-In the Liquidsoap script (2.x):
-    settings.server.telnet.set(true)         # the telnet server, on 127.0.0.1:1234
-    live = insert_metadata(id="live", live)  # adds the server command live.insert
+SERVER is Liquidsoap's telnet server (HOST:PORT) or its Unix socket (a path). In the
+Liquidsoap script (2.0 and later; 2.1.3 is what the tests run):
+
+    settings.server.telnet.set(true)              # telnet on 127.0.0.1:1234, or
+    settings.server.socket.set(true)              # a Unix socket (settings.server.socket.path)
+    live = server.insert_metadata(id="live", live)  # registers the command live.insert
+
+Plain ``insert_metadata(id=...)`` registers no server command in 2.x: Liquidsoap answers
+every line with ``ERROR: unknown command``, which the bridge reports.
 
 When the tags that are on for a stream change (``active`` in tags.<stream>, after tagd's
 hysteresis; docs/topics.md), the bridge sends one line,
-    live.insert tagd_tags="rock,guitar",tagd_model="fcn4"
-and Liquidsoap replies "Done", then "END". Outputs downstream carry the new metadata.
+
+    live.insert tagd_tags="[\\"rock\\",\\"guitar\\"]",tagd_model="fcn4"
+
+``tagd_tags`` is a JSON array, so a tag name may hold a comma; in Liquidsoap,
+``let json.parse (tags : [string]) = m["tagd_tags"]`` gives the list. What it guarantees:
+
+- every reply is read: "Done" is success; an ``ERROR`` is logged once (with the command)
+  and the insert is retried every RETRY_S until it succeeds;
+- Liquidsoap restarted, or unreachable for a while: the bridge reconnects and sends each
+  stream's current tags again, so a fresh Liquidsoap has them without waiting for a change;
+- changes that come faster than Liquidsoap applies them (it applies one insert per
+  source per frame: of five inserts inside a millisecond only the last reaches
+  ``on_metadata``) are coalesced: at most one insert per source every
+  MIN_INSERT_INTERVAL_S, and always the latest tags.
 Needs pyzmq only.
 """
+
+from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import signal
 import socket
 import sys
+import time
 
 import zmq
 
 log = logging.getLogger("liquidsoap_bridge")
 
+REPLY_TIMEOUT_S = 5.0  # Liquidsoap answers a command in milliseconds
+RETRY_S = 2.0  # after an ERROR reply, or while Liquidsoap cannot be reached
+# Liquidsoap applies one insert per source per frame (0.04 s by default); five frames
+# leave room for a busy one and are still far below a tag change's pace (a hop).
+MIN_INSERT_INTERVAL_S = 0.2
+# Liquidsoap's server closes a connection idle for settings.server.timeout (30 s by
+# default); a harmless command more often keeps it, so a drop means a restart.
+KEEPALIVE_S = 10.0
+KEEPALIVE_COMMAND = "uptime"
+
 
 def quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A Liquidsoap string literal, on one line."""
+    one_line = value.replace("\r", " ").replace("\n", " ")
+    return '"' + one_line.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class Telnet:
-    """One connection to Liquidsoap's server, reopened when Liquidsoap restarts."""
+def insert_command(source_id: str, fields: dict[str, str]) -> str:
+    return f"{source_id}.insert " + ",".join(f"{k}={quote(v)}" for k, v in fields.items())
 
-    def __init__(self, host: str, port: int):
-        self.address = (host, port)
+
+class Connection:
+    """One connection to Liquidsoap's server: telnet (HOST:PORT) or a Unix socket (a path)."""
+
+    def __init__(self, server: str) -> None:
+        self.server = server
         self.sock: socket.socket | None = None
 
-    def command(self, line: str) -> list[str]:
-        """Send one command line; return the reply's lines before "END"."""
-        for attempt in (1, 2):
+    def open(self) -> None:
+        """Connect; raises OSError."""
+        if "/" in self.server:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                if self.sock is None:
-                    self.sock = socket.create_connection(self.address, timeout=5)
-                    self.file = self.sock.makefile("rwb")
-                self.file.write(line.encode() + b"\n")
-                self.file.flush()
-                reply = []
-                while (raw := self.file.readline()) and raw.strip() != b"END":
-                    reply.append(raw.decode().strip())
-                if not raw:
-                    raise ConnectionError("connection closed")
-                return reply
-            except OSError as exc:  # refused, reset, timed out, or closed by Liquidsoap
-                if self.sock is not None:
-                    self.sock.close()
-                self.sock = None
-                if attempt == 2:
-                    raise ConnectionError(f"liquidsoap at {self.address}: {exc}") from exc
-        return []
+                sock.settimeout(REPLY_TIMEOUT_S)
+                sock.connect(self.server)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            host, _, port = self.server.rpartition(":")
+            sock = socket.create_connection((host, int(port)), timeout=REPLY_TIMEOUT_S)
+        self.sock, self.file = sock, sock.makefile("rwb")
+
+    def command(self, line: str) -> list[str]:
+        """Send one command; return the reply's lines before "END". Raises OSError."""
+        assert self.sock is not None
+        self.file.write(line.encode() + b"\n")
+        self.file.flush()
+        reply = []
+        while (raw := self.file.readline()).strip() != b"END":
+            if not raw:
+                raise ConnectionError("Liquidsoap closed the connection")
+            reply.append(raw.decode(errors="replace").strip())
+        return reply
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+                self.sock.close()
+        self.sock = None
+
+
+class Bridge:
+    """tags.<stream> in, ``SOURCE.insert`` out; the state that makes it reliable."""
+
+    def __init__(self, server: str, sources: dict[str, str]) -> None:
+        self.sources = sources  # stream -> Liquidsoap source id
+        self.liquidsoap = Connection(server)
+        self.wanted: dict[str, dict[str, str]] = {}  # the latest tags of each stream
+        self.applied: dict[str, dict[str, str]] = {}  # what this Liquidsoap acknowledged
+        self.sent_at: dict[str, float] = {}
+        self.retry_at: dict[str, float] = {}
+        self.refused: dict[str, str] = {}  # stream -> the error logged, until it succeeds
+        self.reconnect_at = 0.0
+        self.unreachable: str | None = None  # the connection error logged
+        self.last_command_at = 0.0
+
+    # -- tagd's side ---------------------------------------------------------------------
+    def on_tags(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        stream = frames[0].decode(errors="replace").removeprefix("tags.")
+        if stream not in self.sources:
+            return  # tags.radio10 also matches the subscription tags.radio1
+        message = json.loads(frames[1])
+        self.wanted[stream] = {
+            "tagd_tags": json.dumps(message["active"], ensure_ascii=False, separators=(",", ":")),
+            "tagd_model": message["model"],
+        }
+
+    # -- Liquidsoap's side -------------------------------------------------------------------
+    def connected(self) -> bool:
+        return self.liquidsoap.sock is not None
+
+    def connect(self, now: float) -> None:
+        if self.connected() or now < self.reconnect_at:
+            return
+        try:
+            self.liquidsoap.open()
+        except OSError as exc:
+            self.reconnect_at = now + RETRY_S
+            if self.unreachable is None:
+                log.warning("cannot reach Liquidsoap at %s: %s; retrying every %.0f s",
+                            self.liquidsoap.server, exc, RETRY_S)  # fmt: skip
+            self.unreachable = str(exc)
+            return
+        log.info("connected to Liquidsoap at %s", self.liquidsoap.server)
+        self.unreachable = None
+        self.applied.clear()  # a new connection may be a new Liquidsoap: send everything
+        self.last_command_at = now
+
+    def disconnect(self, why: str, now: float) -> None:
+        log.warning("lost Liquidsoap at %s (%s); reconnecting", self.liquidsoap.server, why)
+        self.liquidsoap.close()
+        self.reconnect_at = now  # at once: a restarted Liquidsoap is usually back
+
+    def due(self, stream: str) -> float:
+        return max(self.retry_at.get(stream, 0.0),
+                   self.sent_at.get(stream, 0.0) + MIN_INSERT_INTERVAL_S)  # fmt: skip
+
+    def pending(self) -> list[str]:
+        return [s for s, fields in self.wanted.items() if self.applied.get(s) != fields]
+
+    def send_pending(self, now: float) -> None:
+        for stream in self.pending():
+            if not self.connected():
+                return
+            if now < self.due(stream):
+                continue
+            fields = self.wanted[stream]
+            line = insert_command(self.sources[stream], fields)
+            try:
+                reply = self.liquidsoap.command(line)
+            except OSError as exc:
+                self.disconnect(str(exc), now)
+                return
+            self.sent_at[stream] = self.last_command_at = now
+            if reply == ["Done"]:
+                self.applied[stream] = fields
+                self.retry_at.pop(stream, None)
+                if self.refused.pop(stream, None) is not None:
+                    log.info("%s: Liquidsoap accepts the inserts again", stream)
+                log.info("%s: %s", stream, line)
+                continue
+            error = " ".join(reply) or "(an empty reply)"
+            if self.refused.get(stream) != error:
+                log.warning("%s: Liquidsoap refused %s: %s; retrying every %.0f s",
+                            stream, line, error, RETRY_S)  # fmt: skip
+            self.refused[stream] = error
+            self.retry_at[stream] = now + RETRY_S
+
+    def keep_alive(self, now: float) -> None:
+        if self.connected() and now - self.last_command_at >= KEEPALIVE_S:
+            self.last_command_at = now
+            try:
+                self.liquidsoap.command(KEEPALIVE_COMMAND)
+            except OSError as exc:
+                self.disconnect(str(exc), now)
+
+    def next_wake(self, now: float) -> float:
+        """Seconds until something is due (an insert, a reconnection, a keep-alive)."""
+        times = [self.due(stream) for stream in self.pending()]
+        times.append(self.last_command_at + KEEPALIVE_S if self.connected() else self.reconnect_at)
+        return min(max(0.0, min(times) - now), 1.0)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, endpoint: str) -> None:
+        sub = zmq.Context().socket(zmq.SUB)
+        for stream in self.sources:
+            sub.setsockopt_string(zmq.SUBSCRIBE, f"tags.{stream}")
+        sub.connect(endpoint)
+        while True:
+            now = time.monotonic()
+            self.connect(now)
+            poller = zmq.Poller()
+            poller.register(sub, zmq.POLLIN)
+            if self.connected():
+                poller.register(self.liquidsoap.sock, zmq.POLLIN)
+            ready = dict(poller.poll(self.next_wake(now) * 1000))
+            now = time.monotonic()
+            if self.connected() and self.liquidsoap.sock in ready:
+                # Between commands Liquidsoap only speaks to hang up: EOF when it stops,
+                # "Connection timed out.. Bye!" after settings.server.timeout.
+                self.disconnect("it closed the connection", now)
+                self.connect(now)
+            if sub in ready:
+                while True:  # everything queued: only each stream's latest tags matter
+                    try:
+                        self.on_tags(sub.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            self.send_pending(now)
+            self.keep_alive(now)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if len(sys.argv) < 4:
+    if len(sys.argv) < 4 or not all("=" in arg for arg in sys.argv[3:]):
         sys.exit(__doc__)
     endpoint, server = sys.argv[1], sys.argv[2]
     sources = dict(arg.split("=", 1) for arg in sys.argv[3:])  # stream -> source id
-    host, _, port = server.rpartition(":")
-    telnet = Telnet(host, int(port))
-    sub = zmq.Context().socket(zmq.SUB)
-    for stream in sources:
-        sub.setsockopt_string(zmq.SUBSCRIBE, f"tags.{stream}")
-    sub.connect(endpoint)
-    last: dict[str, list[str]] = {}  # the tags last inserted, per stream
-    while True:
-        frames = sub.recv_multipart()
-        stream = frames[0].decode().removeprefix("tags.")
-        if len(frames) != 2 or stream not in sources:
-            continue  # tags.radio10 also matches the subscription tags.radio1
-        message = json.loads(frames[1])
-        if last.get(stream) == message["active"]:
-            continue
-        fields = {"tagd_tags": ",".join(message["active"]), "tagd_model": message["model"]}
-        line = f"{sources[stream]}.insert " + ",".join(f"{k}={quote(v)}" for k, v in fields.items())
-        try:
-            reply = telnet.command(line)
-        except ConnectionError as exc:
-            log.warning("%s: not inserted: %s", stream, exc)
-            continue
-        if reply != ["Done"]:
-            log.warning("%s: liquidsoap replied %r to %s", stream, reply, line)
-        log.info("%s: %s", stream, line)
-        last[stream] = message["active"]
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
+    Bridge(server, sources).run(endpoint)
 
 
 if __name__ == "__main__":

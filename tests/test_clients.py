@@ -4,6 +4,7 @@ A real ZeroMQ XPUB on loopback plays tagd: it waits until the example has subscr
 nothing is lost to the slow-joiner rule), then publishes messages built by
 ``tagd.publish`` itself, so they are exactly what ``tagd serve`` puts on the wire. The
 examples run as their users run them: ``python examples/NAME.py ...`` in a subprocess.
+examples/liquidsoap_bridge.py is tested against a real Liquidsoap in tests/test_liquidsoap.py.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import signal
-import socketserver
 import subprocess
 import sys
 import threading
@@ -231,74 +230,3 @@ def test_webhook_bridge_posts_each_event_as_json_and_survives_a_failing_webhook(
     assert example.interrupt() == 0
     assert any("rock on: POST" in line and "failed" in line for line in example.stderr)
     assert any("speech off: posted, HTTP 204" in line for line in example.stderr)
-
-
-# -- liquidsoap_bridge.py --------------------------------------------------------------------
-
-INSERT = re.compile(r"^(?P<source>[\w-]+)\.insert (?P<fields>.*)$")
-FIELD = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-class Liquidsoap(socketserver.ThreadingTCPServer):
-    """A line server speaking Liquidsoap's telnet commands for ``insert_metadata(id=...)``.
-
-    ``SOURCE.insert key="value",...`` answers "Done" and "END"; anything else the error
-    Liquidsoap gives. Like a Liquidsoap that restarts, it hangs up after
-    ``hang_up_after`` commands on a connection.
-    """
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, source_ids: set[str], hang_up_after: int = 0) -> None:
-        self.inserts: list[tuple[str, dict[str, str]]] = []
-        self.connections = 0
-        liquidsoap = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                liquidsoap.connections += 1
-                for served, raw in enumerate(self.rfile, start=1):
-                    match = INSERT.match(raw.decode().strip())
-                    if match and match["source"] in source_ids:
-                        fields = {k: re.sub(r"\\(.)", r"\1", v) for k, v in FIELD.findall(match["fields"])}  # fmt: skip
-                        liquidsoap.inserts.append((match["source"], fields))
-                        self.wfile.write(b"Done\nEND\n")
-                    else:
-                        self.wfile.write(
-                            b'ERROR: unknown command, type "help" to get a list of commands.\nEND\n'
-                        )
-                    if served == hang_up_after:
-                        return
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}).start()
-
-
-@pytest.fixture
-def liquidsoap() -> Iterator[Liquidsoap]:
-    server = Liquidsoap({"live"}, hang_up_after=2)
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def test_liquidsoap_bridge_inserts_the_active_tags_when_they_change(tagd, run_example, liquidsoap):
-    example = run_example("liquidsoap_bridge.py", tagd.endpoint, liquidsoap.address, "radio1=live")
-    tagd.wait_subscribed("tags.radio1")
-
-    for seq, active in enumerate([[], ["rock"], ["rock"], ["rock", "guitar"]]):
-        tagd.send(topic(TAGS_TOPIC, "radio1"), tags_of(predict("radio1", seq, active)))
-        if seq == 1:  # another stream whose name starts alike: not for this source
-            tagd.send(topic(TAGS_TOPIC, "radio10"), tags_of(predict("radio10", 0, ["jazz"])))
-
-    wait_for(lambda: len(liquidsoap.inserts) >= 3, "three inserts")
-    assert liquidsoap.inserts == [
-        ("live", {"tagd_tags": "", "tagd_model": "fcn4-mtt"}),
-        ("live", {"tagd_tags": "rock", "tagd_model": "fcn4-mtt"}),
-        ("live", {"tagd_tags": "rock,guitar", "tagd_model": "fcn4-mtt"}),
-    ]
-    assert liquidsoap.connections == 2  # hung up after two commands: the bridge reconnected
-    assert example.interrupt() == 0
-    assert not [line for line in example.stderr if "WARNING" in line]

@@ -60,7 +60,7 @@ COVERAGE: list[tuple[str, str]] = [
     (r"\.venv/bin/python examples/webhook_bridge\.py .*",
      "tests/test_clients.py::test_webhook_bridge_posts_each_event_as_json_and_survives_a_failing_webhook"),
     (r"\.venv/bin/python examples/liquidsoap_bridge\.py .*",
-     "tests/test_clients.py::test_liquidsoap_bridge_inserts_the_active_tags_when_they_change"),
+     "tests/test_liquidsoap.py::test_bridge_inserts_tags_that_survive_a_liquidsoap_restart"),
 ]  # fmt: skip
 
 
