@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import logging.handlers
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from tagd.batcher import Batcher, BatchResult
-from tagd.card import CardError
+from tagd.card import CardError, ModelCard, read_card
 from tagd.config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -36,7 +37,7 @@ from tagd.config import (
     apply_overrides,
     load_config,
 )
-from tagd.engines import Engine, EngineError, load_engine
+from tagd.engines import BACKENDS, Engine, EngineError, load_engine
 from tagd.metrics import Metrics, MetricsServer
 from tagd.publish import (
     EVENTS_TOPIC,
@@ -96,9 +97,10 @@ class Server:
             self._serve_metrics()  # /healthz answers 503 until the last step
             self._secure()  # CURVE keys and the allowed clients, when configured
             self._bind_publisher()  # a port in use fails here, before the slow load
+            self._reserve_inputs()  # bind zmq+pull inputs, find files: before the load too
             self._load_engine()  # load, check the card against the I/O, warm up
             self._build_pipeline()  # streams → batcher → tagger → publisher
-            self._open_inputs()  # bind, connect, open devices and files
+            self._open_inputs()  # connect, open devices and files
             self._start_threads()  # inference worker, sweeper, one reader per input
         except StartupError:
             self.stop()
@@ -274,17 +276,23 @@ class Server:
             pool=self.window_pool,
         )
 
-    def _open_inputs(self) -> None:
+    def _reserve_inputs(self) -> None:
         for spec in self.config.inputs:
             curve = self._curve if spec.uses_curve(self.config.security) else None
-            source = make_source(
-                spec, self.hub, self.metrics, self._context, self.config.limits, curve
-            )
+            source = make_source(spec, None, self.metrics, self._context, self.config.limits, curve)
+            self.sources.append(source)  # stop() closes what it reserved
+            try:
+                source.reserve()
+            except SourceError as exc:
+                raise StartupError(str(exc)) from None
+
+    def _open_inputs(self) -> None:
+        for source in self.sources:
+            source.hub = self.hub
             try:
                 source.open()
             except SourceError as exc:
                 raise StartupError(str(exc)) from None
-            self.sources.append(source)
 
     def _start_threads(self) -> None:
         self.batcher.start()
@@ -371,6 +379,63 @@ def release_freed_memory() -> None:
     libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
 
 
+def check_engine_file(config: ServeConfig) -> ModelCard:
+    """What --check-config knows of the model without loading it: the file opens, its
+    suffix names a backend, its card reads and is valid. Raises StartupError."""
+    path = Path(config.engine)
+    if path.suffix not in BACKENDS:
+        known = ", ".join(sorted(BACKENDS))
+        raise StartupError(f"cannot load the engine {path}: unknown model type "
+                           f"{path.suffix!r}; known: {known}")  # fmt: skip
+    try:
+        with path.open("rb") as model:
+            model.read(1)
+        card = read_card(path)
+    except OSError as exc:
+        raise StartupError(f"cannot load the engine {path}: {exc.strerror}") from None
+    except CardError as exc:
+        reason = " ".join(str(exc).split())
+        raise StartupError(f"cannot load the engine {path}: {reason}") from None
+    return card
+
+
+def input_warnings(config: ServeConfig, card: ModelCard) -> list[str]:
+    """Inputs that will work, but not as well as they could with this model."""
+    warnings = []
+    hop_s = config.hop_seconds or card.hop_seconds
+    if hop_s > card.window_seconds:
+        warnings.append(f"the hop ({hop_s:.2f} s) is longer than the model's window "
+                        f"({card.window_seconds:.2f} s): audio between windows is never tagged")  # fmt: skip
+    for index, spec in enumerate(config.inputs):
+        if spec.rate is not None and spec.rate < card.sample_rate:
+            warnings.append(f"inputs[{index}]: {spec.rate} Hz is below the model's "
+                            f"{card.sample_rate} Hz: it hears band-limited audio")  # fmt: skip
+        if spec.scheme == "file" and not Path(spec.address).is_file():
+            warnings.append(f"inputs[{index}]: no such file: {spec.address}")
+    return warnings
+
+
+@contextlib.contextmanager
+def held_logs():
+    """Hold start-up log records, so a failure's reason can be the first line on stderr.
+
+    Yields the holding handler: ``flush()`` writes what it holds. On leaving, whatever is
+    still held is written and the root logger's handlers are put back.
+    """
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    target = handlers[0] if handlers else logging.StreamHandler(sys.stderr)
+    held = logging.handlers.MemoryHandler(
+        capacity=100_000, flushLevel=logging.CRITICAL + 1, target=target, flushOnClose=True
+    )
+    root.handlers[:] = [held]
+    try:
+        yield held
+    finally:
+        root.handlers[:] = handlers
+        held.close()  # flushes
+
+
 # -- the command ------------------------------------------------------------------------------
 
 
@@ -417,8 +482,20 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
             click.echo(f"tagd serve: config: {problem}", err=True)
         sys.exit(EXIT_STARTUP_FAILED)
     if check_config:
+        try:
+            card = check_engine_file(config)
+        except StartupError as exc:
+            click.echo(f"tagd serve: {exc}", err=True)
+            sys.exit(EXIT_STARTUP_FAILED)
+        for warning in input_warnings(config, card):
+            click.echo(f"tagd serve: warning: {warning}", err=True)
         names = ", ".join(spec.name for spec in config.inputs)
-        click.echo(f"config OK: engine {config.engine}, {len(config.inputs)} input(s): {names}")
+        click.echo(
+            f"config OK: engine {config.engine} ({card.name}, {card.architecture}, "
+            f"{card.n_tags} tags, {card.sample_rate} Hz, window {card.window_seconds:.2f} s, "
+            f"hop {config.hop_seconds or card.hop_seconds:.2f} s), "
+            f"{len(config.inputs)} input(s): {names}"
+        )
         return
 
     setup_logging(config.log.level, config.log.format)
@@ -432,11 +509,13 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     server = Server(config)
-    try:
-        server.start()
-    except StartupError as exc:
-        click.echo(f"tagd serve: {exc}", err=True)
-        sys.exit(EXIT_STARTUP_FAILED)
+    with held_logs() as held:  # the reason for a failed start comes first on stderr
+        try:
+            server.start()
+        except StartupError as exc:
+            click.echo(f"tagd serve: {exc}", err=True)
+            held.flush()
+            sys.exit(EXIT_STARTUP_FAILED)
     while not stop_requested.wait(0.2):
         pass
     server.stop()

@@ -176,21 +176,27 @@ def test_flags_override_the_file(tmp_path):
     assert [spec.url for spec in config.inputs] == ["zmq+pull://127.0.0.1:7001"]
 
 
-def test_a_file_may_leave_to_the_flags_what_they_give(tmp_path):
+@pytest.fixture(scope="module")
+def model(export_model) -> str:
+    """--check-config reads the model's card: a real one."""
+    return str(export_model("fcn4", n_frames=94, pools=((2, 2), (2, 2), (3, 2), (4, 2))))
+
+
+def test_a_file_may_leave_to_the_flags_what_they_give(tmp_path, model):
     path = tmp_path / "tagd.toml"
     path.write_text("[batching]\nspread_phases = false\n")
     result = CliRunner().invoke(
         main,
-        ["serve", "--config", str(path), "--engine", "m.onnx", "--input", RAW, "--check-config"],
+        ["serve", "--config", str(path), "--engine", model, "--input", RAW, "--check-config"],
     )
     assert result.exit_code == 0, result.output
     missing = CliRunner().invoke(main, ["serve", "--config", str(path), "--check-config"])
     assert missing.exit_code == 2 and "engine: no model file given" in missing.output
 
 
-def test_check_config_validates_and_exits(tmp_path):
+def test_check_config_validates_and_exits(tmp_path, model):
     runner = CliRunner()
-    good = runner.invoke(main, ["serve", "--engine", "m.onnx", "--input", RAW, "--check-config"])
+    good = runner.invoke(main, ["serve", "--engine", model, "--input", RAW, "--check-config"])
     assert good.exit_code == 0, good.output
     assert "config OK" in good.output and "radio1" in good.output
 

@@ -237,7 +237,7 @@ def test_systemd_unit_exposure_is_rated_ok(systemd_analyze, tmp_path):
     assert float(match[1]) <= 2.0, f"exposure {match[1]} {match[2]}:\n{result.stdout}"
 
 
-def test_systemd_unit_serves_the_installed_config_on_loopback():
+def test_systemd_unit_serves_the_installed_config_on_loopback(short_model, tmp_path):
     settings = unit_settings(UNIT.read_text())
     assert settings["ExecStart"] == f"{UNIT_EXEC} serve --config /etc/tagd/tagd.toml"
     assert settings["Restart"] == "on-failure"
@@ -248,12 +248,21 @@ def test_systemd_unit_serves_the_installed_config_on_loopback():
     assert config.publish.address.startswith("tcp://127.0.0.1:")
     assert config.metrics.host_port()[0] == "127.0.0.1"
     assert all(spec.address.startswith("tcp://127.0.0.1:") for spec in config.inputs)
+    # --check-config reads the model's card: give it one where the config expects it.
+    installed = tmp_path / "tagd.toml"
+    installed.write_text(substitute((DEPLOY / "systemd" / "tagd.toml").read_text(),
+                                    {config.engine: str(short_model)}))  # fmt: skip
     check = subprocess.run(
+        [TAGD, "serve", "--config", installed, "--check-config"], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+    missing = subprocess.run(
         [TAGD, "serve", "--config", DEPLOY / "systemd" / "tagd.toml", "--check-config"],
         capture_output=True,
         text=True,
     )
-    assert check.returncode == 0, check.stderr
+    assert missing.returncode == 2  # before the model is installed, the check says so
+    assert missing.stderr.startswith(f"tagd serve: cannot load the engine {config.engine}")
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,12 @@ def test_the_guides_install_steps_lay_out_a_valid_host(tmp_path, export_model):
         here = ROOTED.sub(f"{root}/\\1/", here)
         result = subprocess.run(shlex.split(here), cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, f"{command}\n{result.stdout}{result.stderr}"
+        if command.endswith("/etc/tagd/tagd.toml") and "install" in command:
+            # The config names the model at /var/lib/tagd: in the scratch root, there.
+            config = root / "etc/tagd/tagd.toml"
+            config.write_text(
+                config.read_text().replace('"/var/lib/tagd/', f'"{root}/var/lib/tagd/')
+            )
 
     assert (root / "etc/systemd/system/tagd.service").read_text() == (
         DEPLOY / "systemd/tagd.service"
@@ -138,7 +144,7 @@ def test_the_guides_model_export_gives_a_model_tagd_reads(tmp_path):
     assert card.architecture == "fcn4" and card.n_tags > 0
 
 
-def test_the_daemon_installs_from_source_without_torch(tmp_path):
+def test_the_daemon_installs_from_source_without_torch(tmp_path, export_model):
     """What the Dockerfile copies builds a wheel that needs no torch and runs `tagd serve`."""
     source = tmp_path / "src"
     source.mkdir()
@@ -166,9 +172,13 @@ def test_the_daemon_installs_from_source_without_torch(tmp_path):
     requires = [line for line in metadata.read_text().splitlines() if line.startswith("Requires-Dist:")]  # fmt: skip
     daemon = [line for line in requires if "extra ==" not in line]
     assert daemon and not any("torch" in line for line in daemon), daemon
+    # --check-config reads the model's card: put one where the container's config says.
+    config = tmp_path / "tagd.toml"
+    config.write_text((DEPLOY / "docker" / "tagd.toml").read_text().replace(
+        '"/var/lib/tagd/models/fcn4.onnx"', f'"{export_model("fcn4")}"'))  # fmt: skip
     check = subprocess.run(
-        [str(tmp_path / "site" / "bin" / "tagd"), "serve", "--config",
-         str(DEPLOY / "docker" / "tagd.toml"), "--check-config"],
+        [str(tmp_path / "site" / "bin" / "tagd"), "serve", "--config", str(config),
+         "--check-config"],
         capture_output=True, text=True, cwd=tmp_path,
         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
     )  # fmt: skip

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -117,33 +118,98 @@ def test_sigterm_stops_a_busy_daemon_with_exit_0_within_2_s(export_model):
     assert any("tagd serve stopped" in line for line in daemon.lines)
 
 
-def test_a_bad_engine_path_exits_2_with_a_one_line_reason(tmp_path):
-    process = subprocess.run(
-        [*TAGD, "serve", "--engine", str(tmp_path / "missing.onnx"), "--input", "zmq+pull://127.0.0.1:0",
-         "--metrics", "127.0.0.1:0", "--publish", "tcp://127.0.0.1:*"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
+def run_serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*TAGD, "serve", *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert process.returncode == 2
-    reasons = [line for line in process.stderr.splitlines() if line.startswith("tagd serve:")]
-    assert reasons == [f"tagd serve: cannot load the engine {tmp_path / 'missing.onnx'}: "
-                       f"model file not found: {tmp_path / 'missing.onnx'}"]  # fmt: skip
 
 
-def test_a_port_in_use_exits_2_with_a_one_line_reason(export_model):
+@pytest.fixture
+def squatter() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 that another process holds."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+@pytest.fixture
+def not_a_model(tmp_path) -> Path:
+    path = tmp_path / "notes.onnx"
+    path.write_text("a text file someone named .onnx\n")
+    return path
+
+
+STARTUP_FAILURES = {
+    # case: (what to change in a good command line, the first line on stderr)
+    "missing engine": ({"--engine": "{missing}"},
+                       "tagd serve: cannot load the engine {missing}: model file not found: {missing}"),
+    "not a model": ({"--engine": "{not_a_model}"},
+                    "tagd serve: cannot load the engine {not_a_model}: {not_a_model}: "),
+    "publish port in use": ({"--publish": "tcp://127.0.0.1:{squatter}"},
+                            "tagd serve: cannot publish on tcp://127.0.0.1:{squatter}: Address already in use"),
+    "metrics port in use": ({"--metrics": "127.0.0.1:{squatter}"},
+                            "tagd serve: cannot serve metrics on 127.0.0.1:{squatter}: Address already in use"),
+    # The input binds before the model loads: with a missing engine too, the port is
+    # what start-up fails on.
+    "input port in use": ({"--input": "zmq+pull://127.0.0.1:{squatter}", "--engine": "{missing}"},
+                          "tagd serve: input 127.0.0.1:{squatter}: cannot bind tcp://127.0.0.1:{squatter}: Address already in use"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", STARTUP_FAILURES)
+def test_every_startup_failure_exits_2_with_its_reason_first_on_stderr(
+    case, export_model, squatter, not_a_model, tmp_path
+):
+    places = {
+        "missing": tmp_path / "missing.onnx",
+        "not_a_model": not_a_model,
+        "squatter": squatter,
+    }
+    options = {"--engine": str(export_model("fcn4", **SHORT_FCN)),
+               "--input": f"zmq+pull://127.0.0.1:{free_port()}",
+               "--metrics": "127.0.0.1:0", "--publish": "tcp://127.0.0.1:*"}  # fmt: skip
+    changes, first_line = STARTUP_FAILURES[case]
+    options.update({key: value.format(**places) for key, value in changes.items()})
+    process = run_serve(*[part for option in options.items() for part in option])
+    assert process.returncode == 2, process.stderr
+    lines = process.stderr.splitlines()
+    assert lines[0].startswith(first_line.format(**places)), process.stderr
+    assert sum(line.startswith("tagd serve:") for line in lines) == 1, process.stderr
+
+
+def test_check_config_reads_the_models_card_without_serving(export_model, squatter):
     model = export_model("fcn4", **SHORT_FCN)
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
-        process = subprocess.run(
-            [*TAGD, "serve", "--engine", str(model), "--input", "zmq+pull://127.0.0.1:0",
-             "--metrics", f"127.0.0.1:{port}", "--publish", "tcp://127.0.0.1:*"],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+    # The ports are in use (by a running tagd, say): checking must not need them.
+    good = run_serve("--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{squatter}",
+                     "--publish", f"tcp://127.0.0.1:{squatter}", "--check-config")  # fmt: skip
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.startswith(f"config OK: engine {model} (fcn4, fcn4, 8 tags, 12000 Hz")
+
+
+@pytest.mark.parametrize("engine", ["missing", "not_a_model", "unknown_suffix"])
+def test_check_config_fails_on_a_model_that_would_not_load(engine, not_a_model, tmp_path):
+    path = {"missing": tmp_path / "missing.onnx", "not_a_model": not_a_model,
+            "unknown_suffix": not_a_model.with_suffix(".txt")}[engine]  # fmt: skip
+    if engine == "unknown_suffix":
+        not_a_model.rename(path)
+    process = run_serve("--engine", str(path), "--input", "zmq+pull://127.0.0.1:5571",
+                        "--check-config")  # fmt: skip
     assert process.returncode == 2
-    assert process.stderr.strip().splitlines()[-1] == (
-        f"tagd serve: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
-    )
+    assert process.stdout == ""
+    assert process.stderr.splitlines()[0].startswith(f"tagd serve: cannot load the engine {path}: ")
+
+
+def test_check_config_warns_about_inputs_the_model_hears_poorly(export_model):
+    model = export_model("fcn4", **SHORT_FCN)  # 12 kHz
+    raw = "zmq+raw://127.0.0.1:5555?format=s16le&rate=8000&channels=1&stream=phone"
+    process = run_serve("--engine", str(model), "--input", raw, "--hop", "1", "--check-config")
+    assert process.returncode == 0, process.stderr
+    assert process.stderr.splitlines() == [
+        "tagd serve: warning: inputs[0]: 8000 Hz is below the model's 12000 Hz: it hears "
+        "band-limited audio"
+    ]
 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])

@@ -167,9 +167,9 @@ def test_memory_deny_write_execute_is_a_one_line_startup_error_naming_the_drop_i
     if result.returncode == 77:
         pytest.skip("this kernel has no PR_SET_MDWE")
     assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("tagd serve: input studio: cannot open soundcard 'tagdtest'")
-    assert "MemoryDenyWriteExecute" in last and "deploy/systemd/soundcard.conf" in last
+    first = result.stderr.splitlines()[0]  # the reason first, then the start-up log
+    assert first.startswith("tagd serve: input studio: cannot open soundcard 'tagdtest'")
+    assert "MemoryDenyWriteExecute" in first and "deploy/systemd/soundcard.conf" in first
     assert "Traceback" not in result.stderr
 
 

@@ -1,9 +1,11 @@
 """Inputs: each reads one kind of producer in its own thread and feeds a StreamHub.
 
-A ``Source`` is built from an ``InputConfig``; ``open()`` binds, connects or opens the
-device in the caller's thread (so a port in use or a missing device fails start-up with
-one line), ``start()`` runs the reader thread, ``stop()`` asks it to finish and ``join()``
-waits. Readers never wait for inference: they push into streams, which hand windows to
+A ``Source`` is built from an ``InputConfig``; ``reserve()`` takes what another process
+could hold (a port to bind, a file that must exist) and needs no ``StreamHub``, so the
+daemon calls it before the model loads and a port in use fails start-up in milliseconds;
+``open()`` (once ``hub`` is set) connects or opens the device in the caller's thread (so
+a missing device fails start-up with one line), ``start()`` runs the reader thread,
+``stop()`` asks it to finish and ``join()`` waits. Readers never wait for inference: they push into streams, which hand windows to
 the batcher without blocking. Each ZeroMQ socket is created, used and closed by its
 reader thread's owner in that order, and read by that one thread only.
 
@@ -37,7 +39,7 @@ class SourceError(RuntimeError):
 
 
 class Source(abc.ABC):
-    def __init__(self, spec: InputConfig, hub: StreamHub, metrics: Metrics,
+    def __init__(self, spec: InputConfig, hub: StreamHub | None, metrics: Metrics,
                  context: zmq.Context, limits: LimitsConfig,
                  curve: CurveServer | None = None) -> None:  # fmt: skip
         self.spec = spec
@@ -49,6 +51,9 @@ class Source(abc.ABC):
         self.label = spec.name  # the `input` label of tagd_malformed_messages_total
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def reserve(self) -> None:  # noqa: B027 - optional hook
+        """Bind what must be exclusive, before ``hub`` exists; raise SourceError."""
 
     @abc.abstractmethod
     def open(self) -> None:
@@ -100,7 +105,7 @@ SOURCES: dict[str, tuple[str, str]] = {
 }
 
 
-def make_source(spec: InputConfig, hub: StreamHub, metrics: Metrics, context: zmq.Context,
+def make_source(spec: InputConfig, hub: StreamHub | None, metrics: Metrics, context: zmq.Context,
                 limits: LimitsConfig, curve: CurveServer | None = None) -> Source:  # fmt: skip
     module_name, class_name = SOURCES[spec.scheme]
     cls = getattr(importlib.import_module(module_name), class_name)

@@ -30,10 +30,13 @@ FFMPEG_READ_BYTES = 1 << 16
 
 
 class FileSource(Source):
-    def open(self) -> None:
+    def reserve(self) -> None:
         self.path = Path(self.spec.address)
         if not self.path.is_file():
             raise SourceError(f"input {self.label}: no such file: {self.path}")
+
+    def open(self) -> None:
+        self.reserve()
         try:
             info = soundfile.info(str(self.path))
             self._rate, self._use_ffmpeg = int(info.samplerate), False

@@ -33,6 +33,8 @@ MAX_CAPTURE_LAG_S = 1.0  # a longer lag from capture to callback is a clock to d
 
 
 class SoundcardSource(Source):
+    _audio = None  # the sounddevice.InputStream, once open
+
     def open(self) -> None:
         try:
             import sounddevice
@@ -92,8 +94,9 @@ class SoundcardSource(Source):
             self._stream.push_pcm(payload, self._format, self._rate, self._channels, arrival)
 
     def _close(self) -> None:
-        self._audio.stop()
-        self._audio.close()
+        if self._audio is not None:  # None: never opened
+            self._audio.stop()
+            self._audio.close()
 
 
 def captured(now: Arrival, time_info, frames: int, rate: int) -> Arrival:

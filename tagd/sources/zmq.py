@@ -58,8 +58,17 @@ class MalformedMessage(ValueError):
 class _ZmqSource(Source):
     socket_type: int
     bind: bool
+    _socket: zmq.Socket | None = None
+
+    def reserve(self) -> None:
+        if self.bind:  # a port in use fails now; connecting cannot fail that way
+            self._open_socket()
 
     def open(self) -> None:
+        if self._socket is None:
+            self._open_socket()
+
+    def _open_socket(self) -> None:
         self._socket = self.context.socket(self.socket_type)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
@@ -74,8 +83,7 @@ class _ZmqSource(Source):
             else:
                 self._socket.connect(self.spec.address)
         except zmq.ZMQError as exc:
-            self._monitor.close()
-            self._socket.close()
+            self._close()
             verb = "bind" if self.bind else "connect to"
             raise SourceError(
                 f"input {self.label}: cannot {verb} {self.spec.address}: {exc.strerror}"
@@ -115,8 +123,10 @@ class _ZmqSource(Source):
         raise NotImplementedError
 
     def _close(self) -> None:
-        self._monitor.close()
-        self._socket.close()
+        if self._socket is not None:
+            self._monitor.close()
+            self._socket.close()
+            self._socket = None
 
 
 class RawZmqSource(_ZmqSource):
