@@ -181,6 +181,21 @@ class Metrics:
             ["stream"],
             registry=r,
         )
+        self.stream_misdeclared = Gauge(
+            "tagd_stream_misdeclared",
+            "1 while a PCM stream's audio looks declared wrong (format, rate or channels): "
+            "it arrives at 2x or 0.5x real time, or mostly needs cleaning; the log names "
+            "the likely cause.",
+            ["stream"],
+            registry=r,
+        )
+        self.idle_episodes = Counter(
+            "tagd_stream_idle_episodes_total",
+            "Times a stream went without data for limits.idle_after_s, however short the "
+            "episode (tagd_stream_idle may be 1 between two scrapes only).",
+            ["stream"],
+            registry=r,
+        )
         self.stream_last_audio = Gauge(
             "tagd_stream_last_audio_timestamp_seconds",
             "Unix time of the last audio a stream received.",
@@ -239,6 +254,8 @@ class Metrics:
                     self.gaps,
                     self.stream_idle,
                     self.stream_last_audio,
+                    self.stream_misdeclared,
+                    self.idle_episodes,
                 )
             ]
             + [(self.windows_dropped, (stream, reason)) for reason in DROP_REASONS]

@@ -51,7 +51,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tagd.audio import PcmDecoder, StreamResampler, clean_samples, downmix, frame_bytes
+from tagd.audio import (
+    PCM_FORMATS,
+    PcmDecoder,
+    StreamResampler,
+    clean_samples,
+    downmix,
+    frame_bytes,
+)
 from tagd.metrics import (
     CLEANED_NONFINITE,
     CLEANED_OUT_OF_RANGE,
@@ -73,6 +80,13 @@ PHASE_WINDOWS = 3
 # (from a number other than 0), not a late message: accepted, counted as a gap.
 REORDER_WINDOW = 64
 FLOAT_FORMATS = (None, "f32le")  # decoded shapes whose samples may be NaN or beyond ±1
+# A mis-declared PCM input (ffmpeg told f32le, tagd told s16le) arrives at a whole-number
+# multiple of real time, or as floats that are mostly garbage. Sustained this long, it is
+# reported; a catch-up burst after network trouble is shorter and rarely at exactly 2x.
+MISDECLARED_AFTER_S = 6.0
+SUSPECT_RATES = (2.0, 0.5)  # audio seconds per wall second that a wrong declaration gives
+SUSPECT_RATE_TOLERANCE = 0.1  # relative
+MASS_CLEANING_SHARE = 0.01  # of float samples cleaned over a measurement
 
 # Epochs are unique across streams and their lifetimes, so that a stream evicted and
 # opened again under the same name never continues an old average.
@@ -154,6 +168,9 @@ class Stream:
         self.phase: float | None = None  # seconds into the hop where its windows complete
         self._audio_s = 0.0  # audio received this epoch, seconds
         self._rate_mark: tuple[float, float] | None = None  # (mono, audio seconds)
+        self._declaration = DeclarationCheck(name, metrics)
+        self._episode_lock = threading.Lock()  # the sweeper and the ingest thread count
+        self._episode_counted: float | None = None  # last_arrival before that silence
         self._delay_lock = threading.Lock()
         self._pending_delay = 0  # samples to delay the next window by
         # When input arrived, for the windows' capture times: (input frames of this epoch
@@ -202,10 +219,14 @@ class Stream:
                 )
             self._shape = shape
             pcm_format, rate, channels = shape
+            self._declaration.declared(shape)
             self._decoder = PcmDecoder(pcm_format, channels) if pcm_format else None
             self._resampler = StreamResampler(rate, self.geometry.sample_rate)
             self._restart()
         elif resumed:
+            # Counted here too: the sweeper, a fraction of a second behind, may not have
+            # seen a silence just over idle_after_s. Either way it is the same episode.
+            self.count_idle_episode()
             log.info("stream %s: data again after being idle; restarting its window", self.name)
             self._metrics.gaps.labels(self.name).inc()
             self._restart()
@@ -315,6 +336,7 @@ class Stream:
         for kind, count in ((CLEANED_NONFINITE, nonfinite), (CLEANED_OUT_OF_RANGE, out_of_range)):
             if count:
                 self._metrics.samples_cleaned.labels(self.name, kind).inc(count)
+        self._declaration.cleaned(nonfinite + out_of_range, frames.size)
         return frames
 
     def _track_rate(self, audio_s: float, now_mono: float) -> None:
@@ -325,6 +347,7 @@ class Stream:
         since, audio_then = self._rate_mark
         if now_mono - since >= LIVE_CHECK_S:
             ratio = (self._audio_s - audio_then) / (now_mono - since)
+            self._declaration.measured(ratio, now_mono - since)
             live = LIVE_RATE[0] <= ratio <= LIVE_RATE[1]
             if live != self.live:
                 self.window_times.clear()  # a burst's completions say nothing of the phase
@@ -337,8 +360,94 @@ class Stream:
             self._pending_delay += samples
 
     # -- state ---------------------------------------------------------------------
+    def count_idle_episode(self) -> None:
+        """Count the silence since ``last_arrival`` once, whichever thread notices it first."""
+        with self._episode_lock:
+            if self._episode_counted == self.last_arrival:
+                return
+            self._episode_counted = self.last_arrival
+        self._metrics.idle_episodes.labels(self.name).inc()
+
     def silent_for(self, now_mono: float) -> float:
         return float("inf") if self.last_arrival is None else now_mono - self.last_arrival
+
+
+class DeclarationCheck:
+    """Whether a PCM stream's audio looks declared wrong, and the warning that says so.
+
+    Two signs, each sustained for MISDECLARED_AFTER_S: the audio arrives at about 2x or
+    0.5x real time (by the declared format, rate and channels), or over 1 % of float
+    samples need cleaning. Then one WARNING names the likely cause and
+    ``tagd_stream_misdeclared{stream}`` is 1, until the stream runs at real time and clean
+    again (or is declared anew). Streams of float frames (soundcards, files) have no
+    declaration to doubt and are not checked.
+    """
+
+    def __init__(self, stream: str, metrics: Metrics) -> None:
+        self.stream = stream
+        self._metrics = metrics
+        self._shape: tuple[str, int, int] | None = None  # (format, rate, channels) declared
+        self._suspect_s = 0.0  # how long the signs have lasted
+        self.flagged = False
+        self._cleaned = self._samples = 0  # float samples since the last measurement
+
+    def declared(self, shape: tuple[str | None, int, int]) -> None:
+        if self.flagged:
+            log.info("stream %s: input declared anew as %s", self.stream, shape)
+        pcm_format, rate, channels = shape
+        self._shape = (pcm_format, rate, channels) if pcm_format else None
+        self._suspect_s, self.flagged = 0.0, False
+        self._cleaned = self._samples = 0
+        if self._shape is not None:
+            self._metrics.stream_misdeclared.labels(self.stream).set(0)
+
+    def cleaned(self, count: int, samples: int) -> None:
+        self._cleaned += count
+        self._samples += samples
+
+    def measured(self, ratio: float, over_s: float) -> None:
+        """One measurement of the audio rate over ``over_s`` wall seconds."""
+        if self._shape is None:
+            return
+        share = self._cleaned / self._samples if self._samples else 0.0
+        self._cleaned = self._samples = 0
+        rate_sign = next((r for r in SUSPECT_RATES
+                          if abs(ratio / r - 1) <= SUSPECT_RATE_TOLERANCE), None)  # fmt: skip
+        dirty = share >= MASS_CLEANING_SHARE
+        if rate_sign is None and not dirty:
+            self._suspect_s = 0.0
+            if self.flagged and LIVE_RATE[0] <= ratio <= LIVE_RATE[1]:
+                self.flagged = False
+                self._metrics.stream_misdeclared.labels(self.stream).set(0)
+                log.info("stream %s: audio at real time and clean again", self.stream)
+            return
+        self._suspect_s += over_s
+        if self.flagged or self._suspect_s < MISDECLARED_AFTER_S:
+            return
+        self.flagged = True
+        self._metrics.stream_misdeclared.labels(self.stream).set(1)
+        pcm_format, rate, channels = self._shape
+        signs = []
+        if rate_sign is not None:
+            signs.append(f"audio arrives at {ratio:.2f}x real time")
+        if dirty:
+            signs.append(f"{share:.0%} of its samples are NaN or beyond ±1")
+        log.warning("stream %s: %s for %.0f s: declared %s, %d Hz, %d channel(s); %s",
+                    self.stream, " and ".join(signs), self._suspect_s, pcm_format, rate,
+                    channels, likely_cause(pcm_format, rate_sign, dirty))  # fmt: skip
+
+
+def likely_cause(pcm_format: str, rate_sign: float | None, dirty: bool) -> str:
+    """What a producer most likely sends instead of what it declared."""
+    if rate_sign is not None:  # 2.0: twice the bytes tagd expects, 0.5: half
+        width = PCM_FORMATS[pcm_format][0].itemsize * rate_sign
+        formats = sorted(f for f, (dtype, _) in PCM_FORMATS.items() if dtype.itemsize == width)
+        guess = f"the data looks like {' or '.join(formats)}? " if formats else ""
+        how_many = "twice" if rate_sign > 1 else "half"
+        return f"{guess}(or it sends {how_many} the rate or channels declared)"
+    if dirty and pcm_format == "f32le":  # integers read as floats are mostly garbage
+        return "the data looks like s16le or s32le?"
+    return "check the producer's scaling"
 
 
 @dataclass
@@ -440,6 +549,7 @@ class StreamHub:
                     continue
                 if not stream.idle:
                     stream.idle = True
+                    stream.count_idle_episode()
                     log.info("stream %s idle: no data for %.1f s", name, silent)
                 self._metrics.stream_idle.labels(name).set(1)
                 if not entry.pinned and self.evict_after_s and silent >= self.evict_after_s:

@@ -760,3 +760,20 @@ def test_feed_alsa_captures_a_device(fed_tagd, alsa_home):
     before = received(tagd)
     run_feed("feed-alsa.sh", "tagdtest", endpoint, env={"HOME": str(alsa_home)},
              stop_when=lambda: received(tagd) - before > 1.0)  # fmt: skip
+
+
+def test_a_feed_that_sends_another_format_than_declared_is_reported(fed_tagd, music_wav):
+    # deploy/systemd/tagd.toml declares s16le; this ffmpeg was told -f f32le.
+    tagd, endpoint = fed_tagd
+    assert tagd.metric("tagd_stream_misdeclared", stream="radio1") == 0
+    feed = subprocess.Popen(
+        ["ffmpeg", "-nostdin", "-v", "error", "-re", "-stream_loop", "-1", "-i", str(music_wav),
+         "-f", "f32le", "-ar", "44100", "-ac", "2", f"zmq:{endpoint}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        tagd.wait_for_metric("tagd_stream_misdeclared", 0, timeout=60, stream="radio1")
+    finally:
+        feed.terminate()
+        feed.wait(timeout=10)
+    assert "declared s16le, 44100 Hz, 2 channel(s); the data looks like f32le" in tagd.log()

@@ -30,7 +30,8 @@ from test_deploy import (
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 SCRAPE_TIMEOUT_S = 30.0
-ALERTS = ("TagdDown", "TagdLatencyOverBudget", "TagdWindowsDropped", "TagdStreamIdle")
+ALERTS = ("TagdDown", "TagdLatencyOverBudget", "TagdWindowsDropped", "TagdStreamIdle",
+          "TagdInputMisdeclared", "TagdStreamInterrupted")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
