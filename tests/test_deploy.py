@@ -673,27 +673,36 @@ ICECAST_TIMEOUT_S = 15.0
 
 
 class Icecast:
-    """Debian's icecast2 on loopback, from its own config, with ffmpeg as the live source
-    of mount /live.mp3 (an mp3 played in real time, over and over)."""
+    """Debian's icecast2 on loopback, from its own config, in a folder of its own under
+    /tmp (pytest's tmp_path is closed to the user Icecast runs as). ``play()`` starts a
+    source on mount /live.mp3: ffmpeg playing an mp3 in real time, over and over."""
 
-    def __init__(self, binary: str, folder: Path, mp3: Path) -> None:
+    password = "tagd-test-source"
+
+    def __init__(self, binary: str) -> None:
+        self.folder = folder = Path(tempfile.mkdtemp(prefix="tagd-icecast-"))
         folder.chmod(0o777)  # its logs and pid, written by the unprivileged user
-        self.port, password = free_port(), "tagd-test-source"
+        self.port = free_port()
         (folder / "icecast.xml").write_text(ICECAST_CONFIG.format(
-            password=password, port=self.port, folder=folder,
+            password=self.password, port=self.port, folder=folder,
             changeowner=ICECAST_CHANGEOWNER if os.geteuid() == 0 else ""))  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}/live.mp3"
-        self.folder = folder
         self.server = subprocess.Popen([binary, "-c", str(folder / "icecast.xml")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+        self.sources: list[subprocess.Popen] = []
         self._wait(lambda: self._status()[0] == 200, "icecast2 to listen")
-        self.source = subprocess.Popen(
+
+    def play(self, mp3: Path) -> None:
+        self.sources.append(subprocess.Popen(
             ["ffmpeg", "-nostdin", "-v", "error", "-re", "-stream_loop", "-1", "-i", str(mp3),
              "-c:a", "copy", "-content_type", "audio/mpeg", "-f", "mp3",
-             f"icecast://source:{password}@127.0.0.1:{self.port}/live.mp3"],
+             f"icecast://source:{self.password}@127.0.0.1:{self.port}/live.mp3"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self._wait(lambda: b"/live.mp3" in self._status()[1], "the source on /live.mp3")
+        ))  # fmt: skip
+        self.wait_on_air()
+
+    def wait_on_air(self) -> None:
+        self._wait(lambda: b"/live.mp3" in self._status()[1], "a source on /live.mp3")
 
     def _status(self) -> tuple[int, bytes]:
         try:
@@ -711,13 +720,42 @@ class Icecast:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        for process in (self.source, self.server):
+        for process in (*self.sources, self.server):
             process.terminate()
             try:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class AudioRate:
+    """A ``stop_when`` for run_feed: true once ``seconds`` of audio came after the first
+    0.5 s; ``rate`` is then audio seconds per wall second over them, and ``gaps`` the
+    stream's gaps when the audio began (the first audio after idle is one)."""
+
+    def __init__(self, tagd: TagdProcess, stream: str, seconds: float) -> None:
+        self.tagd, self.stream, self.seconds = tagd, stream, seconds
+        self.before = self._received()
+        self.start: tuple[float, float] | None = None  # (wall, audio) once audio flows
+        self.rate: float | None = None
+        self.gaps: float | None = None
+
+    def _received(self) -> float:
+        return self.tagd.metric("tagd_audio_received_seconds_total", stream=self.stream)
+
+    def __call__(self) -> bool:
+        now, audio = time.monotonic(), self._received() - self.before
+        if self.start is None:
+            if audio > 0.5:
+                self.start = (now, audio)
+                self.gaps = self.tagd.metric("tagd_stream_gaps_total", stream=self.stream)
+            return False
+        if audio - self.start[1] < self.seconds:
+            return False
+        self.rate = (audio - self.start[1]) / (now - self.start[0])
+        return True
 
 
 def test_feed_url_relays_an_icecast_stream(fed_tagd, music_wav, tmp_path):
@@ -726,32 +764,16 @@ def test_feed_url_relays_an_icecast_stream(fed_tagd, music_wav, tmp_path):
     mp3 = tmp_path / "station.mp3"
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(music_wav), "-b:a", "128k", str(mp3)],
                    check=True)  # fmt: skip
-    # Its own folder under /tmp: pytest's tmp_path is closed to the user Icecast runs as.
-    folder = Path(tempfile.mkdtemp(prefix="tagd-icecast-"))
-    station = Icecast(binary, folder, mp3)
     windows = tagd.metric("tagd_windows_published_total", stream="radio1")
-    gaps: list[float] = []  # once audio flows (the first audio after idle is a gap)
+    station = Icecast(binary)
     try:
-        before = received(tagd)
-        rate: list[float] = []  # audio seconds per wall second, once audio flows
-
-        def measured() -> bool:
-            now, audio = time.monotonic(), received(tagd) - before
-            if audio > 0.5 and not rate:
-                rate.extend((now, audio))
-                gaps.append(tagd.metric("tagd_stream_gaps_total", stream="radio1"))
-            elif rate and audio - rate[1] >= STATION_S:
-                rate[:] = [(audio - rate[1]) / (now - rate[0])]
-                return True
-            return False
-
+        station.play(mp3)
+        measured = AudioRate(tagd, "radio1", STATION_S)
         run_feed("feed-url.sh", station.url, endpoint, stop_when=measured)
     finally:
         station.stop()
-        shutil.rmtree(folder, ignore_errors=True)
-    assert len(rate) == 1, "not enough audio came through"
-    assert 0.7 < rate[0] < 1.4  # Icecast relays in real time, as it got it
-    assert tagd.metric("tagd_stream_gaps_total", stream="radio1") == gaps[0]  # none since
+    assert 0.7 < measured.rate < 1.4  # Icecast relays in real time, as it got it
+    assert tagd.metric("tagd_stream_gaps_total", stream="radio1") == measured.gaps  # none since
     assert tagd.metric("tagd_windows_published_total", stream="radio1") > windows
 
 

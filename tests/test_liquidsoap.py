@@ -4,8 +4,9 @@
   script registers ``server.insert_metadata`` and logs what ``source.on_metadata`` sees
   (parsing ``tagd_tags`` with ``json.parse``, as docs/deploy.md shows). tagd is played by
   a real XPUB publishing ``tagd.publish`` messages (tests/test_clients.py's FakeTagd);
-- as a producer: Liquidsoap's ``output.external`` piping WAV to ffmpeg, which publishes
-  raw PCM on ZeroMQ for ``tagd serve`` (the route docs/deploy.md gives).
+- as a producer, the two routes docs/deploy.md gives: ``output.external`` piping WAV to
+  ffmpeg, which publishes raw PCM on ZeroMQ for ``tagd serve``; and ``output.icecast``
+  into a real Icecast (Debian's icecast2), read back by examples/feed-url.sh.
 
 Every wait is on a condition with a generous timeout; Liquidsoap takes ~2 s to start.
 """
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import soundfile
 from test_clients import Example, FakeTagd
-from test_deploy import HOP_S, SHORT_FCN, TagdProcess, free_port, tool
+from test_deploy import HOP_S, SHORT_FCN, AudioRate, Icecast, TagdProcess, free_port, run_feed, tool
 
 from tagd.card import ModelCard
 from tagd.publish import TAGS_TOPIC, tags_message, topic
@@ -300,6 +301,58 @@ def test_liquidsoap_feeds_tagd_serve_through_output_external(
             producer.wait(timeout=10)
         except subprocess.TimeoutExpired:
             producer.kill()
+        assert tagd.stop() == 0
+
+
+# The other route docs/deploy.md gives: the station's own Icecast output, read back by
+# examples/feed-url.sh.
+ICECAST_PRODUCER_SCRIPT = """
+settings.init.allow_root.set(true)
+settings.log.file.set(false)
+settings.log.stdout.set(true)
+radio = mksafe(single("{music}"))
+output.icecast(%mp3(bitrate=128), host="127.0.0.1", port={port}, password="{password}",
+  mount="live.mp3", radio)
+"""
+
+
+def test_liquidsoap_feeds_tagd_serve_through_icecast_and_feed_url(
+    liquidsoap_binary, export_model, music, tmp_path
+):
+    icecast = tool("icecast2", "apt-get install icecast2")
+    tool("ffmpeg", "apt-get install ffmpeg")
+    feed, metrics = free_port(), free_port()
+    station_wav = tmp_path / "station.wav"
+    mono = music(4.0, 44_100)
+    soundfile.write(station_wav, np.stack([mono, mono], axis=1), 44_100, subtype="PCM_16")
+    tagd = TagdProcess(
+        ["--engine", str(export_model("fcn4", **SHORT_FCN)), "--hop", HOP_S,
+         "--input", f"zmq+raw://127.0.0.1:{feed}?format=s16le&rate=44100&channels=2&stream=radio1",
+         "--publish", f"tcp://127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{metrics}"],
+        metrics, tmp_path / "tagd.log",
+    )  # fmt: skip
+    server = Icecast(icecast)
+    script = tmp_path / "icecast.liq"
+    script.write_text(ICECAST_PRODUCER_SCRIPT.format(
+        music=station_wav, port=server.port, password=Icecast.password))  # fmt: skip
+    with (tmp_path / "liquidsoap.log").open("w") as output:
+        producer = subprocess.Popen([liquidsoap_binary, str(script)], stdout=output,
+                                    stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        tagd.wait_ready()
+        server.wait_on_air()
+        measured = AudioRate(tagd, "radio1", 4.0)
+        run_feed("feed-url.sh", server.url, f"tcp://127.0.0.1:{feed}", stop_when=measured)
+        assert 0.7 < measured.rate < 1.4
+        tagd.wait_for_metric("tagd_windows_published_total", 0, stream="radio1")
+        assert tagd.metric("tagd_stream_misdeclared", stream="radio1") == 0
+    finally:
+        producer.send_signal(signal.SIGTERM)
+        try:
+            producer.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            producer.kill()
+        server.stop()
         assert tagd.stop() == 0
 
 
