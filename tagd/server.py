@@ -379,10 +379,13 @@ def release_freed_memory() -> None:
     libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
 
 
-def check_engine_file(config: ServeConfig) -> ModelCard:
-    """What --check-config knows of the model without loading it: the file opens, its
-    suffix names a backend, its card reads and is valid. Raises StartupError."""
+def check_startup(config: ServeConfig) -> ModelCard:
+    """What --check-config knows without loading the model or binding a port: the model
+    file opens, its suffix names a backend, its card reads and is valid, and file inputs
+    exist. Raises StartupError with what `tagd serve` would fail on."""
     path = Path(config.engine)
+    if not path.exists():
+        raise StartupError(f"cannot load the engine {path}: model file not found: {path}")
     if path.suffix not in BACKENDS:
         known = ", ".join(sorted(BACKENDS))
         raise StartupError(f"cannot load the engine {path}: unknown model type "
@@ -396,6 +399,9 @@ def check_engine_file(config: ServeConfig) -> ModelCard:
     except CardError as exc:
         reason = " ".join(str(exc).split())
         raise StartupError(f"cannot load the engine {path}: {reason}") from None
+    for spec in config.inputs:
+        if spec.scheme == "file" and not Path(spec.address).is_file():
+            raise StartupError(f"input {spec.name}: no such file: {spec.address}")
     return card
 
 
@@ -410,8 +416,6 @@ def input_warnings(config: ServeConfig, card: ModelCard) -> list[str]:
         if spec.rate is not None and spec.rate < card.sample_rate:
             warnings.append(f"inputs[{index}]: {spec.rate} Hz is below the model's "
                             f"{card.sample_rate} Hz: it hears band-limited audio")  # fmt: skip
-        if spec.scheme == "file" and not Path(spec.address).is_file():
-            warnings.append(f"inputs[{index}]: no such file: {spec.address}")
     return warnings
 
 
@@ -483,7 +487,7 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
         sys.exit(EXIT_STARTUP_FAILED)
     if check_config:
         try:
-            card = check_engine_file(config)
+            card = check_startup(config)
         except StartupError as exc:
             click.echo(f"tagd serve: {exc}", err=True)
             sys.exit(EXIT_STARTUP_FAILED)

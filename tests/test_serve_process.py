@@ -267,3 +267,14 @@ def test_sigterm_during_a_batch_exits_within_2_s_leaving_only_whole_messages(exp
         topic, body = frames[0].decode(), json.loads(frames[1])
         assert topic.split(".", 1)[0] in ("tags", "events") and body["schema"] == 1
         assert topic == f"{topic.split('.', 1)[0]}.{body['stream']}"
+
+
+def test_check_config_fails_like_serve_on_a_missing_file_input(export_model, tmp_path):
+    model = str(export_model("fcn4", **SHORT_FCN))
+    url = f"file://{tmp_path / 'gone.wav'}?stream=radio1"
+    check = run_serve("--engine", model, "--input", url, "--check-config")
+    serve = run_serve("--engine", model, "--input", url, "--metrics", "127.0.0.1:0",
+                      "--publish", "tcp://127.0.0.1:*")  # fmt: skip
+    assert check.returncode == serve.returncode == 2
+    reason = f"tagd serve: input radio1: no such file: {tmp_path / 'gone.wav'}"
+    assert check.stderr.splitlines()[0] == serve.stderr.splitlines()[0] == reason
