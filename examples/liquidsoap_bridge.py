@@ -5,7 +5,7 @@ e.g.   python examples/liquidsoap_bridge.py tcp://127.0.0.1:5560 127.0.0.1:1234 
        python examples/liquidsoap_bridge.py tcp://127.0.0.1:5560 /run/liquidsoap/radio.sock radio1=live
 
 SERVER is Liquidsoap's telnet server (HOST:PORT) or its Unix socket (a path). In the
-Liquidsoap script (2.0 and later; 2.1.3 is what the tests run):
+Liquidsoap script (2.x; tested with 2.1.3):
 
     settings.server.telnet.set(true)              # telnet on 127.0.0.1:1234, or
     settings.server.socket.set(true)              # a Unix socket (settings.server.socket.path)
