@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -26,7 +25,17 @@ import numpy as np
 import pytest
 import soundfile
 from test_clients import Example, FakeTagd
-from test_deploy import HOP_S, SHORT_FCN, AudioRate, Icecast, TagdProcess, free_port, run_feed, tool
+from test_deploy import (
+    HOP_S,
+    SHORT_FCN,
+    AudioRate,
+    Icecast,
+    TagdProcess,
+    free_port,
+    run_feed,
+    terminate,
+    tool,
+)
 
 from tagd.card import ModelCard
 from tagd.publish import TAGS_TOPIC, tags_message, topic
@@ -115,13 +124,8 @@ class Liquidsoap:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
 
     def seen(self) -> list[dict]:
         """What on_metadata saw, in order, since the log was last cleared."""
@@ -264,44 +268,55 @@ output.external(%wav(stereo=true, samplesize=16, header=true),
 """
 
 
-def test_liquidsoap_feeds_tagd_serve_through_output_external(
-    liquidsoap_binary, export_model, music, tmp_path
-):
+class Station:
+    """tagd serve with a zmq+raw input on ``feed``, and Liquidsoap playing music to it by
+    the script given to ``play()``."""
+
+    def __init__(self, binary: str, model: Path, music, folder: Path) -> None:
+        self.binary, self.folder = binary, folder
+        self.feed, metrics = f"tcp://127.0.0.1:{free_port()}", free_port()
+        self.music = folder / "station.wav"  # Liquidsoap plays it over and over
+        mono = music(4.0, 44_100)
+        soundfile.write(self.music, np.stack([mono, mono], axis=1), 44_100, subtype="PCM_16")
+        raw = f"zmq+raw://{self.feed.removeprefix('tcp://')}?format=s16le&rate=44100&channels=2&stream=radio1"
+        self.tagd = TagdProcess(["--engine", str(model), "--hop", HOP_S, "--input", raw,
+                                 "--publish", f"tcp://127.0.0.1:{free_port()}",
+                                 "--metrics", f"127.0.0.1:{metrics}"],
+                                metrics, folder / "tagd.log")  # fmt: skip
+        self.producer: subprocess.Popen | None = None
+
+    def play(self, script: str) -> None:
+        path = self.folder / "producer.liq"
+        path.write_text(script)
+        with (self.folder / "liquidsoap.log").open("w") as output:
+            self.producer = subprocess.Popen([self.binary, str(path)], stdout=output,
+                                             stderr=subprocess.STDOUT)  # fmt: skip
+
+    def stop(self) -> int:
+        if self.producer is not None:
+            terminate(self.producer)
+        return self.tagd.stop()
+
+
+@pytest.fixture
+def station(liquidsoap_binary, export_model, music, tmp_path) -> Iterator[Station]:
     tool("ffmpeg", "apt-get install ffmpeg")
-    feed, metrics = f"tcp://127.0.0.1:{free_port()}", free_port()
-    station = tmp_path / "station.wav"  # Liquidsoap plays it over and over
-    mono = music(4.0, 44_100)
-    soundfile.write(station, np.stack([mono, mono], axis=1), 44_100, subtype="PCM_16")
-    script = tmp_path / "producer.liq"
-    script.write_text(PRODUCER_SCRIPT.format(music=station, feed=feed))
-    tagd = TagdProcess(
-        ["--engine", str(export_model("fcn4", **SHORT_FCN)), "--hop", HOP_S,
-         "--input", f"zmq+raw://{feed.removeprefix('tcp://')}?format=s16le&rate=44100&channels=2&stream=radio1",
-         "--publish", f"tcp://127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{metrics}"],
-        metrics, tmp_path / "tagd.log",
-    )  # fmt: skip
-    with (tmp_path / "liquidsoap.log").open("w") as output:
-        producer = subprocess.Popen([liquidsoap_binary, str(script)], stdout=output,
-                                    stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        tagd.wait_ready()
-        tagd.wait_for_metric("tagd_windows_published_total", 2, timeout=60, stream="radio1")
-        audio_then, then = (
-            tagd.metric("tagd_audio_received_seconds_total", stream="radio1"),
-            time.monotonic(),
-        )
-        audio_now = tagd.wait_for_metric("tagd_audio_received_seconds_total", audio_then + 2,
-                                         stream="radio1")  # fmt: skip
-        # Liquidsoap paces its output clock: about real time, as a live station is.
-        assert 0.5 < (audio_now - audio_then) / (time.monotonic() - then) < 1.5
-        assert tagd.metric("tagd_stream_misdeclared", stream="radio1") == 0
-    finally:
-        producer.send_signal(signal.SIGTERM)
-        try:
-            producer.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            producer.kill()
-        assert tagd.stop() == 0
+    started = Station(liquidsoap_binary, export_model("fcn4", **SHORT_FCN), music, tmp_path)
+    yield started
+    assert started.stop() == 0
+
+
+def test_liquidsoap_feeds_tagd_serve_through_output_external(station):
+    station.play(PRODUCER_SCRIPT.format(music=station.music, feed=station.feed))
+    station.tagd.wait_ready()
+    measured = AudioRate(station.tagd, "radio1", 4.0)
+    deadline = time.monotonic() + 60
+    while not measured():
+        assert time.monotonic() < deadline, station.tagd.log()
+        time.sleep(0.1)
+    assert 0.7 < measured.rate < 1.4  # Liquidsoap's clock paces it: a live stream
+    station.tagd.wait_for_metric("tagd_windows_published_total", 0, stream="radio1")
+    assert station.tagd.metric("tagd_stream_misdeclared", stream="radio1") == 0
 
 
 # The other route docs/deploy.md gives: the station's own Icecast output, read back by
@@ -316,44 +331,20 @@ output.icecast(%mp3(bitrate=128), host="127.0.0.1", port={port}, password="{pass
 """
 
 
-def test_liquidsoap_feeds_tagd_serve_through_icecast_and_feed_url(
-    liquidsoap_binary, export_model, music, tmp_path
-):
-    icecast = tool("icecast2", "apt-get install icecast2")
-    tool("ffmpeg", "apt-get install ffmpeg")
-    feed, metrics = free_port(), free_port()
-    station_wav = tmp_path / "station.wav"
-    mono = music(4.0, 44_100)
-    soundfile.write(station_wav, np.stack([mono, mono], axis=1), 44_100, subtype="PCM_16")
-    tagd = TagdProcess(
-        ["--engine", str(export_model("fcn4", **SHORT_FCN)), "--hop", HOP_S,
-         "--input", f"zmq+raw://127.0.0.1:{feed}?format=s16le&rate=44100&channels=2&stream=radio1",
-         "--publish", f"tcp://127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{metrics}"],
-        metrics, tmp_path / "tagd.log",
-    )  # fmt: skip
-    server = Icecast(icecast)
-    script = tmp_path / "icecast.liq"
-    script.write_text(ICECAST_PRODUCER_SCRIPT.format(
-        music=station_wav, port=server.port, password=Icecast.password))  # fmt: skip
-    with (tmp_path / "liquidsoap.log").open("w") as output:
-        producer = subprocess.Popen([liquidsoap_binary, str(script)], stdout=output,
-                                    stderr=subprocess.STDOUT)  # fmt: skip
+def test_liquidsoap_feeds_tagd_serve_through_icecast_and_feed_url(station):
+    server = Icecast(tool("icecast2", "apt-get install icecast2"))
     try:
-        tagd.wait_ready()
+        station.play(ICECAST_PRODUCER_SCRIPT.format(
+            music=station.music, port=server.port, password=Icecast.password))  # fmt: skip
+        station.tagd.wait_ready()
         server.wait_on_air()
-        measured = AudioRate(tagd, "radio1", 4.0)
-        run_feed("feed-url.sh", server.url, f"tcp://127.0.0.1:{feed}", stop_when=measured)
-        assert 0.7 < measured.rate < 1.4
-        tagd.wait_for_metric("tagd_windows_published_total", 0, stream="radio1")
-        assert tagd.metric("tagd_stream_misdeclared", stream="radio1") == 0
+        measured = AudioRate(station.tagd, "radio1", 4.0)
+        run_feed("feed-url.sh", server.url, station.feed, stop_when=measured)
     finally:
-        producer.send_signal(signal.SIGTERM)
-        try:
-            producer.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            producer.kill()
         server.stop()
-        assert tagd.stop() == 0
+    assert 0.7 < measured.rate < 1.4
+    station.tagd.wait_for_metric("tagd_windows_published_total", 0, stream="radio1")
+    assert station.tagd.metric("tagd_stream_misdeclared", stream="radio1") == 0
 
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
