@@ -132,10 +132,15 @@ class Bridge:
         stream = frames[0].decode(errors="replace").removeprefix("tags.")
         if stream not in self.sources:
             return  # tags.radio10 also matches the subscription tags.radio1
-        message = json.loads(frames[1])
+        try:
+            message = json.loads(frames[1])
+            active, model = list(map(str, message["active"])), str(message["model"])
+        except (ValueError, KeyError, TypeError) as exc:  # not what docs/topics.md says
+            log.warning("%s: skipped a message that is not tags.<stream> JSON: %r", stream, exc)
+            return
         self.wanted[stream] = {
-            "tagd_tags": json.dumps(message["active"], ensure_ascii=False, separators=(",", ":")),
-            "tagd_model": message["model"],
+            "tagd_tags": json.dumps(active, ensure_ascii=False, separators=(",", ":")),
+            "tagd_model": model,
         }
 
     # -- Liquidsoap's side -------------------------------------------------------------------
