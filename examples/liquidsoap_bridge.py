@@ -26,10 +26,10 @@ hysteresis; docs/topics.md), the bridge sends one line,
   and the insert is retried every RETRY_S until it succeeds;
 - Liquidsoap restarted, or unreachable for a while: the bridge reconnects and sends each
   stream's current tags again, so a fresh Liquidsoap has them without waiting for a change;
-- changes that come faster than Liquidsoap applies them (it applies one insert per
-  source per frame: of five inserts inside a millisecond only the last reaches
-  ``on_metadata``) are coalesced: at most one insert per source every
-  MIN_INSERT_INTERVAL_S, and always the latest tags.
+- changes that come faster than Liquidsoap applies them (it merges inserts that come
+  close together: of five inside a millisecond only the last reaches ``on_metadata``)
+  are coalesced: at most one insert per source every MIN_INSERT_INTERVAL_S, and always
+  the latest tags.
 Needs pyzmq only.
 """
 
@@ -49,8 +49,8 @@ log = logging.getLogger("liquidsoap_bridge")
 
 REPLY_TIMEOUT_S = 5.0  # Liquidsoap answers a command in milliseconds
 RETRY_S = 2.0  # after an ERROR reply, or while Liquidsoap cannot be reached
-# Liquidsoap applies one insert per source per frame (0.04 s by default); five frames
-# leave room for a busy one and are still far below a tag change's pace (a hop).
+# Inserts closer together than a frame (0.04 s by default) may be merged; five frames
+# leave room for a busy Liquidsoap and are still far below a tag change's pace (a hop).
 MIN_INSERT_INTERVAL_S = 0.2
 # Liquidsoap's server closes a connection idle for settings.server.timeout (30 s by
 # default); a harmless command more often keeps it, so a drop means a restart.
