@@ -81,16 +81,32 @@ def decode_file(path: str | Path, sample_rate: int) -> np.ndarray:
             raise AudioError(f"{first_error} (and ffmpeg is not installed to try)") from None
         log.debug("soundfile could not read %s (%s); trying ffmpeg", path, first_error)
         return _decode_ffmpeg(path, sample_rate)
-    return resample(downmix(samples), rate, sample_rate)
+    return resample(samples, rate, sample_rate)
+
+
+DECODE_BLOCK_FRAMES = 1 << 16  # frames read (and downmixed) at a time
 
 
 def _decode_soundfile(path: Path) -> tuple[np.ndarray, int]:
+    """Mono float32 at the file's rate, downmixed block by block: a long multichannel
+    file never sits in memory with all its channels."""
     import soundfile
 
     try:
-        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(str(path)) as handle:
+            rate = handle.samplerate
+            samples = np.empty(max(handle.frames, 0), dtype=np.float32)
+            filled, extra = 0, []  # extra: frames past the header's count, if any
+            for block in handle.blocks(DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True):
+                mono = downmix(block)
+                fits = min(len(mono), len(samples) - filled)
+                samples[filled : filled + fits] = mono[:fits]
+                filled += fits
+                if fits < len(mono):
+                    extra.append(mono[fits:])
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
         raise AudioError(f"{path}: {exc}") from exc
+    samples = np.concatenate([samples[:filled], *extra]) if extra else samples[:filled]
     if len(samples) == 0:
         raise AudioError(f"{path}: no audio in the file")
     return samples, rate

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tagd.windowing import clip_window_starts, min_clip_samples
+
 log = logging.getLogger(__name__)
 
 CARD_SCHEMA_VERSION = 1
@@ -73,6 +75,15 @@ class ModelCard:
             return 1
         extra = self.clip_seconds * self.sample_rate - self.window_samples
         return 1 + int(extra // self.hop_samples)
+
+    @property
+    def min_clip_samples(self) -> int:
+        """The shortest file ``tagd tag`` and evaluation score (tagd.windowing's rule)."""
+        return min_clip_samples(self.window_samples)
+
+    def clip_window_starts(self, length: int, hop_samples: int | None = None) -> range:
+        """Where the windows of a ``length``-sample clip start, at the card's hop by default."""
+        return clip_window_starts(length, self.window_samples, hop_samples or self.hop_samples)
 
     # -- checks ------------------------------------------------------------------
     def validate(self) -> None:

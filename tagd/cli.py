@@ -75,9 +75,8 @@ def main() -> None:
 @click.option(
     "--batch",
     type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Windows per engine call.",
+    default=None,
+    help="Windows per engine call [default: 1; memory grows with it, docs/models.md].",
 )
 @click.option(
     "--log-level",
@@ -86,17 +85,24 @@ def main() -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
 def tag(files, engine_path, hop, top, as_json, batch, log_level) -> None:
-    """Tag audio FILES (wav, flac, mp3, ogg, …) and print their top tags.
+    """Tag audio FILES (wav, flac, mp3, ogg, …; a folder: the audio files in it) and print
+    their top tags.
 
     Each file is cut into windows exactly as `tagd serve` cuts a stream, and the scores
-    are averaged over the windows. Tags over the model's thresholds are marked `*`.
+    are averaged over the windows; a file shorter than one window but at least a quarter
+    of one is zero-padded to a window. Tags over the model's thresholds are marked `*`.
     """
     from tagd.audio import AudioError
     from tagd.card import CardError
     from tagd.engines import EngineError, load_engine
-    from tagd.tagfile import tag_file
+    from tagd.tagfile import DEFAULT_BATCH, audio_files, tag_file
 
     setup_logging(log_level)
+    try:
+        files = list(audio_files(list(files)))
+    except AudioError as exc:
+        raise click.ClickException(str(exc)) from None
+    batch = batch or DEFAULT_BATCH
     try:
         engine = load_engine(engine_path)
     except (EngineError, CardError) as exc:

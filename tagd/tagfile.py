@@ -1,21 +1,28 @@
-"""Tagging whole files: decode, window exactly as the daemon does, average the scores."""
+"""Tagging whole files: decode, window by the clip rule of tagd.windowing, average the scores."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tagd.audio import AudioError, decode_file
+from tagd.card import ModelCard
 from tagd.engines import Engine
-from tagd.windowing import clip_windows
+from tagd.windowing import ClipTooShortError, clip_windows
 
-DEFAULT_BATCH = 8
+# Windows per engine call. ONNX Runtime's arena keeps the activations of the largest
+# batch, and a full-size FCN-4 window's are tens of MB: docs/models.md has the peaks.
+DEFAULT_BATCH = 1
+AUDIO_SUFFIXES = frozenset(
+    (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".mp2", ".webm", ".mka")
+)  # fmt: skip
 
 
 class TooShortError(AudioError):
-    """The file holds less audio than one model window."""
+    """The file holds less audio than the shortest clip the model scores."""
 
 
 @dataclass
@@ -30,27 +37,60 @@ class FileTags:
         return [(tags[i], float(self.scores[i])) for i in order]
 
 
+def audio_files(paths: list[Path]) -> Iterator[Path]:
+    """Each path, with a folder replaced by the audio files under it (recursively, sorted)."""
+    for path in paths:
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+            )
+            if not found:
+                raise AudioError(
+                    f"{path}: a folder with no audio files in it (looked for "
+                    + ", ".join(sorted(AUDIO_SUFFIXES))
+                    + ")"
+                )
+            yield from found
+        else:
+            yield path
+
+
+def check_length(card: ModelCard, samples: int, path: Path) -> None:
+    try:
+        card.clip_window_starts(samples)
+    except ClipTooShortError as exc:
+        raise TooShortError(
+            f"{path}: {samples / card.sample_rate:.2f} s of audio is shorter than the "
+            f"{exc.minimum / card.sample_rate:.2f} s that {card.name} scores at least "
+            f"(a quarter of its {card.window_seconds:.2f} s window, zero-padded)"
+        ) from None
+
+
 def tag_file(
     engine: Engine,
     path: str | Path,
     hop_samples: int | None = None,
     batch_size: int = DEFAULT_BATCH,
 ) -> FileTags:
-    """Mean scores over all windows of ``path``; raises AudioError when it cannot."""
+    """Mean scores over the windows of ``path``; raises AudioError when it cannot."""
     card = engine.card
     path = Path(path)
     samples = decode_file(path, card.sample_rate)
-    duration = len(samples) / card.sample_rate
-    windows = clip_windows(samples, card.window_samples, hop_samples or card.hop_samples)
-    if not windows:
-        raise TooShortError(
-            f"{path}: {duration:.2f} s of audio is shorter than one "
-            f"{card.window_seconds:.2f} s window of {card.name}"
-        )
+    check_length(card, len(samples), path)
     if engine.max_batch is not None:
         batch_size = min(batch_size, engine.max_batch)
     total = np.zeros(card.n_tags, dtype=np.float64)
-    for first in range(0, len(windows), batch_size):
-        batch = np.stack([w.samples for w in windows[first : first + batch_size]])
-        total += engine.run(batch).sum(axis=0, dtype=np.float64)
-    return FileTags(path, duration, len(windows), (total / len(windows)).astype(np.float32))
+    count = 0
+    batch = np.empty((batch_size, card.window_samples), dtype=np.float32)
+    filled = 0
+    for window in clip_windows(samples, card.window_samples, hop_samples or card.hop_samples):
+        batch[filled] = window.samples
+        filled += 1
+        if filled == batch_size:
+            total += engine.run(batch).sum(axis=0, dtype=np.float64)
+            count, filled = count + filled, 0
+    if filled:
+        total += engine.run(batch[:filled]).sum(axis=0, dtype=np.float64)
+        count += filled
+    duration = len(samples) / card.sample_rate
+    return FileTags(path, duration, count, (total / count).astype(np.float32))

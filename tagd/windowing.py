@@ -1,19 +1,24 @@
-"""Rolling windows over a stream of samples: one definition for the daemon and `tagd tag`.
+"""Windows over audio: one definition for the daemon, `tagd tag` and the trainer's evaluation.
 
 A ``Windower`` keeps exactly one window of audio in a fixed ring buffer and emits a copy
 of it every ``hop_samples`` once the first ``window_samples`` have arrived. Feeding the
 same audio in any chunking yields the same windows at the same stream positions.
 
+``clip_windows`` covers a whole clip with the windows a stream of it would give, and
+says how a clip shorter than one window is scored (the rule is stated below, once).
+
 In the daemon the copies come from a ``WindowPool`` and go back to it once the batcher
-has copied them into a batch or dropped them. With glibc's mmap threshold fixed (see
-``tagd.server.release_freed_memory``) every fresh window is a new mapping: page faults
-to fill it, an munmap and its TLB shootdown to free it, on the cores the engine runs
-on. A SampleCNN window cost 67 µs that way against 5 µs into a reused buffer.
+has copied them into a batch or dropped them: with glibc's mmap threshold fixed (see
+``tagd.server.release_freed_memory``) every fresh window would be a new mapping, with
+page faults to fill it and an munmap to free it on the engine's cores (docs/serve.md
+has the measured cost).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +27,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Window:
     start: int  # index in the stream of the window's first sample
-    samples: np.ndarray  # float32 [window_samples], a copy the caller owns (or gives back)
+    samples: np.ndarray  # float32 [window_samples]; from a Windower, a copy the caller owns
 
     @property
     def end(self) -> int:
@@ -147,6 +152,52 @@ class Windower:
         return window
 
 
-def clip_windows(samples: np.ndarray, window_samples: int, hop_samples: int) -> list[Window]:
-    """All windows of a whole clip, as the daemon would emit them while streaming it."""
-    return Windower(window_samples, hop_samples).push(samples)
+# -- whole clips --------------------------------------------------------------------------------
+# The one rule for a clip that is on disk, used by `tagd tag`, by evaluation and threshold
+# choice in the trainer, and stated in docs/models.md:
+#
+# - windows start on the hop grid from the clip's first sample, as a stream's windows do,
+#   and every window lies inside the clip (the tail past the last one is not scored);
+# - a clip shorter than one window but at least MIN_CLIP_FRACTION of one is a single
+#   window, zero-padded at its end (as Choi et al. 2016 padded short MTT clips);
+# - a shorter clip is an error that names the minimum.
+MIN_CLIP_FRACTION = 0.25
+
+
+class ClipTooShortError(ValueError):
+    """A clip holds less audio than the shortest that a model scores."""
+
+    def __init__(self, length: int, minimum: int):
+        super().__init__(f"{length} samples is shorter than the minimum of {minimum}")
+        self.length = length
+        self.minimum = minimum
+
+
+def min_clip_samples(window_samples: int) -> int:
+    """The shortest clip that is scored (zero-padded to one window)."""
+    return max(1, math.ceil(window_samples * MIN_CLIP_FRACTION))
+
+
+def clip_window_starts(length: int, window_samples: int, hop_samples: int) -> range:
+    """Where the windows of a ``length``-sample clip start; raises ClipTooShortError."""
+    if window_samples <= 0 or hop_samples <= 0:
+        raise ValueError("window_samples and hop_samples must be positive")
+    if length >= window_samples:
+        return range(0, length - window_samples + 1, hop_samples)
+    if length >= min_clip_samples(window_samples):
+        return range(1)
+    raise ClipTooShortError(length, min_clip_samples(window_samples))
+
+
+def clip_windows(samples: np.ndarray, window_samples: int, hop_samples: int) -> Iterator[Window]:
+    """The windows of a whole clip, one at a time (``clip_window_starts`` says where).
+
+    A window is a view into ``samples`` (read it, do not write it), or a padded copy for
+    a clip shorter than one window, so a long file costs no more than its samples.
+    """
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    for start in clip_window_starts(len(samples), window_samples, hop_samples):
+        piece = samples[start : start + window_samples]
+        if len(piece) < window_samples:
+            piece = np.pad(piece, (0, window_samples - len(piece)))
+        yield Window(start, piece)

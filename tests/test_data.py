@@ -10,7 +10,7 @@ import soundfile
 
 from tagd.audio import decode_file
 from trainer.data import synthetic
-from trainer.data.dataset import DataError, clip_windows, hashed_split, random_starts, window_starts
+from trainer.data.dataset import DataError, hashed_split, random_starts
 from trainer.data.manifest import load_manifest, write_manifest
 from trainer.data.msd import load_msd
 from trainer.data.mtt import load_mtt
@@ -203,16 +203,6 @@ def test_synthetic_mtt_layout_loads_with_real_mp3s_and_an_empty_one(tmp_path):
     wav = next(p for name, p in paths.items() if name.endswith(".wav"))
     assert soundfile.info(wav).samplerate == 16_000
     assert {clip.split for clip in dataset.clips} <= {"train", "valid", "test"}
-
-
-def test_window_starts_cover_the_clip_evenly():
-    starts = window_starts(1000, 300)
-    assert starts.tolist() == [0, 233, 467, 700]  # 4 windows of 300 cover 1000, evenly spread
-    assert window_starts(300, 300).tolist() == [0]
-    assert window_starts(100, 300).tolist() == [0]
-    assert len(window_starts(1000, 300, hop_samples=100)) == 8
-    windows = clip_windows(np.arange(100, dtype=np.int16), 300)
-    assert windows.shape == (1, 300) and windows[0, 100:].max() == 0  # zero-padded
 
 
 def test_random_starts_stay_inside_each_clip():

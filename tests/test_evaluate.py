@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,13 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from trainer.checkpoint import load_checkpoint, save_checkpoint
-from trainer.data.dataset import INDEX_NAME, PREPARED_FORMAT, PREPARED_VERSION, PreparedData
+from trainer.data.dataset import (
+    INDEX_NAME,
+    PREPARED_FORMAT,
+    PREPARED_VERSION,
+    DataError,
+    PreparedData,
+)
 from trainer.evaluate import (
     choose_thresholds,
     evaluate_checkpoint,
@@ -59,14 +66,15 @@ class WindowMean(nn.Module):
     """Score = the window's mean sample: lets a test know what every window scores."""
 
     window_samples = 4
+    default_hop_samples = 3
     n_tags = 1
 
     def forward(self, x):
         return x.mean(dim=1, keepdim=True)  # (B, 1)
 
 
-def test_clip_score_is_the_mean_over_windows_covering_the_clip(tmp_path):
-    ramp = (np.arange(10) * 1000).astype(np.int16)  # windows at 0, 3, 6 (evenly, 3 of 4)
+def test_clip_score_is_the_mean_over_the_windows_on_the_hop_grid(tmp_path):
+    ramp = (np.arange(11) * 1000).astype(np.int16)  # windows at 0, 3, 6; 9-10 not scored
     short = np.full(2, 16384, dtype=np.int16)  # one window, zero-padded
     data = make_prepared(tmp_path, [(ramp, (0,), "test"), (short, (0,), "test")], tags=("x",))
     scores = predict_clips(WindowMean(), data, [0, 1], batch_size=2)
@@ -76,6 +84,17 @@ def test_clip_score_is_the_mean_over_windows_covering_the_clip(tmp_path):
     assert scores[1, 0] == pytest.approx(0.5 * 2 / 4, rel=1e-6)
     # batching across clips does not change a clip's score
     assert np.allclose(predict_clips(WindowMean(), data, [0, 1], batch_size=1), scores)
+    # another hop, as `tagd tag --hop` would use
+    by_two = predict_clips(WindowMean(), data, [0], hop_samples=2)
+    assert by_two[0, 0] == pytest.approx(np.mean([(ramp[s : s + 4] / 32768.0).mean() for s in (0, 2, 4, 6)]), rel=1e-6)  # fmt: skip
+
+
+def test_a_clip_too_short_to_score_is_a_clear_error(tmp_path):
+    data = make_prepared(tmp_path, [(np.ones(3, dtype=np.int16), (0,), "test")], tags=("x",))
+    model = WindowMean()
+    model.window_samples, model.arch, model.sample_rate = 40, "tiny", 10
+    with pytest.raises(DataError, match="clip 0 .* is too short for tiny: 0.30 s, the least it scores is 1.00 s"):  # fmt: skip
+        predict_clips(model, data, [0])
 
 
 def test_macro_and_frequency_weighted_auc():
@@ -167,3 +186,36 @@ def test_write_outputs_with_chosen_roc_tags(tiny_data, tmp_path):
     assert files["roc_plot"].is_file() and "curves_plot" not in files
     with pytest.raises(ValueError, match="unknown tags"):
         write_outputs(evaluation, tmp_path / "out2", title="t", roc_tags=["nope"])
+
+
+def test_evaluation_scores_each_clip_as_tagd_tag_prints_it(tmp_path, music):
+    """One windowing rule: a clip shorter than a window, one window long, and several."""
+    import soundfile
+
+    from tagd.engines import load_engine
+    from tagd.tagfile import tag_file
+    from trainer.data.manifest import load_manifest, write_manifest
+    from trainer.data.prepare import prepare
+    from trainer.export import export_onnx
+
+    torch.manual_seed(0)
+    model = create_model("samplecnn", 2, width=0.25, n=8)  # 19,683-sample windows
+    rate, window = model.sample_rate, model.window_samples
+    rows = []
+    for i, length in enumerate((window // 2, window, 3 * window + 1234)):
+        path = tmp_path / f"clip{i}.wav"
+        soundfile.write(path, music(length / rate, rate, seed=i)[:length], rate, subtype="PCM_16")
+        rows.append((path.name, ["x"] if i % 2 else ["y"], "test"))
+    write_manifest(tmp_path / "manifest.csv", rows)
+    prepare(load_manifest(tmp_path / "manifest.csv"), tmp_path / "prepared", rate, workers=1, progress=False)  # fmt: skip
+    data = PreparedData(tmp_path / "prepared")
+    indices = data.indices("test")
+    scores = predict_clips(model, data, indices)
+
+    onnx = tmp_path / "model.onnx"
+    export_onnx(model, onnx, tags=data.tags)
+    engine = load_engine(onnx)
+    for row, i in enumerate(indices):
+        printed = tag_file(engine, tmp_path / Path(data.clips[i].clip_id).name)
+        np.testing.assert_allclose(printed.scores, scores[row], atol=1e-4)
+    assert sorted(tag_file(engine, tmp_path / f"clip{n}.wav").windows for n in range(3)) == [1, 1, 3]

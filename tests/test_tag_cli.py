@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +28,8 @@ def songs(tmp_path_factory, music):
     soundfile.write(wav, np.stack([music(8.0, 44100, seed=1)] * 2, axis=1), 44100)
     mp3 = folder / "song.mp3"
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-b:a", "192k", str(mp3)], check=True)
-    short = folder / "short.wav"
-    soundfile.write(short, music(1.0, 22050), 22050)
+    short = folder / "short.wav"  # under a quarter of SampleCNN's 2.68 s window
+    soundfile.write(short, music(0.5, 22050), 22050)
     garbage = folder / "garbage.mp3"
     garbage.write_bytes(b"\xff\xfb" + b"junk" * 500)
     return {"wav": wav, "mp3": mp3, "short": short, "garbage": garbage}
@@ -65,7 +66,7 @@ def test_file_scores_are_the_mean_of_the_daemons_windows(export_model, songs, mu
     from tagd.audio import decode_file
 
     samples = decode_file(songs["wav"], card.sample_rate)
-    windows = clip_windows(samples, card.window_samples, card.hop_samples // 2)
+    windows = list(clip_windows(samples, card.window_samples, card.hop_samples // 2))
     expected = engine.run(np.stack([w.samples for w in windows])).mean(axis=0)
     result = tag_file(engine, songs["wav"], hop_samples=card.hop_samples // 2, batch_size=3)
     assert result.windows == len(windows) == 1 + (8 * 22050 - 59049) // (59049 // 2)
@@ -84,7 +85,7 @@ def test_bad_files_are_reported_and_the_rest_still_tagged(export_model, songs, t
         str(p) for p in (songs["garbage"], songs["short"], missing, songs["wav"])
     ]
     assert "garbage.mp3" in records[0]["error"]
-    assert "shorter than one 2.68 s window" in records[1]["error"]
+    assert "shorter than the 0.67 s that" in records[1]["error"]
     assert "no such file" in records[2]["error"]
     assert "scores" in records[3]
     assert "3 of 4 files could not be tagged" in result.stderr
@@ -97,7 +98,7 @@ def test_a_bad_engine_is_one_clear_line(tmp_path, songs):
     assert "Traceback" not in result.stderr
 
 
-def test_exported_full_size_fcn4_tags_an_mp3_with_50_scores(songs, tmp_path):
+def test_exported_full_size_fcn4_tags_a_song_an_mtt_clip_and_a_jingle(songs, tmp_path, music):
     """The issue's first-run path: `tagd-train export --model fcn4`, then `tagd tag`."""
     pytest.importorskip("torch")
     model = tmp_path / "fcn4.onnx"
@@ -111,11 +112,37 @@ def test_exported_full_size_fcn4_tags_an_mp3_with_50_scores(songs, tmp_path):
         ["ffmpeg", "-v", "error", "-stream_loop", "4", "-i", str(songs["mp3"]), "-t", "35", str(long_song)],
         check=True,
     )  # fmt: skip
-    result = run_tag(long_song, "--engine", model, "--json")
-    assert result.returncode == 0, result.stderr
-    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
-    assert record["model"].startswith("fcn4")
-    assert len(record["scores"]) == 50
+    # a MagnaTagATune-length clip (29.1 s, 20 ms short of a window), a 10 s jingle, a 5 s sting
+    clips = {}
+    for name, seconds in (("mtt", 29.1), ("jingle", 10.0), ("sting", 5.0)):
+        clips[name] = tmp_path / f"{name}.wav"
+        soundfile.write(clips[name], music(seconds, 12_000, seed=3), 12_000)
+    result = run_tag(long_song, clips["mtt"], clips["jingle"], clips["sting"], "--engine", model, "--json")  # fmt: skip
+    assert result.returncode == 1  # the sting
+    records = {Path(r["file"]).stem: r for r in map(json.loads, result.stdout.splitlines())}
+    assert records["long"]["model"].startswith("fcn4")
+    assert len(records["long"]["scores"]) == 50
     # 35 s at the card's 3 s hop: windows start at 0, 3 s (29.12 s each)
-    assert record["windows"] == 2
-    assert all(0.0 < s < 1.0 for s in record["scores"].values())
+    assert records["long"]["windows"] == 2
+    assert all(0.0 < s < 1.0 for s in records["long"]["scores"].values())
+    assert records["mtt"]["windows"] == records["jingle"]["windows"] == 1  # zero-padded
+    assert records["mtt"]["scores"] != records["jingle"]["scores"]
+    assert "5.00 s of audio is shorter than the 7.28 s that" in records["sting"]["error"]
+
+
+def test_a_folder_is_tagged_file_by_file_in_sorted_order(export_model, songs, tmp_path):
+    model = export_model("samplecnn")
+    folder = tmp_path / "library"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.wav").write_bytes(songs["wav"].read_bytes())
+    (folder / "b" / "c.mp3").write_bytes(songs["mp3"].read_bytes())
+    (folder / "b" / "notes.txt").write_text("not audio")
+    result = run_tag(folder, "--engine", model, "--json")
+    assert result.returncode == 0, result.stderr
+    files = [json.loads(line)["file"] for line in result.stdout.splitlines()]
+    assert files == [str(folder / "a.wav"), str(folder / "b" / "c.mp3")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_tag(empty, "--engine", model)
+    assert result.returncode == 1
+    assert "a folder with no audio files in it" in result.stderr

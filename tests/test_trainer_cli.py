@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv as csv_module
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import soundfile
 from click.testing import CliRunner
@@ -238,3 +240,37 @@ def test_compile_without_tensorrt_says_how_to_get_it(tmp_path):
     result = tagd_train("compile", tmp_path / "m.onnx", "--out", tmp_path / "m.plan", check=False)
     assert result.returncode == 1
     assert "tensorrt is not installed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_preparing_no_clip_fails_and_says_where_it_looked(tmp_path):
+    synthetic.write_mtt(tmp_path / "mtt", 6, seconds=1.5)
+    (tmp_path / "csv-only").mkdir()
+    csv = tmp_path / "csv-only" / "annotations_final.csv"
+    csv.write_bytes((tmp_path / "mtt" / "annotations_final.csv").read_bytes())
+    result = invoke("prepare", "--mtt", csv, "--sample-rate", "16000", "--out", tmp_path / "p",
+                    "--no-progress", code=1)  # fmt: skip
+    assert "prepared no clips: all 7 were skipped (7 unreadable)" in result.output
+    assert f"under {tmp_path / 'csv-only'}" in result.output and "--audio-dir" in result.output
+    invoke("prepare", "--mtt", csv, "--audio-dir", tmp_path / "mtt", "--sample-rate", "16000",
+           "--out", tmp_path / "p", "--no-progress")  # fmt: skip
+
+
+def test_synthetic_rendered_clips_are_tagged_music_and_speech(tmp_path):
+    pytest.importorskip("trainer.data.rendered").check_tools()
+    invoke("synthetic", tmp_path / "r", "--kind", "rendered", "--clips", "6", "--seconds", "3",
+           "--format", "wav", "--jobs", "2", "--no-progress")  # fmt: skip
+    rows = list(csv_module.reader((tmp_path / "r" / "annotations_final.csv").open(), delimiter="\t"))
+    header, clips = rows[0], rows[1:]
+    assert header[0] == "clip_id" and header[-1] == "mp3_path" and "piano" in header
+    assert len(clips) == 6 and all(any(v == "1" for v in row[1:-1]) for row in clips)
+    audio, rate = soundfile.read(tmp_path / "r" / clips[0][-1])
+    assert rate == 16_000 and len(audio) == 3 * 16_000 and np.abs(audio).max() > 0.01
+    # the same seed renders the same clips with any number of jobs
+    invoke("synthetic", tmp_path / "again", "--kind", "rendered", "--clips", "6", "--seconds", "3",
+           "--format", "wav", "--jobs", "1", "--no-progress")  # fmt: skip
+    again = (tmp_path / "again" / "annotations_final.csv").read_text()
+    assert again == (tmp_path / "r" / "annotations_final.csv").read_text()
+    for row in clips:
+        a, _ = soundfile.read(tmp_path / "r" / row[-1])
+        b, _ = soundfile.read(tmp_path / "again" / row[-1])
+        np.testing.assert_array_equal(a, b)

@@ -1,12 +1,19 @@
 import numpy as np
 import pytest
 
-from tagd.windowing import Windower, WindowPool, clip_windows
+from tagd.windowing import (
+    ClipTooShortError,
+    Windower,
+    WindowPool,
+    clip_window_starts,
+    clip_windows,
+    min_clip_samples,
+)
 
 
 def test_windows_start_every_hop_and_hold_the_right_samples():
     samples = np.arange(100, dtype=np.float32)
-    windows = clip_windows(samples, window_samples=30, hop_samples=20)
+    windows = list(clip_windows(samples, window_samples=30, hop_samples=20))
     assert [w.start for w in windows] == [0, 20, 40, 60]
     for w in windows:
         np.testing.assert_array_equal(w.samples, samples[w.start : w.start + 30])
@@ -17,7 +24,7 @@ def test_windows_start_every_hop_and_hold_the_right_samples():
 def test_any_chunking_gives_identical_windows(chunk):
     rng = np.random.default_rng(0)
     samples = rng.standard_normal(997).astype(np.float32)
-    reference = clip_windows(samples, 64, 24)
+    reference = list(clip_windows(samples, 64, 24))
     windower = Windower(64, 24)
     streamed = []
     for first in range(0, len(samples), chunk):
@@ -29,7 +36,7 @@ def test_any_chunking_gives_identical_windows(chunk):
 
 def test_hop_longer_than_window_skips_audio():
     samples = np.arange(50, dtype=np.float32)
-    windows = clip_windows(samples, window_samples=10, hop_samples=15)
+    windows = list(clip_windows(samples, window_samples=10, hop_samples=15))
     assert [w.start for w in windows] == [0, 15, 30]
     np.testing.assert_array_equal(windows[1].samples, samples[15:25])
 
@@ -51,14 +58,35 @@ def test_reset_and_restart_forget_buffered_audio():
     np.testing.assert_array_equal(windows[0].samples, np.zeros(10))
 
 
-def test_too_short_gives_no_window():
-    assert clip_windows(np.zeros(9, dtype=np.float32), 10, 5) == []
+def test_a_clip_shorter_than_a_window_is_zero_padded_down_to_a_quarter_of_one():
+    assert min_clip_samples(100) == 25
+    samples = np.arange(1, 41, dtype=np.float32)  # 40 samples, window 100
+    (window,) = clip_windows(samples, window_samples=100, hop_samples=30)
+    assert window.start == 0
+    np.testing.assert_array_equal(window.samples[:40], samples)
+    assert not window.samples[40:].any()
+    assert list(clip_window_starts(25, 100, 30)) == [0]
+    with pytest.raises(ClipTooShortError, match="24 samples is shorter than the minimum of 25"):
+        list(clip_windows(np.ones(24, dtype=np.float32), 100, 30))
+
+
+def test_a_clip_holds_the_windows_a_stream_of_it_would_give():
+    """The tail past the last whole window is not scored, as a stream would not yet."""
+    for length in (100, 129, 130, 131, 1000):
+        streamed = Windower(100, 30).push(np.zeros(length, dtype=np.float32))
+        assert list(clip_window_starts(length, 100, 30)) == [w.start for w in streamed]
+
+
+def test_clip_windows_are_views_not_copies():
+    samples = np.arange(1000, dtype=np.float32)
+    window = next(clip_windows(samples, 300, 100))
+    assert np.shares_memory(window.samples, samples)
 
 
 def test_pooled_windows_reuse_given_back_buffers_and_hold_the_same_samples():
     rng = np.random.default_rng(1)
     samples = rng.standard_normal(500).astype(np.float32)
-    reference = clip_windows(samples, 64, 24)
+    reference = list(clip_windows(samples, 64, 24))
     pool = WindowPool(64, capacity=2)
     windower = Windower(64, 24, pool)
     seen_buffers = set()

@@ -130,7 +130,10 @@ def main(verbose: bool, quiet: bool) -> None:
 @click.option("--workers", type=int, help="Decoding processes (default: all cores).")
 @click.option("--clips-per-shard", type=int, default=64, show_default=True)
 @click.option(
-    "--min-seconds", type=float, default=1.0, show_default=True, help="Shorter files are skipped."
+    "--min-seconds",
+    type=float,
+    help="Shorter files are skipped. Default: with --model, the shortest clip it scores "
+    "(a quarter of its window, at least 1 s); else 1 s.",
 )
 @click.option("--no-progress", is_flag=True)
 @friendly_errors
@@ -145,9 +148,14 @@ def prepare(mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, manifes
     if (model_name is None) == (sample_rate is None):
         raise click.UsageError("give exactly one of --model (its rate) or --sample-rate")
     if model_name is not None:
+        from tagd.windowing import min_clip_samples
         from trainer.models import create_model
 
-        sample_rate = create_model(model_name).sample_rate
+        model = create_model(model_name)
+        sample_rate = model.sample_rate
+        if min_seconds is None:
+            min_seconds = max(1.0, min_clip_samples(model.window_samples) / sample_rate)
+    min_seconds = 1.0 if min_seconds is None else min_seconds
     labelled = _load_labelled(
         mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, manifest, n_tags
     )
@@ -185,16 +193,64 @@ def _load_labelled(mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, 
 
 @main.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--kind",
+    type=click.Choice(["tones", "rendered"]),
+    default="tones",
+    show_default=True,
+    help="tones: one sound per tag, seconds to make, for tests; rendered: General MIDI "
+    "music through FluidSynth with espeak-ng speech, tagged by instrument family, drums, "
+    "tempo, loudness, speech (needs fluidsynth, fluid-soundfont-gm, espeak-ng).",
+)
 @click.option("--layout", type=click.Choice(["mtt", "manifest"]), default="mtt", show_default=True)
-@click.option("--clips", type=int, default=200, show_default=True)
-@click.option("--seconds", type=float, default=4.0, show_default=True)
+@click.option("--clips", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Clip length (default: 4 for tones, 29.1 for rendered, as MagnaTagATune's).",
+)
 @click.option("--sample-rate", type=int, default=16_000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--format",
+    "audio_format",
+    type=click.Choice(["mp3", "wav"]),
+    default="mp3",
+    show_default=True,
+    help="Rendered clips' file format.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Clips rendered at once; the clips are the same for any number.",
+)
+@click.option("--no-progress", is_flag=True)
 @friendly_errors
-def synthetic(out_dir, layout, clips, seconds, sample_rate, seed):
-    """Write a small learnable dataset (tones, chords, drums...) to try the pipeline."""
+def synthetic(
+    out_dir, kind, layout, clips, seconds, sample_rate, seed, audio_format, jobs, no_progress
+):
+    """Write a labelled dataset the project makes itself: to try the pipeline, or to train on."""
+    if kind == "rendered":
+        from trainer.data import rendered
+
+        path = rendered.write_rendered(
+            out_dir,
+            clips,
+            seed,
+            seconds or rendered.DEFAULT_SECONDS,
+            sample_rate,
+            layout=layout,
+            audio_format=audio_format,
+            jobs=jobs,
+            progress=not no_progress,
+        )
+        click.echo(f"wrote {clips} rendered clips: {path}")
+        return
     from trainer.data import synthetic as synth
 
+    seconds = seconds or synth.DEFAULT_SECONDS
     if layout == "mtt":
         path = synth.write_mtt(out_dir, clips, seed, seconds, sample_rate)
     else:
@@ -353,7 +409,9 @@ def finetune(checkpoint, data_dir, **options):
     help="Tags for the ROC plot (default: best and worst few).",
 )
 @click.option(
-    "--hop", type=int, help="Hop between a clip's windows in samples (default: one window)."
+    "--hop",
+    type=int,
+    help="Hop between a clip's windows in samples (default: the model's, as `tagd tag`).",
 )
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

@@ -1,7 +1,10 @@
 """Clip-level evaluation: scores, metrics, thresholds, plots and a short report.
 
-A clip's score is the mean of the model's scores over evenly spaced windows that cover
-the clip (Lee et al. 2017 average the segments of a clip; for FCN one window is a clip).
+A clip's score is the mean of the model's scores over the windows ``tagd tag`` would cut
+from it (``tagd.windowing.clip_windows``: the hop grid from the first sample at the
+model's default hop, a short clip zero-padded to one window), so evaluation scores what
+the daemon would print for the same file. Lee et al. 2017 average the segments of a
+clip; for FCN one window is a 29.1 s clip.
 Metrics are computed per tag and averaged over tags:
 
 - macro ROC-AUC and macro PR-AUC (average precision), as the papers report;
@@ -32,13 +35,14 @@ from sklearn.metrics import (
 )
 
 from tagd.card import ModelCard
+from tagd.windowing import ClipTooShortError, clip_windows
 from trainer.checkpoint import (
     card_from_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from trainer.data.dataset import DataError, PreparedData, clip_windows
+from trainer.data.dataset import DataError, PreparedData, to_float
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +89,18 @@ def predict_clips(
             at += len(windows)
         pending.clear()
 
+    hop = hop_samples or model.default_hop_samples
     for row, i in enumerate(tqdm(indices, desc="score", unit="clip", disable=not progress)):
-        pending.append((row, clip_windows(data.audio(i), window, hop_samples)))
+        try:
+            windows = [w.samples for w in clip_windows(to_float(data.audio(i)), window, hop)]
+        except ClipTooShortError as exc:
+            raise DataError(
+                f"clip {data.clips[i].clip_id} of {data.root} is too short for {model.arch}: "
+                f"{exc.length / model.sample_rate:.2f} s, the least it scores is "
+                f"{exc.minimum / model.sample_rate:.2f} s; prepare with --model {model.arch} "
+                "(it skips such clips) or a larger --min-seconds"
+            ) from None
+        pending.append((row, np.stack(windows)))
         if sum(len(w) for _, w in pending) >= batch_size:
             flush()
     if pending:

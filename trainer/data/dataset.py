@@ -7,8 +7,9 @@ Two stages, two types:
 - ``PreparedData``: the same clips after ``prepare`` decoded them once to mono int16 at
   the model's rate, in shards beside a JSON index. Training and evaluation read only this.
 
-Crops for training and the evenly spaced windows of evaluation live here too, so that the
-trainer, the evaluator and the benchmark cut audio the same way.
+Random crops for training live here too. Evaluation windows a clip by the rule that
+``tagd tag`` uses (``tagd.windowing.clip_windows``), so that the scores and thresholds
+it reports are those of the windows the daemon sees.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,29 +195,6 @@ def crop(samples: np.ndarray, start: int, window_samples: int) -> np.ndarray:
     if len(piece) < window_samples:
         piece = np.pad(piece, (0, window_samples - len(piece)))
     return piece
-
-
-def window_starts(length: int, window_samples: int, hop_samples: int | None = None) -> np.ndarray:
-    """Starts of evenly spaced windows that together cover a clip of ``length`` samples.
-
-    As many windows as a hop of ``hop_samples`` (default: one window, no overlap) needs to
-    reach the end, spread evenly from the first sample to the last full window, so that no
-    audio is left out and none is counted twice more than the hop implies. A clip shorter
-    than one window gets one window (zero-padded).
-    """
-    hop = hop_samples or window_samples
-    if length <= window_samples:
-        return np.zeros(1, dtype=np.int64)
-    count = math.ceil((length - window_samples) / hop) + 1
-    return np.round(np.linspace(0, length - window_samples, count)).astype(np.int64)
-
-
-def clip_windows(
-    samples: np.ndarray, window_samples: int, hop_samples: int | None = None
-) -> np.ndarray:
-    """All evaluation windows of one clip: float32 ``[n_windows, window_samples]``."""
-    starts = window_starts(len(samples), window_samples, hop_samples)
-    return np.stack([crop(samples, int(start), window_samples) for start in starts])
 
 
 def random_starts(lengths: np.ndarray, window_samples: int, rng: np.random.Generator) -> np.ndarray:

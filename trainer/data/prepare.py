@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from trainer.data.dataset import (
     INDEX_NAME,
     PREPARED_FORMAT,
     PREPARED_VERSION,
+    DataError,
     LabelledSet,
     to_int16,
 )
@@ -114,11 +116,27 @@ def prepare(
     bar.close()
 
     report = _write_index(labelled, out_dir, sample_rate, [name for name, _ in jobs])
+    if labelled.clips and not report.clips:
+        raise DataError(_nothing_prepared(labelled, report.skipped))
     report.shards_written = len(todo)
     report.shards_reused = reused
     report.seconds = time.monotonic() - started
     log.info("%s", report.summary())
     return report
+
+
+def _nothing_prepared(labelled: LabelledSet, skipped: list[dict]) -> str:
+    """Why a prepare that kept no clip is an error, and where it looked."""
+    reasons = Counter(item["reason"].split(":")[0] for item in skipped)
+    folders = sorted({str(Path(clip.path).parent.parent) for clip in labelled.clips})
+    where = folders[0] if len(folders) == 1 else f"{folders[0]} and {len(folders) - 1} more"
+    return (
+        f"prepared no clips: all {len(labelled.clips)} were skipped ("
+        + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        + f"); the first was looked for at {labelled.clips[0].path}, under {where}. "
+        "If the audio lives elsewhere, give its folder with --audio-dir (MagnaTagATune) "
+        "or fix the paths in the list; skipped.csv in the output folder has every reason"
+    )
 
 
 def _shard_done(out_dir: Path, name: str, members: list, sample_rate: int) -> bool:
@@ -129,7 +147,12 @@ def _shard_done(out_dir: Path, name: str, members: list, sample_rate: int) -> bo
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError:
         return False
-    return meta.get("sample_rate") == sample_rate and meta.get("ids") == [m[0] for m in members]
+    # The same clips from the same files: a new --audio-dir prepares the shard again.
+    return (
+        meta.get("sample_rate") == sample_rate
+        and meta.get("ids") == [m[0] for m in members]
+        and meta.get("paths", [m[1] for m in members]) == [m[1] for m in members]
+    )
 
 
 def _prepare_shard(
@@ -155,6 +178,7 @@ def _prepare_shard(
     meta = {
         "sample_rate": sample_rate,
         "ids": [clip_id for clip_id, _ in members],
+        "paths": [path for _, path in members],
         "clips": entries,
         "skipped": skipped,
     }

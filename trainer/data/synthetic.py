@@ -170,10 +170,12 @@ assert set(_SOUNDS) == set(TAGS)
 
 
 # -- writers ---------------------------------------------------------------------------------
-def _assign_splits(n_clips: int, seed: int) -> list[str]:
-    """Exact split sizes from SPLIT_FRACTIONS, shuffled by the seed."""
-    n_valid = int(round(n_clips * SPLIT_FRACTIONS["valid"]))
-    n_test = int(round(n_clips * SPLIT_FRACTIONS["test"]))
+def assign_splits(
+    n_clips: int, seed: int, fractions: dict[str, float] = SPLIT_FRACTIONS
+) -> list[str]:
+    """Exact split sizes from ``fractions`` (valid and test; train gets the rest), shuffled by the seed."""
+    n_valid = int(round(n_clips * fractions["valid"]))
+    n_test = int(round(n_clips * fractions["test"]))
     splits = ["valid"] * n_valid + ["test"] * n_test
     splits += ["train"] * (n_clips - len(splits))
     np.random.default_rng([seed, 1_000_003]).shuffle(splits)
@@ -214,7 +216,7 @@ def write_mtt(
     folders = {
         split: [f for f, s in FOLDER_SPLITS.items() if s == split] for split in SPLIT_FRACTIONS
     }
-    splits = _assign_splits(n_clips + int(empty_mp3), seed)
+    splits = assign_splits(n_clips + int(empty_mp3), seed)
     rows = []
     for clip in generate(n_clips, seed, seconds, sample_rate, untagged_fraction):
         split = splits[clip.number]
@@ -262,7 +264,7 @@ def write_manifest_dataset(
     if tags is not None and len(tags) > len(TAGS):
         raise DataError(f"at most {len(TAGS)} synthetic tags can be renamed, got {len(tags)}")
     names = dict(zip(TAGS, tags or TAGS, strict=False))  # shorter: the rest go untagged
-    splits = _assign_splits(n_clips, seed)
+    splits = assign_splits(n_clips, seed)
     rows = []
     for clip in generate(n_clips, seed, seconds, sample_rate):
         relative = f"audio/{clip.number:05d}.wav"
