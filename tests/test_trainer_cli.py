@@ -259,7 +259,9 @@ def test_synthetic_rendered_clips_are_tagged_music_and_speech(tmp_path):
     pytest.importorskip("trainer.data.rendered").check_tools()
     invoke("synthetic", tmp_path / "r", "--kind", "rendered", "--clips", "6", "--seconds", "3",
            "--format", "wav", "--jobs", "2", "--no-progress")  # fmt: skip
-    rows = list(csv_module.reader((tmp_path / "r" / "annotations_final.csv").open(), delimiter="\t"))
+    rows = list(
+        csv_module.reader((tmp_path / "r" / "annotations_final.csv").open(), delimiter="\t")
+    )
     header, clips = rows[0], rows[1:]
     assert header[0] == "clip_id" and header[-1] == "mp3_path" and "piano" in header
     assert len(clips) == 6 and all(any(v == "1" for v in row[1:-1]) for row in clips)
