@@ -2,43 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from tagd import __version__
+from tagd.logs import LOG_FORMATS, LOG_LEVELS, held_logs, setup_logging
 
 log = logging.getLogger("tagd")
 
 
-class JsonLogFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+class LazyGroup(click.Group):
+    """A group whose commands named in ``lazy`` ("name" → "module:attribute") are imported
+    only when run or listed in help: `tagd tag` never loads ZeroMQ or the server."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module_name, attribute = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module_name), attribute)
+        return super().get_command(ctx, name)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-@click.group()
+@click.group(cls=LazyGroup, lazy={"listen": "tagd.listen:listen"})
 @click.version_option(__version__, prog_name="tagd")
 def main() -> None:
     """tagd: streaming, real-time music auto-tagging for broadcast."""
@@ -176,15 +175,96 @@ def keys_generate(directory: Path, name: str) -> None:
     click.echo(f"secret key: {secret} (keep it private)")
 
 
-def _register_stream_commands() -> None:
-    from tagd.listen import listen
-    from tagd.server import serve
+@main.command()
+@click.option(
+    "--engine", help="Model file: .onnx (ONNX Runtime), .plan/.engine (TensorRT), .pt (torch)."
+)
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="URL",
+    help="An input stream, repeatable: zmq+raw://, zmq+sub://, zmq+pull://, soundcard://, file://. "
+    "Replaces the config file's inputs.",
+)
+@click.option("--publish", metavar="ENDPOINT", help="ZeroMQ PUB endpoint [tcp://127.0.0.1:5560].")
+@click.option(
+    "--metrics", metavar="HOST:PORT", help="/metrics and /healthz, or 'off' [127.0.0.1:9108]."
+)
+@click.option(
+    "--hop", "hop_seconds", type=float, help="Seconds between windows [the model card's]."
+)
+@click.option("--max-batch", type=int, help="Windows per engine call [0: 1 on CPU, else 8].")
+@click.option("--max-wait-ms", type=float, help="Longest wait for a batch to fill [10].")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
+@click.option(
+    "--log-format", type=click.Choice(LOG_FORMATS), help="Logs on stderr as text or JSON."
+)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS))
+def serve(config_path: Path | None, check_config: bool, **flags) -> None:
+    """Tag live streams and publish tags.<stream> and events.<stream> on ZeroMQ.
 
-    main.add_command(serve)
-    main.add_command(listen)
+    Exit status: 0 after SIGTERM/SIGINT, 2 when the configuration is invalid or start-up
+    fails (a model that does not load, a port in use), with the reason on one line.
+    """
+    from tagd.config import ConfigError, ServeConfig, apply_overrides, load_config
+    from tagd.server import (
+        EXIT_STARTUP_FAILED,
+        Server,
+        StartupError,
+        check_startup,
+        input_warnings,
+        release_freed_memory,
+    )
 
+    try:
+        config = load_config(config_path, validate=False) if config_path else ServeConfig()
+        config = apply_overrides(config, **flags).validate()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"tagd serve: config: {problem}", err=True)
+        sys.exit(EXIT_STARTUP_FAILED)
+    if check_config:
+        try:
+            card = check_startup(config)
+        except StartupError as exc:
+            click.echo(f"tagd serve: {exc}", err=True)
+            sys.exit(EXIT_STARTUP_FAILED)
+        for warning in input_warnings(config, card):
+            click.echo(f"tagd serve: warning: {warning}", err=True)
+        names = ", ".join(spec.name for spec in config.inputs)
+        click.echo(
+            f"config OK: engine {config.engine} ({card.name}, {card.architecture}, "
+            f"{card.n_tags} tags, {card.sample_rate} Hz, window {card.window_seconds:.2f} s, "
+            f"hop {config.hop_seconds or card.hop_seconds:.2f} s), "
+            f"{len(config.inputs)} input(s): {names}"
+        )
+        return
 
-_register_stream_commands()
+    setup_logging(config.log.level, config.log.format)
+    release_freed_memory()
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    server = Server(config)
+    with held_logs() as held:  # the reason for a failed start comes first on stderr
+        try:
+            server.start()
+        except StartupError as exc:
+            click.echo(f"tagd serve: {exc}", err=True)
+            held.flush()
+            sys.exit(EXIT_STARTUP_FAILED)
+    while not stop_requested.wait(0.2):
+        pass
+    server.stop()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":

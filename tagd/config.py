@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tagd.audio import PCM_FORMATS
 from tagd.engines.onnx import SPINNING, resolve_threads
+from tagd.logs import LOG_FORMATS, LOG_LEVELS
 
 # Stream names become topic suffixes (tags.<stream>) and metric label values: keep them
 # short, printable and free of the '.' that separates topic levels.
@@ -35,8 +36,6 @@ SCHEMES = ("zmq+raw", "zmq+sub", "zmq+pull", "soundcard", "file")
 MULTI_STREAM_SCHEMES = ("zmq+sub", "zmq+pull")
 MAX_CHANNELS = 64
 RATE_RANGE = (1000, 768_000)  # Hz a producer may declare
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_ENGINE_THREADS = 256
 MAX_INSTANCES = 64  # engine instances
 

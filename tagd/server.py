@@ -5,23 +5,18 @@
     soundcard, file              resample, window    thread                hysteresis  tags.<s>, events.<s>
 
 ``Server.start()`` and ``Server.stop()`` are the daemon's lifecycle, step by step; the
-``serve`` click command wraps them with config loading, logging and signals.
+``serve`` command (tagd/cli.py) wraps them with config loading, logging and signals.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import logging
-import logging.handlers
-import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -29,13 +24,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from tagd.batcher import Batcher, BatchResult
 from tagd.card import CardError, ModelCard, read_card
 from tagd.config import (
-    LOG_FORMATS,
-    LOG_LEVELS,
-    ConfigError,
     OnnxRuntimeConfig,
     ServeConfig,
-    apply_overrides,
-    load_config,
 )
 from tagd.engines import BACKENDS, Engine, EngineError, load_engine
 from tagd.metrics import Metrics, MetricsServer
@@ -417,111 +407,3 @@ def input_warnings(config: ServeConfig, card: ModelCard) -> list[str]:
             warnings.append(f"inputs[{index}]: {spec.rate} Hz is below the model's "
                             f"{card.sample_rate} Hz: it hears band-limited audio")  # fmt: skip
     return warnings
-
-
-@contextlib.contextmanager
-def held_logs():
-    """Hold start-up log records, so a failure's reason can be the first line on stderr.
-
-    Yields the holding handler: ``flush()`` writes what it holds. On leaving, whatever is
-    still held is written and the root logger's handlers are put back.
-    """
-    root = logging.getLogger()
-    handlers = root.handlers[:]
-    target = handlers[0] if handlers else logging.StreamHandler(sys.stderr)
-    held = logging.handlers.MemoryHandler(
-        capacity=100_000, flushLevel=logging.CRITICAL + 1, target=target, flushOnClose=True
-    )
-    root.handlers[:] = [held]
-    try:
-        yield held
-    finally:
-        root.handlers[:] = handlers
-        held.close()  # flushes
-
-
-# -- the command ------------------------------------------------------------------------------
-
-
-@click.command()
-@click.option(
-    "--engine", help="Model file: .onnx (ONNX Runtime), .plan/.engine (TensorRT), .pt (torch)."
-)
-@click.option(
-    "--input",
-    "inputs",
-    multiple=True,
-    metavar="URL",
-    help="An input stream, repeatable: zmq+raw://, zmq+sub://, zmq+pull://, soundcard://, file://. "
-    "Replaces the config file's inputs.",
-)
-@click.option("--publish", metavar="ENDPOINT", help="ZeroMQ PUB endpoint [tcp://127.0.0.1:5560].")
-@click.option(
-    "--metrics", metavar="HOST:PORT", help="/metrics and /healthz, or 'off' [127.0.0.1:9108]."
-)
-@click.option(
-    "--hop", "hop_seconds", type=float, help="Seconds between windows [the model card's]."
-)
-@click.option("--max-batch", type=int, help="Windows per engine call [0: 1 on CPU, else 8].")
-@click.option("--max-wait-ms", type=float, help="Longest wait for a batch to fill [10].")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
-@click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
-@click.option(
-    "--log-format", type=click.Choice(LOG_FORMATS), help="Logs on stderr as text or JSON."
-)
-@click.option("--log-level", type=click.Choice(LOG_LEVELS))
-def serve(config_path: Path | None, check_config: bool, **flags) -> None:
-    """Tag live streams and publish tags.<stream> and events.<stream> on ZeroMQ.
-
-    Exit status: 0 after SIGTERM/SIGINT, 2 when the configuration is invalid or start-up
-    fails (a model that does not load, a port in use), with the reason on one line.
-    """
-    from tagd.cli import setup_logging  # the cli module registers this command
-
-    try:
-        config = load_config(config_path, validate=False) if config_path else ServeConfig()
-        config = apply_overrides(config, **flags).validate()
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(f"tagd serve: config: {problem}", err=True)
-        sys.exit(EXIT_STARTUP_FAILED)
-    if check_config:
-        try:
-            card = check_startup(config)
-        except StartupError as exc:
-            click.echo(f"tagd serve: {exc}", err=True)
-            sys.exit(EXIT_STARTUP_FAILED)
-        for warning in input_warnings(config, card):
-            click.echo(f"tagd serve: warning: {warning}", err=True)
-        names = ", ".join(spec.name for spec in config.inputs)
-        click.echo(
-            f"config OK: engine {config.engine} ({card.name}, {card.architecture}, "
-            f"{card.n_tags} tags, {card.sample_rate} Hz, window {card.window_seconds:.2f} s, "
-            f"hop {config.hop_seconds or card.hop_seconds:.2f} s), "
-            f"{len(config.inputs)} input(s): {names}"
-        )
-        return
-
-    setup_logging(config.log.level, config.log.format)
-    release_freed_memory()
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, _frame) -> None:
-        log.info("%s: stopping", signal.Signals(signum).name)
-        stop_requested.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    server = Server(config)
-    with held_logs() as held:  # the reason for a failed start comes first on stderr
-        try:
-            server.start()
-        except StartupError as exc:
-            click.echo(f"tagd serve: {exc}", err=True)
-            held.flush()
-            sys.exit(EXIT_STARTUP_FAILED)
-    while not stop_requested.wait(0.2):
-        pass
-    server.stop()
-    with contextlib.suppress(Exception):
-        sys.stderr.flush()
