@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs everything tagd's tests need on a fresh Debian/Ubuntu machine:
-# system packages (ffmpeg with libzmq, PortAudio, libsndfile, sox, Prometheus, and the
-# Liquidsoap and Icecast that the broadcast-chain tests run) and a
+# system packages (ffmpeg with libzmq, PortAudio, libsndfile, sox, Prometheus, the
+# Liquidsoap and Icecast that the broadcast-chain tests run, and FluidSynth with a General
+# MIDI soundfont and espeak-ng, which render training music and speech) and a
 # virtual environment in .venv with tagd, its training extra and the dev tools.
 # PyTorch is pinned to the CPU build by constraints/ci.txt (any other version pulls
 # gigabytes of CUDA packages); the package itself only asks for a range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(ffmpeg libportaudio2 libsndfile1 sox alsa-utils prometheus systemd liquidsoap icecast2)
+APT_PACKAGES=(ffmpeg libportaudio2 libsndfile1 sox alsa-utils prometheus systemd liquidsoap icecast2
+              fluidsynth fluid-soundfont-gm espeak-ng)
 
 if [ "${TAGD_SKIP_APT:-0}" != 1 ]; then
   sudo=""
