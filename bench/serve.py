@@ -51,13 +51,10 @@ import json
 import math
 import os
 import resource
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,6 +63,9 @@ import zmq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # support: the daemon process and free ports
+
+from support import TagdProcess, free_port  # noqa: E402
 
 from tagd.engines import load_engine  # noqa: E402
 from tagd.metrics import Metrics  # noqa: E402
@@ -244,12 +244,6 @@ def process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 # -- the daemon --------------------------------------------------------------------------
 
 
@@ -299,71 +293,34 @@ class RunResult:
         return figures
 
 
-class Daemon:
+class Daemon(TagdProcess):
+    """`tagd serve` on a zmq+pull input, its extra config in a temporary file."""
+
     def __init__(self, model: Path, hop_s: float, extra: list[str] | None = None, toml: str = ""):
-        self.input_port, self.publish_port, self.metrics_port = (
-            free_port(),
-            free_port(),
-            free_port(),
-        )
+        self.input_port, self.publish_port = free_port(), free_port()
+        metrics_port = free_port()
         self._config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)  # noqa: SIM115
         self._config.write(f"[limits]\nmax_streams = {MAX_STREAMS}\n")  # more than the default 64
         self._config.write(toml)  # more tables, e.g. [onnxruntime] for a comparison
         self._config.close()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tagd.cli", "serve", "--engine", str(model),
-             "--input", f"zmq+pull://127.0.0.1:{self.input_port}",
+        super().__init__(
+            ["--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{self.input_port}",
              "--publish", f"tcp://127.0.0.1:{self.publish_port}",
-             "--metrics", f"127.0.0.1:{self.metrics_port}", "--hop", str(hop_s),
+             "--metrics", f"127.0.0.1:{metrics_port}", "--hop", str(hop_s),
              "--log-level", "warning", "--config", self._config.name, *(extra or [])],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+            metrics_port,
         )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self._get("/healthz")[0] == 200:
-                break
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tagd serve exited with {self.process.returncode}")
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("tagd serve did not become ready")
+        self.wait_ready(timeout=60)
 
     @property
     def input(self) -> str:
         return f"tcp://127.0.0.1:{self.input_port}"
 
-    def _get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2
-            ) as r:
-                return r.status, r.read().decode()
-        except OSError:
-            return 0, ""
-
-    def metric_sum(self, name: str) -> float:
-        total = 0.0
-        for line in self._get("/metrics")[1].splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss_mb(self, field: str = "VmRSS") -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
     def peak_rss_mb(self) -> float:
         return self.rss_mb("VmHWM")
 
     def stop(self) -> int:
-        self.process.terminate()
-        code = self.process.wait(timeout=10)
+        code = super().stop()
         os.unlink(self._config.name)
         return code
 

@@ -24,14 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +35,9 @@ import zmq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # support: the daemon process and free ports
+
+from support import TagdProcess, free_port, http_get  # noqa: E402
 
 RATE = 16_000
 CHANNELS = 2
@@ -49,12 +48,6 @@ CHURN_PER_S = 2  # new short-lived stream ids per second
 FLOOD_IDS = 200  # new ids sent at once every minute
 MALFORMED_PER_S = 20
 GROWTH_TARGET_MB = 50
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def export_small_fcn(folder: Path) -> Path:
@@ -69,64 +62,38 @@ def export_small_fcn(folder: Path) -> Path:
     return path
 
 
-class Daemon:
+class Daemon(TagdProcess):
     def __init__(self, model: Path, folder: Path, hop_s: float, idle_s: float, evict_s: float):
-        self.input_port, self.metrics_port = free_port(), free_port()
+        self.input_port, metrics_port = free_port(), free_port()
         self.publish = f"tcp://127.0.0.1:{free_port()}"
         config = folder / "soak.toml"
         config.write_text(
             f'engine = "{model}"\nhop_seconds = {hop_s}\n'
             f'inputs = ["zmq+pull://127.0.0.1:{self.input_port}"]\n'
             f'[publish]\naddress = "{self.publish}"\nsndhwm = 1000\n'
-            f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n'
+            f'[metrics]\naddress = "127.0.0.1:{metrics_port}"\n'
             f"[limits]\nmax_streams = {MAX_STREAMS}\nidle_after_s = {idle_s}\n"
             f"evict_after_s = {evict_s}\n"
             f'[log]\nlevel = "warning"\n'
         )
-        self.log = (folder / "tagd.log").open("w")
-        env = {**os.environ, "PYTHONPATH": str(REPO), "TAGD_ORT_THREADS": "1"}
-        self.process = subprocess.Popen(
-            ["nice", "-n", "10", sys.executable, "-m", "tagd.cli", "serve", "--config", str(config)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while self._get("/healthz")[0] != 200:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"tagd serve did not start; see {self.log.name}")
-            time.sleep(0.2)
-
-    def _get(self, path: str) -> tuple[int, str]:
-        try:
-            url = f"http://127.0.0.1:{self.metrics_port}{path}"
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.status, response.read().decode()
-        except OSError:
-            return 0, ""
+        super().__init__(["--config", str(config)], metrics_port, folder / "tagd.log",
+                         env={"TAGD_ORT_THREADS": "1"}, wrapper=("nice", "-n", "10"))  # fmt: skip
+        self.wait_ready(timeout=120)
 
     def metrics(self) -> dict[str, float]:
         """Sums of each sample name over its labels (reason kept for drops and refusals)."""
         from prometheus_client.parser import text_string_to_metric_families
 
         totals: dict[str, float] = {}
-        for family in text_string_to_metric_families(self._get("/metrics")[1]):
+        for family in text_string_to_metric_families(
+            http_get(self.metrics_url + "/metrics")[1].decode()
+        ):
             for sample in family.samples:
                 name = sample.name
                 if "reason" in sample.labels:
                     name += f"{{{sample.labels['reason']}}}"
                 totals[name] = totals.get(name, 0.0) + sample.value
         return totals
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
-
-    def stop(self) -> int:
-        self.process.terminate()
-        code = self.process.wait(timeout=10)
-        self.log.close()
-        return code
 
 
 class Load(threading.Thread):

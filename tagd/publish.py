@@ -123,7 +123,6 @@ class Publisher:
 
     def send(self, topic_name: str, message: dict[str, Any]) -> bool:
         """Publish one message; False when a slow subscriber missed it (counted)."""
-        self._drain_subscriptions()
         frames = [topic_name.encode(), json.dumps(message, separators=(",", ":")).encode()]
         try:
             self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
@@ -139,13 +138,18 @@ class Publisher:
             self._socket.setsockopt(zmq.XPUB_NODROP, 1)
         return False
 
-    def _drain_subscriptions(self) -> None:
-        # XPUB queues subscription notices for the application; read them so they do not pile up.
-        while True:
-            try:
-                self._socket.recv(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
+    def read_subscriptions(self) -> list[bytes]:
+        """The topic prefixes subscribed to since the last call.
+
+        XPUB queues every (un)subscription for the application: the owner reads them now
+        and then (the daemon once a batch, not once a message) so that they do not pile up.
+        """
+        subscribed = []
+        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            notice = self._socket.recv()
+            if notice[:1] == b"\x01":
+                subscribed.append(notice[1:])
+        return subscribed
 
     def close(self) -> None:
         self.monitor.close()

@@ -323,6 +323,7 @@ class Server:
     def _publish_batch(self, result: BatchResult) -> None:
         """Runs in the inference worker: tag, publish, measure. Never blocks."""
         card = self.engine.card
+        self.publisher.read_subscriptions()  # only so that they do not pile up
         inference_ms = result.inference_seconds * 1000
         for item, scores in zip(result.items, result.scores, strict=True):
             window = item.window

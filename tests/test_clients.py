@@ -1,6 +1,6 @@
 """The consumers in examples/, each against a stand-in its user would recognise.
 
-A real ZeroMQ XPUB on loopback plays tagd: it waits until the example has subscribed (so
+tagd's own Publisher on loopback plays tagd: it waits until the example has subscribed (so
 nothing is lost to the slow-joiner rule), then publishes messages built by
 ``tagd.publish`` itself, so they are exactly what ``tagd serve`` puts on the wire. The
 examples run as their users run them: ``python examples/NAME.py ...`` in a subprocess.
@@ -11,27 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
+from support import Example, FakeTagd, wait_for
 
 from tagd.card import ModelCard
 from tagd.publish import EVENTS_TOPIC, TAGS_TOPIC, event_messages, tags_message, topic
 from tagd.tagger import OFF, ON, Prediction, TagEvent
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-TIMEOUT_S = 10.0
 CARD = ModelCard(
     name="fcn4-mtt",
     architecture="fcn4",
@@ -57,70 +50,6 @@ def tags_of(prediction: Prediction) -> dict:
                         ingest_ms=5.0, queue_ms=1.0, inference_ms=20.0, total_ms=50.0, batch_size=1)  # fmt: skip
 
 
-class FakeTagd:
-    """An XPUB on loopback that publishes [topic, JSON] like tagd's Publisher."""
-
-    def __init__(self) -> None:
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.XPUB)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind("tcp://127.0.0.1:*")
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-
-    def wait_subscribed(self, *prefixes: str) -> None:
-        pending = {b"\x01" + prefix.encode() for prefix in prefixes}
-        deadline = time.monotonic() + TIMEOUT_S
-        while pending:
-            if not self.socket.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-                pytest.fail(f"the example never subscribed to {sorted(pending)}")
-            pending.discard(self.socket.recv())
-
-    def send(self, name: str, message: dict) -> None:
-        self.socket.send_multipart([name.encode(), json.dumps(message).encode()])
-
-    def close(self) -> None:
-        self.socket.close()
-        self.context.term()
-
-
-class Example:
-    """``python examples/NAME.py ARGS`` with its output read line by line."""
-
-    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / name), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.stdout: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._pump, args=(self.process.stdout, self.stdout.put)).start()
-        threading.Thread(target=self._pump, args=(self.process.stderr, self.stderr.append)).start()
-
-    @staticmethod
-    def _pump(pipe, sink) -> None:
-        for line in pipe:
-            sink(line.rstrip("\n"))
-
-    def lines(self, count: int) -> list[str]:
-        try:
-            return [self.stdout.get(timeout=TIMEOUT_S) for _ in range(count)]
-        except queue.Empty:
-            pytest.fail(f"{self.process.args[1]} printed too little; stderr: {self.stderr}")
-
-    def interrupt(self) -> int:
-        """Ctrl-C, as a user stops it; returns the exit status."""
-        self.process.send_signal(signal.SIGINT)
-        return self.process.wait(timeout=TIMEOUT_S)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture
 def tagd() -> Iterator[FakeTagd]:
     fake = FakeTagd()
@@ -139,14 +68,6 @@ def run_example() -> Iterator:
     yield run
     for example in started:
         example.kill()
-
-
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # -- subscriber.py ------------------------------------------------------------------------

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from support import free_port
 from trainer_support import TINY, synthetic_prepared
 
 from trainer.checkpoint import load_checkpoint
@@ -15,12 +15,6 @@ from trainer.models import create_model
 from trainer.train import TrainConfig, train
 
 WORLD_SIZE = 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rank_main(rank: int, port: int, data: str, out: str, results: str) -> None:

@@ -10,7 +10,7 @@
   deploy/systemd/tagd.toml, from a file, a real Icecast (Debian's icecast2, fed by ffmpeg)
   and an ALSA device.
 
-tests/test_prometheus.py uses the daemon helpers below for its scrape test.
+The daemon and feed helpers are in tests/support.py.
 """
 
 from __future__ import annotations
@@ -18,14 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,119 +28,30 @@ import numpy as np
 import pytest
 import soundfile
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
+from support import (
+    DAEMON_HOP_S,
+    DEPLOY,
+    DOCKERFILES,
+    EXAMPLES,
+    READY_TIMEOUT_S,
+    REPO,
+    SHORT_FCN,
+    TAGD,
+    AudioRate,
+    Icecast,
+    TagdProcess,
+    dockerfile_instructions,
+    free_port,
+    run_feed,
+    substitute,
+    tool,
+)
 
 from tagd.config import load_config
 from tagd.metrics import Metrics
 
-REPO = Path(__file__).resolve().parent.parent
-DEPLOY = REPO / "deploy"
-TAGD = Path(sys.executable).parent / "tagd"  # the console script, as systemd runs it
-# An FCN-4 with a 2 s window (94 mel frames), so that a few seconds of audio give tags.
-SHORT_FCN = {"n_frames": 94, "pools": ((2, 2), (2, 2), (3, 2), (4, 2))}
-HOP_S = "0.5"
 STATION_S = 4.0  # seconds of audio each feed test sends
-READY_TIMEOUT_S = 30.0
 PROMETHEUS_OWN_METRICS = {"up"}  # set by Prometheus for every target, not by tagd
-
-
-# -- helpers shared with test_prometheus.py ---------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def tool(name: str, install: str) -> str:
-    """The path of a command-line tool (the venv's bin too), or skip saying how to get it."""
-    found = shutil.which(name) or shutil.which(name, path=str(TAGD.parent))
-    if not found:
-        pytest.skip(f"{name} is absent: {install}")
-    return found
-
-
-def substitute(text: str, replacements: dict[str, str]) -> str:
-    """Replace each key of ``replacements``, failing if one is absent (the file changed)."""
-    for old, new in replacements.items():
-        assert old in text, f"{old!r} no longer in the file: update this test"
-        text = text.replace(old, new)
-    return text
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def terminate(process: subprocess.Popen, timeout: float = 10.0) -> int | None:
-    """SIGTERM, then SIGKILL if it has not exited within ``timeout``; its exit status."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
-class TagdProcess:
-    """``tagd serve ARGS`` in a subprocess, its log in a file; stop() sends SIGTERM."""
-
-    def __init__(self, args: list[str], metrics_port: int, log_path: Path, *,
-                 env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()) -> None:  # fmt: skip
-        self.metrics_url = f"http://127.0.0.1:{metrics_port}"
-        self.log_path = log_path
-        with log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                [*wrapper, str(TAGD), "serve", *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"tagd serve exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if http_get(self.metrics_url + "/healthz")[0] == 200:
-                    return
-            except OSError:
-                pass  # not listening yet
-            time.sleep(0.1)
-        pytest.fail(f"tagd serve not ready after {timeout} s:\n{self.log()}")
-
-    def metric(self, name: str, **labels: str) -> float:
-        """A sample's value from /metrics, 0 when it has no series yet."""
-        text = http_get(self.metrics_url + "/metrics")[1].decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    return sample.value
-        return 0.0
-
-    def wait_for_metric(self, name: str, above: float, timeout: float = 15.0, **labels) -> float:
-        deadline = time.monotonic() + timeout
-        while (value := self.metric(name, **labels)) <= above:
-            if time.monotonic() > deadline:
-                pytest.fail(f"{name}{labels} stayed at {value} (wanted > {above}):\n{self.log()}")
-            time.sleep(0.1)
-        return value
-
-    def stop(self) -> int:
-        return terminate(self.process)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +73,8 @@ def start_tagd(tmp_path) -> Iterator:
     started: list[TagdProcess] = []
 
     def start(args: list[str], metrics_port: int, **kwargs) -> TagdProcess:
-        started.append(TagdProcess(args, metrics_port, tmp_path / f"tagd-{len(started)}.log", **kwargs))  # fmt: skip
+        log_path = tmp_path / f"tagd-{len(started)}.log"
+        started.append(TagdProcess(args, metrics_port, log_path, command=(str(TAGD),), **kwargs))
         return started[-1]
 
     yield start
@@ -287,7 +194,7 @@ def test_tagd_tags_a_file_under_the_units_memory_protection(
     assert wrapper, "the unit should set MemoryDenyWriteExecute=yes"
     port = free_port()
     url = f"file://{music_wav}?stream=radio1&realtime=false"
-    tagd = start_tagd(["--engine", str(short_model), "--input", url, "--hop", HOP_S,
+    tagd = start_tagd(["--engine", str(short_model), "--input", url, "--hop", DAEMON_HOP_S,
                        "--publish", f"tcp://127.0.0.1:{free_port()}",
                        "--metrics", f"127.0.0.1:{port}"], port, wrapper=wrapper)  # fmt: skip
     tagd.wait_ready()
@@ -338,22 +245,7 @@ def test_soundcard_inputs_need_the_dropin_that_lifts_memory_protection(
 
 # -- containers -------------------------------------------------------------------------------
 
-DOCKERFILES = [DEPLOY / "docker" / "Dockerfile", DEPLOY / "docker" / "Dockerfile.tensorrt"]
 CONTAINER_CONFIG = DEPLOY / "docker" / "tagd.toml"
-
-
-def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    instructions, pending = [], ""
-    for line in path.read_text().splitlines():
-        if line.lstrip().startswith("#") or not line.strip():
-            continue
-        pending += line.rstrip().removesuffix("\\") + " "
-        if not line.rstrip().endswith("\\"):
-            keyword, _, arguments = pending.strip().partition(" ")
-            instructions.append((keyword.upper(), " ".join(arguments.split())))
-            pending = ""
-    return instructions
 
 
 def test_dockerfiles_pass_hadolint():
@@ -575,9 +467,7 @@ def test_grafana_provisioning_points_at_the_dashboard_and_prometheus(yaml):
 
 # -- feeding tagd with ffmpeg: examples/feed-*.sh -----------------------------------------------
 
-EXAMPLES = REPO / "examples"
 FEEDS = ["feed-file.sh", "feed-url.sh", "feed-alsa.sh"]
-FEED_TIMEOUT_S = 15.0
 
 
 @pytest.mark.parametrize("script", FEEDS)
@@ -601,8 +491,8 @@ def fed_tagd(tmp_path_factory, short_model) -> Iterator[tuple[TagdProcess, str]]
         "127.0.0.1:9108": f"127.0.0.1:{metrics}",
     })  # fmt: skip
     (folder / "tagd.toml").write_text(config)
-    tagd = TagdProcess(["--config", str(folder / "tagd.toml"), "--hop", HOP_S], metrics,
-                       folder / "tagd.log")  # fmt: skip
+    tagd = TagdProcess(["--config", str(folder / "tagd.toml"), "--hop", DAEMON_HOP_S], metrics,
+                       folder / "tagd.log", command=(str(TAGD),))  # fmt: skip
     tagd.wait_ready()
     yield tagd, f"tcp://127.0.0.1:{feed}"
     tagd.stop()
@@ -610,33 +500,6 @@ def fed_tagd(tmp_path_factory, short_model) -> Iterator[tuple[TagdProcess, str]]
 
 def received(tagd: TagdProcess) -> float:
     return tagd.metric("tagd_audio_received_seconds_total", stream="radio1")
-
-
-def run_feed(script: str, *args: str, stop_when=None, env=None) -> None:
-    """Run a feed script to its end, or until ``stop_when()`` for one that would not end."""
-    with tempfile.TemporaryFile("w+") as errors:
-        process = subprocess.Popen(
-            ["bash", str(EXAMPLES / script), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-            env={**os.environ, **(env or {})},
-        )
-        deadline = time.monotonic() + FEED_TIMEOUT_S
-        while process.poll() is None:
-            if (stop_when and stop_when()) or time.monotonic() > deadline:
-                process.terminate()  # the script exec'd ffmpeg: this stops ffmpeg
-                try:
-                    process.wait(timeout=0.5)
-                except subprocess.TimeoutExpired:  # ffmpeg waiting to reconnect may not notice
-                    process.kill()
-                    process.wait()
-                assert time.monotonic() <= deadline, f"{script}: not done after {FEED_TIMEOUT_S} s"
-                return
-            time.sleep(0.05)
-        errors.seek(0)
-        assert process.returncode == 0 and not stop_when, (
-            f"{script}: exit {process.returncode}: {errors.read()[-2000:]}"
-        )
 
 
 def test_feed_file_streams_a_file_in_real_time_and_tagd_tags_it(fed_tagd, music_wav):
@@ -647,114 +510,6 @@ def test_feed_file_streams_a_file_in_real_time_and_tagd_tags_it(fed_tagd, music_
     assert time.monotonic() - started >= STATION_S - 0.5  # -re: paced like a live stream
     assert received(tagd) - before == pytest.approx(STATION_S, abs=0.5)  # a SUB may miss the start
     tagd.wait_for_metric("tagd_windows_published_total", windows, stream="radio1")
-
-
-ICECAST_CONFIG = """<icecast>
-  <location>tagd tests</location>
-  <admin>nobody@localhost</admin>
-  <hostname>127.0.0.1</hostname>
-  <limits>
-    <clients>10</clients> <sources>2</sources> <source-timeout>10</source-timeout>
-    <burst-on-connect>0</burst-on-connect>
-  </limits>
-  <authentication>
-    <source-password>{password}</source-password>
-    <admin-user>admin</admin-user> <admin-password>{password}</admin-password>
-  </authentication>
-  <listen-socket> <port>{port}</port> <bind-address>127.0.0.1</bind-address> </listen-socket>
-  <paths>
-    <basedir>/usr/share/icecast2</basedir> <webroot>/usr/share/icecast2/web</webroot>
-    <adminroot>/usr/share/icecast2/admin</adminroot>
-    <logdir>{folder}</logdir> <pidfile>{folder}/icecast.pid</pidfile>
-  </paths>
-  <logging> <errorlog>error.log</errorlog> <accesslog>access.log</accesslog> <loglevel>3</loglevel> </logging>
-  <security> <chroot>0</chroot> {changeowner} </security>
-</icecast>
-"""
-# Icecast refuses to run as root; as root (CI containers), it drops to this user.
-ICECAST_CHANGEOWNER = "<changeowner><user>nobody</user><group>nogroup</group></changeowner>"
-ICECAST_TIMEOUT_S = 15.0
-
-
-class Icecast:
-    """Debian's icecast2 on loopback, from its own config, in a folder of its own under
-    /tmp (pytest's tmp_path is closed to the user Icecast runs as). ``play()`` starts a
-    source on mount /live.mp3: ffmpeg playing an mp3 in real time, over and over."""
-
-    password = "tagd-test-source"
-
-    def __init__(self, binary: str) -> None:
-        self.folder = folder = Path(tempfile.mkdtemp(prefix="tagd-icecast-"))
-        folder.chmod(0o777)  # its logs and pid, written by the unprivileged user
-        self.port = free_port()
-        (folder / "icecast.xml").write_text(ICECAST_CONFIG.format(
-            password=self.password, port=self.port, folder=folder,
-            changeowner=ICECAST_CHANGEOWNER if os.geteuid() == 0 else ""))  # fmt: skip
-        self.url = f"http://127.0.0.1:{self.port}/live.mp3"
-        self.server = subprocess.Popen([binary, "-c", str(folder / "icecast.xml")],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
-        self.sources: list[subprocess.Popen] = []
-        self._wait(lambda: self._status()[0] == 200, "icecast2 to listen")
-
-    def play(self, mp3: Path) -> None:
-        self.sources.append(subprocess.Popen(
-            ["ffmpeg", "-nostdin", "-v", "error", "-re", "-stream_loop", "-1", "-i", str(mp3),
-             "-c:a", "copy", "-content_type", "audio/mpeg", "-f", "mp3",
-             f"icecast://source:{self.password}@127.0.0.1:{self.port}/live.mp3"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))  # fmt: skip
-        self.wait_on_air()
-
-    def wait_on_air(self) -> None:
-        self._wait(lambda: b"/live.mp3" in self._status()[1], "a source on /live.mp3")
-
-    def _status(self) -> tuple[int, bytes]:
-        try:
-            return http_get(f"http://127.0.0.1:{self.port}/status-json.xsl")
-        except OSError:
-            return 0, b""
-
-    def _wait(self, condition, what: str) -> None:
-        deadline = time.monotonic() + ICECAST_TIMEOUT_S
-        while not condition():
-            if self.server.poll() is not None or time.monotonic() > deadline:
-                errors = self.folder / "error.log"
-                log = errors.read_text()[-3000:] if errors.exists() else ""
-                pytest.fail(f"waited in vain for {what}:\n{log}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        for process in (*self.sources, self.server):
-            terminate(process, timeout=5)
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-class AudioRate:
-    """A ``stop_when`` for run_feed: true once ``seconds`` of audio came after the first
-    0.5 s; ``rate`` is then audio seconds per wall second over them, and ``gaps`` the
-    stream's gaps when the audio began (the first audio after idle is one)."""
-
-    def __init__(self, tagd: TagdProcess, stream: str, seconds: float) -> None:
-        self.tagd, self.stream, self.seconds = tagd, stream, seconds
-        self.before = self._received()
-        self.start: tuple[float, float] | None = None  # (wall, audio) once audio flows
-        self.rate: float | None = None
-        self.gaps: float | None = None
-
-    def _received(self) -> float:
-        return self.tagd.metric("tagd_audio_received_seconds_total", stream=self.stream)
-
-    def __call__(self) -> bool:
-        now, audio = time.monotonic(), self._received() - self.before
-        if self.start is None:
-            if audio > 0.5:
-                self.start = (now, audio)
-                self.gaps = self.tagd.metric("tagd_stream_gaps_total", stream=self.stream)
-            return False
-        if audio - self.start[1] < self.seconds:
-            return False
-        self.rate = (audio - self.start[1]) / (now - self.start[0])
-        return True
 
 
 def test_feed_url_relays_an_icecast_stream(fed_tagd, music_wav, tmp_path):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_deploy import DEPLOY, DOCKERFILES, REPO, TAGD, dockerfile_instructions
+from support import DEPLOY, DOCKERFILES, REPO, TAGD, dockerfile_instructions
 
 from tagd.card import read_card
 

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from test_clients import Example, FakeTagd
-from test_deploy import (
-    HOP_S,
+from support import (
+    DAEMON_HOP_S,
     SHORT_FCN,
     AudioRate,
+    Example,
+    FakeTagd,
     Icecast,
     TagdProcess,
     free_port,
@@ -279,7 +280,7 @@ class Station:
         mono = music(4.0, 44_100)
         soundfile.write(self.music, np.stack([mono, mono], axis=1), 44_100, subtype="PCM_16")
         raw = f"zmq+raw://{self.feed.removeprefix('tcp://')}?format=s16le&rate=44100&channels=2&stream=radio1"
-        self.tagd = TagdProcess(["--engine", str(model), "--hop", HOP_S, "--input", raw,
+        self.tagd = TagdProcess(["--engine", str(model), "--hop", DAEMON_HOP_S, "--input", raw,
                                  "--publish", f"tcp://127.0.0.1:{free_port()}",
                                  "--metrics", f"127.0.0.1:{metrics}"],
                                 metrics, folder / "tagd.log")  # fmt: skip

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from test_deploy import (
+from support import (
+    DAEMON_HOP_S,
     DEPLOY,
-    HOP_S,
     SHORT_FCN,
     TagdProcess,
     free_port,
@@ -109,7 +109,7 @@ def scraped_tagd(tmp_path, export_model, music) -> Iterator[tuple[Prometheus, Ta
     metrics = free_port()
     url = f"file://{tmp_path / 'station.wav'}?stream=radio1&loop=true"  # real time, one window per hop
     tagd = TagdProcess(
-        ["--engine", str(export_model("fcn4", **SHORT_FCN)), "--input", url, "--hop", HOP_S,
+        ["--engine", str(export_model("fcn4", **SHORT_FCN)), "--input", url, "--hop", DAEMON_HOP_S,
          "--publish", f"tcp://127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{metrics}"],
         metrics, tmp_path / "tagd.log",
     )  # fmt: skip

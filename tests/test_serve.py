@@ -6,12 +6,10 @@ Models are tiny exports with short windows (a ~2 s FCN-4, a 0.1 s SampleCNN aver
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,16 +19,24 @@ import pytest
 import soundfile
 import zmq
 from audio_fixtures import make_music
+from support import (
+    HOP_S,
+    REPO,
+    SHORT_FCN,
+    Listener,
+    make_config,
+    metric_value,
+    reference_windows,
+    s16le,
+    scrape,
+    serving,
+    socket_port,
+)
 
-from tagd.config import ServeConfig, apply_overrides
 from tagd.engines import load_engine
 from tagd.metrics import Metrics
 from tagd.server import Server, StartupError
-from tagd.stream import Arrival, ReadyWindow, Stream, StreamGeometry
 
-REPO = Path(__file__).resolve().parents[1]
-HOP_S = 0.25
-SHORT_FCN = {"n_frames": 94, "pools": ((2, 2), (2, 2), (3, 2), (4, 2))}  # 23,808 samples, 1.98 s
 SHORT_SAMPLECNN = {"n": 6, "clip_seconds": 0.5}  # 3^7 = 2,187 samples, 5 segments per clip
 REQUIRED_FIELDS = {"schema", "stream", "seq", "model", "window", "captured_at", "published_at",
                    "latency_ms", "scores", "tags"}  # fmt: skip
@@ -39,92 +45,6 @@ REQUIRED_FIELDS = {"schema", "stream", "seq", "model", "window", "captured_at", 
 @pytest.fixture(scope="module")
 def fcn(export_model) -> Path:
     return export_model("fcn4", **SHORT_FCN)
-
-
-def make_config(engine: Path, inputs: list[str], **sections) -> ServeConfig:
-    config = apply_overrides(
-        ServeConfig(),
-        engine=str(engine),
-        inputs=inputs,
-        publish="tcp://127.0.0.1:*",
-        metrics="127.0.0.1:0",
-    )
-    config.hop_seconds = HOP_S
-    for section, values in sections.items():
-        for key, value in values.items():
-            setattr(getattr(config, section), key, value)
-    return config
-
-
-@contextlib.contextmanager
-def serving(config: ServeConfig):
-    server = Server(config, Metrics())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-class Listener:
-    """A subscriber to the daemon's topics, connected before any audio is sent."""
-
-    def __init__(self, server: Server, *prefixes: str):
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.SUB)
-        for prefix in prefixes or ("tags.", "events."):
-            self.socket.setsockopt_string(zmq.SUBSCRIBE, prefix)
-        self.socket.connect(server.publish_address)
-        time.sleep(0.3)  # the subscription must reach the publisher before anything is sent
-        self.messages: list[tuple[str, dict]] = []
-
-    def collect(
-        self, until_quiet: float = 1.0, limit: float = 20.0, count: int | None = None
-    ) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline and (count is None or len(self.messages) < count):
-            if not self.socket.poll(int(until_quiet * 1000)):
-                break
-            topic, body = self.socket.recv_multipart()
-            self.messages.append((topic.decode(), json.loads(body)))
-
-    def on(self, topic: str) -> list[dict]:
-        return [message for name, message in self.messages if name == topic]
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
-        self.context.term()
-
-
-def scrape(server: Server, path: str = "/metrics") -> tuple[int, str]:
-    host, port = server.metrics_address
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def metric_value(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def s16le(audio: np.ndarray) -> bytes:
-    return (audio * 32767).astype("<i2").tobytes()
-
-
-def reference_windows(
-    payload: bytes, rate: int, channels: int, geometry: StreamGeometry
-) -> list[ReadyWindow]:
-    """The windows a stream makes of this s16le audio received in one piece."""
-    windows: list[ReadyWindow] = []
-    Stream("ref", geometry, windows.append, Metrics()).push_pcm(
-        payload, "s16le", rate, channels, Arrival(0, 0)
-    )
-    return windows
 
 
 @pytest.mark.skipif(
@@ -196,16 +116,6 @@ def test_ffmpeg_over_zmq_gives_tags_every_hop_with_every_field(fcn, tmp_path):
                 "published_at"} <= set(event)  # fmt: skip
     turned_on = {e["tag"] for e in events if e["seq"] == first["seq"] and e["state"] == "on"}
     assert turned_on == set(first["tags"])
-
-
-@contextlib.contextmanager
-def socket_port():
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    yield port
 
 
 @pytest.mark.parametrize("instances", [1, 2])

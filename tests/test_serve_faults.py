@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zmq
 from audio_fixtures import make_music
-from test_serve import (
+from support import (
     HOP_S,
     SHORT_FCN,
     Listener,
@@ -22,6 +22,7 @@ from test_serve import (
     scrape,
     serving,
     socket_port,
+    wait_for,
 )
 
 RATE = 16_000
@@ -85,13 +86,6 @@ class Paced(threading.Thread):
                 self.producer.send(name, self.audio[name][offset : offset + step])
             time.sleep(0.05)
         self.producer.close()
-
-
-def wait_for(check, timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or check}"
-        time.sleep(0.02)
 
 
 def test_an_engine_that_raises_loses_its_batches_counted_and_flips_healthz_until_it_recovers(

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import zmq
 from audio_fixtures import make_music
-from test_serve import (
+from support import (
     SHORT_FCN,
     Listener,
     make_config,
@@ -34,6 +34,7 @@ from test_serve import (
     scrape,
     serving,
     socket_port,
+    wait_for,
 )
 
 from tagd.metrics import MALFORMED_REASONS
@@ -252,13 +253,6 @@ def daemon(export_model):
         listener.close()
 
 
-def wait_until(check, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the daemon did not get there in time"
-        time.sleep(0.02)
-
-
 def test_a_flood_of_generated_messages_never_hurts_the_valid_streams(daemon):
     server, push, listener, label = daemon
     geometry = server.hub.geometry
@@ -319,10 +313,10 @@ def test_a_flood_of_generated_messages_never_hurts_the_valid_streams(daemon):
             return (all(refused(r) >= n for r, n in expected_refusals.items())
                     and all(a >= valid.audio_s[k] - 1e-9 for a, k in zip(audio, "adg", strict=True)))  # fmt: skip
 
-        wait_until(caught_up)
+        wait_for(caught_up, "the streams to catch up", timeout=60)
         for name in valid.names.values():
             stream = server.hub.get(name)
-            wait_until(lambda s=stream, n=name: (sample("tagd_windows_published_total", {"stream": n}) or 0) >= s.windows_emitted)  # fmt: skip
+            wait_for(lambda s=stream, n=name: (sample("tagd_windows_published_total", {"stream": n}) or 0) >= s.windows_emitted, name, timeout=60)  # fmt: skip
         assert {r: refused(r) for r in MALFORMED_REASONS if refused(r)} == {
             r: float(n) for r, n in expected_refusals.items() if n
         }

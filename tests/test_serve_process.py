@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,52 +15,9 @@ import numpy as np
 import pytest
 import zmq
 from audio_fixtures import make_music
+from support import REPO, SHORT_FCN, TAGD_MODULE, TagdProcess, free_port
 
-REPO = Path(__file__).resolve().parents[1]
-TAGD = [sys.executable, "-m", "tagd.cli"]
-SHORT_FCN = {"n_frames": 94, "pools": ((2, 2), (2, 2), (3, 2), (4, 2))}
-READY = re.compile(r"tagd serve ready: .* publishing on (tcp://\S+?);")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Daemon:
-    """`tagd serve` in a subprocess, its stderr read line by line in a thread."""
-
-    def __init__(self, *args: str):
-        self.process = subprocess.Popen(
-            [*TAGD, "serve", *args],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.publish_address = ""
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            self.lines.append(line.rstrip("\n"))
-            match = READY.search(line)
-            if match:
-                self.publish_address = match.group(1)
-                self.ready.set()
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        assert self.ready.wait(timeout), "\n".join(self.lines)
-
-    def terminate_and_time(self) -> tuple[int, float]:
-        started = time.perf_counter()
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=10)
-        return code, time.perf_counter() - started
+TAGD = list(TAGD_MODULE)
 
 
 def stream_audio(port: int, seconds: float, stop: threading.Event) -> None:
@@ -89,8 +43,8 @@ def stream_audio(port: int, seconds: float, stop: threading.Event) -> None:
 def test_sigterm_stops_a_busy_daemon_with_exit_0_within_2_s(export_model):
     model = export_model("fcn4", **SHORT_FCN)
     port = free_port()
-    daemon = Daemon("--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{port}",
-                    "--publish", "tcp://127.0.0.1:*", "--metrics", "127.0.0.1:0", "--hop", "0.05")  # fmt: skip
+    daemon = TagdProcess(["--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{port}",
+                    "--publish", "tcp://127.0.0.1:*", "--metrics", "127.0.0.1:0", "--hop", "0.05"])  # fmt: skip
     daemon.wait_ready()
     listen = subprocess.Popen(
         [*TAGD, "listen", daemon.publish_address, "--count", "3", "--timeout", "20"],
@@ -215,12 +169,12 @@ def test_check_config_warns_about_inputs_the_model_hears_poorly(export_model):
 @pytest.mark.parametrize("log_format", ["json", "text"])
 def test_logs_go_to_stderr_as_json_or_text(export_model, log_format):
     model = export_model("fcn4", **SHORT_FCN)
-    daemon = Daemon("--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{free_port()}",
-                    "--publish", "tcp://127.0.0.1:*", "--metrics", "off", "--log-format", log_format)  # fmt: skip
+    daemon = TagdProcess(["--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{free_port()}",
+                    "--publish", "tcp://127.0.0.1:*", "--metrics", "off", "--log-format", log_format])  # fmt: skip
     daemon.wait_ready()
     code, _ = daemon.terminate_and_time()
     assert code == 0
-    assert daemon.process.stdout.read() == ""
+    assert daemon.stdout == []
     if log_format == "json":
         records = [json.loads(line) for line in daemon.lines]
         assert {"time", "level", "logger", "message"} <= set(records[0])
@@ -234,9 +188,9 @@ def test_sigterm_during_a_batch_exits_within_2_s_leaving_only_whole_messages(exp
     # 12.5 ms, so the engine is never idle and SIGTERM lands while a batch is on it.
     model = export_model("fcn4", **SHORT_FCN, width=1.0)
     port = free_port()
-    daemon = Daemon("--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{port}",
+    daemon = TagdProcess(["--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{port}",
                     "--publish", "tcp://127.0.0.1:*", "--metrics", "127.0.0.1:0", "--hop", "0.05",
-                    "--max-batch", "2", "--max-wait-ms", "0")  # fmt: skip
+                    "--max-batch", "2", "--max-wait-ms", "0"])  # fmt: skip
     daemon.wait_ready()
     context = zmq.Context()
     subscriber = context.socket(zmq.SUB)

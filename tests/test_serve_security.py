@@ -23,14 +23,13 @@ import zmq
 import zmq.auth
 from audio_fixtures import make_music
 from click.testing import CliRunner
-from test_serve import SHORT_FCN, make_config, s16le, scrape, serving, socket_port
+from support import REPO, SHORT_FCN, make_config, s16le, scrape, serving, socket_port
 
 from tagd.cli import main
 from tagd.config import ConfigError, ServeConfig, load_config
 from tagd.sockets import secure_client
 
 RATE = 16_000
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

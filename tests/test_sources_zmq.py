@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import zmq
 from audio_fixtures import make_music
+from support import free_port
 
 from tagd.config import LimitsConfig, parse_input
 from tagd.metrics import Metrics
@@ -62,12 +62,6 @@ def start_source(url: str, context: zmq.Context, **limits):
     return source, collector, metrics
 
 
-def free_port(context: zmq.Context) -> int:
-    with socket.socket() as probe:  # a zmq socket would release its port asynchronously
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def pcm(seconds: float, seed: int, channels: int = 2) -> bytes:
     tracks = [make_music(seconds, RATE, seed=seed + c) for c in range(channels)]
     return (np.stack(tracks, axis=1) * 32767).astype("<i2").tobytes()
@@ -90,7 +84,7 @@ def assert_same_windows(got: list[ReadyWindow], want: list[ReadyWindow], at_leas
 
 
 def test_raw_input_reads_ffmpeg_style_messages_as_one_byte_stream(context):
-    port = free_port(context)
+    port = free_port()
     producer = context.socket(zmq.XPUB)  # a PUB that tells us when the subscriber is there
     producer.bind(f"tcp://127.0.0.1:{port}")
     source, collector, metrics = start_source(
@@ -138,7 +132,7 @@ def send_interleaved(socket: zmq.Socket, streams: dict[str, bytes], chunk: int) 
 
 
 def test_two_streams_on_one_pull_socket_are_told_apart(context):
-    port = free_port(context)
+    port = free_port()
     source, collector, metrics = start_source(f"zmq+pull://127.0.0.1:{port}", context)
     push = context.socket(zmq.PUSH)
     push.connect(f"tcp://127.0.0.1:{port}")
@@ -160,7 +154,7 @@ def test_two_streams_on_one_pull_socket_are_told_apart(context):
 
 
 def test_sub_input_connects_to_a_multi_stream_publisher(context):
-    port = free_port(context)
+    port = free_port()
     producer = context.socket(zmq.XPUB)
     producer.bind(f"tcp://127.0.0.1:{port}")
     source, collector, _ = start_source(f"zmq+sub://127.0.0.1:{port}?streams=keep", context)
@@ -226,7 +220,7 @@ def refused(metrics: Metrics, label: str) -> float:
 
 
 def test_malformed_messages_are_counted_and_good_ones_still_flow(context):
-    port = free_port(context)
+    port = free_port()
     source, collector, metrics = start_source(
         f"zmq+pull://127.0.0.1:{port}", context, max_streams=2
     )
@@ -257,7 +251,7 @@ def test_malformed_messages_are_counted_and_good_ones_still_flow(context):
 
 
 def test_a_port_in_use_fails_to_open_with_one_line(context):
-    port = free_port(context)
+    port = free_port()
     squatter = context.socket(zmq.PULL)
     squatter.bind(f"tcp://127.0.0.1:{port}")
     from tagd.sources import SourceError
@@ -268,7 +262,7 @@ def test_a_port_in_use_fails_to_open_with_one_line(context):
 
 
 def test_a_frame_over_the_size_limit_disconnects_its_peer_counted_and_others_flow(context):
-    port = free_port(context)
+    port = free_port()
     source, collector, metrics = start_source(
         f"zmq+pull://127.0.0.1:{port}", context, max_message_bytes=64 * 1024
     )
