@@ -127,6 +127,14 @@ def _decode_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     return samples
 
 
+def ffmpeg_decode_command(path: str | Path, sample_rate: int) -> list[str]:
+    """ffmpeg decoding ``path`` to mono float32 (f32le) at ``sample_rate`` on its stdout."""
+    return [
+        "ffmpeg", "-nostdin", "-v", "error", "-i", str(path),
+        "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-",
+    ]  # fmt: skip
+
+
 def frame_bytes(pcm_format: str, channels: int) -> int:
     """Bytes of one interleaved sample frame; AudioError for an unknown format."""
     if pcm_format not in PCM_FORMATS:

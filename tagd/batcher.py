@@ -90,7 +90,6 @@ class Batcher:
         ]
         # Results are handled, and failures counted, one batch at a time.
         self._results_lock = threading.Lock()
-        self.batches_run = 0
         self.unhealthy_after = unhealthy_after
         self.failures_in_a_row = 0  # written by the worker, read by health checks
         self._errors_seen: set[str] = set()  # kinds of engine error already logged in full
@@ -255,7 +254,6 @@ class Batcher:
         if self.failures_in_a_row:
             log.info("engine recovered after %d failed batches", self.failures_in_a_row)
             self.failures_in_a_row = 0
-        self.batches_run += 1
         self._metrics.inference.observe(finished - started)
         self._metrics.batch_size.observe(len(items))
         for item in items:

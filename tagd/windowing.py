@@ -85,12 +85,10 @@ class Windower:
         self._filled = 0  # valid samples in the ring
         self.total = 0  # samples pushed since reset (stream time)
         self._next_end = self.window_samples  # stream index where the next window ends
-        self._origin = 0  # stream index of the first sample after reset
 
     def restart_at(self, stream_index: int) -> None:
         """Reset and count stream time from ``stream_index`` (after a gap, say)."""
         self.reset()
-        self._origin = stream_index
         self.total = stream_index
         self._next_end = stream_index + self.window_samples
 

@@ -122,6 +122,25 @@ def test_garbage_onnx_file_is_an_engine_error(tmp_path):
         load_engine(path)
 
 
+def save_checkpoint_of(model, card, path) -> None:
+    """What `tagd-train train` writes, for ``model`` with ``card``."""
+    from trainer.checkpoint import save_checkpoint
+
+    save_checkpoint(path, {"card": card.to_dict(), "arch": model.arch, "hparams": model.hparams,
+                           "n_tags": model.n_tags, "tags": card.tags,
+                           "state_dict": model.state_dict()})  # fmt: skip
+
+
+def test_torch_engine_refuses_what_the_trainer_would_refuse(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")  # a .pt, but not ours
+    with pytest.raises(EngineError, match=r"other.pt: not a tagd checkpoint \(written by"):
+        load_engine(tmp_path / "other.pt")
+    torch.save({"format": "tagd-checkpoint", "version": 99}, tmp_path / "newer.pt")
+    with pytest.raises(EngineError, match="checkpoint version 99 is newer than this tagd"):
+        load_engine(tmp_path / "newer.pt")
+
+
 def test_torch_checkpoint_engine_matches_onnx(tmp_path, music):
     torch = pytest.importorskip("torch")
     from trainer.export import export_onnx
@@ -130,14 +149,7 @@ def test_torch_checkpoint_engine_matches_onnx(tmp_path, music):
     torch.manual_seed(3)
     model = create_model("samplecnn", 5, width=0.25).eval()
     result = export_onnx(model, tmp_path / "m.onnx", tags=list("abcde"))
-    checkpoint = {
-        "card": result.card.to_dict(),
-        "arch": model.arch,
-        "hparams": model.hparams,
-        "n_tags": model.n_tags,
-        "state_dict": model.state_dict(),
-    }
-    torch.save(checkpoint, tmp_path / "m.pt")
+    save_checkpoint_of(model, result.card, tmp_path / "m.pt")
     batch = np.stack([music(59049 / 22050, 22050, seed=s) for s in (4, 5)])
     torch_scores = load_engine(tmp_path / "m.pt").run(batch)
     onnx_scores = load_engine(tmp_path / "m.onnx").run(batch)
@@ -145,7 +157,7 @@ def test_torch_checkpoint_engine_matches_onnx(tmp_path, music):
 
 
 def test_onnxruntime_options_are_ignored_with_a_warning_by_other_engines(tmp_path, caplog):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from tagd.config import load_config
     from tagd.server import Server
     from trainer.export import export_onnx
@@ -153,9 +165,7 @@ def test_onnxruntime_options_are_ignored_with_a_warning_by_other_engines(tmp_pat
 
     model = create_model("samplecnn", 3, width=0.25).eval()
     card = export_onnx(model, tmp_path / "m.onnx", tags=list("abc")).card
-    checkpoint = {"card": card.to_dict(), "arch": model.arch, "hparams": model.hparams,
-                  "n_tags": model.n_tags, "state_dict": model.state_dict()}  # fmt: skip
-    torch.save(checkpoint, tmp_path / "m.pt")
+    save_checkpoint_of(model, card, tmp_path / "m.pt")
     config = tmp_path / "tagd.toml"
     config.write_text(
         f'engine = "{tmp_path / "m.pt"}"\ninputs = ["zmq+pull://127.0.0.1:0"]\n'

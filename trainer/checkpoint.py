@@ -22,13 +22,10 @@ from typing import Any
 import torch
 
 from tagd.card import CardError, ModelCard
+from tagd.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, checkpoint_problem
 from trainer.models import TaggerModel, create_model
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "tagd-checkpoint"
-CHECKPOINT_VERSION = 1
-REQUIRED_KEYS = ("arch", "hparams", "n_tags", "tags", "state_dict", "card")
 
 
 class CheckpointError(ValueError):
@@ -54,15 +51,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # weights_only refuses pickled code; a truncated file fails here too
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from exc
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a tagd checkpoint (written by `tagd-train train`?)")
-    if checkpoint.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint version {checkpoint['version']} is newer than this tagd"
-        )
-    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return checkpoint
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from tagd.engines.base import Engine, EngineError
 
-# suffix → (module, class, pip extra that provides its SDK)
-BACKENDS: dict[str, tuple[str, str, str]] = {
-    ".onnx": ("tagd.engines.onnx", "OnnxEngine", "tagd"),
-    ".plan": ("tagd.engines.tensorrt", "TensorRTEngine", "tagd[tensorrt]"),
-    ".engine": ("tagd.engines.tensorrt", "TensorRTEngine", "tagd[tensorrt]"),
-    ".pt": ("tagd.engines.torch", "TorchEngine", "tagd[train]"),
+# suffix → (module, class)
+BACKENDS: dict[str, tuple[str, str]] = {
+    ".onnx": ("tagd.engines.onnx", "OnnxEngine"),
+    ".plan": ("tagd.engines.tensorrt", "TensorRTEngine"),
+    ".engine": ("tagd.engines.tensorrt", "TensorRTEngine"),
+    ".pt": ("tagd.engines.torch", "TorchEngine"),
 }
 
 
@@ -26,7 +26,7 @@ def load_engine(path: str | Path, *, warmup: bool = True, **options) -> Engine:
     if not path.exists():
         raise EngineError(f"model file not found: {path}")
     try:
-        module_name, class_name, _extra = BACKENDS[path.suffix]
+        module_name, class_name = BACKENDS[path.suffix]
     except KeyError:
         known = ", ".join(sorted(BACKENDS))
         raise EngineError(f"{path}: unknown model type {path.suffix!r}; known: {known}") from None

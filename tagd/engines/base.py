@@ -2,9 +2,9 @@
 
 An engine takes float32 waveforms ``[batch, window_samples]`` at the card's sample rate
 and returns sigmoid scores ``[batch, n_tags]``. Labels, thresholds and smoothing live
-elsewhere (tagd.tagger). Backends register themselves by file suffix; optional SDKs are
-imported inside the backend module so that a missing one fails at load with the pip
-extra to install.
+elsewhere (tagd.tagger). ``tagd.engines.BACKENDS`` maps each model file suffix to its
+backend; optional SDKs are imported inside the backend module so that a missing one
+fails at load with the pip extra to install.
 """
 
 from __future__ import annotations

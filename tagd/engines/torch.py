@@ -1,8 +1,8 @@
 """PyTorch backend, for debugging a checkpoint before export. Needs the train extra.
 
 A checkpoint is a dict loadable with ``torch.load(weights_only=True)`` (no pickle of
-arbitrary objects): {"card": {...}, "arch": str, "hparams": {...}, "n_tags": int,
-"state_dict": {...}}. The model is rebuilt from the trainer's registry.
+arbitrary objects), checked by ``tagd.checkpoints`` as the trainer checks it; the model
+is rebuilt from the trainer's registry.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tagd.card import ModelCard
+from tagd.checkpoints import checkpoint_problem
 from tagd.engines.base import Engine, EngineError
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,9 @@ class TorchEngine(Engine):
             checkpoint = torch.load(str(path), map_location=device, weights_only=True)
         except Exception as exc:  # torch raises many kinds on a bad file
             raise EngineError(f"{path}: not a tagd checkpoint: {exc}") from exc
-        missing = [
-            k for k in ("card", "arch", "hparams", "n_tags", "state_dict") if k not in checkpoint
-        ]
-        if missing:
-            raise EngineError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            raise EngineError(f"{path}: {problem}")
         card = ModelCard.from_dict(checkpoint["card"])
         model = create_model(checkpoint["arch"], checkpoint["n_tags"], **checkpoint["hparams"])
         model.load_state_dict(checkpoint["state_dict"])

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from tagd.audio import ffmpeg_decode_command
 from tagd.sources import Source, SourceError
 from tagd.stream import Arrival
 
@@ -70,10 +71,7 @@ class FileSource(Source):
             with soundfile.SoundFile(str(self.path)) as handle:
                 yield from handle.blocks(chunk_frames, dtype="float32", always_2d=True)
             return
-        command = [
-            "ffmpeg", "-nostdin", "-v", "error", "-i", str(self.path),
-            "-vn", "-ac", "1", "-ar", str(self._rate), "-f", "f32le", "-",
-        ]  # fmt: skip
+        command = ffmpeg_decode_command(self.path, self._rate)
         chunk_bytes = chunk_frames * 4
         with subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
