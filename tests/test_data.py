@@ -211,3 +211,14 @@ def test_random_starts_stay_inside_each_clip():
     starts = random_starts(lengths, 300, rng)
     assert np.all(starts >= 0) and np.all(starts + 300 <= np.maximum(lengths, 300))
     assert starts[3::4].std() > 500  # long clips get spread-out crops
+
+
+def test_looped_crops_wrap_around_the_clip_end():
+    from trainer.data.dataset import looped_crop
+
+    clip = (np.arange(10) * 1000).astype(np.int16)
+    window = looped_crop(clip, 7, 6)
+    np.testing.assert_array_equal(window * 32768, [7000, 8000, 9000, 0, 1000, 2000])
+    np.testing.assert_array_equal(looped_crop(clip, 17, 3) * 32768, [7000, 8000, 9000])
+    short = looped_crop(clip[:4], 2, 6)  # shorter than a window: padded, then looped
+    np.testing.assert_array_equal(short * 32768, [2000, 3000, 0, 0, 0, 1000])

@@ -95,9 +95,14 @@ def test_checkpoint_loads_weights_only_and_rebuilds_the_model(trained, prepared)
 
 
 def test_resumed_run_ends_with_the_same_weights(prepared, tmp_path):
-    straight = train(tiny_config(prepared, tmp_path / "straight", epochs=2))
-    train(tiny_config(prepared, tmp_path / "split", epochs=1))
-    resumed = train(tiny_config(prepared, tmp_path / "split", epochs=2, resume=True))
+    # An interrupted run is simulated by a shorter one, so the schedule must not depend on
+    # the epochs asked for: plateau here. (Cosine's rate is a function of epoch, step and
+    # epochs alone; it carries no state.)
+    straight = train(tiny_config(prepared, tmp_path / "straight", epochs=2, schedule="plateau"))
+    train(tiny_config(prepared, tmp_path / "split", epochs=1, schedule="plateau"))
+    resumed = train(
+        tiny_config(prepared, tmp_path / "split", epochs=2, resume=True, schedule="plateau")
+    )
     assert resumed.epochs_run == 2 and len(resumed.history) == 2
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)
@@ -111,24 +116,57 @@ def test_resumed_run_ends_with_the_same_weights(prepared, tmp_path):
 
 def test_plateau_schedule_drops_the_rate_then_stops(prepared, tmp_path):
     # lr 0: nothing learns, validation loss stalls every epoch
-    result = train(tiny_config(prepared, tmp_path, epochs=10, lr=0.0, patience=1, max_lr_drops=1))
+    result = train(
+        tiny_config(
+            prepared, tmp_path, epochs=10, lr=0.0, patience=1, max_lr_drops=1, schedule="plateau"
+        )
+    )
     assert result.epochs_run == 3  # 1 sets the best loss, 2 stalls → drop, 3 stalls → stop
     assert load_checkpoint(result.last_path)["train_state"]["lr_drops"] == 1
 
 
-def test_recipes_follow_the_papers():
-    sample_level = RECIPES["samplecnn"]
+def test_named_recipes_follow_the_papers():
+    sample_level = RECIPES["lee2017"]
     assert (sample_level.optimizer, sample_level.lr, sample_level.batch_size) == ("sgd", 0.01, 23)
     assert (sample_level.lr_factor, sample_level.patience, sample_level.max_lr_drops) == (0.2, 3, 4)
-    assert RECIPES["fcn"].optimizer == "adam"
+    choi = RECIPES["choi2016"]
+    assert choi.optimizer == "adam" and dict(choi.model_hparams)["dropout"] == 0.5
 
 
-def test_default_recipe_uses_nesterov_sgd_for_samplecnn(prepared, tmp_path):
-    result = train(tiny_config(prepared, tmp_path, epochs=1, batch_size=None))
+def test_lee2017_recipe_uses_nesterov_sgd(prepared, tmp_path):
+    result = train(tiny_config(prepared, tmp_path, epochs=1, batch_size=None, recipe="lee2017"))
     last = load_checkpoint(result.last_path)
     group = last["optimizer"]["param_groups"][0]
     assert group["nesterov"] is True and group["momentum"] == 0.9 and group["lr"] == 0.01
-    assert last["config"]["recipe"] == "samplecnn"
+
+
+def test_choi2016_recipe_puts_dropout_after_every_pool_unless_overridden():
+    from trainer.models.fcn import FCNConfig
+    from trainer.train import model_hparams
+
+    assert (FCNConfig().dropout, FCNConfig().head_dropout) == (0.0, 0.5)  # the default recipe's
+    papers = create_model("fcn5", 3, **model_hparams("choi2016", {"width": 0.125}))
+    assert papers.config.dropout == 0.5 and papers.config.head_dropout == 0.0
+    assert model_hparams("choi2016", {"dropout": 0.2})["dropout"] == 0.2
+    assert model_hparams("fcn", {"width": 0.5}) == {"width": 0.5}
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from trainer.train import cosine_factor
+
+    assert cosine_factor(0.0, 0.1) < 0.02 and cosine_factor(0.1, 0.1) == pytest.approx(1.0)
+    assert cosine_factor(0.55, 0.1) == pytest.approx(0.5)
+    assert cosine_factor(1.0, 0.0) == pytest.approx(0.0, abs=1e-12)
+    values = [cosine_factor(p / 100, 0.0) for p in range(101)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_default_recipe_decays_the_rate_over_the_epochs_asked_for(prepared, tmp_path):
+    result = train(tiny_config(prepared, tmp_path, epochs=2))
+    rates = [row["lr"] for row in result.history]
+    assert RECIPES["samplecnn"].schedule == "cosine"
+    assert rates[0] > rates[1] > 0  # the log shows the rate at each epoch's end
+    assert load_checkpoint(result.last_path)["config"]["recipe"] == "samplecnn"
 
 
 def test_mixed_precision_only_where_it_is_safe():
@@ -202,3 +240,11 @@ def test_finetune_to_station_tags_keeps_frozen_blocks(trained, tmp_path):
     assert card["tags"] == PreparedData(tmp_path / "prepared").tags
     assert card["training"]["init_from"] == str(trained.best_path)
     assert np.isfinite(result.best_roc_auc)
+
+
+def test_every_recipe_override_reaches_the_resolved_run():
+    overrides = dict(optimizer="sgd", epochs=3, batch_size=5, lr=0.5, patience=7,
+                     max_lr_drops=9, schedule="plateau", crop="loop")  # fmt: skip
+    resolved = TrainConfig(data="d", out="o", recipe="fcn", **overrides).resolved()
+    assert {key: resolved[key] for key in overrides} == overrides
+    assert TrainConfig(data="d", out="o", recipe="fcn").resolved()["schedule"] == "cosine"

@@ -270,8 +270,9 @@ def training_options(command):
         ),
         click.option(
             "--recipe",
-            type=click.Choice(["fcn", "samplecnn", "finetune"]),
-            help="Default: by model family.",
+            type=click.Choice(["fcn", "samplecnn", "choi2016", "lee2017", "finetune"]),
+            help="Default: fcn or samplecnn by model family; choi2016 and lee2017 are the "
+            "papers' settings; finetune with --init-from (docs/training.md).",
         ),
         click.option(
             "--optimizer", type=click.Choice(["adam", "sgd"]), help="Override the recipe's."
@@ -285,7 +286,18 @@ def training_options(command):
         click.option(
             "--max-lr-drops", type=int, help="Stop at the next stall after this many drops."
         ),
+        click.option(
+            "--schedule",
+            type=click.Choice(["plateau", "cosine"]),
+            help="Learning-rate schedule; override the recipe's.",
+        ),
         click.option("--crops-per-clip", type=int, default=1, show_default=True),
+        click.option(
+            "--crop",
+            type=click.Choice(["plain", "loop"]),
+            help="Training windows: plain (inside the clip) or loop (anywhere, wrapping "
+            "around its end); override the recipe's.",
+        ),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option(
             "--precision",
@@ -333,7 +345,9 @@ def _run_training(
         lr=options["lr"],
         patience=options["patience"],
         max_lr_drops=options["max_lr_drops"],
+        schedule=options["schedule"],
         crops_per_clip=options["crops_per_clip"],
+        crop=options["crop"],
         seed=options["seed"],
         precision=options["precision"],
         device=options["device"],

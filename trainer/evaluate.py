@@ -294,7 +294,9 @@ def plot_tag_auc(per_tag: list[TagResult], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(ordered) + 2), 4))
     ax.bar(range(len(ordered)), [np.nan_to_num(r.roc_auc) for r in ordered], color="#4477aa")
     ax.set_xticks(range(len(ordered)), [r.tag for r in ordered], rotation=90, fontsize=7)
-    ax.set_ylim(0.5, 1.0)
+    ax.set_ylim(0.0, 1.0)  # from 0: a tag below chance gets a bar too
+    ax.axhline(0.5, color="#999999", linewidth=0.8, linestyle="--", label="chance")
+    ax.legend(loc="lower left", fontsize=7)
     ax.set_ylabel("ROC-AUC")
     ax.set_title("ROC-AUC per tag")
     fig.tight_layout()

@@ -197,6 +197,23 @@ def crop(samples: np.ndarray, start: int, window_samples: int) -> np.ndarray:
     return piece
 
 
+def looped_crop(samples: np.ndarray, start: int, window_samples: int) -> np.ndarray:
+    """``window_samples`` float32 from ``start`` of the clip played as a loop.
+
+    A clip about one window long (an MTT clip under FCN) gives a fresh view each epoch
+    this way, where a plain crop can only start at 0; a clip shorter than a window is
+    zero-padded to one first, so the loop has a short silence at its seam.
+    """
+    clip = to_float(samples)
+    if len(clip) < window_samples:
+        clip = np.pad(clip, (0, window_samples - len(clip)))
+    start %= len(clip)
+    piece = clip[start : start + window_samples]
+    if len(piece) < window_samples:
+        piece = np.concatenate([piece, clip[: window_samples - len(piece)]])
+    return piece
+
+
 def random_starts(lengths: np.ndarray, window_samples: int, rng: np.random.Generator) -> np.ndarray:
     """A uniformly random crop start per clip; 0 for clips no longer than a window."""
     room = np.maximum(np.asarray(lengths) - window_samples, 0)

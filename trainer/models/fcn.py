@@ -35,7 +35,11 @@ class FCNConfig:
     extra_1x1: tuple[int, ...] = ()  # FCN-6/7: 1 × 1 convs on the 1 × 1 map
     n_tags: int = 50
     width: float = 1.0  # channel multiplier: the slides' narrow nets, tiny test models
-    dropout: float = 0.5  # after every pool
+    # Dropout only before the output layer by default; Choi et al.'s 0.5 after every pool
+    # (the "choi2016" recipe) is right for full-size nets on MTT, not for narrow nets on a
+    # few hundred clips (docs/training.md has the measurements).
+    dropout: float = 0.0  # after every pool
+    head_dropout: float = 0.5  # before the output layer
     sample_rate: int = FCN_SAMPLE_RATE
     n_mels: int = 96
     n_fft: int = 512
@@ -61,7 +65,7 @@ class FCNConfig:
 
 
 class ConvBlock(nn.Module):
-    """3 × 3 conv ('same') → BN → ReLU → max pool → dropout."""
+    """3 × 3 conv ('same') → BN → ReLU → max pool → dropout (none by default)."""
 
     def __init__(self, in_channels: int, out_channels: int, pool: tuple[int, int], dropout: float):
         super().__init__()
@@ -110,6 +114,7 @@ class FCN(TaggerModel):
         self.extra = nn.ModuleList(
             Conv1x1(cin, cout) for cin, cout in zip(extra_inputs, extra, strict=True)
         )
+        self.head_drop = nn.Dropout(c.head_dropout)
         self.head = nn.Linear(extra[-1] if extra else widths[-1], c.n_tags)
 
     def feature_maps(self, wave: torch.Tensor) -> list[torch.Tensor]:
@@ -126,7 +131,7 @@ class FCN(TaggerModel):
         for layer in self.extra:
             x = layer(x)  # (B, C', 1, 1)
         x = torch.amax(x, dim=(2, 3))  # (B, C)
-        return self.head(x)  # (B, n_tags)
+        return self.head(self.head_drop(x))  # (B, n_tags)
 
 
 # Tables 1 and 2 of Choi et al. 2016: (channels, pools, extra 1 × 1 convs)
