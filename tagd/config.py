@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tagd.audio import PCM_FORMATS
-from tagd.engines.onnx import SPINNING, resolve_threads
+from tagd.engines.onnx import OnnxRuntimeConfig
 from tagd.logs import LOG_FORMATS, LOG_LEVELS
 
 # Stream names become topic suffixes (tags.<stream>) and metric label values: keep them
@@ -36,7 +36,6 @@ SCHEMES = ("zmq+raw", "zmq+sub", "zmq+pull", "soundcard", "file")
 MULTI_STREAM_SCHEMES = ("zmq+sub", "zmq+pull")
 MAX_CHANNELS = 64
 RATE_RANGE = (1000, 768_000)  # Hz a producer may declare
-MAX_ENGINE_THREADS = 256
 MAX_INSTANCES = 64  # engine instances
 
 
@@ -243,33 +242,6 @@ class BatchingConfig:
                 f"{path}.max_queue_age_s: must be 0 or positive, got {self.max_queue_age_s}"
             )
         return found
-
-
-@dataclass
-class OnnxRuntimeConfig:
-    """Session options of the ONNX Runtime engine (.onnx models; other engines ignore them)."""
-
-    # Intra-op threads of each instance; 0: TAGD_ORT_THREADS if set, else one per core,
-    # shared out among [batching] instances.
-    threads: int = 0
-    # Pool threads spin "while_running" (stop when a run returns), "never", or "always"
-    # (ONNX Runtime's default: they spin on after each run, CPU taken from ingest).
-    spinning: str = "while_running"
-    memory_arena: bool = True  # reuse activation memory across runs (faster, keeps RSS)
-
-    def problems(self, path: str) -> list[str]:
-        found = []
-        if not 0 <= self.threads <= MAX_ENGINE_THREADS:
-            found.append(f"{path}.threads: must lie in 0..{MAX_ENGINE_THREADS}, got {self.threads}")
-        if self.spinning not in SPINNING:
-            found.append(f"{path}.spinning: {self.spinning!r} is not one of {', '.join(SPINNING)}")
-        return found
-
-    def engine_options(self, instances: int = 1) -> dict[str, Any]:
-        """Keyword arguments of ``OnnxEngine.load`` for each of ``instances`` instances."""
-        threads = resolve_threads(self.threads, instances)
-        return {"intra_op_threads": threads, "spinning": self.spinning,
-                "memory_arena": self.memory_arena}  # fmt: skip
 
 
 @dataclass

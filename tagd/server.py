@@ -24,10 +24,9 @@ from zmq.auth.thread import ThreadAuthenticator
 from tagd.batcher import Batcher, BatchResult
 from tagd.card import CardError, ModelCard, read_card
 from tagd.config import (
-    OnnxRuntimeConfig,
     ServeConfig,
 )
-from tagd.engines import BACKENDS, Engine, EngineError, load_engine
+from tagd.engines import BACKENDS, Engine, EngineError, backend_of, load_engine, option_sections
 from tagd.metrics import Metrics, MetricsServer
 from tagd.publish import (
     EVENTS_TOPIC,
@@ -49,8 +48,6 @@ log = logging.getLogger(__name__)
 STOP_BUDGET_S = 1.5  # SIGTERM to exit must stay under 2 s
 SWEEP_INTERVAL_S = 0.25  # how often idle streams are marked and gauges refreshed
 EXIT_STARTUP_FAILED = 2
-CPU_MAX_BATCH = 1
-ACCELERATOR_MAX_BATCH = 8
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default, kept fixed (see release_freed_memory)
 # Free window buffers kept for reuse (windowing.WindowPool): 35 SampleCNN windows, 5 of
 # FCN-4's, at least 2.
@@ -205,11 +202,7 @@ class Server:
         path = Path(self.config.engine)
         instances = self.config.batching.instances
         try:
-            options = {}
-            if path.suffix == ".onnx":
-                options = self.config.onnxruntime.engine_options(instances)
-            elif self.config.onnxruntime != OnnxRuntimeConfig():
-                log.warning("[onnxruntime] applies to .onnx models only; %s ignores it", path.name)
+            options = self._engine_options(backend_of(path), instances)
             for _ in range(instances):
                 engine = load_engine(path, warmup=False, **options)
                 self.engines.append(engine)
@@ -292,17 +285,23 @@ class Server:
             source.start()
 
     # -- helpers --------------------------------------------------------------------------
+    def _engine_options(self, backend: type[Engine], instances: int) -> dict:
+        """The keyword arguments of the backend's ``load``, from its own config section;
+        a changed section of another backend is ignored with a warning."""
+        for section, suffixes in option_sections().items():
+            if section != backend.options_section:
+                changed = getattr(self.config, section)
+                if changed != type(changed)():
+                    log.warning("[%s] applies to %s models only; %s ignores it", section,
+                                " and ".join(suffixes), Path(self.config.engine).name)  # fmt: skip
+        if backend.options_section is None:
+            return {}
+        return getattr(self.config, backend.options_section).engine_options(instances)
+
     def _max_batch(self) -> int:
-        wanted = self.config.batching.max_batch or self._automatic_max_batch()
+        wanted = self.config.batching.max_batch or self.engine.default_max_batch
         limit = self.engine.max_batch
         return min(wanted, limit) if limit else wanted
-
-    def _automatic_max_batch(self) -> int:
-        # On CPU a batch costs its windows' time one after the other and its activations
-        # stay in ONNX Runtime's arena (FCN-4: ~150 MB a window): batching only adds
-        # memory and latency. Accelerators amortise a call over the batch.
-        on_cpu = getattr(self.engine, "providers", None) == ["CPUExecutionProvider"]
-        return CPU_MAX_BATCH if on_cpu else ACCELERATOR_MAX_BATCH
 
     def _hop_samples(self) -> int:
         card = self.engine.card

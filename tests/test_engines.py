@@ -190,3 +190,18 @@ def test_tensorrt_needs_its_sdk_or_says_which_extra(tmp_path):
             load_engine(plan)
     else:
         pytest.skip("tensorrt is installed; tests/test_compile_tensorrt.py covers it")
+
+
+def test_each_backend_declares_where_it_runs_and_its_default_batch(export_model):
+    engine = load_engine(export_model("fcn4", n_frames=94, pools=((2, 2), (2, 2), (3, 2), (4, 2))))
+    if engine.providers == ["CPUExecutionProvider"]:
+        assert not engine.on_accelerator and engine.default_max_batch == 1
+    else:
+        assert engine.on_accelerator and engine.default_max_batch == 8
+    engine.close()
+
+
+def test_backend_options_come_from_the_section_each_backend_names():
+    from tagd.engines import option_sections
+
+    assert option_sections() == {"onnxruntime": [".onnx"]}

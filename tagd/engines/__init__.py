@@ -20,8 +20,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
-def load_engine(path: str | Path, *, warmup: bool = True, **options) -> Engine:
-    """Load a model file with the backend its suffix names, check its card, warm it up."""
+def backend_of(path: str | Path) -> type[Engine]:
+    """The backend class for a model file; EngineError when it is missing or of no known type."""
     path = Path(path)
     if not path.exists():
         raise EngineError(f"model file not found: {path}")
@@ -30,8 +30,22 @@ def load_engine(path: str | Path, *, warmup: bool = True, **options) -> Engine:
     except KeyError:
         known = ", ".join(sorted(BACKENDS))
         raise EngineError(f"{path}: unknown model type {path.suffix!r}; known: {known}") from None
-    module = importlib.import_module(module_name)
-    engine: Engine = getattr(module, class_name).load(path, **options)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def option_sections() -> dict[str, list[str]]:
+    """Config sections of backend options → the model file suffixes whose backend reads them."""
+    sections: dict[str, list[str]] = {}
+    for suffix, (module_name, class_name) in BACKENDS.items():
+        section = getattr(importlib.import_module(module_name), class_name).options_section
+        if section is not None:
+            sections.setdefault(section, []).append(suffix)
+    return sections
+
+
+def load_engine(path: str | Path, *, warmup: bool = True, **options) -> Engine:
+    """Load a model file with the backend its suffix names, check its card, warm it up."""
+    engine: Engine = backend_of(path).load(Path(path), **options)
     if warmup:
         engine.warmup()
     return engine
@@ -41,4 +55,12 @@ def missing_sdk(package: str, extra: str) -> EngineError:
     return EngineError(f"{package} is not installed; install it with: pip install '{extra}'")
 
 
-__all__ = ["BACKENDS", "Engine", "EngineError", "load_engine", "missing_sdk"]
+__all__ = [
+    "BACKENDS",
+    "Engine",
+    "EngineError",
+    "backend_of",
+    "load_engine",
+    "missing_sdk",
+    "option_sections",
+]

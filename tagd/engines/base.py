@@ -12,12 +12,19 @@ from __future__ import annotations
 import abc
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from tagd.card import ModelCard
 
 log = logging.getLogger(__name__)
+
+# The batch an engine gets when [batching] max_batch is 0. On CPU a batch costs its
+# windows' time one after the other and its activations stay in the runtime's arena:
+# batching only adds memory and latency. Accelerators amortise a call over the batch.
+CPU_MAX_BATCH = 1
+ACCELERATOR_MAX_BATCH = 8
 
 
 class EngineError(RuntimeError):
@@ -26,6 +33,9 @@ class EngineError(RuntimeError):
 
 class Engine(abc.ABC):
     backend: str = "?"  # short name, e.g. "onnxruntime", shown in metrics and logs
+    # The `tagd serve` config section holding this backend's options (a dataclass whose
+    # ``engine_options(instances)`` gives the keyword arguments of ``load``); None: none.
+    options_section: ClassVar[str | None] = None
 
     def __init__(self, path: Path, card: ModelCard):
         self.path = Path(path)
@@ -33,6 +43,16 @@ class Engine(abc.ABC):
 
     # Largest batch the engine accepts; None for no limit (TensorRT profiles have one).
     max_batch: int | None = None
+
+    @property
+    def on_accelerator(self) -> bool:
+        """Whether the engine runs on an accelerator (GPU) rather than the CPU."""
+        return False
+
+    @property
+    def default_max_batch(self) -> int:
+        """Windows per call when the configuration leaves it to the engine."""
+        return ACCELERATOR_MAX_BATCH if self.on_accelerator else CPU_MAX_BATCH
 
     @abc.abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 # spinning → (allow_spinning, force_spinning_stop) of the intra- and inter-op pools
 SPINNING = {"while_running": ("1", "1"), "never": ("0", "0"), "always": ("1", "0")}
+MAX_ENGINE_THREADS = 256
 
 
 def resolve_threads(configured: int | None = None, instances: int = 1) -> int:
@@ -45,8 +48,36 @@ def resolve_threads(configured: int | None = None, instances: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // instances)
 
 
+@dataclass
+class OnnxRuntimeConfig:
+    """Session options of the ONNX Runtime engine (.onnx models; other engines ignore them)."""
+
+    # Intra-op threads of each instance; 0: TAGD_ORT_THREADS if set, else one per core,
+    # shared out among [batching] instances.
+    threads: int = 0
+    # Pool threads spin "while_running" (stop when a run returns), "never", or "always"
+    # (ONNX Runtime's default: they spin on after each run, CPU taken from ingest).
+    spinning: str = "while_running"
+    memory_arena: bool = True  # reuse activation memory across runs (faster, keeps RSS)
+
+    def problems(self, path: str) -> list[str]:
+        found = []
+        if not 0 <= self.threads <= MAX_ENGINE_THREADS:
+            found.append(f"{path}.threads: must lie in 0..{MAX_ENGINE_THREADS}, got {self.threads}")
+        if self.spinning not in SPINNING:
+            found.append(f"{path}.spinning: {self.spinning!r} is not one of {', '.join(SPINNING)}")
+        return found
+
+    def engine_options(self, instances: int = 1) -> dict[str, Any]:
+        """Keyword arguments of ``OnnxEngine.load`` for each of ``instances`` instances."""
+        threads = resolve_threads(self.threads, instances)
+        return {"intra_op_threads": threads, "spinning": self.spinning,
+                "memory_arena": self.memory_arena}  # fmt: skip
+
+
 class OnnxEngine(Engine):
     backend = "onnxruntime"
+    options_section = "onnxruntime"
 
     def __init__(self, path: Path, card: ModelCard, session):
         super().__init__(path, card)
@@ -54,6 +85,10 @@ class OnnxEngine(Engine):
         self._input_name = session.get_inputs()[0].name
         self._output_name = session.get_outputs()[0].name
         self.providers = session.get_providers()
+
+    @property
+    def on_accelerator(self) -> bool:
+        return self.providers != ["CPUExecutionProvider"]
 
     @classmethod
     def load(

@@ -51,6 +51,7 @@ def _cuda_check(result, what: str):
 
 class TensorRTEngine(Engine):
     backend = "tensorrt"
+    on_accelerator = True
 
     def __init__(self, path: Path, card: ModelCard, trt, cudart, engine):
         super().__init__(path, card)

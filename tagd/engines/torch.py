@@ -27,6 +27,10 @@ class TorchEngine(Engine):
         self._model = model
         self._torch = torch_module
 
+    @property
+    def on_accelerator(self) -> bool:
+        return next(self._model.parameters()).device.type != "cpu"
+
     @classmethod
     def load(cls, path: Path, *, device: str = "cpu") -> TorchEngine:
         try:
