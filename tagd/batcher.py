@@ -43,11 +43,14 @@ from tagd.stream import ReadyWindow
 
 log = logging.getLogger(__name__)
 
+ORDER_SLACK = 64  # skipped entries the submission order may hold beyond twice the pending
 
-@dataclass(frozen=True)
+
+@dataclass(eq=False)
 class Pending:
     window: ReadyWindow
     submitted: float  # perf_counter when the batcher got it
+    done: bool = False  # taken or dropped: what the submission order skips
 
 
 @dataclass
@@ -78,7 +81,11 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_pending_per_stream = max_pending_per_stream
         self.max_queue_age_s = max_queue_age_s
-        self._pending: dict[str, deque[Pending]] = {}
+        self._pending: dict[str, deque[Pending]] = {}  # per stream, oldest first
+        # Every pending window in the order submitted (so the oldest is at the left, no
+        # scan of the streams under the lock); taken and dropped ones are skipped there
+        # and compacted away.
+        self._order: deque[Pending] = deque()
         self._count = 0
         self._cond = threading.Condition(threading.Lock())
         self._stopping = False
@@ -104,10 +111,15 @@ class Batcher:
             else:
                 queue = self._pending.setdefault(window.stream, deque())
                 if len(queue) >= self.max_pending_per_stream:
-                    dropped = queue.popleft().window
+                    oldest = queue.popleft()
+                    oldest.done, dropped = True, oldest.window
                     self._count -= 1
-                queue.append(Pending(window, time.perf_counter()))
+                item = Pending(window, time.perf_counter())
+                queue.append(item)
+                self._order.append(item)
                 self._count += 1
+                if len(self._order) > 2 * self._count + ORDER_SLACK:
+                    self._order = deque(p for p in self._order if not p.done)
                 # Wake the workers when this can start a batch: the first window, a full
                 # batch, or (several instances) a window of a stream none of them has.
                 if self._count == 1 or self._count >= self.max_batch or len(self._runs) > 1:
@@ -145,6 +157,7 @@ class Batcher:
             self._stopping = True
             leftover = [item for queue in self._pending.values() for item in queue]
             self._pending.clear()
+            self._order.clear()
             self._count = 0
             self._cond.notify_all()
         for item in leftover:
@@ -203,31 +216,34 @@ class Batcher:
         return sum(len(q) for s, q in self._pending.items() if s not in self._in_flight)
 
     def _oldest(self) -> Pending:
-        return min(
-            (queue[0] for stream, queue in self._pending.items()
-             if queue and stream not in self._in_flight),
-            key=lambda p: p.submitted,
-        )  # fmt: skip
+        """The oldest pending window of a stream no other worker has (lock held)."""
+        order = self._order
+        while order[0].done:
+            order.popleft()
+        # Only windows of streams in flight on other instances are passed over: a few.
+        return next(p for p in order if not p.done and p.window.stream not in self._in_flight)
+
+    def _take(self, item: Pending) -> Pending:
+        queue = self._pending[item.window.stream]
+        queue.popleft()  # a stream's oldest is the first of its windows in the order
+        if not queue:  # streams come and go: keep no empty queue for a stream gone
+            del self._pending[item.window.stream]
+        item.done = True
+        self._count -= 1
+        return item
 
     def _take_oldest(self) -> Pending:
-        oldest = self._oldest()
-        queue = self._pending[oldest.window.stream]
-        queue.popleft()
-        if not queue:  # streams come and go: keep no empty queue for a stream gone
-            del self._pending[oldest.window.stream]
-        self._count -= 1
-        return oldest
+        return self._take(self._oldest())
 
     def _take_stale(self, now: float) -> list[Pending]:
         if not self.max_queue_age_s:
             return []
         stale = []
-        for stream, queue in list(self._pending.items()):
-            while queue and now - queue[0].submitted > self.max_queue_age_s:
-                stale.append(queue.popleft())
-            if not queue:
-                del self._pending[stream]
-        self._count -= len(stale)
+        order = self._order
+        while order and (order[0].done or now - order[0].submitted > self.max_queue_age_s):
+            item = order.popleft()
+            if not item.done:
+                stale.append(self._take(item))
         return stale
 
     def _run_batch(self, run: Callable[[np.ndarray], np.ndarray], buffer: np.ndarray,

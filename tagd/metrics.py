@@ -77,6 +77,28 @@ HANDSHAKE_OTHER = "other"
 PUBLISH_SOCKET = "publish"  # the `socket` label of the publisher's connection metrics
 
 
+class Series:
+    """One labelled series of a metric, looked up on first use and kept: the hot path
+    pays ``labels()`` once per stream, and the series appears when first counted, as
+    with ``labels()``. Drop it (with the stream) once ``Metrics.forget_stream`` ran."""
+
+    __slots__ = ("_child", "_labels", "_metric")
+
+    def __init__(self, metric, *labels: str) -> None:
+        self._metric, self._labels, self._child = metric, labels, None
+
+    def _series(self):
+        if self._child is None:
+            self._child = self._metric.labels(*self._labels)
+        return self._child
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._series().inc(amount)
+
+    def set(self, value: float) -> None:
+        self._series().set(value)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()

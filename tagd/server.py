@@ -27,7 +27,7 @@ from tagd.config import (
     ServeConfig,
 )
 from tagd.engines import BACKENDS, Engine, EngineError, backend_of, load_engine, option_sections
-from tagd.metrics import Metrics, MetricsServer
+from tagd.metrics import Metrics, MetricsServer, Series
 from tagd.publish import (
     EVENTS_TOPIC,
     TAGS_TOPIC,
@@ -76,6 +76,9 @@ class Server:
         self._sweeper: threading.Thread | None = None
         self._curve: CurveServer | None = None  # tagd's keys when [security] is set
         self._authenticator: ThreadAuthenticator | None = None
+        # Per stream, its tagd_windows_published_total and tagd_events_published_total
+        # series, looked up once; dropped when the stream is evicted.
+        self._published: dict[str, tuple[Series, Series]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -255,7 +258,7 @@ class Server:
             evict_after_s=limits.evict_after_s,
             spread_phases=batching.spread_phases,
             max_spliced_gap_s=limits.max_spliced_gap_s,
-            on_evict=self.tagger.forget,  # a dict pop: safe from the evicting thread
+            on_evict=self._forget_stream,  # dict pops: safe from the evicting thread
             pool=self.window_pool,
         )
 
@@ -315,6 +318,10 @@ class Server:
             self.publisher.monitor.drain()  # this thread is the monitor socket's only user
             self.metrics.ready.set(1 if self.is_healthy() else 0)
 
+    def _forget_stream(self, name: str) -> None:
+        self.tagger.forget(name)
+        self._published.pop(name, None)
+
     # -- the inference workers' side ----------------------------------------------------------
     def _run_engine(self, instance: int, batch: np.ndarray) -> np.ndarray:
         return self.engines[instance].run(batch)
@@ -326,6 +333,7 @@ class Server:
         inference_ms = result.inference_seconds * 1000
         for item, scores in zip(result.items, result.scores, strict=True):
             window = item.window
+            windows_published, events_published = self._published_series(window.stream)
             prediction = self.tagger.update(window, scores)
             published_at = time.time()
             total_s = time.perf_counter() - window.captured.mono
@@ -344,13 +352,22 @@ class Server:
             self.publisher.send(topic(TAGS_TOPIC, window.stream), message)
             self.metrics.ingest_delay.observe(ingest_s)
             self.metrics.end_to_end_latency.observe(total_s)
-            self.metrics.windows_published.labels(window.stream).inc()
+            windows_published.inc()
             self.metrics.last_predictions.update(
                 window.stream, card.tags, prediction.scores, prediction.active
             )
             for event in event_messages(prediction, card, published_at=published_at):
                 self.publisher.send(topic(EVENTS_TOPIC, window.stream), event)
-                self.metrics.events_published.labels(window.stream).inc()
+                events_published.inc()
+
+    def _published_series(self, stream: str) -> tuple[Series, Series]:
+        series = self._published.get(stream)
+        if series is None:
+            series = self._published[stream] = (
+                Series(self.metrics.windows_published, stream),
+                Series(self.metrics.events_published, stream),
+            )
+        return series
 
 
 def release_freed_memory() -> None:

@@ -66,6 +66,7 @@ from tagd.metrics import (
     MALFORMED_STREAM_TAKEN,
     MALFORMED_TOO_MANY_STREAMS,
     Metrics,
+    Series,
 )
 from tagd.windowing import Windower, WindowPool
 
@@ -150,6 +151,12 @@ class Stream:
         self.geometry = geometry
         self._sink = sink
         self._metrics = metrics
+        # This stream's series, looked up once (the hub forgets them when it evicts it).
+        self._audio_received = Series(metrics.audio_received, name)
+        self._gaps = Series(metrics.gaps, name)
+        self._idle_episodes = Series(metrics.idle_episodes, name)
+        self.idle_gauge = Series(metrics.stream_idle, name)  # set by the hub's sweep
+        self.last_audio_gauge = Series(metrics.stream_last_audio, name)
         self._windower = Windower(geometry.window_samples, geometry.hop_samples, pool)
         self._decoder: PcmDecoder | None = None
         self._resampler: StreamResampler | None = None
@@ -228,7 +235,7 @@ class Stream:
             # seen a silence just over idle_after_s. Either way it is the same episode.
             self.count_idle_episode()
             log.info("stream %s: data again after being idle; restarting its window", self.name)
-            self._metrics.gaps.labels(self.name).inc()
+            self._gaps.inc()
             self._restart()
         elif gap_too_long:
             self._restart()
@@ -245,7 +252,7 @@ class Stream:
         if seq == last + 1:
             return False
         if seq > last:
-            self._metrics.gaps.labels(self.name).inc()
+            self._gaps.inc()
             lost_s = (seq - last - 1) * message_s
             if lost_s > self.max_spliced_gap_s:
                 log.info("stream %s: seq %d after %d lost about %.1f s; restarting its window",
@@ -254,7 +261,7 @@ class Stream:
             return False
         if seq == 0 or last - seq >= REORDER_WINDOW:
             log.info("stream %s: seq %d after %d: the producer started again", self.name, seq, last)
-            self._metrics.gaps.labels(self.name).inc()
+            self._gaps.inc()
             return False
         raise StreamRefused(
             MALFORMED_OUT_OF_ORDER, f"stream {self.name!r}: seq {seq} is not after {last}"
@@ -280,7 +287,7 @@ class Stream:
             return 0
         if self._shape is not None and self._shape[0] in FLOAT_FORMATS:
             frames = self._clean(frames)
-        self._metrics.audio_received.labels(self.name).inc(len(frames) / rate)
+        self._audio_received.inc(len(frames) / rate)
         self._track_rate(len(frames) / rate, arrival.mono)
         self._note_arrival(len(frames), arrival)
         assert self._resampler is not None
@@ -366,7 +373,7 @@ class Stream:
             if self._episode_counted == self.last_arrival:
                 return
             self._episode_counted = self.last_arrival
-        self._metrics.idle_episodes.labels(self.name).inc()
+        self._idle_episodes.inc()
 
     def silent_for(self, now_mono: float) -> float:
         return float("inf") if self.last_arrival is None else now_mono - self.last_arrival
@@ -499,6 +506,7 @@ class StreamHub:
                         f"stream {name!r} refused: limits.max_streams={self.max_streams} reached",
                     )
                 del self._entries[displaced]
+                self._metrics.forget_stream(displaced)  # under the lock: before a reopen
             stream = Stream(name, self.geometry, self._sink, self._metrics, self.idle_after_s,
                             self.max_spliced_gap_s, self._pool)  # fmt: skip
             self._entries[name] = _Entry(stream, owner, pinned)
@@ -516,7 +524,6 @@ class StreamHub:
 
     def _forget(self, name: str, why: str) -> None:
         log.info("stream %s evicted %s", name, why)
-        self._metrics.forget_stream(name)
         if self._on_evict is not None:
             self._on_evict(name)
 
@@ -542,18 +549,19 @@ class StreamHub:
                 stream = entry.stream
                 silent = stream.silent_for(now_mono)
                 if stream.last_unix is not None:
-                    self._metrics.stream_last_audio.labels(name).set(stream.last_unix)
+                    stream.last_audio_gauge.set(stream.last_unix)
                 if silent < self.idle_after_s:
                     active += 1
-                    self._metrics.stream_idle.labels(name).set(0)
+                    stream.idle_gauge.set(0)
                     continue
                 if not stream.idle:
                     stream.idle = True
                     stream.count_idle_episode()
                     log.info("stream %s idle: no data for %.1f s", name, silent)
-                self._metrics.stream_idle.labels(name).set(1)
+                stream.idle_gauge.set(1)
                 if not entry.pinned and self.evict_after_s and silent >= self.evict_after_s:
                     del self._entries[name]
+                    self._metrics.forget_stream(name)  # under the lock: before a reopen
                     evicted.append(name)
             self._metrics.active_streams.set(active)
             self._metrics.known_streams.set(len(self._entries))

@@ -308,3 +308,24 @@ def test_every_window_is_recycled_once_batched_or_dropped_never_twice():
     }
     assert reasons == {"queue_full": 1, "stale": 2, "shutdown": 1}
     assert sorted(recycled) == sorted(id(w.samples) for w in windows)  # each exactly once
+
+
+def test_after_a_long_stall_batches_still_take_the_oldest_windows_across_streams():
+    # Many drops while the engine is stuck: the submission order is compacted, and
+    # what survives still goes out oldest first, whichever stream it belongs to.
+    engine = GatedEngine()
+    batcher, recorder, _ = make(engine=engine, max_batch=1, max_pending_per_stream=2)
+    batcher.start()
+    batcher.submit(window("z", 0))
+    assert engine.entered.wait(2)
+    for seq in range(1, 200):
+        for stream in ("a", "b", "c"):
+            batcher.submit(window(stream, seq))
+    batcher.submit(window("late", 500))
+    assert batcher.pending() == 7
+    engine.release.set()
+    recorder.wait_for(8)
+    batcher.stop()
+    taken = [(i.window.stream, i.window.seq) for r in recorder.results for i in r.items]
+    assert taken == [("z", 0), ("a", 198), ("b", 198), ("c", 198), ("a", 199), ("b", 199),
+                     ("c", 199), ("late", 500)]  # fmt: skip

@@ -189,3 +189,20 @@ def test_a_block_arrives_when_its_last_sample_was_captured_not_at_the_callback()
     for adc, current in ((0.0, 0.0), (8.0, 8.0), (1.0, 8.0)):
         times = SimpleNamespace(inputBufferAdcTime=adc, currentTime=current)
         assert captured(now, times, 480, 48_000) == now
+
+
+@pytest.mark.parametrize("pcm_format", ["s16le", "s32le", "f32le"])
+def test_a_soundcard_block_becomes_the_floats_pcm_decoding_gives(pcm_format):
+    from tagd.audio import PCM_FORMATS, PcmDecoder
+    from tagd.sources.soundcard import to_float
+
+    dtype, scale = PCM_FORMATS[pcm_format]
+    music = make_music(0.1, 48_000)
+    if dtype.kind == "i":
+        block = (np.stack([music, -music], axis=1) * (np.iinfo(dtype).max)).astype(
+            dtype.newbyteorder("=")
+        )
+    else:
+        block = np.stack([music, -music], axis=1).astype(np.float32)
+    decoded = PcmDecoder(pcm_format, 2).decode(block.astype(dtype).tobytes())
+    np.testing.assert_array_equal(to_float(block, scale), decoded)

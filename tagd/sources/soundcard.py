@@ -4,7 +4,8 @@ DEVICE is a PortAudio device name (or a unique part of one: ``default``, ``pulse
 ALSA PCM name from .asoundrc) or its index in ``python -m sounddevice``. ``format``
 (s16le, s32le, f32le; default f32le) is the sample type asked of PortAudio, which
 converts from what the card delivers. PortAudio's callback runs on its own real-time thread, so it only
-copies the block into a queue; the reader thread does the resampling and windowing.
+copies the block into a queue; the reader thread scales it to float (as PcmDecoder scales
+PCM) and the stream does the resampling and windowing.
 An input overflow (the reader fell behind the card) is counted as a gap.
 
 A block's arrival is when its last sample was captured, from PortAudio's timestamps
@@ -21,6 +22,7 @@ import queue
 
 import numpy as np
 
+from tagd.audio import PCM_FORMATS
 from tagd.sources import POLL_INTERVAL_S, Source, SourceError
 from tagd.stream import Arrival
 
@@ -44,6 +46,7 @@ class SoundcardSource(Source):
         self._blocks: queue.Queue[tuple[np.ndarray, Arrival, bool]] = queue.Queue(MAX_QUEUED_BLOCKS)
         self._lost_blocks = False  # set by the callback when the queue was full
         self._format = pcm_format = self.spec.format or DEFAULT_FORMAT
+        self._scale = PCM_FORMATS[pcm_format][1]  # PortAudio's integers to [-1, 1]
         try:
             info = sounddevice.query_devices(self.spec.device, kind="input")
             self._rate = int(self.spec.rate or info["default_samplerate"])
@@ -89,14 +92,21 @@ class SoundcardSource(Source):
             if overflow or self._lost_blocks:
                 self._lost_blocks = False
                 self.metrics.gaps.labels(self._stream.name).inc()
-            # Little-endian bytes in, PcmDecoder out: one conversion path for every input.
-            payload = block.astype(block.dtype.newbyteorder("<"), copy=False).tobytes()
-            self._stream.push_pcm(payload, self._format, self._rate, self._channels, arrival)
+            self._stream.push_frames(to_float(block, self._scale), self._rate, arrival)
 
     def _close(self) -> None:
         if self._audio is not None:  # None: never opened
             self._audio.stop()
             self._audio.close()
+
+
+def to_float(block: np.ndarray, scale: float) -> np.ndarray:
+    """PortAudio's block [frames, channels] as float32 in [-1, 1], as PcmDecoder scales PCM."""
+    if block.dtype == np.float32:
+        return block
+    frames = block.astype(np.float32)
+    frames *= np.float32(scale)
+    return frames
 
 
 def captured(now: Arrival, time_info, frames: int, rate: int) -> Arrival:
