@@ -4,10 +4,9 @@ ONNX Runtime, left to choose its intra-op thread count, pins its pool threads on
 core and leaves a core for the thread that calls ``run``, which it does not pin. A
 tagd worker sleeps between windows and is woken by an input thread; the scheduler may
 wake it on a pool thread's core, and then the two share that core while the free one
-idles until the kernel balances them, several milliseconds later. On the 2-vCPU bench
-machine this put SampleCNN windows at 23–36 ms instead of 15, the whole tail of the
-half-load latency (see docs/serve.md, Performance). Pinning the worker to the cores no
-other thread of the process is pinned to is the layout ONNX Runtime intends.
+idles until the kernel balances them, several milliseconds later (docs/design.md has
+what that cost). Pinning the worker to the cores no other thread of the process is
+pinned to is the layout ONNX Runtime intends.
 
 Nothing changes where no thread is pinned (TensorRT, torch, ONNX Runtime with
 ``[onnxruntime] threads`` set or several instances) or where no core would be left.

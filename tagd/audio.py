@@ -36,9 +36,9 @@ def downmix(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames, dtype=np.float32)
     if frames.ndim == 1:
         return frames
-    # Column by column: numpy's mean over a short last axis costs ~19 µs for a 26 ms
-    # stereo message, half of a live stream's ingest; this costs 3. Bit for bit numpy's
-    # mean up to 7 channels (same order, same division), within a rounding beyond.
+    # Column by column: numpy's mean over a short last axis is several times slower for
+    # a message's frames (docs/design.md). Bit for bit numpy's mean up to 7 channels
+    # (same order, same division), within a rounding beyond.
     mono = frames[:, 0].copy()
     for channel in range(1, frames.shape[1]):
         mono += frames[:, channel]

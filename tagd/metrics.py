@@ -297,9 +297,8 @@ class LastPredictions(Collector):
     """``tagd_tag_score`` and ``tagd_tag_active``: each stream's last prediction, per tag.
 
     The inference worker hands over the prediction's arrays (one dict assignment a
-    window); the series are built when Prometheus scrapes. Two gauges per tag and
-    stream, set on every window, cost the worker ~40 µs a window (50 tags) and two
-    locked children per series.
+    window); the series are built when Prometheus scrapes, instead of two gauges per tag
+    and stream set on every window (docs/design.md has what those cost).
     """
 
     def __init__(self) -> None:

@@ -374,9 +374,8 @@ def release_freed_memory() -> None:
     """Have glibc allocate large blocks with mmap always, so that freeing them returns them.
 
     glibc raises its mmap threshold the first time a large block is freed; from then on
-    windows (1.4 MB for FCN-4) and PCM buffers come from the heap and stay resident after
-    a burst. Measured with 50 FCN-4 streams idle after a catch-up burst: 650 MB resident
-    with the moving threshold, 430 MB with it fixed. Not glibc: nothing to do.
+    windows and PCM buffers come from the heap and stay resident after a burst
+    (docs/design.md has the measurement). Not glibc: nothing to do.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -13,9 +13,8 @@ idle: a flood of stream ids is refused while the streams it displaced are live, 
 cannot hold slots for ever.
 
 A window is captured when the message carrying its last sample arrived. The resampler
-holds audio back (soxr HQ releases 44.1 kHz input in blocks: 4–42 ms late at 22.05 kHz,
-9–85 ms at 12 kHz for 26 ms messages), so that is earlier than the message that
-completed the window; each stream remembers the arrivals of the few messages that can
+holds audio back (soxr releases its output in blocks; docs/design.md says how long), so
+that is earlier than the message that completed the window; each stream remembers the arrivals of the few messages that can
 still hold the next window's last sample, and latency is counted from the right one.
 
 Stream time counts the audio received: a stream that falls silent is not fed zeros;

@@ -48,7 +48,7 @@ class Prediction:
 
 # The clip mean: up to EXACT_SEGMENTS segments (an FCN's one, a SampleCNN's ~10 at the
 # card's hop) it is summed afresh, exactly as numpy's mean. A short --hop puts hundreds
-# of segments in a clip (averaging them took 0.3 ms of the inference thread per window):
+# of segments in a clip (too slow to average afresh each window: docs/design.md):
 # then it is a running float64 sum, recomputed every RESUM_EVERY updates so that rounding
 # cannot build up.
 EXACT_SEGMENTS = 16

@@ -10,7 +10,7 @@ says how a clip shorter than one window is scored (the rule is stated below, onc
 In the daemon the copies come from a ``WindowPool`` and go back to it once the batcher
 has copied them into a batch or dropped them: with glibc's mmap threshold fixed (see
 ``tagd.server.release_freed_memory``) every fresh window would be a new mapping, with
-page faults to fill it and an munmap to free it on the engine's cores (docs/serve.md
+page faults to fill it and an munmap to free it on the engine's cores (docs/design.md
 has the measured cost).
 """
 

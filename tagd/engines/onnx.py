@@ -1,15 +1,14 @@
 """ONNX Runtime backend: CPU by default, CUDA when onnxruntime-gpu provides it.
 
-Session options that matter on a small CPU shared with ingest (docs/serve.md,
-"Performance", has the measurements):
+Session options that matter on a small CPU shared with ingest (docs/design.md has the
+measurements), set in ``[onnxruntime]`` (``OnnxRuntimeConfig``, this backend's options):
 
 - ``spinning``: ONNX Runtime's pool threads spin between the parallel parts of a run
   (faster than sleeping and waking) and, by ONNX Runtime's default, for a while after
-  the run too, waiting for the next. In a daemon that runs a window every few tens of ms
-  that spinning after the run burns ~20 ms of a core per window (SampleCNN: 55 ms of CPU
-  per 16 ms window instead of 33), taken from the threads that read and publish streams.
-  ``while_running`` (the default) spins during a run and stops when it returns,
-  ``never`` does not spin at all, ``always`` is ONNX Runtime's default.
+  the run too, waiting for the next: in a daemon that runs a window every few tens of
+  ms, CPU taken from the threads that read and publish streams. ``while_running`` (the
+  default) spins during a run and stops when it returns, ``never`` does not spin at
+  all, ``always`` is ONNX Runtime's default.
 - ``intra_op_threads``: 0 lets ONNX Runtime take one thread per core.
 - ``memory_arena``: the CPU arena keeps the activations of the largest batch run for
   the next; without it every run allocates afresh (slower).
