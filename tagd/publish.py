@@ -11,7 +11,8 @@ is then sent in the ordinary lossy way, so the other subscribers still get it.
 
 With ``[security]`` set the socket is a CURVE server: only subscribers whose public key
 is allowed complete the handshake (tagd/sockets.py). Its ``PeerMonitor`` counts
-subscribers that leave or are refused; the daemon's sweeper thread reads it.
+subscribers that leave or are refused, read by a thread of its own
+(``tagd-publish-monitor``, from ``start_monitor()``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import zmq
 
 from tagd.card import ModelCard
 from tagd.metrics import PUBLISH_SOCKET, Metrics
-from tagd.sockets import CurveServer, PeerMonitor
+from tagd.sockets import CurveServer, MonitorThread, PeerMonitor
 from tagd.tagger import Prediction
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class Publisher:
         if curve is not None:
             curve.secure(self._socket)
         self.monitor = PeerMonitor(self._socket, PUBLISH_SOCKET, metrics)
+        self._monitor_thread: MonitorThread | None = None
         try:
             self._socket.bind(address)
         except zmq.ZMQError as exc:
@@ -151,6 +153,15 @@ class Publisher:
                 subscribed.append(notice[1:])
         return subscribed
 
+    def start_monitor(self) -> None:
+        """Count peers that leave or are refused, from now on, in a thread of their own."""
+        self._monitor_thread = MonitorThread(self.monitor, "tagd-publish-monitor")
+        self._monitor_thread.start()
+
     def close(self) -> None:
+        if self._monitor_thread is not None and not self._monitor_thread.stop(timeout=0.5):
+            log.warning("the publisher's monitor thread did not stop; leaving its socket")
+            self._socket.close()
+            return
         self.monitor.close()
         self._socket.close()

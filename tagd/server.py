@@ -284,6 +284,7 @@ class Server:
         self.batcher.start()
         self._sweeper = threading.Thread(target=self._sweep, name="tagd-sweeper", daemon=True)
         self._sweeper.start()
+        self.publisher.start_monitor()  # the monitor socket's one reader
         for source in self.sources:
             source.start()
 
@@ -315,7 +316,6 @@ class Server:
     def _sweep(self) -> None:
         while not self._stopping.wait(SWEEP_INTERVAL_S):
             self.hub.sweep()
-            self.publisher.monitor.drain()  # this thread is the monitor socket's only user
             self.metrics.ready.set(1 if self.is_healthy() else 0)
 
     def _forget_stream(self, name: str) -> None:

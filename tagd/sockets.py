@@ -8,10 +8,13 @@ is a CURVE client holding its own key pair and tagd's public key; a ZAP handler 
 ``security.curve_allowed_clients``. A peer without CURVE, or with a key not listed,
 fails the handshake: nothing it sends is read and nothing is sent to it.
 
-**Monitoring.** ``PeerMonitor`` reads a socket's monitor events in the thread that owns
-the socket and counts ``tagd_peer_disconnects_total{socket}`` and
-``tagd_handshake_failures_total{socket, reason}``. A frame over ``ZMQ_MAXMSGSIZE`` is
-not delivered: ZeroMQ drops the connection, so it shows as a disconnect.
+**Monitoring.** ``PeerMonitor`` reads a socket's monitor events and counts
+``tagd_peer_disconnects_total{socket}`` and ``tagd_handshake_failures_total{socket,
+reason}``. The monitor is a socket of its own with one owner: an input's reader thread
+polls it beside the input's socket; the publisher's owners (the inference workers) sleep
+on the batcher, not on a poller, so ``MonitorThread`` gives its monitor a thread of its
+own. A frame over ``ZMQ_MAXMSGSIZE`` is not delivered: ZeroMQ drops the connection, so
+it shows as a disconnect.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,8 +136,9 @@ def generate_keys(directory: str | Path, name: str) -> tuple[Path, Path]:
 class PeerMonitor:
     """Counts a socket's peer disconnects and refused handshakes.
 
-    The monitor is a second socket: read it (``drain``) in the thread that reads or
-    writes the monitored socket, and ``close`` it before that socket.
+    The monitor is a second socket: read it (``drain``) in one thread only, the one
+    that polls the monitored socket or a ``MonitorThread``, and ``close`` it before the
+    monitored socket.
     """
 
     def __init__(self, socket: zmq.Socket, label: str, metrics: Metrics):
@@ -163,3 +168,34 @@ class PeerMonitor:
         with contextlib.suppress(zmq.ZMQError):
             self._owner.disable_monitor()
         self.socket.close(linger=0)
+
+
+MONITOR_POLL_MS = 100  # how often a MonitorThread checks whether it should stop
+
+
+class MonitorThread:
+    """The one thread that reads a ``PeerMonitor``, for a socket whose users never poll.
+
+    ``start()`` hands the monitor's socket to the thread; ``stop()`` joins it, after
+    which the caller owns the socket again and may ``close`` the monitor.
+    """
+
+    def __init__(self, monitor: PeerMonitor, name: str) -> None:
+        self.monitor = monitor
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.monitor.socket.poll(MONITOR_POLL_MS):
+                self.monitor.drain()
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        """Ask the thread to finish and wait; False if it is still running."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()

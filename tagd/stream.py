@@ -12,10 +12,8 @@ reached, a new stream takes the place of the longest-idle dynamic stream, if any
 idle: a flood of stream ids is refused while the streams it displaced are live, and
 cannot hold slots for ever.
 
-A window is captured when the message carrying its last sample arrived. The resampler
-holds audio back (soxr releases its output in blocks; docs/design.md says how long), so
-that is earlier than the message that completed the window; each stream remembers the arrivals of the few messages that can
-still hold the next window's last sample, and latency is counted from the right one.
+A window's capture time (``ReadyWindow.captured``) is the arrival of the message that
+carried its last sample: tagd/arrivals.py.
 
 Stream time counts the audio received: a stream that falls silent is not fed zeros;
 when data resumes its pipeline restarts (a new ``epoch``: a fresh window must fill
@@ -29,13 +27,8 @@ counting again (a restart is a gap, spliced like a short silence). A jump forwar
 window restarts rather than join unrelated audio. Float samples are cleaned (NaN, Inf,
 beyond ±1) and counted before anything else sees them.
 
-Live streams complete their windows at arbitrary phases of the hop, and windows that
-complete together queue behind each other at the engine. With ``spread_phases`` the hub
-places each live stream (audio arriving at about real time) once, in the middle of the
-largest gap between the phases of the streams placed before it, by delaying its next
-window: the hop grid of that stream moves once by less than a hop, and the engine sees
-evenly spaced windows instead of bursts. Streams fed faster than real time (files,
-catch-up) are never moved, so their windows stay where an offline run puts them.
+Live streams' hop grids are moved once, to spread their windows over the hop, by the
+hub's sweep: tagd/phases.py.
 """
 
 from __future__ import annotations
@@ -50,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tagd.arrivals import Arrival, CaptureTimes
 from tagd.audio import (
     PCM_FORMATS,
     PcmDecoder,
@@ -67,15 +61,13 @@ from tagd.metrics import (
     Metrics,
     Series,
 )
+from tagd.phases import PHASE_WINDOWS, place_live_streams
 from tagd.windowing import Windower, WindowPool
 
 log = logging.getLogger(__name__)
 
 LIVE_CHECK_S = 2.0  # wall time over which a stream's audio rate is measured
 LIVE_RATE = (0.8, 1.25)  # audio seconds per wall second of a live stream
-# Completions wobble by a message and a resampler block (~0.2 s): a stream's phase is
-# the circular mean of its last few, taken once it is live.
-PHASE_WINDOWS = 3
 # A seq this far or further behind the last is a producer that started counting again
 # (from a number other than 0), not a late message: accepted, counted as a gap.
 REORDER_WINDOW = 64
@@ -91,18 +83,6 @@ MASS_CLEANING_SHARE = 0.01  # of float samples cleaned over a measurement
 # Epochs are unique across streams and their lifetimes, so that a stream evicted and
 # opened again under the same name never continues an old average.
 _epochs = itertools.count(1)
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """When a message arrived: unix time for messages, a monotonic clock for durations."""
-
-    unix: float
-    mono: float
-
-    @classmethod
-    def now(cls) -> Arrival:
-        return cls(time.time(), time.perf_counter())
 
 
 @dataclass(frozen=True)
@@ -179,14 +159,7 @@ class Stream:
         self._episode_counted: float | None = None  # last_arrival before that silence
         self._delay_lock = threading.Lock()
         self._pending_delay = 0  # samples to delay the next window by
-        # When input arrived, for the windows' capture times: (input frames of this epoch
-        # up to and including a message, its arrival), only for messages that may still
-        # carry the last sample of the next window: those within the resampler's hold,
-        # a few. The epoch starts at stream index ``_epoch_start``, where the resampler
-        # starts afresh.
-        self._arrivals: deque[tuple[int, Arrival]] = deque()
-        self._epoch_frames = 0
-        self._epoch_start = 0
+        self._capture = CaptureTimes(geometry.sample_rate)  # the windows' capture times
 
     # -- feeding -------------------------------------------------------------------
     def push_pcm(self, payload: bytes, pcm_format: str, rate: int, channels: int,
@@ -272,8 +245,7 @@ class Stream:
         if self._resampler is not None:
             self._resampler.reset()
         self._windower.restart_at(self._windower.total)
-        self._arrivals.clear()
-        self._epoch_frames, self._epoch_start = 0, self._windower.total
+        self._capture.restart(self._windower.total)
         self.epoch = next(_epochs)
         self.live, self.placed, self.phase = False, False, None
         self.window_times.clear()
@@ -288,7 +260,7 @@ class Stream:
             frames = self._clean(frames)
         self._audio_received.inc(len(frames) / rate)
         self._track_rate(len(frames) / rate, arrival.mono)
-        self._note_arrival(len(frames), arrival)
+        self._capture.note(len(frames), arrival)
         assert self._resampler is not None
         mono = self._resampler.process(downmix(frames))
         if self._pending_delay:
@@ -306,36 +278,12 @@ class Stream:
                     self.epoch,
                     window.start,
                     window.samples,
-                    self._captured(window.end, rate, arrival),
+                    self._capture.captured(window.end, rate, arrival),
                 )
             )
             self.windows_emitted += 1
-        self._forget_arrivals_before(self._windower.next_end, rate)
+        self._capture.forget_before(self._windower.next_end, rate)
         return len(windows)
-
-    # -- capture times ---------------------------------------------------------------
-    def _note_arrival(self, frames: int, arrival: Arrival) -> None:
-        self._epoch_frames += frames
-        self._arrivals.append((self._epoch_frames, arrival))
-
-    def _frames_needed(self, end: int, rate: int) -> int:
-        """Input frames of this epoch that hold the sample before stream index ``end``.
-
-        soxr's output is aligned in time with its input: output sample k is input time
-        k / model rate.
-        """
-        return (end - 1 - self._epoch_start) * rate // self.geometry.sample_rate + 1
-
-    def _captured(self, end: int, rate: int, completed: Arrival) -> Arrival:
-        """Arrival of the message that carried the sample before stream index ``end``."""
-        self._forget_arrivals_before(end, rate)
-        return self._arrivals[0][1] if self._arrivals else completed
-
-    def _forget_arrivals_before(self, end: int, rate: int) -> None:
-        """Drop the arrivals of messages that all lie before the window ending at ``end``."""
-        needed = self._frames_needed(end, rate)
-        while self._arrivals and self._arrivals[0][0] < needed:
-            self._arrivals.popleft()
 
     def _clean(self, frames: np.ndarray) -> np.ndarray:
         frames, nonfinite, out_of_range = clean_samples(frames)
@@ -565,42 +513,9 @@ class StreamHub:
             self._metrics.active_streams.set(active)
             self._metrics.known_streams.set(len(self._entries))
             if self.spread_phases:
-                self._place_live_streams([e.stream for e in self._entries.values()])
+                hop_s = self.geometry.hop_samples / self.geometry.sample_rate
+                streams = [e.stream for e in self._entries.values()]
+                place_live_streams(streams, hop_s, self.geometry.sample_rate)
         for name in evicted:
             self._forget(name, f"after {self.evict_after_s:.0f} s idle")
         return evicted
-
-    def _place_live_streams(self, streams: list[Stream]) -> None:
-        hop_s = self.geometry.hop_samples / self.geometry.sample_rate
-        live = [
-            s for s in streams if s.live and not s.idle and len(s.window_times) >= PHASE_WINDOWS
-        ]
-        phases = [s.phase for s in streams if s.placed and not s.idle and s.phase is not None]
-        for stream in sorted((s for s in live if not s.placed), key=lambda s: s.name):
-            own = circular_mean(list(stream.window_times), hop_s)
-            target = largest_gap_middle(phases, hop_s) if phases else own
-            delay_s = (target - own) % hop_s
-            stream.delay_next_window(round(delay_s * self.geometry.sample_rate))
-            stream.phase, stream.placed = target, True
-            phases.append(target)
-            log.debug(
-                "stream %s placed at %.3f s of the hop (delayed %.3f s)",
-                stream.name,
-                target,
-                delay_s,
-            )
-
-
-def largest_gap_middle(phases: list[float], period: float) -> float:
-    """The middle of the largest gap between points on a circle of circumference ``period``."""
-    ordered = sorted(p % period for p in phases)
-    ends = ordered[1:] + [ordered[0] + period]
-    size, begin = max((end - begin, begin) for begin, end in zip(ordered, ends, strict=True))
-    return (begin + size / 2) % period
-
-
-def circular_mean(times: list[float], period: float) -> float:
-    """The mean position of ``times`` on a circle of circumference ``period``, in [0, period)."""
-    angles = 2 * np.pi * (np.asarray(times) % period) / period
-    mean = np.angle(np.mean(np.exp(1j * angles)))
-    return float(mean % (2 * np.pi) * period / (2 * np.pi))

@@ -272,6 +272,23 @@ def serving(config: ServeConfig):
         server.stop()
 
 
+def connect_and_wait(socket: zmq.Socket, address: str, timeout: float = 10.0) -> None:
+    """Connect ``socket`` and wait for its handshake with the peer at ``address``.
+
+    A SUB sends its subscriptions right after the handshake, so from then on they are one
+    loopback hop from the publisher, long before the first window a test's audio makes.
+    """
+    monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        socket.connect(address)
+        if not monitor.poll(int(timeout * 1000)):
+            raise AssertionError(f"no handshake with {address} within {timeout:.0f} s")
+        monitor.recv_multipart()
+    finally:
+        socket.disable_monitor()
+        monitor.close(linger=0)
+
+
 class Listener:
     """A subscriber to the daemon's topics, connected before any audio is sent."""
 
@@ -280,8 +297,7 @@ class Listener:
         self.socket = self.context.socket(zmq.SUB)
         for prefix in prefixes or ("tags.", "events."):
             self.socket.setsockopt_string(zmq.SUBSCRIBE, prefix)
-        self.socket.connect(server.publish_address)
-        time.sleep(0.3)  # the subscription must reach the publisher before anything is sent
+        connect_and_wait(self.socket, server.publish_address)
         self.messages: list[tuple[str, dict]] = []
 
     def collect(

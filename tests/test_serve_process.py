@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zmq
 from audio_fixtures import make_music
-from support import REPO, SHORT_FCN, TAGD_MODULE, TagdProcess, free_port
+from support import REPO, SHORT_FCN, TAGD_MODULE, TagdProcess, connect_and_wait, free_port
 
 TAGD = list(TAGD_MODULE)
 
@@ -195,8 +195,7 @@ def test_sigterm_during_a_batch_exits_within_2_s_leaving_only_whole_messages(exp
     context = zmq.Context()
     subscriber = context.socket(zmq.SUB)
     subscriber.setsockopt(zmq.SUBSCRIBE, b"")
-    subscriber.connect(daemon.publish_address)
-    time.sleep(0.3)
+    connect_and_wait(subscriber, daemon.publish_address)
     stop = threading.Event()
     producer = threading.Thread(target=stream_audio, args=(port, 30.0, stop))
     producer.start()

@@ -8,11 +8,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 from prometheus_client import generate_latest
+from support import wait_for
 
 from tagd.card import ModelCard
 from tagd.metrics import Metrics, MetricsServer
@@ -115,6 +117,51 @@ def test_metric_names_follow_prometheus_conventions():
     } <= names  # fmt: skip
 
 
+TOPICS_DOC = Path(__file__).resolve().parents[1] / "docs" / "topics.md"
+
+
+def documented_examples() -> dict[str, dict]:
+    """docs/topics.md's example message under each ``## `TOPIC.<stream>` `` heading."""
+    examples = {}
+    for section in TOPICS_DOC.read_text().split("\n## `")[1:]:
+        kind = section.split(".", 1)[0]
+        if "```json\n" in section:
+            examples[kind] = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    return examples
+
+
+def documented_keys() -> set[str]:
+    """The keys in the table of docs/topics.md's ``tags.<stream>`` section, dotted."""
+    section = TOPICS_DOC.read_text().split("\n## `tags.<stream>`", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return {key.strip("` ") for row in rows for key in row.split("|")[1].split(",")}
+
+
+def shape(value):
+    """A JSON value's structure: dict keys recursively, numbers as one kind (tag names
+    in ``scores`` are the card's, not the doc's)."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items() if key != "scores"} | (
+            {"scores": "tag → number"} if "scores" in value else {}
+        )
+    if isinstance(value, list):
+        return "list"
+    return (
+        "number"
+        if isinstance(value, int | float) and not isinstance(value, bool)
+        else type(value).__name__
+    )
+
+
+def paths(value, prefix: str = "") -> set[str]:
+    found = set()
+    for key, item in value.items():
+        found.add(prefix + key)
+        if isinstance(item, dict) and key != "scores":
+            found |= paths(item, prefix + key + ".")
+    return found
+
+
 def test_message_shapes_match_docs_topics():
     card = ModelCard(name="m", architecture="fcn4", sample_rate=100, window_samples=100,
                      hop_samples=50, tags=["rock", "jazz"], thresholds=[0.5, 0.5])  # fmt: skip
@@ -150,6 +197,11 @@ def test_message_shapes_match_docs_topics():
         "window": {"start_s": 2.0, "end_s": 3.0},
         "published_at": 1000.05,
     }
+    documented = documented_examples()
+    assert shape(message) == shape(documented["tags"])
+    assert shape(event) == shape(documented["events"])
+    # every key of a tags message is explained in the table, and nothing more
+    assert paths(message) - {"schema", "window", "latency_ms"} == documented_keys()
 
 
 def test_tag_gauges_show_each_streams_last_prediction_and_go_with_the_stream():
@@ -173,3 +225,18 @@ def test_tag_gauges_show_each_streams_last_prediction_and_go_with_the_stream():
     assert "# TYPE tagd_tag_score gauge" in text and "# TYPE tagd_tag_active gauge" in text
     assert 'tagd_tag_active{stream="radio2",tag="jazz"} 0.0' in text
     assert "radio1" not in text
+
+
+def test_the_publishers_monitor_thread_counts_a_subscriber_leaving_while_nothing_is_sent(context):
+    metrics = Metrics()
+    publisher = Publisher(context, "tcp://127.0.0.1:*", metrics, linger_ms=0)
+    publisher.start_monitor()
+    subscriber = context.socket(zmq.SUB)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"tags.")
+    subscriber.connect(publisher.address)
+    wait_for(lambda: b"tags." in publisher.read_subscriptions(), "the subscription")
+    subscriber.close(linger=0)
+    wait_for(lambda: metrics.sample("tagd_peer_disconnects_total", {"socket": "publish"}),
+             "the disconnect to be counted")  # fmt: skip
+    publisher.close()
+    assert not any(t.name == "tagd-publish-monitor" for t in threading.enumerate())

@@ -23,7 +23,17 @@ import zmq
 import zmq.auth
 from audio_fixtures import make_music
 from click.testing import CliRunner
-from support import REPO, SHORT_FCN, make_config, s16le, scrape, serving, socket_port
+from support import (
+    REPO,
+    SHORT_FCN,
+    connect_and_wait,
+    make_config,
+    s16le,
+    scrape,
+    serving,
+    socket_port,
+    wait_for,
+)
 
 from tagd.cli import main
 from tagd.config import ConfigError, ServeConfig, load_config
@@ -95,7 +105,10 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
             if name:
                 curve_client(socket, keys, name)
             socket.setsockopt(zmq.SUBSCRIBE, b"")
-            socket.connect(server.publish_address)
+            if name == "subscriber":  # allowed: wait until its subscription is on its way
+                connect_and_wait(socket, server.publish_address)
+            else:
+                socket.connect(server.publish_address)
             subscribers[name or "plain"] = socket
         producers = {}
         for name in ("producer", "intruder", None):
@@ -118,8 +131,18 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert publisher.poll(5000) and publisher.recv() == b"\x01"  # tagd's SUB got in
-        time.sleep(1.0)  # `tagd listen` has started and subscribed
-        time.sleep(0.5)  # handshakes done (or refused)
+        sample = server.metrics.sample
+
+        def refused(socket_label: str, reasons: tuple[str, ...]) -> float:
+            return sum(sample("tagd_handshake_failures_total",
+                              {"socket": socket_label, "reason": r}) or 0 for r in reasons)  # fmt: skip
+
+        for socket_label in (
+            f"127.0.0.1:{pull_port}",
+            "publish",
+        ):  # the intruder and the plain peer
+            wait_for(lambda label=socket_label: refused(label, ("auth",)) >= 1
+                     and refused(label, ("protocol", "other")) >= 1, f"refusals on {socket_label}")  # fmt: skip
         for name, socket in producers.items():
             try:  # a refused PUSH may have no connection to queue on: do not wait for one
                 socket.setsockopt(zmq.SNDTIMEO, 1000)
@@ -142,9 +165,14 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
                         received[name].append(socket.recv_multipart()[0].decode())
                 break
             time.sleep(0.02)
-        printed, _ = listen.communicate(timeout=30)
+        # `tagd listen` may have subscribed after that audio: more until it prints a message
+        deadline = time.monotonic() + 30
+        while listen.poll() is None:
+            assert time.monotonic() < deadline, "tagd listen received nothing"
+            send_audio(producers["producer"], "from_producer", seconds=0.5)
+            time.sleep(0.25)
+        printed = listen.stdout.read()
         assert example.wait(timeout=30) == 0
-        sample = server.metrics.sample
         status, text = scrape(server)
         names = sorted(server.hub.names())
         failures = {

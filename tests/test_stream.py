@@ -13,6 +13,7 @@ from tagd.metrics import (
     MALFORMED_TOO_MANY_STREAMS,
     Metrics,
 )
+from tagd.phases import largest_gap_middle
 from tagd.stream import (
     Arrival,
     ReadyWindow,
@@ -20,7 +21,6 @@ from tagd.stream import (
     StreamGeometry,
     StreamHub,
     StreamRefused,
-    largest_gap_middle,
 )
 
 GEOMETRY = StreamGeometry(sample_rate=12_000, window_samples=6_000, hop_samples=1_500)
