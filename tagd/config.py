@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from tagd.audio import PCM_FORMATS
 from tagd.engines.onnx import OnnxRuntimeConfig
@@ -32,8 +32,6 @@ from tagd.logs import LOG_FORMATS, LOG_LEVELS
 # short, printable and free of the '.' that separates topic levels.
 STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
-SCHEMES = ("zmq+raw", "zmq+sub", "zmq+pull", "soundcard", "file")
-MULTI_STREAM_SCHEMES = ("zmq+sub", "zmq+pull")
 MAX_CHANNELS = 64
 RATE_RANGE = (1000, 768_000)  # Hz a producer may declare
 MAX_INSTANCES = 64  # engine instances
@@ -67,20 +65,27 @@ class InputConfig:
     # zmq+raw: must be false when [security] is set (ffmpeg's zmq output has no CURVE).
     curve: bool | None = None
 
-    # -- derived from the URL ------------------------------------------------------
+    # -- derived from the URL, answered by the source class of its scheme ----------
     @property
     def scheme(self) -> str:
         return urlsplit(self.url).scheme
 
     @property
+    def url_parts(self):
+        return urlsplit(self.url)
+
+    def source_class(self) -> type | None:
+        """The tagd.sources class that reads this scheme; None for an unknown scheme."""
+        # Imported here: the sources import this module for their settings.
+        from tagd.sources import source_classes
+
+        return source_classes().get(self.scheme)
+
+    @property
     def address(self) -> str:
         """What the scheme connects to: a zmq endpoint, a device, or a file path."""
-        parts = urlsplit(self.url)
-        if self.scheme.startswith("zmq+"):
-            return f"tcp://{parts.netloc}"
-        if self.scheme == "soundcard":
-            return unquote(parts.netloc) or "default"
-        return unquote(parts.netloc + parts.path)  # file:///abs/path or file://rel/path
+        source = self.source_class()
+        return source.address_of(self) if source else self.url_parts.netloc
 
     @property
     def device(self) -> str | int:
@@ -89,33 +94,27 @@ class InputConfig:
 
     @property
     def is_multi_stream(self) -> bool:
-        return self.scheme in MULTI_STREAM_SCHEMES
+        source = self.source_class()
+        return bool(source and source.multi_stream)
 
     @property
     def name(self) -> str:
         """A short label for logs and metrics: the stream, or the address it listens on."""
         return self.stream or urlsplit(self.url).netloc or self.url
 
-    def problems(self, path: str) -> list[str]:
-        found: list[str] = []
-        scheme = self.scheme
-        if scheme not in SCHEMES:
-            return [
-                f"{path}.url: unknown scheme {scheme!r} in {self.url!r}; use one of {', '.join(SCHEMES)}"
-            ]
-        parts = urlsplit(self.url)
-        if scheme.startswith("zmq+"):
-            try:
-                port = parts.port
-            except ValueError:
-                port = None
-            if not parts.hostname or port is None:
-                found.append(f"{path}.url: {scheme} needs host:port, got {self.url!r}")
-        if scheme == "file" and not self.address:
-            found.append(f"{path}.url: file:// needs a path, got {self.url!r}")
+    def problems(self, path: str, security: SecurityConfig | None = None) -> list[str]:
+        from tagd.sources import source_classes
 
-        single = not self.is_multi_stream
-        if single and self.stream is None and scheme != "file":
+        classes = source_classes()
+        scheme = self.scheme
+        source = classes.get(scheme)
+        if source is None:
+            return [
+                f"{path}.url: unknown scheme {scheme!r} in {self.url!r}; use one of {', '.join(classes)}"
+            ]
+        found = source.check(self, path, security)
+        single = not source.multi_stream
+        if single and self.stream is None and source.needs_stream_name:
             found.append(f"{path}.stream: {scheme} inputs need a stream name (?stream=NAME)")
         if self.stream is not None and not single:
             found.append(
@@ -128,17 +127,21 @@ class InputConfig:
                     f"{path}.stream: {name!r} is not a valid stream name "
                     f"(letters, digits, '_' and '-', at most 64, no '.')"
                 )
-        if self.streams and single:
-            found.append(f"{path}.streams: only zmq+sub and zmq+pull carry several streams")
+        if self.streams and "streams" not in source.options:
+            several = " and ".join(s for s, c in classes.items() if "streams" in c.options)
+            found.append(f"{path}.streams: only {several} carry several streams")
 
-        needs_pcm_shape = scheme in ("zmq+raw", "soundcard")
         for key in ("format", "rate", "channels"):
             value = getattr(self, key)
-            if scheme == "zmq+raw" and value is None:
-                found.append(f"{path}.{key}: zmq+raw needs {key}= (what ffmpeg was told to send)")
-            elif not needs_pcm_shape and value is not None:
+            if key in source.required and value is None:
+                found.append(f"{path}.{key}: {scheme} needs {key}= ({source.required[key]})")
+            elif key not in source.options and value is not None:
                 found.append(f"{path}.{key}: not used by {scheme} (it is carried by the source)")
-        if self.format is not None and needs_pcm_shape and self.format not in PCM_FORMATS:
+        if (
+            self.format is not None
+            and "format" in source.options
+            and self.format not in PCM_FORMATS
+        ):
             found.append(f"{path}.format: {self.format!r} is not one of {', '.join(PCM_FORMATS)}")
         if self.rate is not None and not RATE_RANGE[0] <= self.rate <= RATE_RANGE[1]:
             found.append(f"{path}.rate: {self.rate} Hz is outside {RATE_RANGE[0]}..{RATE_RANGE[1]}")
@@ -148,12 +151,8 @@ class InputConfig:
             found.append(f"{path}.chunk_ms: must be positive, got {self.chunk_ms}")
         if self.blocksize < 0:
             found.append(f"{path}.blocksize: must be 0 or positive, got {self.blocksize}")
-        if self.curve is not None and not scheme.startswith("zmq+"):
+        if self.curve is not None and not source.secured:
             found.append(f"{path}.curve: not used by {scheme} (only ZeroMQ inputs)")
-        elif self.curve and scheme == "zmq+raw":
-            found.append(
-                f"{path}.curve: ffmpeg's zmq output cannot do CURVE; see docs/operations.md"
-            )
         return found
 
     def uses_curve(self, security: SecurityConfig) -> bool:
@@ -360,20 +359,14 @@ class ServeConfig:
             found.append(f"hop_seconds: must be positive, got {self.hop_seconds}")
         names: dict[str, int] = {}
         for index, spec in enumerate(self.inputs):
-            found += spec.problems(f"inputs[{index}]")
-            if not spec.is_multi_stream and spec.scheme in SCHEMES:
+            found += spec.problems(f"inputs[{index}]", self.security)
+            if spec.source_class() is not None and not spec.is_multi_stream:
                 name = spec.stream_name()
                 if name in names:
                     found.append(
                         f"inputs[{index}].stream: {name!r} is already the name of inputs[{names[name]}]"
                     )
                 names.setdefault(name, index)
-            if self.security.enabled and spec.scheme == "zmq+raw" and spec.curve is None:
-                found.append(
-                    f"inputs[{index}].curve: [security] turns CURVE on, which ffmpeg's zmq "
-                    f"output cannot do: keep ffmpeg on this host and set curve = false "
-                    f"(docs/operations.md)"
-                )
         for key in (
             "publish",
             "metrics",

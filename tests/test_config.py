@@ -241,3 +241,26 @@ def test_instances_share_the_cores_unless_threads_are_set(monkeypatch):
     assert OnnxRuntimeConfig().engine_options(4)["intra_op_threads"] == 4
     assert OnnxRuntimeConfig().engine_options(32)["intra_op_threads"] == 1
     assert OnnxRuntimeConfig(threads=3).engine_options(4)["intra_op_threads"] == 3
+
+
+def test_each_source_declares_its_schemes_and_the_fields_it_reads():
+    import dataclasses
+
+    from tagd.config import InputConfig
+    from tagd.sources import source_classes
+
+    classes = source_classes()
+    assert list(classes) == ["zmq+raw", "zmq+sub", "zmq+pull", "soundcard", "file"]
+    fields = {f.name for f in dataclasses.fields(InputConfig)}
+    for cls in classes.values():
+        assert set(cls.options) | set(cls.required) <= fields
+    # what a source does not read, or must have, is said with its scheme named
+    assert parse_input("file:///a.wav?rate=8000").problems("inputs[0]") == [
+        "inputs[0].rate: not used by file (it is carried by the source)"
+    ]
+    assert parse_input("soundcard://default?curve=true&stream=s").problems("inputs[0]") == [
+        "inputs[0].curve: not used by soundcard (only ZeroMQ inputs)"
+    ]
+    assert "inputs[0].format: zmq+raw needs format= (what ffmpeg was told to send)" in parse_input(
+        "zmq+raw://127.0.0.1:5555?rate=44100&channels=2&stream=radio1"
+    ).problems("inputs[0]")

@@ -10,23 +10,28 @@ the batcher without blocking. Each ZeroMQ socket is created, used and closed by 
 reader thread's owner in that order, and read by that one thread only.
 
 Schemes: ``zmq+raw`` (ffmpeg's zmq output), ``zmq+sub``/``zmq+pull`` (the multi-stream
-protocol of docs/protocol.md), ``soundcard`` (PortAudio via sounddevice), ``file``.
+protocol of docs/protocol.md), ``soundcard`` (PortAudio via sounddevice), ``file``. Each
+source class declares its schemes and the ``InputConfig`` fields it reads
+(``schemes``, ``options``, ``required``, ``multi_stream``, ``check``); tagd/config.py
+validates an input by asking its class.
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
 import logging
 import threading
+from typing import TYPE_CHECKING, ClassVar
 
 import zmq
 
-from tagd.config import InputConfig, LimitsConfig
 from tagd.metrics import Metrics
 from tagd.ratelimit import RateLimitedLog
 from tagd.sockets import CurveServer
 from tagd.stream import StreamHub
+
+if TYPE_CHECKING:  # tagd.config asks the source classes to validate inputs
+    from tagd.config import InputConfig, LimitsConfig, SecurityConfig
 
 log = logging.getLogger(__name__)
 _limited = RateLimitedLog(log)
@@ -39,6 +44,25 @@ class SourceError(RuntimeError):
 
 
 class Source(abc.ABC):
+    schemes: ClassVar[tuple[str, ...]]  # the URL schemes this source reads
+    multi_stream: ClassVar[bool] = False  # stream names come in each message, not the URL
+    # The InputConfig fields it reads (beyond url, stream and curve), and of those the ones
+    # an input must give, each with what to give.
+    options: ClassVar[tuple[str, ...]] = ()
+    required: ClassVar[dict[str, str]] = {}
+    needs_stream_name: ClassVar[bool] = True  # single-stream: ?stream=NAME is required
+    secured: ClassVar[bool] = False  # reads the `curve` field (ZeroMQ inputs)
+
+    @classmethod
+    def address_of(cls, spec: InputConfig) -> str:
+        """What the input connects to or opens, from its URL."""
+        return spec.url_parts.netloc
+
+    @classmethod
+    def check(cls, spec: InputConfig, path: str, security: SecurityConfig | None) -> list[str]:
+        """Problems particular to this kind of input, each with its key path."""
+        return []
+
     def __init__(self, spec: InputConfig, hub: StreamHub | None, metrics: Metrics,
                  context: zmq.Context, limits: LimitsConfig,
                  curve: CurveServer | None = None) -> None:  # fmt: skip
@@ -95,21 +119,19 @@ class Source(abc.ABC):
                          self.label, reason, detail)  # fmt: skip
 
 
-# scheme → (module, class)
-SOURCES: dict[str, tuple[str, str]] = {
-    "zmq+raw": ("tagd.sources.zmq", "RawZmqSource"),
-    "zmq+sub": ("tagd.sources.zmq", "MultiStreamZmqSource"),
-    "zmq+pull": ("tagd.sources.zmq", "MultiStreamZmqSource"),
-    "soundcard": ("tagd.sources.soundcard", "SoundcardSource"),
-    "file": ("tagd.sources.file", "FileSource"),
-}
+def source_classes() -> dict[str, type[Source]]:
+    """Scheme → the source class that declares it, in the order of the docs."""
+    from tagd.sources.file import FileSource
+    from tagd.sources.soundcard import SoundcardSource
+    from tagd.sources.zmq import MultiStreamZmqSource, RawZmqSource
+
+    classes = (RawZmqSource, MultiStreamZmqSource, SoundcardSource, FileSource)
+    return {scheme: cls for cls in classes for scheme in cls.schemes}
 
 
 def make_source(spec: InputConfig, hub: StreamHub | None, metrics: Metrics, context: zmq.Context,
                 limits: LimitsConfig, curve: CurveServer | None = None) -> Source:  # fmt: skip
-    module_name, class_name = SOURCES[spec.scheme]
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(spec, hub, metrics, context, limits, curve)
+    return source_classes()[spec.scheme](spec, hub, metrics, context, limits, curve)
 
 
-__all__ = ["POLL_INTERVAL_S", "SOURCES", "Source", "SourceError", "make_source"]
+__all__ = ["POLL_INTERVAL_S", "Source", "SourceError", "make_source", "source_classes"]

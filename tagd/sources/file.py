@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import soundfile
@@ -31,6 +32,21 @@ FFMPEG_READ_BYTES = 1 << 16
 
 
 class FileSource(Source):
+    schemes = ("file",)
+    options = ("realtime", "loop", "chunk_ms")
+    needs_stream_name = False  # the file's stem
+
+    @classmethod
+    def address_of(cls, spec) -> str:
+        parts = spec.url_parts
+        return unquote(parts.netloc + parts.path)  # file:///abs/path or file://rel/path
+
+    @classmethod
+    def check(cls, spec, path: str, security) -> list[str]:
+        if not spec.address:
+            return [f"{path}.url: file:// needs a path, got {spec.url!r}"]
+        return []
+
     def reserve(self) -> None:
         self.path = Path(self.spec.address)
         if not self.path.is_file():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -35,7 +36,13 @@ MAX_CAPTURE_LAG_S = 1.0  # a longer lag from capture to callback is a clock to d
 
 
 class SoundcardSource(Source):
+    schemes = ("soundcard",)
+    options = ("format", "rate", "channels", "blocksize")
     _audio = None  # the sounddevice.InputStream, once open
+
+    @classmethod
+    def address_of(cls, spec) -> str:
+        return unquote(spec.url_parts.netloc) or "default"
 
     def open(self) -> None:
         try:

@@ -59,6 +59,22 @@ class _ZmqSource(Source):
     socket_type: int
     bind: bool
     _socket: zmq.Socket | None = None
+    secured = True
+
+    @classmethod
+    def address_of(cls, spec) -> str:
+        return f"tcp://{spec.url_parts.netloc}"
+
+    @classmethod
+    def check(cls, spec, path: str, security) -> list[str]:
+        parts = spec.url_parts
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            return [f"{path}.url: {spec.scheme} needs host:port, got {spec.url!r}"]
+        return []
 
     def reserve(self) -> None:
         if self.bind:  # a port in use fails now; connecting cannot fail that way
@@ -132,8 +148,26 @@ class _ZmqSource(Source):
 class RawZmqSource(_ZmqSource):
     """One stream of raw PCM bytes from ffmpeg's zmq output (a PUB)."""
 
+    schemes = ("zmq+raw",)
+    options = ("format", "rate", "channels")
+    required = dict.fromkeys(options, "what ffmpeg was told to send")
     socket_type = zmq.SUB
     bind = False
+
+    @classmethod
+    def check(cls, spec, path: str, security) -> list[str]:
+        found = super().check(spec, path, security)
+        if spec.curve:
+            found.append(
+                f"{path}.curve: ffmpeg's zmq output cannot do CURVE; see docs/operations.md"
+            )
+        elif spec.curve is None and security is not None and security.enabled:
+            found.append(
+                f"{path}.curve: [security] turns CURVE on, which ffmpeg's zmq "
+                f"output cannot do: keep ffmpeg on this host and set curve = false "
+                f"(docs/operations.md)"
+            )
+        return found
 
     def open(self) -> None:
         super().open()
@@ -149,6 +183,11 @@ class RawZmqSource(_ZmqSource):
 
 class MultiStreamZmqSource(_ZmqSource):
     """Many streams on one socket: multipart [stream id, JSON header, PCM]."""
+
+    schemes = ("zmq+sub", "zmq+pull")
+    multi_stream = True
+    options = ("streams",)
+    needs_stream_name = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
