@@ -39,629 +39,56 @@ sample back until its block is full), queue, inference and the rest. Next to it,
 outside": from the producer's send of that message to the subscriber's receipt, which
 adds ZeroMQ on both sides. CPU is user+system time
 over wall time (1.0 = one core), of the daemon and of this process (producer and
-subscriber). Figures go to stdout as a table and, with --json, as one JSON object.
+subscriber). Figures go to stdout as a report and, with --json, as one JSON object.
+
+bench/harness.py holds the producer, the daemon and the baselines; this file chooses the
+runs (``bench_model``, ``two_instances``) and prints the report from the figures they
+return (``report``).
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
-import heapq
 import json
-import math
 import os
-import resource
-import sys
 import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import zmq
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # support: the daemon process and free ports
-
-from support import TagdProcess, free_port  # noqa: E402
-
-from tagd.engines import load_engine  # noqa: E402
-from tagd.metrics import Metrics  # noqa: E402
-from tagd.sources.zmq import parse_message  # noqa: E402
-from tagd.stream import (  # noqa: E402
-    LIVE_CHECK_S,
-    PHASE_WINDOWS,
-    Arrival,
-    ReadyWindow,
-    Stream,
-    StreamGeometry,
+from harness import (
+    IDLE_STREAMS,
+    MESSAGE_FRAMES,
+    bare_engine,
+    batch_seconds,
+    cut_windows,
+    export_full_size,
+    ideal_fifo,
+    idle_rss,
+    naive_loop,
+    paced_window,
+    run_daemon,
+    side_by_side,
 )
 
-SOURCE_RATE = 44_100
-CHANNELS = 2
-# Each stream sends 1152 frames (4608 bytes, 26 ms) per message: what ffmpeg's zmq output
-# sends for 44.1 kHz stereo s16le. Windows complete when a message arrives, so message
-# size sets how finely completion times fall.
-MESSAGE_FRAMES = 1152
-MAX_PRODUCER_SLEEP_S = 0.01
-PREROLL_S = 5  # the pre-roll goes in 5 s messages
-AUDIO_LOOP_S = 37.0  # streams loop this much generated audio
-IDLE_STREAMS = 50
-MAX_STREAMS = 1024  # the daemon's limits.max_streams in the bench
+from tagd.engines import load_engine
+from tagd.stream import StreamGeometry
+
 DAEMON_ENGINE = "as the daemon runs it (spinning while running)"
 SPINNING_ENGINE = "ONNX Runtime's default (spinning after runs too)"
-WARMUP_S = 12.0  # measurements skip at least the first seconds of each run
 LARGEST_N_SHARES = (0.9, 0.8, 0.7, 0.6, 0.5)  # of the saturation throughput, tried in turn
+SATURATION_STREAMS = 4
 
 
-def warmup_s(hop_s: float) -> float:
-    """Seconds before a daemon run is measured: until every stream's phase is placed.
+def progress(text: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {text}", flush=True)
 
-    The hub places a stream once it is live (LIVE_CHECK_S) and has completed
-    PHASE_WINDOWS windows, and the move delays its next window by up to a hop: a
-    measurement that overlaps it counts a window fewer for that stream (at FCN-4's 3 s
-    hop, 37 streams that keep up published 0.94 of the offered windows with 12 s).
-    """
-    return max(WARMUP_S, LIVE_CHECK_S + (PHASE_WINDOWS + 2) * hop_s)
 
-
-# -- audio and producers -------------------------------------------------------------------
-
-
-def music_like(seconds: float, rate: int, seed: int, channels: int = CHANNELS) -> np.ndarray:
-    """Float32 frames: chords changing every second over noise (content barely matters)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(round(seconds * rate)) / rate
-    out = 0.02 * rng.standard_normal((len(t), channels))
-    for second in range(int(np.ceil(seconds))):
-        part = slice(second * rate, (second + 1) * rate)
-        root = 110 * 2 ** rng.uniform(0, 2)
-        for ratio in (1.0, 1.26, 1.5):
-            out[part] += 0.1 * np.sin(2 * np.pi * root * ratio * t[part])[:, None]
-    return np.clip(out, -1, 1).astype(np.float32)
-
-
-def looped_audio(rate: int, channels: int) -> np.ndarray:
-    """The s16le frames that streams loop, at ``rate`` with ``channels``."""
-    return (music_like(AUDIO_LOOP_S, rate, seed=0, channels=channels) * 32767).astype("<i2")
-
-
-AUDIO = looped_audio(SOURCE_RATE, CHANNELS)
-
-
-class Producer:
-    """N streams on one PUSH socket, paced in real time, each with a random phase.
-
-    Each stream first sends (window - phase) seconds at once, so its first window is
-    complete ``phase`` seconds after the start and one follows every hop. Then it sends
-    ``message_frames`` per message, each when its last frame is due, at its own lag in
-    the message cycle (independent producers). Every message's last frame and send time
-    are kept, so a subscriber can time a prediction from the message that carried its
-    window's last sample (``sent_at``). Streams are 44.1 kHz stereo unless ``rate`` and
-    ``channels`` say otherwise (the model's rate in mono: nothing for the daemon to
-    resample).
-    """
-
-    def __init__(self, endpoint: str, streams: int, window_s: float, hop_s: float, seed: int = 1,
-                 message_frames: int = MESSAGE_FRAMES, rate: int = SOURCE_RATE,
-                 channels: int = CHANNELS) -> None:  # fmt: skip
-        self.endpoint, self.streams, self.window_s = endpoint, streams, window_s
-        self.message_frames = message_frames
-        self.rate, self.channels = rate, channels
-        audio = (
-            AUDIO if (rate, channels) == (SOURCE_RATE, CHANNELS) else looped_audio(rate, channels)
-        )
-        self._audio_frames, self._audio_bytes = len(audio), audio.tobytes()
-        self._frame_bytes = 2 * channels
-        rng = np.random.default_rng(seed)
-        self.phases = rng.uniform(0.05, 0.05 + hop_s, streams)
-        self.offsets = rng.integers(0, len(audio), streams)  # different audio per stream
-        self.message_lag = rng.integers(0, message_frames, streams)
-        self.frames_sent = 0
-        # per stream: frames sent after each message, and when it left (perf_counter)
-        self._sent_frames: list[list[int]] = [[] for _ in range(streams)]
-        self._sent_times: list[list[float]] = [[] for _ in range(streams)]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Producer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def sent_at(self, stream: int, frame: int) -> float | None:
-        """When the message carrying source frame ``frame`` of ``stream`` was sent."""
-        index = bisect.bisect_right(self._sent_frames[stream], frame)
-        times = self._sent_times[stream]
-        return times[index] if index < len(times) else None
-
-    def _chunk(self, stream: int, start_frame: int, frames: int) -> bytes:
-        # Byte slices of the looped audio: the producer must cost the CPUs next to nothing.
-        first = (int(self.offsets[stream]) + start_frame) % self._audio_frames
-        parts, left, size = [], frames, self._frame_bytes
-        while left:
-            take = min(left, self._audio_frames - first)
-            parts.append(self._audio_bytes[first * size : (first + take) * size])
-            left, first = left - take, 0
-        return b"".join(parts)
-
-    def _send(self, push: zmq.Socket, stream: int, start_frame: int, frames: int, seq: int) -> None:
-        header = {"format": "s16le", "rate": self.rate, "channels": self.channels, "seq": seq}
-        header["t"] = time.time()  # the naive loop counts its latency from here
-        payload = self._chunk(stream, start_frame, frames)
-        push.send_multipart([f"s{stream}".encode(), json.dumps(header).encode(), payload])
-        self._sent_frames[stream].append(start_frame + frames)
-        self._sent_times[stream].append(time.perf_counter())
-
-    def _run(self) -> None:
-        context = zmq.Context()
-        push = context.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, 0)
-        push.connect(self.endpoint)
-        rate = self.rate
-        preroll = [max(0, round((self.window_s - phase) * rate)) for phase in self.phases]
-        lag = [int(frames) for frames in self.message_lag]
-        message_frames = self.message_frames
-        sent = [0] * self.streams  # frames sent per stream
-        seq = [0] * self.streams
-        for stream in range(self.streams):  # at once, in big messages
-            while sent[stream] < preroll[stream]:
-                frames = min(PREROLL_S * rate, preroll[stream] - sent[stream])
-                self._send(push, stream, sent[stream], frames, seq[stream])
-                sent[stream] += frames
-                seq[stream] += 1
-        self.frames_sent = sum(sent)
-        started = time.perf_counter()
-
-        def due_at(stream: int) -> float:  # when the next message's last frame is due
-            return started + (sent[stream] + message_frames + lag[stream] - preroll[stream]) / rate
-
-        # then in real time, each message when its last frame is due (ffmpeg sends each
-        # packet when decoded); a heap keeps the cost per message, not per stream
-        schedule = [(due_at(stream), stream) for stream in range(self.streams)]
-        heapq.heapify(schedule)
-        while not self._stop.is_set():
-            now = time.perf_counter()
-            while schedule[0][0] <= now:
-                _, stream = heapq.heappop(schedule)
-                self._send(push, stream, sent[stream], message_frames, seq[stream])
-                sent[stream] += message_frames
-                seq[stream] += 1
-                self.frames_sent += message_frames
-                heapq.heappush(schedule, (due_at(stream), stream))
-            self._stop.wait(min(MAX_PRODUCER_SLEEP_S, schedule[0][0] - now))
-        push.close(linger=0)
-        context.term()
-
-
-def process_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-# -- the daemon --------------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    streams: int
-    hop_s: float
-    offered_per_s: float
-    published_per_s: float
-    p50_ms: float | None
-    p99_ms: float | None
-    dropped: float
-    published: float
-    cpu_cores: float
-    rss_mb: float
-    batch_mean: float | None = None
-    inference_p50_ms: float | None = None  # the engine call, as the daemon timed it
-    queue_p50_ms: float | None = None
-    inference_p99_ms: float | None = None
-    queue_p99_ms: float | None = None
-    # share of windows that waited over 1 ms for the engine: behind another stream's window
-    queued_share: float | None = None
-    # the resampler holding the window's last sample back (latency_ms.ingest)
-    ingest_p50_ms: float | None = None
-    ingest_p99_ms: float | None = None
-    # total - ingest: from the window ready to publication (runs before latency_ms.ingest
-    # existed measured this as the total)
-    ready_p50_ms: float | None = None
-    ready_p99_ms: float | None = None
-    # total - ingest - queue - inference: tagging and publishing
-    overhead_p50_ms: float | None = None
-    overhead_p99_ms: float | None = None
-    # From the producer's send of the message carrying the window's last sample to the
-    # subscriber's receipt: adds what the daemon's own clock cannot see (time in sockets
-    # before the reader gets to them, and after publication).
-    outside_p50_ms: float | None = None
-    outside_p99_ms: float | None = None
-    bench_cores: float | None = None  # this process: producer and subscriber
-    notes: dict = field(default_factory=dict)
-    # per window received: (unix time it was ready, its latency_ms.ingest), for ideal_fifo
-    windows_ready: list[tuple[float, float]] = field(default_factory=list, repr=False)
-
-    def summary(self) -> dict:
-        """The figures, without the per-window list."""
-        figures = asdict(self)
-        figures.pop("windows_ready")
-        return figures
-
-
-class Daemon(TagdProcess):
-    """`tagd serve` on a zmq+pull input, its extra config in a temporary file."""
-
-    def __init__(self, model: Path, hop_s: float, extra: list[str] | None = None, toml: str = ""):
-        self.input_port, self.publish_port = free_port(), free_port()
-        metrics_port = free_port()
-        self._config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)  # noqa: SIM115
-        self._config.write(f"[limits]\nmax_streams = {MAX_STREAMS}\n")  # more than the default 64
-        self._config.write(toml)  # more tables, e.g. [onnxruntime] for a comparison
-        self._config.close()
-        super().__init__(
-            ["--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{self.input_port}",
-             "--publish", f"tcp://127.0.0.1:{self.publish_port}",
-             "--metrics", f"127.0.0.1:{metrics_port}", "--hop", str(hop_s),
-             "--log-level", "warning", "--config", self._config.name, *(extra or [])],
-            metrics_port,
-        )  # fmt: skip
-        self.wait_ready(timeout=60)
-
-    @property
-    def input(self) -> str:
-        return f"tcp://127.0.0.1:{self.input_port}"
-
-    def peak_rss_mb(self) -> float:
-        return self.rss_mb("VmHWM")
-
-    def stop(self) -> int:
-        code = super().stop()
-        os.unlink(self._config.name)
-        return code
-
-
-def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds: float,
-               toml: str = "", message_frames: int = MESSAGE_FRAMES, rate: int = SOURCE_RATE,
-               channels: int = CHANNELS) -> RunResult:  # fmt: skip
-    """``message_frames`` are at 44.1 kHz: other rates keep the same message duration."""
-    daemon = Daemon(model, hop_s, toml=toml)
-    try:
-        context = zmq.Context()
-        sub = context.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"tags.")
-        sub.setsockopt(zmq.RCVHWM, 0)
-        sub.connect(f"tcp://127.0.0.1:{daemon.publish_port}")
-        time.sleep(0.3)
-        producer = Producer(
-            daemon.input,
-            streams,
-            window_s,
-            hop_s,
-            rate=rate,
-            channels=channels,
-            message_frames=round(message_frames * rate / SOURCE_RATE),
-        ).start()
-        started = time.perf_counter()
-        measure_from = started + warmup_s(hop_s)
-        latencies, ingest, ready, inference, queued, overhead, outside = [], [], [], [], [], [], []
-        windows_ready = []
-        received = 0
-        cpu0 = bench_cpu0 = None
-        published0 = dropped0 = 0.0
-        while time.perf_counter() < measure_from + seconds:
-            if cpu0 is None and time.perf_counter() >= measure_from:
-                cpu0, published0 = (
-                    daemon.cpu_seconds(),
-                    daemon.metric_sum("tagd_windows_published_total"),
-                )
-                dropped0 = daemon.metric_sum("tagd_windows_dropped_total")
-                batches0 = daemon.metric_sum("tagd_batch_size_count")
-                bench_cpu0 = process_cpu_seconds()
-            if not sub.poll(100):
-                continue
-            _, body = sub.recv_multipart()
-            received_at = time.perf_counter()
-            if received_at >= measure_from:
-                received += 1
-                message = json.loads(body)
-                timing = message["latency_ms"]
-                latencies.append(timing["total"])
-                inference.append(timing["inference"])
-                queued.append(timing["queue"])
-                ingest.append(timing["ingest"])
-                ready.append(timing["total"] - timing["ingest"])
-                windows_ready.append(
-                    (message["captured_at"] + timing["ingest"] / 1000, timing["ingest"])
-                )
-                overhead.append(
-                    timing["total"] - timing["ingest"] - timing["queue"] - timing["inference"]
-                )
-                last_frame = math.ceil(message["window"]["end_s"] * rate - 1e-3) - 1
-                sent = producer.sent_at(int(message["stream"][1:]), last_frame)
-                if sent is not None:
-                    outside.append((received_at - sent) * 1000)
-        cpu = (daemon.cpu_seconds() - cpu0) / seconds
-        bench_cpu = (process_cpu_seconds() - bench_cpu0) / seconds
-        published = daemon.metric_sum("tagd_windows_published_total") - published0
-        dropped = daemon.metric_sum("tagd_windows_dropped_total") - dropped0
-        batches = daemon.metric_sum("tagd_batch_size_count") - batches0
-        rss = daemon.rss_mb()
-        producer.stop()
-        sub.close(linger=0)
-        context.term()
-    finally:
-        code = daemon.stop()
-    return RunResult(
-        streams=streams,
-        hop_s=hop_s,
-        offered_per_s=streams / hop_s,
-        published_per_s=published / seconds,
-        p50_ms=percentile(latencies, 50),
-        p99_ms=percentile(latencies, 99),
-        dropped=dropped,
-        published=published,
-        cpu_cores=cpu,
-        rss_mb=rss,
-        batch_mean=published / batches if batches else None,
-        inference_p50_ms=percentile(inference, 50),
-        queue_p50_ms=percentile(queued, 50),
-        inference_p99_ms=percentile(inference, 99),
-        queue_p99_ms=percentile(queued, 99),
-        queued_share=float(np.mean(np.asarray(queued) > 1.0)) if queued else None,
-        ingest_p50_ms=percentile(ingest, 50),
-        ingest_p99_ms=percentile(ingest, 99),
-        ready_p50_ms=percentile(ready, 50),
-        ready_p99_ms=percentile(ready, 99),
-        overhead_p50_ms=percentile(overhead, 50),
-        overhead_p99_ms=percentile(overhead, 99),
-        outside_p50_ms=percentile(outside, 50),
-        outside_p99_ms=percentile(outside, 99),
-        bench_cores=bench_cpu,
-        notes={"exit_code": code, "received": received},
-        windows_ready=windows_ready,
-    )
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def ideal_fifo(result: RunResult, window_ms: float) -> dict:
-    """What a daemon with no cost of its own would reach on the same windows.
-
-    One engine that takes the windows in the order they were ready, each in exactly
-    ``window_ms``, with nothing else on the machine: a window waits only for those
-    ready before it. Its latency counts from the same capture as the daemon's (the
-    resampler's hold, ``ingest``, included), so no design with one engine can do better
-    at the p99 than this on these arrivals; only the windows' spacing decides it.
-    """
-    free_at = -math.inf
-    totals, readies = [], []
-    for ready_at, ingest_ms in sorted(result.windows_ready):
-        finished = max(ready_at, free_at) + window_ms / 1000
-        free_at = finished
-        readies.append((finished - ready_at) * 1000)
-        totals.append(ingest_ms + readies[-1])
-    return {
-        "window_ms": window_ms,
-        "p50_ms": percentile(totals, 50),
-        "p99_ms": percentile(totals, 99),
-        "ready_p50_ms": percentile(readies, 50),
-        "ready_p99_ms": percentile(readies, 99),
-        "waited_share": float(np.mean(np.asarray(readies) > window_ms + 1.0)) if readies else None,
-    }
-
-
-def idle_rss(model: Path, window_s: float, hop_s: float, streams: int = IDLE_STREAMS) -> dict:
-    """RSS once ``streams`` streams have each filled a window and gone quiet."""
-    daemon = Daemon(model, hop_s)
-    try:
-        baseline = daemon.rss_mb()
-        producer = Producer(daemon.input, streams, window_s, hop_s).start()
-        time.sleep(1.0)
-        producer.stop()  # every stream has sent its pre-roll: a full window
-        expected_s = producer.frames_sent / SOURCE_RATE
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:  # until all audio is in and every stream is idle
-            received = daemon.metric_sum("tagd_audio_received_seconds_total")
-            if received >= expected_s - 1e-3 and daemon.metric_sum("tagd_active_streams") == 0:
-                break
-            time.sleep(0.5)
-        time.sleep(2.0)
-        known = daemon.metric_sum("tagd_streams")
-        rss = daemon.rss_mb()
-        peak = daemon.peak_rss_mb()
-    finally:
-        daemon.stop()
-    return {"streams": streams, "known": known, "audio_s": expected_s, "rss_mb": rss, "peak_rss_mb": peak,
-            "rss_before_mb": baseline}  # fmt: skip
-
-
-# -- baselines ------------------------------------------------------------------------------
-
-
-def cut_windows(geometry: StreamGeometry, count: int) -> np.ndarray:
-    windows: list[ReadyWindow] = []
-    stream = Stream("bench", geometry, windows.append, Metrics())
-    chunk = round(SOURCE_RATE * 1.0)
-    position = 0
-    while len(windows) < count:
-        stream.push_pcm(AUDIO[position % len(AUDIO) :][:chunk].tobytes(), "s16le", SOURCE_RATE, CHANNELS,
-                        Arrival.now())  # fmt: skip
-        position += chunk
-    return np.stack([w.samples for w in windows[:count]])
-
-
-def batch_seconds(engine, batch: np.ndarray, seconds: float) -> list[float]:
-    """Times of back-to-back runs of ``batch`` for about ``seconds`` (at least 3 runs)."""
-    times = []
-    began = time.perf_counter()
-    while time.perf_counter() - began < seconds or len(times) < 3:
-        t0 = time.perf_counter()
-        engine.run(batch)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def paced_window(engines: dict, windows: np.ndarray, rate: float, seconds: float = 8.0) -> dict:
-    """One window at a time, one every 1/``rate`` s: the engine as the daemon sees it at
-    that load, its caches and thread pool cooled between windows, but nothing queued.
-
-    Back to back a window runs faster than on its own (SampleCNN here: 14.5 against
-    16.3 ms with 15 ms between runs): this is the inference time the half-load latency
-    is held against, next to the back-to-back figure. Each engine given gets an equal
-    share of ``seconds``; the faster median is kept.
-    """
-    found = {}
-    for name, engine in engines.items():
-        times, due = [], time.perf_counter()
-        began = due
-        while time.perf_counter() - began < seconds / len(engines):
-            time.sleep(max(0.0, due - time.perf_counter()))
-            t0 = time.perf_counter()
-            engine.run(windows[len(times) % len(windows)][None])
-            times.append(time.perf_counter() - t0)
-            due += 1.0 / rate
-        found[name] = {"p50_ms": float(np.median(times)) * 1000,
-                       "p99_ms": float(np.percentile(times, 99)) * 1000}  # fmt: skip
-    best = min(found, key=lambda name: found[name]["p50_ms"])
-    return {"engine": best, **found[best], "per_engine": found}
-
-
-def side_by_side(engines: list, window: np.ndarray, seconds: float) -> dict:
-    """Engine instances each running ``window`` back to back in its own thread, at once:
-    windows/s of them all, and one window's median time on one instance."""
-    times: list[list[float]] = [[] for _ in engines]
-    began = time.perf_counter()
-
-    def work(engine, found: list[float]) -> None:
-        while time.perf_counter() - began < seconds:
-            t0 = time.perf_counter()
-            engine.run(window)
-            found.append(time.perf_counter() - t0)
-
-    threads = [
-        threading.Thread(target=work, args=pair) for pair in zip(engines, times, strict=True)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
-    return {"windows_per_s": sum(map(len, times)) / elapsed,
-            "window_ms": float(np.median(np.concatenate(times))) * 1000}  # fmt: skip
-
-
-def bare_engine(engines: dict, windows: np.ndarray, seconds_per_size: float = 4.0,
-                rounds: int = 4) -> dict:  # fmt: skip
-    """Each engine at batch sizes 1..8, in alternating rounds; the best is the reference.
-
-    The engines are the daemon's (its pool spins while a run is in flight only) and ONNX
-    Runtime's default (spinning after each run too): the reference is the faster.
-    """
-    times: dict = {name: {} for name in engines}
-    for size in (1, 2, 4, 8):
-        batch = windows[:size]
-        for engine in engines.values():
-            engine.run(batch)
-        for _ in range(rounds):
-            for name, engine in engines.items():
-                times[name].setdefault(size, []).extend(
-                    batch_seconds(engine, batch, seconds_per_size / rounds / len(engines))
-                )
-    per_engine = {
-        name: {size: {"median_s": float(np.median(t)), "windows_per_s": size / float(np.median(t))}
-               for size, t in sizes.items()}
-        for name, sizes in times.items()
-    }  # fmt: skip
-    fastest = min(per_engine, key=lambda name: per_engine[name][1]["median_s"])
-    best_engine, best = max(
-        ((name, size) for name in per_engine for size in per_engine[name]),
-        key=lambda key: per_engine[key[0]][key[1]]["windows_per_s"],
-    )
-    return {
-        "window_inference_ms": per_engine[fastest][1]["median_s"] * 1000,
-        # the engine alone is not steady either: its own p99 over its median
-        "window_inference_p99_ms": float(np.percentile(times[fastest][1], 99)) * 1000,
-        "window_inference_engine": fastest,
-        "best_engine": best_engine,
-        "best_batch": best,
-        "windows_per_s": per_engine[best_engine][best]["windows_per_s"],
-        "per_engine": per_engine,
-    }
-
-
-def naive_loop(engine, window_s: float, streams: int, hop_s: float, seconds: float,
-               message_frames: int = MESSAGE_FRAMES) -> dict:  # fmt: skip
-    """One thread: read, window, run each window at once (batch 1). Nothing is dropped.
-
-    Latency counts from when the producer sent the completing message: while the loop
-    runs the engine, messages wait in the socket, and that wait is part of its latency.
-    """
-    card = engine.card
-    geometry = StreamGeometry(
-        card.sample_rate, card.window_samples, round(hop_s * card.sample_rate)
-    )
-    port = free_port()
-    context = zmq.Context()
-    pull = context.socket(zmq.PULL)
-    pull.bind(f"tcp://127.0.0.1:{port}")
-    latencies: list[tuple[float, float]] = []  # (done at, latency)
-
-    def run_now(window: ReadyWindow) -> None:
-        engine.run(window.samples[None, :])
-        done = time.perf_counter()
-        latencies.append((done, done - window.captured.mono))
-
-    producer = Producer(
-        f"tcp://127.0.0.1:{port}", streams, window_s, hop_s, message_frames=message_frames
-    ).start()
-    pipelines: dict[str, Stream] = {}
-    started = time.perf_counter()
-    while time.perf_counter() < started + WARMUP_S + seconds:
-        if not pull.poll(100):
-            continue
-        name, header, pcm = parse_message(pull.recv_multipart())
-        stream = pipelines.setdefault(name, Stream(name, geometry, run_now, Metrics()))
-        sent = Arrival(header["t"], time.perf_counter() - (time.time() - header["t"]))
-        stream.push_pcm(
-            pcm, header["format"], header["rate"], header["channels"], sent, header["seq"]
-        )
-    producer.stop()
-    pull.close(linger=0)
-    context.term()
-    measured = [lat for done, lat in latencies if done >= started + WARMUP_S]
-    return {
-        "streams": streams,
-        "hop_s": hop_s,
-        "offered_per_s": streams / hop_s,
-        "windows_per_s": len(measured) / seconds,
-        "p50_ms": float(np.percentile(measured, 50)) * 1000 if measured else None,
-        "p99_ms": float(np.percentile(measured, 99)) * 1000 if measured else None,
-    }
-
-
-# -- one model --------------------------------------------------------------------------------
-
-
-def export_full_size(arch: str, folder: Path) -> Path:
-    import torch
-
-    from trainer.export import export_onnx
-    from trainer.models import create_model
-
-    torch.manual_seed(0)
-    path = folder / f"{arch}.onnx"
-    export_onnx(create_model(arch, 50), path, check=False)
-    return path
+# -- the runs -----------------------------------------------------------------------------------
 
 
 def bench_model(arch: str, folder: Path, seconds: float, message_frames: int) -> dict:
+    """Every run for one model; the figures, as ``report`` prints them."""
     model = export_full_size(arch, folder)
     engines = {
         DAEMON_ENGINE: load_engine(model),
@@ -671,106 +98,83 @@ def bench_model(arch: str, folder: Path, seconds: float, message_frames: int) ->
     card = engine.card
     window_s, card_hop_s = card.window_seconds, card.hop_seconds
     geometry = StreamGeometry(card.sample_rate, card.window_samples, card.hop_samples)
-    print(f"\n== {arch}: window {window_s:.2f} s, card hop {card_hop_s:.2f} s", flush=True)
-
+    progress(f"{arch}: the bare engine")
     windows = cut_windows(geometry, 8)
     bare = bare_engine(engines, windows)
-    print(f"bare engine, one window: p50 {bare['window_inference_ms']:.1f} ms, "
-          f"p99 {bare['window_inference_p99_ms']:.1f} ms ({bare['window_inference_engine']})", flush=True)  # fmt: skip
-    for name, sizes in bare["per_engine"].items():
-        print(f"bare engine, {name}: {sizes[1]['median_s'] * 1000:.1f} ms per window; windows/s "
-              + ", ".join(f"{v['windows_per_s']:.1f} at batch {k}" for k, v in sizes.items()),
-              flush=True)  # fmt: skip
+    one_window_ms = bare["window_inference_ms"]
 
     # saturation: a few streams, a short hop, twice what the engine can take
-    sat_streams = 4
-    sat_hop = sat_streams / (2 * bare["windows_per_s"])
+    streams = SATURATION_STREAMS
+    sat_hop = streams / (2 * bare["windows_per_s"])
+    progress(f"{arch}: the daemon at saturation")
     saturation = run_daemon(
-        model, window_s, sat_streams, sat_hop, seconds, message_frames=message_frames
+        model, window_s, streams, sat_hop, seconds, message_frames=message_frames
     )
-    # the machine is shared: measure the bare engine again and keep the better of the two
+    # the machine is shared: measure the bare engine again; the reference is the mean
     best_batch = windows[: bare["best_batch"]]
-    again = bare["best_batch"] / float(
-        np.median(batch_seconds(engines[bare["best_engine"]], best_batch, 4.0))
-    )
+    engine_again = engines[bare["best_engine"]]
+    again = bare["best_batch"] / float(np.median(batch_seconds(engine_again, best_batch, 4.0)))
     bare["windows_per_s_after"] = again
     engines.pop(SPINNING_ENGINE).close()
-    # the reference: the mean of the figures before and after, around the daemon's run
     reference = (bare["windows_per_s"] + again) / 2
-    print(f"daemon at saturation: {saturation.published_per_s:.2f} windows/s "
-          f"({saturation.published_per_s / reference:.2f} x bare: {bare['windows_per_s']:.1f} before, "
-          f"{again:.1f} after; {saturation.published_per_s / max(bare['windows_per_s'], again):.2f} x the better; {bare['best_engine']}, batch {bare['best_batch']}), "
-          f"dropped {saturation.dropped:.0f}, p99 {saturation.p99_ms:.0f} ms, daemon {saturation.cpu_cores:.2f} cores, "
-          f"bench {saturation.bench_cores:.2f} cores", flush=True)  # fmt: skip
 
-    half_hop = sat_streams / (0.5 * saturation.published_per_s)
+    half_hop = streams / (0.5 * saturation.published_per_s)
+    progress(f"{arch}: the daemon at half load")
     half = run_daemon(
-        model, window_s, sat_streams, half_hop, seconds * 1.5, message_frames=message_frames
+        model, window_s, streams, half_hop, seconds * 1.5, message_frames=message_frames
     )
     paced = paced_window(engines, windows, half.offered_per_s)
-    print(f"bare engine, one window every {1000 / half.offered_per_s:.0f} ms (half load, nothing queued): "
-          f"p50 {paced['p50_ms']:.1f} ms, p99 {paced['p99_ms']:.1f} ms", flush=True)  # fmt: skip
-    print(f"daemon at half load ({half.offered_per_s:.2f} windows/s): p50 {half.p50_ms:.0f} ms, "
-          f"p99 {half.p99_ms:.0f} ms ({half.p99_ms / bare['window_inference_ms']:.2f} x one window back to back, "
-          f"{half.p99_ms / paced['p50_ms']:.2f} x one window at this load; "
-          f"in the daemon: ingest (resampler hold) p50/p99 {half.ingest_p50_ms:.0f}/{half.ingest_p99_ms:.0f} ms, "
-          f"window ready to published p50/p99 {half.ready_p50_ms:.0f}/{half.ready_p99_ms:.0f} ms "
-          f"({half.ready_p99_ms / bare['window_inference_ms']:.2f} x one window), "
-          f"inference p50/p99 {half.inference_p50_ms:.0f}/{half.inference_p99_ms:.0f} ms, "
-          f"queue p50/p99 {half.queue_p50_ms:.1f}/{half.queue_p99_ms:.0f} ms, {half.queued_share:.0%} of windows waited > 1 ms, tagging and publishing p99 {half.overhead_p99_ms:.1f} ms), dropped {half.dropped:.0f}; "
-          f"from the producer's send to the subscriber p50 {half.outside_p50_ms:.0f} ms p99 {half.outside_p99_ms:.0f} ms; "
-          f"daemon {half.cpu_cores:.2f} cores, bench {half.bench_cores:.2f} cores", flush=True)  # fmt: skip
     ideal = ideal_fifo(half, paced["p50_ms"])
-    print(f"an ideal daemon on the same windows (one engine, each window {ideal['window_ms']:.1f} ms, "
-          f"nothing else): p50 {ideal['p50_ms']:.0f} ms p99 {ideal['p99_ms']:.0f} ms "
-          f"({ideal['p99_ms'] / bare['window_inference_ms']:.2f} x one window); window ready to published "
-          f"p99 {ideal['ready_p99_ms']:.0f} ms ({ideal['ready_p99_ms'] / bare['window_inference_ms']:.2f} x), "
-          f"{ideal['waited_share']:.0%} of windows waited", flush=True)  # fmt: skip
-
     # the same load, but the streams arrive at the model's rate in mono: no resampling
-    unresampled = run_daemon(model, window_s, sat_streams, half_hop, seconds * 1.5,
-                             message_frames=message_frames, rate=card.sample_rate, channels=1)  # fmt: skip
+    progress(f"{arch}: half load at the model's rate")
+    unresampled = run_daemon(
+        model,
+        window_s,
+        streams,
+        half_hop,
+        seconds * 1.5,
+        message_frames=message_frames,
+        rate=card.sample_rate,
+        channels=1,
+    )
     ideal_unresampled = ideal_fifo(unresampled, paced["p50_ms"])
-    print(f"daemon at half load, streams at {card.sample_rate} Hz mono (nothing to resample): "
-          f"p50 {unresampled.p50_ms:.0f} ms p99 {unresampled.p99_ms:.0f} ms "
-          f"({unresampled.p99_ms / bare['window_inference_ms']:.2f} x one window; ingest p99 "
-          f"{unresampled.ingest_p99_ms:.1f} ms, {unresampled.queued_share:.0%} of windows waited > 1 ms); "
-          f"the ideal daemon on these windows p99 {ideal_unresampled['p99_ms']:.0f} ms "
-          f"({ideal_unresampled['p99_ms'] / bare['window_inference_ms']:.2f} x)", flush=True)  # fmt: skip
 
-    naive_sat = naive_loop(engine, window_s, sat_streams, sat_hop, seconds, message_frames)
-    naive_half = naive_loop(engine, window_s, sat_streams, half_hop, seconds, message_frames)
-    print(f"naive loop: {naive_sat['windows_per_s']:.2f} windows/s at saturation (p99 {naive_sat['p99_ms']:.0f} ms, "
-          f"growing); half load p50 {naive_half['p50_ms']:.0f} ms p99 {naive_half['p99_ms']:.0f} ms", flush=True)  # fmt: skip
+    progress(f"{arch}: the naive loop")
+    naive_sat = naive_loop(engine, window_s, streams, sat_hop, seconds, message_frames)
+    naive_half = naive_loop(engine, window_s, streams, half_hop, seconds, message_frames)
     engine.close()
     del engine
 
-    instances = two_instances(model, window_s, windows, sat_streams, sat_hop, seconds,
-                              message_frames, reference, bare["window_inference_ms"])  # fmt: skip
+    progress(f"{arch}: two instances")
+    instances = two_instances(
+        model,
+        window_s,
+        windows,
+        streams,
+        sat_hop,
+        seconds,
+        message_frames,
+        reference,
+        one_window_ms,
+    )
 
-    # the largest N at the card's hop: no drops, p99 under one hop
+    # the largest N at the card's hop: no drops, every stream served, p99 under one hop
     capacity = int(saturation.published_per_s * card_hop_s)
-    sustained = None
-    tried = []
-    for streams in sorted(
-        {max(1, int(capacity * share)) for share in LARGEST_N_SHARES}, reverse=True
-    ):
-        result = run_daemon(model, window_s, streams, card_hop_s, seconds * 1.5,
-                            message_frames=message_frames)  # fmt: skip
+    sustained, tried = None, []
+    for n in sorted({max(1, int(capacity * share)) for share in LARGEST_N_SHARES}, reverse=True):
+        progress(f"{arch}: {n} streams at the card's hop")
+        result = run_daemon(
+            model, window_s, n, card_hop_s, seconds * 1.5, message_frames=message_frames
+        )
         ok = (
             result.dropped == 0
-            and result.published_per_s >= 0.95 * result.offered_per_s  # every stream served
+            and result.published_per_s >= 0.95 * result.offered_per_s
             and result.p99_ms is not None
             and result.p99_ms < card_hop_s * 1000
         )
         tried.append(result.summary() | {"sustained": ok})
-        print(f"{streams} streams at hop {card_hop_s:.2f} s: {'sustained' if ok else 'NOT sustained'}: "
-              f"{result.published_per_s:.2f} of {result.offered_per_s:.2f} windows/s published, "
-              f"p50 {result.p50_ms:.0f} ms p99 {result.p99_ms:.0f} ms, dropped {result.dropped:.0f}, "
-              f"CPU {result.cpu_cores:.2f} cores, RSS {result.rss_mb:.0f} MB, "
-              f"inference p50 {result.inference_p50_ms:.0f} ms", flush=True)  # fmt: skip
         if ok:
-            sustained = streams
+            sustained = n
             break
     return {
         "model": arch,
@@ -778,14 +182,15 @@ def bench_model(arch: str, folder: Path, seconds: float, message_frames: int) ->
         "card_hop_s": card_hop_s,
         "bare": bare,
         "saturation": saturation.summary(),
+        "throughput_reference": reference,
         "throughput_vs_bare": saturation.published_per_s / reference,
         "half_load": half.summary(),
-        "p99_vs_window_inference": half.p99_ms / bare["window_inference_ms"],
-        "ready_p99_vs_window_inference": half.ready_p99_ms / bare["window_inference_ms"],
+        "p99_vs_window_inference": half.p99_ms / one_window_ms,
+        "ready_p99_vs_window_inference": half.ready_p99_ms / one_window_ms,
         "ideal_half_load": ideal,
-        "ideal_p99_vs_window_inference": ideal["p99_ms"] / bare["window_inference_ms"],
+        "ideal_p99_vs_window_inference": ideal["p99_ms"] / one_window_ms,
         "unresampled_half_load": unresampled.summary(),
-        "unresampled_p99_vs_window_inference": unresampled.p99_ms / bare["window_inference_ms"],
+        "unresampled_p99_vs_window_inference": unresampled.p99_ms / one_window_ms,
         "ideal_unresampled": ideal_unresampled,
         "paced_window": paced,
         "p99_vs_paced_window": half.p99_ms / paced["p50_ms"],
@@ -797,9 +202,17 @@ def bench_model(arch: str, folder: Path, seconds: float, message_frames: int) ->
     }
 
 
-def two_instances(model: Path, window_s: float, windows: np.ndarray, streams: int,
-                  sat_hop: float, seconds: float, message_frames: int, reference: float,
-                  window_ms: float) -> dict:  # fmt: skip
+def two_instances(
+    model: Path,
+    window_s: float,
+    windows: np.ndarray,
+    streams: int,
+    sat_hop: float,
+    seconds: float,
+    message_frames: int,
+    reference: float,
+    window_ms: float,
+) -> dict:
     """`[batching] instances = 2`: two engines of half the cores each, side by side.
 
     The bare figure is both instances running windows back to back at once; the
@@ -813,22 +226,18 @@ def two_instances(model: Path, window_s: float, windows: np.ndarray, streams: in
     for engine in pair:
         engine.close()
     toml = "[batching]\ninstances = 2\n"
-    saturation = run_daemon(model, window_s, streams, sat_hop, seconds, toml=toml,
-                            message_frames=message_frames)  # fmt: skip
+    saturation = run_daemon(
+        model, window_s, streams, sat_hop, seconds, toml=toml, message_frames=message_frames
+    )
     best = max(reference, bare["windows_per_s"])
     half_hop = streams / (0.5 * saturation.published_per_s)
-    half = run_daemon(model, window_s, streams, half_hop, seconds * 1.5, toml=toml,
-                      message_frames=message_frames)  # fmt: skip
-    print(f"two instances of {threads} thread(s): bare {bare['windows_per_s']:.1f} windows/s side by side "
-          f"({bare['window_ms']:.1f} ms a window); daemon at saturation {saturation.published_per_s:.2f} windows/s "
-          f"= {saturation.published_per_s / best:.2f} x the best bare ({best:.1f}), dropped {saturation.dropped:.0f}; "
-          f"half load ({half.offered_per_s:.2f} windows/s) p50 {half.p50_ms:.0f} ms p99 {half.p99_ms:.0f} ms "
-          f"({half.p99_ms / window_ms:.2f} x the fastest one window, {half.p99_ms / bare['window_ms']:.2f} x one "
-          f"window on one instance; ingest p99 {half.ingest_p99_ms:.0f} ms, window ready to published "
-          f"p50/p99 {half.ready_p50_ms:.0f}/{half.ready_p99_ms:.0f} ms)", flush=True)  # fmt: skip
+    half = run_daemon(
+        model, window_s, streams, half_hop, seconds * 1.5, toml=toml, message_frames=message_frames
+    )
     return {
         "threads_each": threads,
         "bare": bare,
+        "best_bare_per_s": best,
         "saturation": saturation.summary(),
         "throughput_vs_best_bare": saturation.published_per_s / best,
         "half_load": half.summary(),
@@ -837,18 +246,161 @@ def two_instances(model: Path, window_s: float, windows: np.ndarray, streams: in
     }
 
 
+# -- the report ------------------------------------------------------------------------------
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def report_model(m: dict) -> None:
+    bare, sat, half = m["bare"], m["saturation"], m["half_load"]
+    one = bare["window_inference_ms"]
+    print(f"\n== {m['model']}: window {m['window_s']:.2f} s, card hop {m['card_hop_s']:.2f} s")
+    print(
+        f"bare engine, one window: p50 {one:.1f} ms, p99 {bare['window_inference_p99_ms']:.1f} ms "
+        f"({bare['window_inference_engine']})"
+    )
+    for name, sizes in bare["per_engine"].items():
+        rates = ", ".join(f"{v['windows_per_s']:.1f} at batch {k}" for k, v in sizes.items())
+        print(
+            f"bare engine, {name}: {sizes[1]['median_s'] * 1000:.1f} ms per window; windows/s {rates}"
+        )
+    better = max(bare["windows_per_s"], bare["windows_per_s_after"])
+    print(
+        f"daemon at saturation: {sat['published_per_s']:.2f} windows/s "
+        f"({m['throughput_vs_bare']:.2f} x bare: {bare['windows_per_s']:.1f} before, "
+        f"{bare['windows_per_s_after']:.1f} after; {sat['published_per_s'] / better:.2f} x the better; "
+        f"{bare['best_engine']}, batch {bare['best_batch']}), dropped {sat['dropped']:.0f}, "
+        f"p99 {sat['p99_ms']:.0f} ms, daemon {sat['cpu_cores']:.2f} cores, bench {sat['bench_cores']:.2f} cores"
+    )
+    paced = m["paced_window"]
+    print(
+        f"bare engine, one window every {1000 / half['offered_per_s']:.0f} ms (half load, nothing "
+        f"queued): p50 {paced['p50_ms']:.1f} ms, p99 {paced['p99_ms']:.1f} ms"
+    )
+    print(
+        f"daemon at half load ({half['offered_per_s']:.2f} windows/s): p50 {half['p50_ms']:.0f} ms, "
+        f"p99 {half['p99_ms']:.0f} ms ({m['p99_vs_window_inference']:.2f} x one window back to back, "
+        f"{m['p99_vs_paced_window']:.2f} x one window at this load); in the daemon: ingest (resampler hold) "
+        f"p50/p99 {half['ingest_p50_ms']:.0f}/{half['ingest_p99_ms']:.0f} ms, window ready to published "
+        f"p50/p99 {half['ready_p50_ms']:.0f}/{half['ready_p99_ms']:.0f} ms "
+        f"({m['ready_p99_vs_window_inference']:.2f} x one window), inference p50/p99 "
+        f"{half['inference_p50_ms']:.0f}/{half['inference_p99_ms']:.0f} ms, queue p50/p99 "
+        f"{half['queue_p50_ms']:.1f}/{half['queue_p99_ms']:.0f} ms, {half['queued_share']:.0%} of windows "
+        f"waited > 1 ms, tagging and publishing p99 {half['overhead_p99_ms']:.1f} ms; dropped "
+        f"{half['dropped']:.0f}; from the producer's send to the subscriber p50 {half['outside_p50_ms']:.0f} ms "
+        f"p99 {half['outside_p99_ms']:.0f} ms; daemon {half['cpu_cores']:.2f} cores, bench {half['bench_cores']:.2f} cores"
+    )
+    ideal = m["ideal_half_load"]
+    print(
+        f"an ideal daemon on the same windows (one engine, each window {ideal['window_ms']:.1f} ms, "
+        f"nothing else): p50 {ideal['p50_ms']:.0f} ms p99 {ideal['p99_ms']:.0f} ms "
+        f"({m['ideal_p99_vs_window_inference']:.2f} x one window); window ready to published "
+        f"p99 {ideal['ready_p99_ms']:.0f} ms ({ideal['ready_p99_ms'] / one:.2f} x), "
+        f"{ideal['waited_share']:.0%} of windows waited"
+    )
+    flat, flat_ideal = m["unresampled_half_load"], m["ideal_unresampled"]
+    print(
+        f"daemon at half load, streams at the model's rate, mono (nothing to resample): "
+        f"p50 {flat['p50_ms']:.0f} ms p99 {flat['p99_ms']:.0f} ms "
+        f"({m['unresampled_p99_vs_window_inference']:.2f} x one window; ingest p99 "
+        f"{flat['ingest_p99_ms']:.1f} ms, {flat['queued_share']:.0%} of windows waited > 1 ms); "
+        f"the ideal daemon on these windows p99 {flat_ideal['p99_ms']:.0f} ms "
+        f"({flat_ideal['p99_ms'] / one:.2f} x)"
+    )
+    naive_sat, naive_half = m["naive_saturation"], m["naive_half_load"]
+    print(
+        f"naive loop: {naive_sat['windows_per_s']:.2f} windows/s at saturation (p99 "
+        f"{naive_sat['p99_ms']:.0f} ms, growing); half load p50 {naive_half['p50_ms']:.0f} ms "
+        f"p99 {naive_half['p99_ms']:.0f} ms"
+    )
+    two = m["two_instances"]
+    two_sat, two_half = two["saturation"], two["half_load"]
+    print(
+        f"two instances of {two['threads_each']} thread(s): bare {two['bare']['windows_per_s']:.1f} "
+        f"windows/s side by side ({two['bare']['window_ms']:.1f} ms a window); daemon at saturation "
+        f"{two_sat['published_per_s']:.2f} windows/s = {two['throughput_vs_best_bare']:.2f} x the best "
+        f"bare ({two['best_bare_per_s']:.1f}), dropped {two_sat['dropped']:.0f}; half load "
+        f"({two_half['offered_per_s']:.2f} windows/s) p50 {two_half['p50_ms']:.0f} ms p99 "
+        f"{two_half['p99_ms']:.0f} ms ({two['p99_vs_window_inference']:.2f} x the fastest one window, "
+        f"{two['p99_vs_instance_window']:.2f} x one window on one instance; ingest p99 "
+        f"{two_half['ingest_p99_ms']:.0f} ms, window ready to published p50/p99 "
+        f"{two_half['ready_p50_ms']:.0f}/{two_half['ready_p99_ms']:.0f} ms)"
+    )
+    for run in m["max_streams_runs"]:
+        print(
+            f"{run['streams']} streams at hop {run['hop_s']:.2f} s: "
+            f"{'sustained' if run['sustained'] else 'NOT sustained'}: {run['published_per_s']:.2f} of "
+            f"{run['offered_per_s']:.2f} windows/s published, p50 {run['p50_ms']:.0f} ms p99 "
+            f"{run['p99_ms']:.0f} ms, dropped {run['dropped']:.0f}, CPU {run['cpu_cores']:.2f} cores, "
+            f"RSS {run['rss_mb']:.0f} MB, inference p50 {run['inference_p50_ms']:.0f} ms"
+        )
+
+
+def report(results: dict) -> None:
+    """Everything measured, then the issue's targets, from the figures alone."""
+    for model in results["models"]:
+        report_model(model)
+    idle = results["idle"]
+    print(
+        f"\n{idle['streams']} idle-but-connected streams ({results['models'][0]['model']}): RSS "
+        f"{idle['rss_mb']:.0f} MB (peak {idle['peak_rss_mb']:.0f} MB, before them "
+        f"{idle['rss_before_mb']:.0f} MB)"
+    )
+    print("\nthe issue's targets, this run:")
+    for model in results["models"]:
+        throughput, p99 = model["throughput_vs_bare"], model["p99_vs_window_inference"]
+        flat = model["unresampled_p99_vs_window_inference"]
+        flat_ideal = model["ideal_unresampled"]["p99_ms"] / model["bare"]["window_inference_ms"]
+        print(
+            f"  {model['model']}: throughput at saturation {throughput:.2f} x bare "
+            f"({met(throughput >= 0.9)}, target >= 0.9); half-load p99 {p99:.2f} x one window "
+            f"({met(p99 <= 1.5)}, target <= 1.5; {model['p99_vs_paced_window']:.2f} x paced; from the "
+            f"window ready, without the resampler's hold: {model['ready_p99_vs_window_inference']:.2f} x)"
+        )
+        print(
+            f"  {model['model']}: half-load p99 of an ideal daemon on the same windows "
+            f"{model['ideal_p99_vs_window_inference']:.2f} x one window; with streams at the "
+            f"model's rate (no resampling) {flat:.2f} x ({met(flat <= 1.5)}), ideal {flat_ideal:.2f} x"
+        )
+        two = model["two_instances"]
+        print(
+            f"  {model['model']} with two instances: throughput at saturation "
+            f"{two['throughput_vs_best_bare']:.2f} x the best bare ({met(two['throughput_vs_best_bare'] >= 0.9)}); "
+            f"half-load p99 {two['p99_vs_window_inference']:.2f} x the fastest one window "
+            f"({met(two['p99_vs_window_inference'] <= 1.5)}; {two['p99_vs_instance_window']:.2f} x one "
+            f"window on one instance)"
+        )
+        print(f"  {model['model']}: the largest N at the card's hop: {model['max_streams']}")
+    rss = idle["rss_mb"]
+    print(
+        f"  RSS with {IDLE_STREAMS} idle streams: {rss:.0f} MB ({met(rss < 500)}, target < 500 MB)"
+    )
+    print(
+        f"\nbench took {results['bench_seconds']:.0f} s; load average now {results['load_average_end']:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="fcn4,samplecnn")
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per daemon run")
-    parser.add_argument("--message-frames", type=int, default=MESSAGE_FRAMES,
-                        help="frames per producer message (1152: ffmpeg's; 4410: 100 ms)")  # fmt: skip
+    parser.add_argument(
+        "--message-frames",
+        type=int,
+        default=MESSAGE_FRAMES,
+        help="frames per producer message (1152: ffmpeg's; 4410: 100 ms)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    print(f"machine: {os.cpu_count()} CPUs; ONNX Runtime on CPU; load average {os.getloadavg()[0]:.2f} "
-          f"(other processes share these CPUs: compare figures of one run only)", flush=True)  # fmt: skip
+    print(
+        f"machine: {os.cpu_count()} CPUs; ONNX Runtime on CPU; load average {os.getloadavg()[0]:.2f} "
+        f"(other processes share these CPUs: compare figures of one run only)",
+        flush=True,
+    )
     began = time.perf_counter()
     results = {"cpus": os.cpu_count(), "message_frames": args.message_frames, "models": []}
     with tempfile.TemporaryDirectory() as folder:
@@ -858,38 +410,11 @@ def main() -> None:
             )
         first = Path(folder) / f"{args.models.split(',')[0]}.onnx"
         card = load_engine(first, warmup=False).card
+        progress("idle streams")
         results["idle"] = idle_rss(first, card.window_seconds, card.hop_seconds)
-        idle = results["idle"]
-        print(f"\n{idle['streams']} idle-but-connected streams ({args.models.split(',')[0]}): RSS {idle['rss_mb']:.0f} MB "
-              f"(peak {idle['peak_rss_mb']:.0f} MB, before them {idle['rss_before_mb']:.0f} MB)", flush=True)  # fmt: skip
-    print("\nthe issue's targets, this run:")
-    for model in results["models"]:
-        throughput, p99 = model["throughput_vs_bare"], model["p99_vs_window_inference"]
-        print(f"  {model['model']}: throughput at saturation {throughput:.2f} x bare "
-              f"({'met' if throughput >= 0.9 else 'MISSED'}, target >= 0.9); half-load p99 "
-              f"{p99:.2f} x one window ({'met' if p99 <= 1.5 else 'MISSED'}, target <= 1.5; "
-              f"{model['p99_vs_paced_window']:.2f} x paced; from the window ready, without the "
-              f"resampler's hold: {model['ready_p99_vs_window_inference']:.2f} x)")  # fmt: skip
-        print(f"  {model['model']}: half-load p99 of an ideal daemon on the same windows "
-              f"{model['ideal_p99_vs_window_inference']:.2f} x one window; with streams at the "
-              f"model's rate (no resampling) {model['unresampled_p99_vs_window_inference']:.2f} x "
-              f"({'met' if model['unresampled_p99_vs_window_inference'] <= 1.5 else 'MISSED'}), "
-              f"ideal {model['ideal_unresampled']['p99_ms'] / model['bare']['window_inference_ms']:.2f} x")  # fmt: skip
-        two = model["two_instances"]
-        print(f"  {model['model']} with two instances: throughput at saturation "
-              f"{two['throughput_vs_best_bare']:.2f} x the best bare "
-              f"({'met' if two['throughput_vs_best_bare'] >= 0.9 else 'MISSED'}); half-load p99 "
-              f"{two['p99_vs_window_inference']:.2f} x the fastest one window "
-              f"({'met' if two['p99_vs_window_inference'] <= 1.5 else 'MISSED'}; "
-              f"{two['p99_vs_instance_window']:.2f} x one window on one instance)")  # fmt: skip
-    rss = results["idle"]["rss_mb"]
-    print(f"  RSS with {IDLE_STREAMS} idle streams: {rss:.0f} MB "
-          f"({'met' if rss < 500 else 'MISSED'}, target < 500 MB)")  # fmt: skip
     results["bench_seconds"] = time.perf_counter() - began
     results["load_average_end"] = os.getloadavg()[0]
-    print(
-        f"\nbench took {results['bench_seconds']:.0f} s; load average now {results['load_average_end']:.2f}"
-    )
+    report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
