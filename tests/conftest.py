@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny exported models and music-like audio.
+"""Shared fixtures: tiny exported models, music-like audio, a stand-in for the publisher.
 
 ``export_model("fcn4")`` gives the path of a small, randomly initialised (fixed seed)
 ONNX model with its card, exported once per test session and cached by arguments.
@@ -49,3 +49,13 @@ def export_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
 def music() -> Callable[..., np.ndarray]:
     """Factory: ``music(seconds, sample_rate, seed=0) -> float32 [n]`` music-like audio."""
     return make_music
+
+
+@pytest.fixture
+def tagd():
+    """A stand-in for tagd serve's publisher: ``tests/support.py``'s ``FakeTagd``."""
+    from support import FakeTagd
+
+    fake = FakeTagd()
+    yield fake
+    fake.close()

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from support import Example, FakeTagd, wait_for
+from support import Example, wait_for
 
 from tagd.card import ModelCard
 from tagd.publish import EVENTS_TOPIC, TAGS_TOPIC, event_messages, tags_message, topic
@@ -48,13 +48,6 @@ def tags_of(prediction: Prediction) -> dict:
     now = time.time()
     return tags_message(prediction, CARD, captured_at=now - 0.05, published_at=now,
                         ingest_ms=5.0, queue_ms=1.0, inference_ms=20.0, total_ms=50.0, batch_size=1)  # fmt: skip
-
-
-@pytest.fixture
-def tagd() -> Iterator[FakeTagd]:
-    fake = FakeTagd()
-    yield fake
-    fake.close()
 
 
 @pytest.fixture

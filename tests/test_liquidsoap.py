@@ -151,13 +151,6 @@ def liquidsoap(liquidsoap_binary, tmp_path) -> Iterator[Liquidsoap]:
 
 
 @pytest.fixture
-def tagd() -> Iterator[FakeTagd]:
-    fake = FakeTagd()
-    yield fake
-    fake.close()
-
-
-@pytest.fixture
 def bridge() -> Iterator:
     started: list[Example] = []
 
