@@ -23,9 +23,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from tagd.batcher import Batcher, BatchResult
 from tagd.card import CardError, ModelCard, read_card
-from tagd.config import (
-    ServeConfig,
-)
+from tagd.config import ServeConfig
 from tagd.engines import BACKENDS, Engine, EngineError, backend_of, load_engine, option_sections
 from tagd.metrics import Metrics, MetricsServer, Series
 from tagd.publish import (
@@ -91,7 +89,7 @@ class Server:
             self._load_engine()  # load, check the card against the I/O, warm up
             self._build_pipeline()  # streams → batcher → tagger → publisher
             self._open_inputs()  # connect, open devices and files
-            self._start_threads()  # inference worker, sweeper, one reader per input
+            self._start_threads()  # workers, sweeper, publish monitor, a reader per input
         except StartupError:
             self.stop()
             raise
