@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # support: the daemon process and free ports
 
-from support import TagdProcess, free_port  # noqa: E402
+from support import TagdProcess, connect_and_wait, free_port  # noqa: E402
 
 from tagd.metrics import Metrics  # noqa: E402
 from tagd.sources.zmq import parse_message  # noqa: E402
@@ -299,8 +299,7 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
         sub = context.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"tags.")
         sub.setsockopt(zmq.RCVHWM, 0)
-        sub.connect(f"tcp://127.0.0.1:{daemon.publish_port}")
-        time.sleep(0.3)
+        connect_and_wait(sub, f"tcp://127.0.0.1:{daemon.publish_port}")
         producer = Producer(
             daemon.input,
             streams,
