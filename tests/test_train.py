@@ -247,4 +247,5 @@ def test_every_recipe_override_reaches_the_resolved_run():
                      max_lr_drops=9, schedule="plateau", crop="loop")  # fmt: skip
     resolved = TrainConfig(data="d", out="o", recipe="fcn", **overrides).resolved()
     assert {key: resolved[key] for key in overrides} == overrides
-    assert TrainConfig(data="d", out="o", recipe="fcn").resolved()["schedule"] == "cosine"
+    assert TrainConfig(data="d", out="o", recipe="samplecnn").resolved()["schedule"] == "cosine"
+    assert TrainConfig(data="d", out="o", recipe="fcn").resolved()["schedule"] == "plateau"
