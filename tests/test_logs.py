@@ -5,7 +5,20 @@ import logging
 import subprocess
 import sys
 
+import pytest
+
 from tagd.logs import held_logs, setup_logging
+
+
+@pytest.fixture(autouse=True)
+def root_logger_restored():
+    """setup_logging changes the root logger for the whole process: put it back, or every
+    later test logs through a handler on a closed capture stream, at INFO."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_json_logs_are_one_object_a_line(capsys):
