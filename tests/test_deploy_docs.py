@@ -121,7 +121,7 @@ def test_the_guides_install_steps_lay_out_a_valid_host(tmp_path, export_model):
 
 def test_the_guides_apt_packages_are_the_ones_ci_installs():
     script = (REPO / "scripts" / "install.sh").read_text()
-    ci_packages = set(re.search(r"APT_PACKAGES=\((.*?)\)", script)[1].split())
+    ci_packages = set(re.search(r"APT_PACKAGES=\((.*?)\)", script, re.S)[1].split())
     for command in commands_for(
         "tests/test_deploy_docs.py::test_the_guides_apt_packages_are_the_ones_ci_installs"
     ):
