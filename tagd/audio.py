@@ -113,10 +113,7 @@ def _decode_soundfile(path: Path) -> tuple[np.ndarray, int]:
 
 
 def _decode_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
-    command = [
-        "ffmpeg", "-nostdin", "-v", "error", "-i", str(path),
-        "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-",
-    ]  # fmt: skip
+    command = ffmpeg_decode_command(path, sample_rate)
     result = subprocess.run(command, capture_output=True, check=False)
     if result.returncode != 0:
         reason = result.stderr.decode(errors="replace").strip().splitlines()

@@ -186,17 +186,9 @@ def sidecar_path(model_path: str | Path) -> Path:
 def read_card(model_path: str | Path) -> ModelCard:
     """Read the card of a model file: ONNX metadata, else the ``.json`` beside it."""
     model_path = Path(model_path)
-    sidecar = sidecar_path(model_path)
     if model_path.suffix == ".onnx":
-        text = _onnx_card_text(model_path)
-        if text is not None:
-            return ModelCard.from_json(text, source=str(model_path))
-        if sidecar.exists():
-            return ModelCard.from_json(sidecar.read_text(), source=str(sidecar))
-        raise CardError(
-            f"{model_path} carries no model card (metadata key {CARD_METADATA_KEY!r}) "
-            f"and there is no {sidecar.name} beside it; export it with `tagd-train export`"
-        )
+        return onnx_card(model_path, _onnx_metadata(model_path))
+    sidecar = sidecar_path(model_path)
     if not sidecar.exists():
         raise CardError(
             f"{model_path} has no model card: expected {sidecar} beside it "
@@ -205,7 +197,23 @@ def read_card(model_path: str | Path) -> ModelCard:
     return ModelCard.from_json(sidecar.read_text(), source=str(sidecar))
 
 
-def _onnx_card_text(model_path: Path) -> str | None:
+def onnx_card(model_path: Path, metadata: dict[str, str]) -> ModelCard:
+    """The card of an ONNX model from its metadata (an ONNX Runtime session's
+    ``custom_metadata_map``), else from the ``.json`` beside it: the one rule for
+    ``read_card`` and the ONNX engine, which has a session already."""
+    text = metadata.get(CARD_METADATA_KEY)
+    if text is not None:
+        return ModelCard.from_json(text, source=str(model_path))
+    sidecar = sidecar_path(model_path)
+    if sidecar.exists():
+        return ModelCard.from_json(sidecar.read_text(), source=str(sidecar))
+    raise CardError(
+        f"{model_path} carries no model card (metadata key {CARD_METADATA_KEY!r}) "
+        f"and there is no {sidecar.name} beside it; export it with `tagd-train export`"
+    )
+
+
+def _onnx_metadata(model_path: Path) -> dict[str, str]:
     # onnxruntime reads metadata without loading the onnx package (a daemon dependency
     # we avoid); building a session here is cheap next to running one.
     import onnxruntime as ort
@@ -218,4 +226,4 @@ def _onnx_card_text(model_path: Path) -> str | None:
         )
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise CardError(f"{model_path}: not a readable ONNX model: {exc}") from exc
-    return session.get_modelmeta().custom_metadata_map.get(CARD_METADATA_KEY)
+    return dict(session.get_modelmeta().custom_metadata_map)

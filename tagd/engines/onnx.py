@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tagd.card import CARD_METADATA_KEY, CardError, ModelCard, sidecar_path
+from tagd.card import CardError, ModelCard, onnx_card
 from tagd.engines.base import Engine, EngineError
 
 log = logging.getLogger(__name__)
@@ -127,16 +127,7 @@ class OnnxEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise EngineError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
 
-        card_text = session.get_modelmeta().custom_metadata_map.get(CARD_METADATA_KEY)
-        if card_text is not None:
-            card = ModelCard.from_json(card_text, source=str(path))
-        elif sidecar_path(path).exists():
-            card = ModelCard.from_json(sidecar_path(path).read_text(), source=str(path))
-        else:
-            raise CardError(
-                f"{path} carries no model card (metadata key {CARD_METADATA_KEY!r}); "
-                f"export it with `tagd-train export`"
-            )
+        card = onnx_card(path, dict(session.get_modelmeta().custom_metadata_map))
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise CardError(
