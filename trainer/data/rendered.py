@@ -21,7 +21,6 @@ whatever the number of jobs. Needs the Debian packages ``fluidsynth``,
 
 from __future__ import annotations
 
-import csv
 import logging
 import shutil
 import subprocess
@@ -37,8 +36,8 @@ import soxr
 from trainer.data.dataset import DataError
 from trainer.data.manifest import write_manifest
 from trainer.data.midi import DRUM_CHANNEL, Note, Track, write_midi
-from trainer.data.mtt import ANNOTATIONS_NAME, FOLDER_SPLITS, ID_COLUMN, PATH_COLUMN
-from trainer.data.synthetic import assign_splits, write_mp3
+from trainer.data.mtt import FOLDER_SPLITS
+from trainer.data.synthetic import SyntheticClip, assign_splits, write_annotations, write_mp3
 
 log = logging.getLogger(__name__)
 
@@ -364,13 +363,6 @@ def render(piece: Piece, seconds: float, sample_rate: int, soundfont: Path) -> n
     return mix.astype(np.float32)
 
 
-@dataclass(frozen=True)
-class RenderedClip:
-    number: int
-    tags: tuple[str, ...]
-    audio: np.ndarray  # float32 mono
-
-
 def generate(
     n_clips: int,
     seed: int = 0,
@@ -379,14 +371,14 @@ def generate(
     jobs: int = 2,
     progress: bool = False,
 ):
-    """Yield ``RenderedClip`` in clip order, rendering ``jobs`` at a time."""
+    """Yield ``SyntheticClip`` in clip order, rendering ``jobs`` at a time."""
     from tqdm import tqdm
 
     soundfont = check_tools()
 
-    def one(number: int) -> RenderedClip:
+    def one(number: int) -> SyntheticClip:
         piece = compose(number, seed, seconds)
-        return RenderedClip(number, piece.tags, render(piece, seconds, sample_rate, soundfont))
+        return SyntheticClip(number, piece.tags, render(piece, seconds, sample_rate, soundfont))
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         # map() keeps clip order; the bar counts clips as they are yielded
@@ -435,11 +427,6 @@ def write_rendered(
         manifest = root / "manifest.csv"
         write_manifest(manifest, [(rel, list(tags), split) for _, tags, rel, split in rows])
         return manifest
-    annotations = root / ANNOTATIONS_NAME
-    with annotations.open("w", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_ALL, lineterminator="\n")
-        writer.writerow([ID_COLUMN, *TAGS, PATH_COLUMN])
-        for number, tags, relative, _ in rows:
-            writer.writerow([number, *("1" if tag in tags else "0" for tag in TAGS), relative])
+    annotations = write_annotations(root, TAGS, [row[:3] for row in rows])
     log.info("rendered %d clips in MagnaTagATune layout to %s", len(rows), root)
     return annotations

@@ -236,13 +236,19 @@ def write_mtt(
         (root / relative).write_bytes(b"")
         rows.append((number, ("bass",), relative))
 
+    annotations = write_annotations(root, TAGS, rows)
+    log.info("wrote %d synthetic clips in MagnaTagATune layout to %s", len(rows), root)
+    return annotations
+
+
+def write_annotations(root: Path, tags: list[str], rows: list[tuple]) -> Path:
+    """MagnaTagATune's ``annotations_final.csv``: (clip number, its tags, path) rows."""
     annotations = root / ANNOTATIONS_NAME
     with annotations.open("w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_ALL, lineterminator="\n")
-        writer.writerow([ID_COLUMN, *TAGS, PATH_COLUMN])
-        for number, tags, relative in rows:
-            writer.writerow([number, *("1" if tag in tags else "0" for tag in TAGS), relative])
-    log.info("wrote %d synthetic clips in MagnaTagATune layout to %s", len(rows), root)
+        writer.writerow([ID_COLUMN, *tags, PATH_COLUMN])
+        for number, present, relative in rows:
+            writer.writerow([number, *("1" if tag in present else "0" for tag in tags), relative])
     return annotations
 
 
