@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from tagd.card import ModelCard
 from tagd.config import ServeConfig, apply_overrides
 from tagd.metrics import Metrics
 from tagd.server import Server
@@ -48,6 +49,12 @@ SHORT_FCN = {"n_frames": 94, "pools": ((2, 2), (2, 2), (3, 2), (4, 2))}
 
 
 DAEMON_HOP_S = "0.5"  # the hop of daemons started as processes (deploy, feeds)
+
+
+def fcn4_card(tags: list[str]) -> ModelCard:
+    """The card of a full-size FCN-4 with these tags, for clients that never load a model."""
+    return ModelCard(name="fcn4-mtt", architecture="fcn4", sample_rate=12000,
+                     window_samples=349_440, hop_samples=12000, tags=list(tags))  # fmt: skip
 
 
 def free_port() -> int:

@@ -19,20 +19,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from support import Example, wait_for
+from support import Example, fcn4_card, wait_for
 
-from tagd.card import ModelCard
 from tagd.publish import EVENTS_TOPIC, TAGS_TOPIC, event_messages, tags_message, topic
 from tagd.tagger import OFF, ON, Prediction, TagEvent
 
-CARD = ModelCard(
-    name="fcn4-mtt",
-    architecture="fcn4",
-    sample_rate=12000,
-    window_samples=349_440,
-    hop_samples=12000,
-    tags=["rock", "guitar", "speech", "jazz"],
-)
+CARD = fcn4_card(["rock", "guitar", "speech", "jazz"])
 
 
 def predict(

@@ -32,13 +32,13 @@ from support import (
     FakeTagd,
     Icecast,
     TagdProcess,
+    fcn4_card,
     free_port,
     run_feed,
     terminate,
     tool,
 )
 
-from tagd.card import ModelCard
 from tagd.publish import TAGS_TOPIC, tags_message, topic
 from tagd.tagger import Prediction
 
@@ -46,14 +46,7 @@ START_TIMEOUT_S = 30.0
 ARRIVE_TIMEOUT_S = 20.0
 # A tag name with the characters a list format or a Liquidsoap string could trip on.
 AWKWARD_TAG = 'guitar, "electric" \\ live'
-CARD = ModelCard(
-    name="fcn4-mtt",
-    architecture="fcn4",
-    sample_rate=12000,
-    window_samples=349_440,
-    hop_samples=12000,
-    tags=["rock", AWKWARD_TAG, "speech", "jazz"],
-)
+CARD = fcn4_card(["rock", AWKWARD_TAG, "speech", "jazz"])
 
 # {log} receives one JSON object per metadata a source sees: {"tags": [...], "model": ...}.
 CONSUMER_SCRIPT = """

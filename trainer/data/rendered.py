@@ -98,7 +98,6 @@ ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4")
 class Piece:
     """What a clip is made of, drawn from its seed before anything is rendered."""
 
-    number: int
     tags: tuple[str, ...]
     bpm: float
     beats_per_bar: int
@@ -205,7 +204,6 @@ def compose(number: int, seed: int, seconds: float) -> Piece:
     if tracks and not talking and "choir" not in families:
         tags.append("instrumental")
     return Piece(
-        number=number,
         tags=tuple(tags),
         bpm=bpm,
         beats_per_bar=beats_per_bar,
