@@ -46,6 +46,11 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
+    # Incremental streaming inference (tagd.incremental): "time_strides", the samples per
+    # column of each level (a hop that is a multiple of strides[i] can reuse levels 0..i),
+    # and "graphs", one entry per hop exported: the prime and step files beside the model,
+    # the state tensors a stream carries between hops, and the multiply-accumulates per update.
+    incremental: dict[str, Any] = field(default_factory=dict)
     schema_version: int = CARD_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -80,6 +85,22 @@ class ModelCard:
     def min_clip_samples(self) -> int:
         """The shortest file ``tagd tag`` and evaluation score (tagd.windowing's rule)."""
         return min_clip_samples(self.window_samples)
+
+    def incremental_graph(self, hop_samples: int) -> dict[str, Any] | None:
+        """The incremental graphs exported for ``hop_samples``, if any (see ``incremental``)."""
+        for graph in self.incremental.get("graphs", []):
+            if graph.get("hop_samples") == hop_samples:
+                return graph
+        return None
+
+    def reusable_levels(self, hop_samples: int) -> int:
+        """How many levels (log-mel frames, then conv blocks) a hop lets a stream reuse."""
+        count = 0
+        for stride in self.incremental.get("time_strides", []):
+            if hop_samples % stride:
+                break
+            count += 1
+        return count
 
     def clip_window_starts(self, length: int, hop_samples: int | None = None) -> range:
         """Where the windows of a ``length``-sample clip start, at the card's hop by default."""

@@ -6,6 +6,12 @@ goes into the ONNX ``metadata_props`` under ``CARD_METADATA_KEY``, so the file a
 enough for the daemon. With ``check=True`` ONNX Runtime and PyTorch score the same audio
 and the export fails if they disagree by more than ``PARITY_TOLERANCE``.
 
+For an FCN, two more graphs per streaming hop go beside it (trainer.models.streaming):
+``<stem>.<hop>.prime.onnx`` (``waveform`` → ``scores``, ``next_state.<level>``…) and
+``<stem>.<hop>.step.onnx`` (``waveform``, ``state.<level>``… → the same), named in the
+card's ``incremental`` section; their parity check runs them over consecutive windows
+against the full network.
+
 We use the TorchScript exporter (``dynamo=False``): in torch 2.13 it exports every model
 of the zoo with a dynamic batch axis in a second, to plain opset-17 ops.
 """
@@ -25,6 +31,8 @@ import torch
 
 from tagd.card import CARD_METADATA_KEY, CardError, ModelCard
 from trainer.models.base import TaggerModel
+from trainer.models.fcn import FCN
+from trainer.models.streaming import incremental_graphs
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,9 @@ OUTPUT_NAME = "scores"
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4  # max abs difference of sigmoid scores, ONNX Runtime vs PyTorch
 PARITY_BATCH = 2
+STATE_INPUT_PREFIX = "state."
+STATE_OUTPUT_PREFIX = "next_state."
+PARITY_HOPS = 4  # consecutive windows the incremental graphs are checked over
 
 
 class ExportError(RuntimeError):
@@ -122,8 +133,13 @@ def export_onnx(
     tags: list[str] | None = None,
     opset: int = DEFAULT_OPSET,
     check: bool = True,
+    incremental_hops: tuple[int, ...] = (),
 ) -> ExportResult:
-    """Write ``model`` as ONNX with its card in the metadata; check ORT parity if asked."""
+    """Write ``model`` as ONNX with its card in the metadata; check ORT parity if asked.
+
+    An FCN also gets its incremental graphs for the card's hop and ``incremental_hops``
+    (samples), at those of them where a layer can be reused.
+    """
     path = Path(path)
     if card is None:
         card = card_for_model(model, name=name, tags=tags)
@@ -139,21 +155,11 @@ def export_onnx(
             probe_audio(PARITY_BATCH, model.window_samples, model.sample_rate)
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            # the TorchScript exporter announces its own deprecation on every call
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            warnings.simplefilter("ignore", category=FutureWarning)
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                dynamo=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=opset,
-                do_constant_folding=True,
+        if isinstance(model, FCN):
+            card.incremental = export_incremental(
+                model, path, sorted({card.hop_samples, *incremental_hops}), opset=opset, check=check
             )
+        write_onnx(model, (example,), path, [INPUT_NAME], [OUTPUT_NAME], opset)
         proto = onnx.load(str(path))
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
@@ -193,3 +199,113 @@ def run_onnxruntime(path: str | Path, batch: np.ndarray, threads: int = 0) -> np
     return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[
         0
     ]
+
+
+def write_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+               input_names: list[str], output_names: list[str], opset: int) -> None:  # fmt: skip
+    """``module`` as an ONNX file with a dynamic batch axis on every input and output."""
+    with warnings.catch_warnings():
+        # the TorchScript exporter announces its own deprecation on every call
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            dynamo=False,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+
+
+def incremental_paths(path: Path, hop_samples: int) -> tuple[Path, Path]:
+    """Where the prime and step graphs of ``path`` at ``hop_samples`` go."""
+    return (path.with_name(f"{path.stem}.{hop_samples}.prime{path.suffix}"),
+            path.with_name(f"{path.stem}.{hop_samples}.step{path.suffix}"))  # fmt: skip
+
+
+def export_incremental(model: FCN, path: Path, hops: list[int], *, opset: int = DEFAULT_OPSET,
+                       check: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Write the prime and step graphs for each hop that reuses a layer; the card's section."""
+    levels = None
+    graphs = []
+    for hop in hops:
+        built = incremental_graphs(model, hop)
+        if built is None:
+            log.info("hop %d samples reuses no layer of %s: no incremental graphs", hop, model.arch)
+            continue
+        prime, step = built
+        plan = prime.plan
+        levels = plan.levels
+        prime_path, step_path = incremental_paths(path, hop)
+        wave = torch.from_numpy(probe_audio(PARITY_BATCH, model.window_samples + PARITY_HOPS * hop,
+                                            model.sample_rate))  # fmt: skip
+        first = wave[:, : model.window_samples]
+        with torch.no_grad():
+            states = prime(first)[1:]
+        state_inputs = [STATE_INPUT_PREFIX + name for name in prime.state_names]
+        state_outputs = [STATE_OUTPUT_PREFIX + name for name in prime.state_names]
+        write_onnx(prime, (first,), prime_path, [INPUT_NAME], [OUTPUT_NAME, *state_outputs], opset)
+        write_onnx(step, (first, *states), step_path, [INPUT_NAME, *state_inputs],
+                   [OUTPUT_NAME, *state_outputs], opset)  # fmt: skip
+        graph = {
+            "hop_samples": hop,
+            "prime": prime_path.name,
+            "step": step_path.name,
+            "state": [
+                {"name": name, "shape": list(plan.state_shape(i))}
+                for name, i in zip(prime.state_names, plan.stored, strict=True)
+            ],  # fmt: skip
+            "state_bytes": plan.state_bytes,
+            "reused_levels": plan.top + 1,
+            "step_macs": plan.step_macs,
+            "full_macs": plan.full_macs,
+        }
+        if check:
+            graph["max_abs_diff"] = check_incremental(model, prime_path, step_path, wave, hop)
+        graphs.append(graph)
+        log.info("incremental graphs at hop %d: %s, %s (%.2f MB of state, %.0f %% of the MACs)",
+                 hop, prime_path.name, step_path.name, plan.state_bytes / 1e6,
+                 100 * plan.step_macs / plan.full_macs)  # fmt: skip
+    if levels is None:
+        return {}
+    hop_length = model.config.hop_length
+    return {"time_strides": [lv.stride * hop_length for lv in levels], "graphs": graphs}
+
+
+def check_incremental(model: FCN, prime_path: Path, step_path: Path, wave: torch.Tensor,
+                      hop: int) -> float:  # fmt: skip
+    """Max abs difference of the ORT prime/step chain from PyTorch's full windows."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    prime, step = (ort.InferenceSession(str(p), sess_options=options,
+                                        providers=["CPUExecutionProvider"])
+                   for p in (prime_path, step_path))  # fmt: skip
+    names = [o.name for o in prime.get_outputs()][1:]
+    size = model.window_samples
+    worst = 0.0
+    states: list[np.ndarray] = []
+    for k in range(PARITY_HOPS + 1):
+        window = np.ascontiguousarray(wave[:, k * hop : k * hop + size].numpy())
+        if k == 0:
+            scores, *states = prime.run(None, {INPUT_NAME: window})
+        else:
+            feeds = {INPUT_NAME: window}
+            feeds.update({STATE_INPUT_PREFIX + n[len(STATE_OUTPUT_PREFIX):]: s
+                          for n, s in zip(names, states, strict=True)})  # fmt: skip
+            scores, *states = step.run(None, feeds)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(window)).numpy()
+        worst = max(worst, float(np.max(np.abs(scores - expected))))
+    if not worst <= PARITY_TOLERANCE:
+        raise ExportError(
+            f"{step_path}: incremental inference disagrees with full windows by {worst:.3g} "
+            f"(tolerance {PARITY_TOLERANCE:g})"
+        )
+    log.info("parity incremental (ONNX Runtime) vs full windows: max abs diff %.2e", worst)
+    return worst

@@ -23,9 +23,11 @@ from trainer.models.frontend import LogMel, LogMelConfig
 FCN_SAMPLE_RATE = 12_000
 FCN_FRAMES = 1_366  # 29.12 s of 256-sample hops, centred framing
 FCN_HOP_LENGTH = 256
-# Streaming hop: a fresh 29.12 s prediction every 3 s. FCN-4 costs about 0.1 s of CPU per
-# window, so a stream costs a few percent of a core; the daemon config can change it.
-FCN_DEFAULT_HOP_SECONDS = 3.0
+# Streaming hop: a fresh 29.12 s prediction about every 3 s, on a whole number of the
+# deepest time stride that is at most MAX_ALIGNED_STRIDE_S, so that incremental inference
+# (trainer.models.streaming) reuses every layer below it: FCN-4 160 frames, 3.413 s.
+TARGET_HOP_S = 3.0
+MAX_ALIGNED_STRIDE_S = 4.5
 
 
 @dataclass
@@ -64,6 +66,18 @@ class FCNConfig:
         return (self.n_frames - 1) * self.hop_length
 
 
+def aligned_hop_samples(config: FCNConfig) -> int:
+    """The default hop: the multiple of the deepest stride ≤ MAX_ALIGNED_STRIDE_S nearest 3 s."""
+    frame_s = config.hop_length / config.sample_rate
+    stride = 1  # cumulative time stride in frames
+    for _, pool_t in config.pools:
+        if stride * pool_t * frame_s > MAX_ALIGNED_STRIDE_S:
+            break
+        stride *= pool_t
+    multiple = max(1, round(TARGET_HOP_S / (stride * frame_s)))
+    return multiple * stride * config.hop_length
+
+
 class ConvBlock(nn.Module):
     """3 × 3 conv ('same') → BN → ReLU → max pool → dropout (none by default)."""
 
@@ -97,7 +111,7 @@ class FCN(TaggerModel):
         super().__init__(
             c,
             arch,
-            hop_samples=round(FCN_DEFAULT_HOP_SECONDS * c.sample_rate),
+            hop_samples=aligned_hop_samples(c),
             clip_seconds=c.window_samples / c.sample_rate,  # one window is one clip
         )
 

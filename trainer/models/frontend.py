@@ -107,20 +107,25 @@ class LogMel(nn.Module):
             torch.from_numpy(mel_filterbank(c.sample_rate, c.n_fft, c.n_mels, c.f_min, c.f_max)),
         )
 
-    def power_mel(self, wave: torch.Tensor) -> torch.Tensor:
-        """Mel power spectrogram ``[B, n_mels, frames]``, as librosa's melspectrogram."""
+    def power_mel(self, wave: torch.Tensor, centred: bool = True) -> torch.Tensor:
+        """Mel power spectrogram ``[B, n_mels, frames]``, as librosa's melspectrogram.
+
+        ``centred=False`` frames ``wave`` as it is, without padding: frame ``i`` is
+        samples ``[i * hop, i * hop + n_fft)``. Incremental inference passes the frames'
+        samples with their context (and the zeros of centring where a window has them).
+        """
         c = self.config
         x = wave.unsqueeze(1)  # (B, 1, T)
         # zero padding by the conv: librosa's centred framing with pad_mode="constant"
         spec = nn.functional.conv1d(
-            x, self.dft, stride=c.hop_length, padding=c.n_fft // 2
+            x, self.dft, stride=c.hop_length, padding=c.n_fft // 2 if centred else 0
         )  # (B, 2F, N)
         real, imag = spec[:, : self.n_bins], spec[:, self.n_bins :]  # (B, F, N) each
         power = real * real + imag * imag  # (B, F, N)
         return torch.matmul(self.mel, power)  # (B, M, N)
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        mel = self.power_mel(wave)  # (B, M, N)
+    def forward(self, wave: torch.Tensor, centred: bool = True) -> torch.Tensor:
+        mel = self.power_mel(wave, centred)  # (B, M, N)
         # 10 * log10(x) written with the natural log, the op every runtime has
         return torch.log(torch.clamp(mel, min=self.config.amin)) * (
             10.0 / math.log(10.0)

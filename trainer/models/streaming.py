@@ -1,0 +1,373 @@
+"""Incremental streaming inference for the FCNs: compute only what each hop adds, exactly.
+
+Consecutive windows of a stream overlap: at FCN-4's 3.413 s hop they share 88 % of their
+audio. Every layer of an FCN is local in time (centred STFT frames, the per-band input
+BatchNorm, 3 × 3 convolutions, BatchNorm, ReLU, floor-mode max pools), so a column of a
+layer's output map that depends on stream audio alone, and not on the zeros that
+'same' padding and centred framing put at the window's two edges, is the same column
+one hop later, shifted left by the hop divided by the layer's cumulative time stride.
+
+The *levels* here are the maps of one window: level 0 the log-mel frames after the
+input BatchNorm (one column per STFT frame), level i the output of conv block i (after
+its pool). For a hop of ``h`` frames, level ``i`` shifts by ``h / stride_i`` columns,
+a whole number when ``stride_i`` divides ``h``: those levels are *reusable*. Of a
+reusable level, the columns ``[first, last]`` that depend on stream audio only are its
+*global* columns.
+
+An ``IncrementalPlan`` says, for one model and hop, what a window costs given the last
+one's state:
+
+- *stored* levels keep their global columns from one window to the next (the state a
+  stream carries); the deepest reusable level is always stored, lower ones only when
+  keeping them saves at least ``MIN_MACS_PER_STATE_BYTE`` (FCN-4's block 1 map is 8 MB
+  a stream and costs 2 M MACs to recompute where it is needed: not kept);
+- per level, the column intervals computed afresh each hop: the new global columns of
+  a stored level, the edge columns the padding touches, and what those need below;
+  everything else comes from the state. Blocks above the deepest stored level run on
+  its whole map, as in the full network.
+
+``FCNPrime`` (a whole window → scores and state) and ``FCNStep`` (a window and the last
+window's state → scores and the next state) are the two graphs `tagd-train export`
+writes beside the model; their scores equal the full network's to float rounding
+(tests/test_incremental.py checks ≤ 1e-4 over many hops for every preset).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from trainer.models.fcn import FCN, FCNConfig
+
+# A level below the deepest stored one is kept in the state only when storing it saves
+# this many multiply-accumulates per hop for each byte it adds to a stream's state.
+MIN_MACS_PER_STATE_BYTE = 64
+STATE_BYTES_PER_VALUE = 4  # float32
+
+Interval = tuple[int, int]  # half-open [lo, hi) of columns
+
+
+@dataclass(frozen=True)
+class Level:
+    """One map of a window: its time width, stride and the columns free of edge effects."""
+
+    index: int  # 0: log-mel frames; i ≥ 1: output of conv block i
+    name: str  # "logmel", "block1", …: names the state tensor
+    columns: int  # time width of the map
+    stride: int  # cumulative time stride, in STFT frames
+    channels: int
+    bands: int  # frequency rows
+    first_global: int  # columns [first_global, last_global] depend on stream audio only
+    last_global: int  # (last < first: none)
+    macs_per_column: int  # to compute one column from the level below
+
+    @property
+    def global_columns(self) -> int:
+        return max(0, self.last_global - self.first_global + 1)
+
+    @property
+    def state_values(self) -> int:
+        return self.channels * self.bands * self.global_columns
+
+
+def fcn_levels(config: FCNConfig, widths: list[int]) -> list[Level]:
+    """The levels of an FCN window, from the geometry of its config and channel widths."""
+    c = config
+    n_bins = c.n_fft // 2 + 1
+    half = c.n_fft // 2
+    # frame j covers samples [j * hop - n_fft/2, j * hop + n_fft/2) of the window
+    first = math.ceil(half / c.hop_length)
+    last = (c.window_samples - half) // c.hop_length
+    frontend_macs = 2 * n_bins * c.n_fft + c.n_mels * n_bins  # DFT, then mel matmul
+    levels = [Level(0, "logmel", c.n_frames, 1, 1, c.n_mels, first, last, frontend_macs)]
+    for i, ((pool_f, pool_t), out_channels) in enumerate(zip(c.pools, widths, strict=True)):
+        below = levels[-1]
+        # conv column j (3 wide) is global when columns j-1..j+1 below are; a pooled
+        # column q when conv columns q*pt .. q*pt+pt-1 are
+        first = math.ceil((below.first_global + 1) / pool_t)
+        last = below.last_global // pool_t - 1
+        macs = pool_t * below.bands * below.channels * out_channels * 9
+        levels.append(
+            Level(
+                i + 1,
+                f"block{i + 1}",
+                below.columns // pool_t,
+                below.stride * pool_t,
+                out_channels,
+                below.bands // pool_f,
+                first,
+                last,
+                macs,
+            )  # fmt: skip
+        )
+    return levels
+
+
+def reusable_levels(levels: list[Level], hop_frames: int) -> list[Level]:
+    """Levels whose shift at this hop is a whole number of columns, with a column to reuse."""
+    found = []
+    for level in levels:
+        if hop_frames % level.stride:
+            break  # strides are cumulative products: no deeper level divides either
+        if level.global_columns > hop_frames // level.stride:
+            found.append(level)
+    return found
+
+
+def _merge(intervals: list[Interval]) -> list[Interval]:
+    merged: list[Interval] = []
+    for lo, hi in sorted(i for i in intervals if i[1] > i[0]):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _subtract(intervals: list[Interval], hole: Interval) -> list[Interval]:
+    out = []
+    for lo, hi in intervals:
+        out += [(lo, min(hi, hole[0])), (max(lo, hole[1]), hi)]
+    return _merge(out)
+
+
+@dataclass
+class IncrementalPlan:
+    """What one hop computes for one FCN at one hop; see the module docstring."""
+
+    hop_samples: int
+    hop_frames: int
+    levels: list[Level]
+    top: int  # deepest stored level: the blocks above it run on its whole map
+    stored: tuple[int, ...]
+    compute: dict[int, list[Interval]] = field(default_factory=dict)  # per level ≤ top
+    above_macs: int = 0  # blocks above the top, the 1 × 1 convs and the head
+
+    def shift(self, level: int) -> int:
+        return self.hop_frames // self.levels[level].stride
+
+    def reused_from_state(self, level: int) -> Interval:
+        """Columns of a stored level taken from the last window's state."""
+        lv = self.levels[level]
+        return (lv.first_global, lv.last_global - self.shift(level) + 1)
+
+    def new_global(self, level: int) -> Interval:
+        """Global columns of a stored level that the last window did not have."""
+        lv = self.levels[level]
+        return (lv.last_global - self.shift(level) + 1, lv.last_global + 1)
+
+    @property
+    def state_bytes(self) -> int:
+        return STATE_BYTES_PER_VALUE * sum(self.levels[i].state_values for i in self.stored)
+
+    def state_shape(self, level: int) -> tuple[int, int, int]:
+        lv = self.levels[level]
+        return (lv.channels, lv.bands, lv.global_columns)
+
+    @property
+    def step_macs(self) -> int:
+        computed = sum(
+            self.levels[i].macs_per_column * (hi - lo)
+            for i, spans in self.compute.items()
+            for lo, hi in spans
+        )
+        return computed + self.above_macs
+
+    @property
+    def full_macs(self) -> int:
+        window = sum(lv.macs_per_column * lv.columns for lv in self.levels[: self.top + 1])
+        return window + self.above_macs
+
+    def describe(self) -> list[str]:
+        """One line per level: width, stride, shift, stored or not, columns computed."""
+        lines = []
+        for lv in self.levels[: self.top + 1]:
+            spans = self.compute[lv.index]
+            computed = sum(hi - lo for lo, hi in spans)
+            kept = "state" if lv.index in self.stored else "recomputed where needed"
+            where = ", ".join(f"{lo}" if hi == lo + 1 else f"{lo}–{hi - 1}" for lo, hi in spans)
+            lines.append(f"{lv.name}: {lv.columns} columns, stride {lv.stride} frames, shift "
+                         f"{self.shift(lv.index)}; {kept}; computes {computed} ({where})")  # fmt: skip
+        for lv in self.levels[self.top + 1 :]:
+            lines.append(f"{lv.name}: {lv.columns} columns, whole map every hop")
+        return lines
+
+
+def plan_incremental(
+    config: FCNConfig, widths: list[int], hop_samples: int, stored: tuple[int, ...] | None = None
+) -> IncrementalPlan | None:
+    """The plan for ``hop_samples``; None when no level can be reused at that hop.
+
+    ``stored`` forces the stored levels (tests); by default the deepest reusable level
+    and those below it that earn their bytes (``MIN_MACS_PER_STATE_BYTE``).
+    """
+    if hop_samples <= 0 or hop_samples % config.hop_length:
+        return None
+    hop_frames = hop_samples // config.hop_length
+    levels = fcn_levels(config, widths)
+    reusable = reusable_levels(levels, hop_frames)
+    if not reusable:
+        return None
+    top = reusable[-1].index
+    above = sum(lv.macs_per_column * lv.columns for lv in levels[top + 1 :])
+    above += _head_macs(config, widths)
+    if stored is None:
+        stored_set = {lv.index for lv in reusable}
+        best = _planned(config, levels, hop_samples, hop_frames, top, stored_set, above)
+        for lv in reusable[:-1]:
+            trial = _planned(
+                config, levels, hop_samples, hop_frames, top, stored_set - {lv.index}, above
+            )
+            saved_bytes = STATE_BYTES_PER_VALUE * lv.state_values
+            if trial.step_macs - best.step_macs < MIN_MACS_PER_STATE_BYTE * saved_bytes:
+                stored_set.discard(lv.index)
+                best = trial
+        return best
+    if top not in stored or any(i not in {lv.index for lv in reusable} for i in stored):
+        raise ValueError(f"stored levels {stored} must be reusable and include {top}")
+    return _planned(config, levels, hop_samples, hop_frames, top, set(stored), above)
+
+
+def _head_macs(config: FCNConfig, widths: list[int]) -> int:
+    from trainer.models.base import scaled
+
+    extra = [scaled(ch, config.width) for ch in config.extra_1x1]
+    dims = [widths[-1], *extra]
+    return sum(a * b for a, b in zip(dims, dims[1:], strict=False)) + dims[-1] * config.n_tags
+
+
+def _planned(config, levels, hop_samples, hop_frames, top, stored, above) -> IncrementalPlan:
+    plan = IncrementalPlan(hop_samples, hop_frames, levels, top, tuple(sorted(stored)),
+                           above_macs=above)  # fmt: skip
+    need = [(0, levels[top].columns)]
+    for index in range(top, -1, -1):
+        if index in stored:
+            spans = _merge(
+                _subtract(need, plan.reused_from_state(index)) + [plan.new_global(index)]
+            )
+        else:
+            spans = _merge(need)
+        plan.compute[index] = spans
+        if index > 0:
+            pool_t = config.pools[index - 1][1]
+            below = levels[index - 1].columns
+            need = _merge(
+                [(max(pool_t * lo - 1, 0), min(pool_t * hi + 1, below)) for lo, hi in spans]
+            )
+    return plan
+
+
+# -- the two graphs --------------------------------------------------------------------------
+class _Incremental(nn.Module):
+    """What FCNPrime and FCNStep share: the model's layers and the plan."""
+
+    def __init__(self, model: FCN, plan: IncrementalPlan):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.state_names = [plan.levels[i].name for i in plan.stored]
+
+    def _finish(self, top_map: torch.Tensor) -> torch.Tensor:
+        """Scores from the deepest stored level's whole map, as FCN.forward ends."""
+        x = top_map  # (B, C, H, W)
+        for block in self.model.blocks[self.plan.top :]:
+            x = block(x)
+        for layer in self.model.extra:
+            x = layer(x)
+        x = torch.amax(x, dim=(2, 3))  # (B, C)
+        return torch.sigmoid(self.model.head(x))  # (B, n_tags)
+
+
+class FCNPrime(_Incremental):
+    """A whole window → (scores, state): how a stream starts, or restarts after a gap."""
+
+    def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        x = m.input_bn(m.frontend(wave)).unsqueeze(1)  # (B, 1, M, N)
+        maps = [x]
+        for block in m.blocks[: self.plan.top]:
+            x = block(x)  # (B, C_i, H_i, W_i)
+            maps.append(x)
+        states = []
+        for index in self.plan.stored:
+            lv = self.plan.levels[index]
+            states.append(maps[index][..., lv.first_global : lv.last_global + 1])
+        return (self._finish(maps[self.plan.top]), *states)
+
+
+class FCNStep(_Incremental):
+    """(window, last window's state) → (scores, state): one hop, computing only what it adds."""
+
+    def forward(self, wave: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        plan = self.plan
+        previous = dict(zip(plan.stored, states, strict=True))
+        # per level: (lo, hi, tensor) pieces of this window's map
+        pieces: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+        next_states = []
+        for index in range(plan.top + 1):
+            pieces[index] = [
+                (lo, hi, self._compute(index, lo, hi, wave, pieces))
+                for lo, hi in plan.compute[index]
+            ]
+            if index in previous:
+                lv = plan.levels[index]
+                new_lo, new_hi = plan.new_global(index)
+                new = self._columns(pieces[index], new_lo, new_hi)
+                state = torch.cat((previous[index][..., plan.shift(index) :], new), dim=-1)
+                next_states.append(state)  # (B, C, H, global columns)
+                pieces[index].append((lv.first_global, lv.last_global + 1, state))
+        top = self._columns(pieces[plan.top], 0, plan.levels[plan.top].columns)
+        return (self._finish(top), *next_states)
+
+    def _compute(self, index: int, lo: int, hi: int, wave: torch.Tensor, pieces) -> torch.Tensor:
+        """Columns [lo, hi) of level ``index`` from the level below (or the samples)."""
+        m, c = self.model, self.model.config
+        if index == 0:
+            half = c.n_fft // 2
+            start, end = lo * c.hop_length - half, (hi - 1) * c.hop_length + half
+            size = m.window_samples  # a constant, not the traced input's shape
+            x = wave[:, max(start, 0) : min(end, size)]  # (B, samples)
+            x = nn.functional.pad(x, (max(0, -start), max(0, end - size)))
+            return m.input_bn(m.frontend(x, centred=False)).unsqueeze(1)  # (B, 1, M, hi - lo)
+        block = m.blocks[index - 1]
+        pool_t = c.pools[index - 1][1]
+        width = self.plan.levels[index - 1].columns
+        start, end = pool_t * lo - 1, pool_t * hi + 1  # the 3-wide conv's context
+        x = self._columns(pieces[index - 1], max(start, 0), min(end, width))
+        # 'same' padding where the window has it: in frequency always, in time at its edges
+        x = nn.functional.pad(x, (max(0, -start), max(0, end - width), 1, 1))
+        x = nn.functional.conv2d(x, block.conv.weight)  # (B, C, H, pool_t * (hi - lo))
+        x = torch.relu(block.bn(x))
+        return block.pool(x)  # (B, C, H // pool_f, hi - lo)
+
+    @staticmethod
+    def _columns(pieces, lo: int, hi: int) -> torch.Tensor:
+        """Columns [lo, hi) of a level, cut from the pieces that hold them."""
+        parts = []
+        at = lo
+        while at < hi:
+            piece = next((p for p in pieces if p[0] <= at < p[1]), None)
+            if piece is None:
+                raise AssertionError(f"column {at} of a level was neither computed nor kept")
+            p_lo, p_hi, tensor = piece
+            end = min(hi, p_hi)
+            parts.append(tensor[..., at - p_lo : end - p_lo])
+            at = end
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def incremental_graphs(model: FCN, hop_samples: int) -> tuple[FCNPrime, FCNStep] | None:
+    """The prime and step modules of ``model`` at ``hop_samples``; None when nothing reuses."""
+    plan = model_plan(model, hop_samples)
+    if plan is None:
+        return None
+    # in inference mode whatever the model's: BatchNorm must use its running statistics
+    return FCNPrime(model, plan).eval(), FCNStep(model, plan).eval()
+
+
+def model_plan(model: FCN, hop_samples: int) -> IncrementalPlan | None:
+    widths = [block.conv.out_channels for block in model.blocks]
+    return plan_incremental(model.config, widths, hop_samples)
