@@ -44,6 +44,9 @@ from tagd.stream import ReadyWindow
 log = logging.getLogger(__name__)
 
 ORDER_SLACK = 64  # skipped entries the submission order may hold beyond twice the pending
+# An engine instance: scores [n, n_tags] of a batch of windows [n, samples], told which
+# windows they are (incremental inference carries each stream's state: tagd.incremental).
+EngineRun = Callable[[np.ndarray, list[ReadyWindow]], np.ndarray]
 
 
 @dataclass(eq=False)
@@ -66,7 +69,7 @@ class BatchResult:
 
 
 class Batcher:
-    def __init__(self, runs: Sequence[Callable[[np.ndarray], np.ndarray]], window_samples: int,
+    def __init__(self, runs: Sequence[EngineRun], window_samples: int,
                  on_batch: Callable[[BatchResult], None], metrics: Metrics, *, max_batch: int,
                  max_wait_s: float, max_pending_per_stream: int,
                  max_queue_age_s: float = 0.0, unhealthy_after: int = 3,
@@ -172,7 +175,7 @@ class Batcher:
         return True
 
     # -- the worker ---------------------------------------------------------------------------
-    def _work(self, run: Callable[[np.ndarray], np.ndarray], buffer: np.ndarray) -> None:
+    def _work(self, run: EngineRun, buffer: np.ndarray) -> None:
         keep_off_pinned_cores()  # not on a core with the engine's pinned threads (affinity.py)
         while True:
             items = self._next_batch()
@@ -246,8 +249,7 @@ class Batcher:
                 stale.append(self._take(item))
         return stale
 
-    def _run_batch(self, run: Callable[[np.ndarray], np.ndarray], buffer: np.ndarray,
-                   items: list[Pending]) -> None:  # fmt: skip
+    def _run_batch(self, run: EngineRun, buffer: np.ndarray, items: list[Pending]) -> None:
         if not items:
             return
         batch = buffer[: len(items)]
@@ -256,7 +258,7 @@ class Batcher:
             self._done_with(item.window)
         started = time.perf_counter()
         try:
-            scores = run(batch)
+            scores = run(batch, [item.window for item in items])
         except Exception as exc:  # an engine failure must not kill the worker; count and go on
             with self._results_lock:
                 self._engine_failed(exc, items)

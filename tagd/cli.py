@@ -78,12 +78,17 @@ def main() -> None:
     help="Windows per engine call [default: 1; memory grows with it, docs/models.md].",
 )
 @click.option(
+    "--full-windows",
+    is_flag=True,
+    help="Compute every window in full, not from the last one (same scores, slower).",
+)
+@click.option(
     "--log-level",
     default="warning",
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
-def tag(files, engine_path, hop, top, as_json, batch, log_level) -> None:
+def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -> None:
     """Tag audio FILES (wav, flac, mp3, ogg, …; a folder: the audio files in it) and print
     their top tags.
 
@@ -94,6 +99,7 @@ def tag(files, engine_path, hop, top, as_json, batch, log_level) -> None:
     from tagd.audio import AudioError
     from tagd.card import CardError
     from tagd.engines import EngineError, load_engine
+    from tagd.incremental import IncrementalRunner, missing_graph_hint
     from tagd.tagfile import DEFAULT_BATCH, audio_files, tag_file
 
     setup_logging(log_level)
@@ -107,7 +113,17 @@ def tag(files, engine_path, hop, top, as_json, batch, log_level) -> None:
     except (EngineError, CardError) as exc:
         raise click.ClickException(str(exc)) from None
     card = engine.card
-    hop_samples = round(hop * card.sample_rate) if hop else None
+    hop_samples = round(hop * card.sample_rate) if hop else card.hop_samples
+    runner = None
+    if not full_windows:
+        try:
+            graphs = engine.incremental(hop_samples)
+        except EngineError as exc:
+            raise click.ClickException(str(exc)) from None
+        if graphs is not None:
+            runner = IncrementalRunner([graphs])
+        else:
+            log.info("full windows: %s", missing_graph_hint(card, hop_samples))
     thresholds = dict(zip(card.tags, card.thresholds, strict=True))
     failed = 0
     show_progress = len(files) > 1 and sys.stderr.isatty()
@@ -115,7 +131,7 @@ def tag(files, engine_path, hop, top, as_json, batch, log_level) -> None:
                            hidden=not show_progress) as progress:  # fmt: skip
         for path in progress:
             try:
-                result = tag_file(engine, path, hop_samples, batch)
+                result = tag_file(engine, path, hop_samples, batch, runner)
             except AudioError as exc:
                 failed += 1
                 if as_json:
@@ -193,6 +209,13 @@ def keys_generate(directory: Path, name: str) -> None:
 )
 @click.option(
     "--hop", "hop_seconds", type=float, help="Seconds between windows [the model card's]."
+)
+@click.option(
+    "--full-windows",
+    "incremental",
+    flag_value=False,
+    default=None,
+    help="Compute every window in full, not from the stream's last one (docs/serve.md).",
 )
 @click.option("--max-batch", type=int, help="Windows per engine call [0: 1 on CPU, else 8].")
 @click.option("--max-wait-ms", type=float, help="Longest wait for a batch to fill [10].")

@@ -340,6 +340,9 @@ class ServeConfig:
     engine: str = ""  # model file; relative paths in a file are relative to that file
     inputs: list[InputConfig] = field(default_factory=list)
     hop_seconds: float | None = None  # None: the model card's hop
+    # Score each window from the stream's last one where the model has incremental graphs
+    # for the hop (tagd/incremental.py); false (--full-windows): every window in full.
+    incremental: bool = True
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -404,7 +407,7 @@ def load_config(path: str | Path, *, validate: bool = True) -> ServeConfig:
         data["inputs"] = [
             {"url": item} if isinstance(item, str) else item for item in data["inputs"]
         ]
-    config = build(ServeConfig, data, "")
+    config = build(ServeConfig, _engine_table(data), "")
     if config.engine and not Path(config.engine).is_absolute():
         config.engine = str(path.parent / config.engine)
     for key in ("curve_server_secret", "curve_allowed_clients"):
@@ -412,6 +415,29 @@ def load_config(path: str | Path, *, validate: bool = True) -> ServeConfig:
         if value and not Path(value).is_absolute():
             setattr(config.security, key, str(path.parent / value))
     return config.validate() if validate else config
+
+
+ENGINE_TABLE_KEYS = {"path": "engine", "incremental": "incremental"}
+
+
+def _engine_table(data: dict) -> dict:
+    """``[engine]`` with ``path`` and ``incremental`` as the top-level keys they stand for."""
+    table = data.get("engine")
+    if not isinstance(table, dict):
+        return data
+    data = dict(data)
+    del data["engine"]
+    problems = [f"engine.{key}: unknown key (known: {', '.join(ENGINE_TABLE_KEYS)})"
+                for key in sorted(set(table) - set(ENGINE_TABLE_KEYS))]  # fmt: skip
+    for key, top_level in ENGINE_TABLE_KEYS.items():
+        if key not in table:
+            continue
+        if top_level in data:
+            problems.append(f"engine.{key}: also given as the top-level key {top_level!r}")
+        data[top_level] = table[key]
+    if problems:
+        raise ConfigError(problems)
+    return data
 
 
 def parse_input(url: str, path: str = "--input") -> InputConfig:
@@ -435,6 +461,7 @@ def apply_overrides(config: ServeConfig, **flags: Any) -> ServeConfig:
     simple = {
         "engine": (config, "engine"),
         "hop_seconds": (config, "hop_seconds"),
+        "incremental": (config, "incremental"),
         "publish": (config.publish, "address"),
         "metrics": (config.metrics, "address"),
         "max_batch": (config.batching, "max_batch"),

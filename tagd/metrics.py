@@ -245,14 +245,26 @@ class Metrics:
         )
         self.engine_info = Info(
             "tagd_engine",
-            "The model being served: card name, architecture, backend, card version.",
+            "The model being served: card name, architecture, backend, card version, and "
+            "inference: incremental (from each stream's last window) or full_windows.",
+            registry=r,
+        )
+        self.window_updates = Counter(
+            "tagd_window_updates_total",
+            "Windows scored, by mode: incremental (from the stream's last window's state) or "
+            "full (the whole window: a stream's first, after a gap or a dropped window, or "
+            "with incremental inference off).",
+            ["mode"],
             registry=r,
         )
 
     def describe_engine(self, *, model: str, architecture: str, backend: str, card_version: int,
-                        sample_rate: int, window_samples: int, hop_samples: int, n_tags: int) -> None:  # fmt: skip
+                        sample_rate: int, window_samples: int, hop_samples: int, n_tags: int,
+                        inference: str = "full_windows", state_bytes: int = 0) -> None:  # fmt: skip
         self.engine_info.info(
             {
+                "inference": inference,
+                "state_bytes_per_stream": str(state_bytes),
                 "model": model,
                 "architecture": architecture,
                 "backend": backend,

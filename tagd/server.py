@@ -25,6 +25,7 @@ from tagd.batcher import Batcher, BatchResult
 from tagd.card import CardError, ModelCard, read_card
 from tagd.config import ServeConfig
 from tagd.engines import BACKENDS, Engine, EngineError, backend_of, load_engine, option_sections
+from tagd.incremental import PRIME, IncrementalRunner, missing_graph_hint
 from tagd.metrics import Metrics, MetricsServer, Series
 from tagd.publish import (
     EVENTS_TOPIC,
@@ -66,6 +67,7 @@ class Server:
         self.batcher: Batcher | None = None
         self.hub: StreamHub | None = None
         self.tagger: Tagger | None = None
+        self.incremental: IncrementalRunner | None = None  # None: full windows
         self.sources: list[Source] = []
         self._http: MetricsServer | None = None
         self._context = zmq.Context()
@@ -96,10 +98,11 @@ class Server:
         self._ready.set()
         self.metrics.ready.set(1)
         log.info(
-            "tagd serve ready: %s%s; hop %.3f s; publishing on %s%s; %d input(s)",
+            "tagd serve ready: %s%s; hop %.3f s, %s; publishing on %s%s; %d input(s)",
             self.engine.describe(),
             f" ({len(self.engines)} instances)" if len(self.engines) > 1 else "",
             self.hub.geometry.hop_samples / self.hub.geometry.sample_rate,
+            self._inference_summary(),
             self.publisher.address,
             f"; metrics on http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
             if self._http
@@ -209,10 +212,12 @@ class Server:
                 self.engines.append(engine)
                 self.engine = self.engines[0]  # what _max_batch() asks
                 engine.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
+            self._load_incremental()
         except (EngineError, CardError, OSError) as exc:
             reason = " ".join(str(exc).split())  # one line, whatever the runtime said
             raise StartupError(f"cannot load the engine {path}: {reason}") from None
         card = self.engine.card
+        runner = self.incremental
         self.metrics.describe_engine(
             model=card.name,
             architecture=card.architecture,
@@ -222,7 +227,36 @@ class Server:
             window_samples=card.window_samples,
             hop_samples=self._hop_samples(),
             n_tags=card.n_tags,
+            inference="incremental" if runner else "full_windows",
+            state_bytes=runner.engine.state_bytes if runner else 0,
         )
+
+    def _load_incremental(self) -> None:
+        """The incremental graphs for the hop, unless turned off or not exported for it."""
+        hop, card = self._hop_samples(), self.engine.card
+        if not self.config.incremental:
+            log.info("incremental inference off (incremental = false / --full-windows): "
+                     "every window is computed in full")  # fmt: skip
+            return
+        graphs = [engine.incremental(hop) for engine in self.engines]
+        if graphs[0] is None:
+            log.info("full windows: %s", missing_graph_hint(card, hop))
+            return
+        self.incremental = IncrementalRunner(graphs, on_updates=self._count_updates)
+        self.incremental.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
+
+    def _inference_summary(self) -> str:
+        runner = self.incremental
+        if runner is None:
+            return "full windows"
+        engine = runner.engine
+        return (f"incremental inference ({engine.reused_levels} levels reused, "
+                f"{engine.step_macs / engine.full_macs:.0%} of a window's MACs, "
+                f"{engine.state_bytes / 1e6:.2f} MB of state a stream)")  # fmt: skip
+
+    def _count_updates(self, mode: str, count: int) -> None:
+        if count:
+            self.metrics.window_updates.labels(mode).inc(count)
 
     def _build_pipeline(self) -> None:
         card = self.engine.card
@@ -318,11 +352,17 @@ class Server:
 
     def _forget_stream(self, name: str) -> None:
         self.tagger.forget(name)
+        if self.incremental is not None:
+            self.incremental.forget(name)
         self._published.pop(name, None)
 
     # -- the inference workers' side ----------------------------------------------------------
-    def _run_engine(self, instance: int, batch: np.ndarray) -> np.ndarray:
-        return self.engines[instance].run(batch)
+    def _run_engine(self, instance: int, batch: np.ndarray, windows: list) -> np.ndarray:
+        if self.incremental is not None:
+            return self.incremental.run(windows, batch, instance)
+        scores = self.engines[instance].run(batch)
+        self._count_updates(PRIME, len(windows))
+        return scores
 
     def _publish_batch(self, result: BatchResult) -> None:
         """Runs in the inference worker: tag, publish, measure. Never blocks."""

@@ -1,4 +1,9 @@
-"""Tagging whole files: decode, window by the clip rule of tagd.windowing, average the scores."""
+"""Tagging whole files: decode, window by the clip rule of tagd.windowing, average the scores.
+
+With an ``IncrementalRunner`` (tagd.incremental) the windows go through it in order, each
+scored from the last one's state as `tagd serve` scores a stream: the same scores as
+full windows, for a fraction of the work, one window at a time.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import numpy as np
 from tagd.audio import AudioError, decode_file
 from tagd.card import ModelCard
 from tagd.engines import Engine
+from tagd.incremental import IncrementalRunner, clip_keys
 from tagd.windowing import ClipTooShortError, clip_windows
 
 # Windows per engine call. ONNX Runtime's arena keeps the activations of the largest
@@ -71,19 +77,26 @@ def tag_file(
     path: str | Path,
     hop_samples: int | None = None,
     batch_size: int = DEFAULT_BATCH,
+    incremental: IncrementalRunner | None = None,
 ) -> FileTags:
-    """Mean scores over the windows of ``path``; raises AudioError when it cannot."""
+    """Mean scores over the windows of ``path``; raises AudioError when it cannot.
+
+    ``incremental`` must be the runner for ``hop_samples`` (or the card's hop).
+    """
     card = engine.card
     path = Path(path)
     samples = decode_file(path, card.sample_rate)
     check_length(card, len(samples), path)
+    hop_samples = hop_samples or card.hop_samples
+    if incremental is not None:
+        return _tag_incrementally(incremental, path, samples, card, hop_samples)
     if engine.max_batch is not None:
         batch_size = min(batch_size, engine.max_batch)
     total = np.zeros(card.n_tags, dtype=np.float64)
     count = 0
     batch = np.empty((batch_size, card.window_samples), dtype=np.float32)
     filled = 0
-    for window in clip_windows(samples, card.window_samples, hop_samples or card.hop_samples):
+    for window in clip_windows(samples, card.window_samples, hop_samples):
         batch[filled] = window.samples
         filled += 1
         if filled == batch_size:
@@ -92,5 +105,21 @@ def tag_file(
     if filled:
         total += engine.run(batch[:filled]).sum(axis=0, dtype=np.float64)
         count += filled
+    duration = len(samples) / card.sample_rate
+    return FileTags(path, duration, count, (total / count).astype(np.float32))
+
+
+def _tag_incrementally(runner: IncrementalRunner, path: Path, samples: np.ndarray,
+                       card: ModelCard, hop_samples: int) -> FileTags:  # fmt: skip
+    if runner.hop_samples != hop_samples:
+        raise ValueError(f"a runner for hop {runner.hop_samples} asked to tag at {hop_samples}")
+    total = np.zeros(card.n_tags, dtype=np.float64)
+    count = 0
+    runner.forget("clip")  # the last file's chain
+    for window in clip_windows(samples, card.window_samples, hop_samples):
+        (key,) = clip_keys([window.start])
+        total += runner.run([key], window.samples[None, :])[0]
+        count += 1
+    runner.forget("clip")
     duration = len(samples) / card.sample_rate
     return FileTags(path, duration, count, (total / count).astype(np.float32))

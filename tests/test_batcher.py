@@ -52,7 +52,8 @@ class Recorder:
 def make(engine=mean_engine, **settings) -> tuple[Batcher, Recorder, Metrics]:
     recorder, metrics = Recorder(), Metrics()
     options = {"max_batch": 4, "max_wait_s": 0.005, "max_pending_per_stream": 2, **settings}
-    runs = engine if isinstance(engine, list) else [engine]  # one per engine instance
+    engines = engine if isinstance(engine, list) else [engine]  # one per engine instance
+    runs = [lambda batch, _windows, e=e: e(batch) for e in engines]
     batcher = Batcher(runs, WINDOW, recorder, metrics, **options)
     return batcher, recorder, metrics
 

@@ -68,6 +68,14 @@ class Engine(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory and handles."""
 
+    def incremental(self, hop_samples: int) -> IncrementalEngine | None:
+        """The incremental graphs exported for this hop (tagd.incremental), or None.
+
+        None when the card names no graphs for the hop; EngineError when it names files
+        that are missing or do not match it. Backends without the capability say None.
+        """
+        return None
+
     def describe(self) -> str:
         return f"{self.card.name} ({self.card.architecture}) on {self.backend} from {self.path}"
 
@@ -80,3 +88,46 @@ class Engine(abc.ABC):
         if self.max_batch is not None and batch.shape[0] > self.max_batch:
             raise EngineError(f"batch of {batch.shape[0]} exceeds max_batch {self.max_batch}")
         return batch
+
+
+class IncrementalEngine(abc.ABC):
+    """The two graphs of incremental inference at one hop (trainer.models.streaming).
+
+    ``prime`` scores whole windows and returns the state each stream carries to its next
+    window; ``step`` takes windows and the state of each one's previous window (exactly
+    one hop earlier) and returns their scores and next state. States are float32 arrays
+    ``[batch, *shape]``, one per entry of ``state_shapes``, in that order.
+    """
+
+    def __init__(self, card: ModelCard, graph: dict):
+        self.card = card
+        self.hop_samples: int = graph["hop_samples"]
+        self.state_names: list[str] = [s["name"] for s in graph["state"]]
+        self.state_shapes: list[tuple[int, ...]] = [tuple(s["shape"]) for s in graph["state"]]
+        self.state_bytes: int = graph["state_bytes"]
+        self.reused_levels: int = graph["reused_levels"]
+        self.step_macs: int = graph["step_macs"]
+        self.full_macs: int = graph["full_macs"]
+
+    @abc.abstractmethod
+    def prime(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Scores ``[batch, n_tags]`` and next states of whole windows."""
+
+    @abc.abstractmethod
+    def step(
+        self, batch: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Scores and next states of windows one hop after those ``states`` came from."""
+
+    def check_states(self, states: list[np.ndarray], batch: int) -> list[np.ndarray]:
+        if len(states) != len(self.state_shapes):
+            raise EngineError(f"expected {len(self.state_shapes)} state tensors, got {len(states)}")
+        checked = []
+        for name, shape, state in zip(self.state_names, self.state_shapes, states, strict=True):
+            state = np.ascontiguousarray(state, dtype=np.float32)
+            if state.shape != (batch, *shape):
+                raise EngineError(
+                    f"state {name}: expected {[batch, *shape]}, got {list(state.shape)}"
+                )
+            checked.append(state)
+        return checked

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from tagd.card import CardError, ModelCard, onnx_card
-from tagd.engines.base import Engine, EngineError
+from tagd.engines.base import Engine, EngineError, IncrementalEngine
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,11 @@ class OnnxEngine(Engine):
     backend = "onnxruntime"
     options_section = "onnxruntime"
 
-    def __init__(self, path: Path, card: ModelCard, session):
+    def __init__(self, path: Path, card: ModelCard, session, options=None, providers=None):
         super().__init__(path, card)
         self._session = session
+        self._options = options  # what incremental() loads its graphs with
+        self._chosen = providers
         self._input_name = session.get_inputs()[0].name
         self._output_name = session.get_outputs()[0].name
         self.providers = session.get_providers()
@@ -135,11 +137,58 @@ class OnnxEngine(Engine):
                 f"{[i.name for i in inputs]} → {[o.name for o in outputs]}"
             )
         card.check_io(list(inputs[0].shape), list(outputs[0].shape), source=str(path))
-        engine = cls(path, card, session)
+        engine = cls(path, card, session, options, chosen)
         log.info("loaded %s with providers %s", engine.describe(), engine.providers)
         return engine
+
+    def incremental(self, hop_samples: int) -> OnnxIncremental | None:
+        graph = self.card.incremental_graph(hop_samples)
+        if graph is None:
+            return None
+        import onnxruntime as ort
+
+        sessions = []
+        for role in ("prime", "step"):
+            path = self.path.with_name(graph[role])
+            if not path.is_file():
+                raise EngineError(f"{self.path}: its card names the {role} graph {path.name} "
+                                  f"for hop {hop_samples}, which is not beside it; export "
+                                  f"again, or serve with full windows")  # fmt: skip
+            try:
+                sessions.append(ort.InferenceSession(str(path), sess_options=self._options,
+                                                     providers=self._chosen))  # fmt: skip
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                raise EngineError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+        return OnnxIncremental(self.card, graph, *sessions)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = self._check_batch(batch)
         (scores,) = self._session.run([self._output_name], {self._input_name: batch})
         return np.asarray(scores, dtype=np.float32)
+
+
+class OnnxIncremental(IncrementalEngine):
+    """Prime and step graphs on ONNX Runtime, with the main model's session options."""
+
+    def __init__(self, card: ModelCard, graph: dict, prime, step):
+        super().__init__(card, graph)
+        self._prime, self._step = prime, step
+        expected = ["waveform", *(f"state.{n}" for n in self.state_names)]
+        found = [i.name for i in step.get_inputs()]
+        if found != expected:
+            raise EngineError(f"{graph['step']}: inputs {found}, the card says {expected}; "
+                              f"export the model again")  # fmt: skip
+        self._input = prime.get_inputs()[0].name
+        self._step_inputs = found
+
+    def prime(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        scores, *states = self._prime.run(None, {self._input: batch})
+        return scores, states
+
+    def step(
+        self, batch: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = dict(zip(self._step_inputs, [batch, *self.check_states(states, len(batch))],
+                         strict=True))  # fmt: skip
+        scores, *states = self._step.run(None, feeds)
+        return scores, states

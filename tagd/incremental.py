@@ -1,0 +1,148 @@
+"""Incremental inference in `tagd serve` and `tagd tag`: each stream's state between hops.
+
+An FCN's consecutive windows share most of their audio, and every layer is local in
+time, so a window one hop after the last can be scored from the last window's state
+plus what the hop adds (trainer.models.streaming has the why and the plan; docs/models.md
+the picture). The exported model carries a *prime* graph (a whole window → scores and
+state) and a *step* graph (a window and its predecessor's state → scores and the next
+state) per hop (tagd.engines.base.IncrementalEngine).
+
+The ``IncrementalRunner`` scores a batch of windows of any streams. It keeps, per
+stream, the state of its last scored window with that window's epoch and where the next
+window must start. A window that continues it exactly (same epoch, starting one hop
+later) goes to the step graph; any other (a stream's first, one after a restart or a
+gap, one after a dropped or failed window) to the prime graph, which recomputes it in
+full and starts the chain again. Either way the scores are those of the full window.
+
+A stream's state is ``IncrementalEngine.state_bytes`` (FCN-4: 1.3 MB) while it is held;
+``forget`` drops it when a stream is evicted, so the memory is bounded by the stream
+limit. Callers guarantee what the batcher does: a stream's windows are scored one at a
+time, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from tagd.card import ModelCard
+from tagd.engines.base import IncrementalEngine
+
+log = logging.getLogger(__name__)
+
+STEP = "incremental"  # tagd_window_updates_total{mode}: from the last window's state
+PRIME = "full"  # the whole window
+
+
+class WindowKey(Protocol):
+    """What the runner needs of a window: whose it is and where it lies in the stream."""
+
+    stream: str
+    epoch: int
+    start: int
+
+
+@dataclass
+class _Carried:
+    epoch: int
+    next_start: int  # where a window must start to continue from this state
+    states: list[np.ndarray]  # one per state tensor, without the batch axis
+
+
+class IncrementalRunner:
+    def __init__(self, engines: Sequence[IncrementalEngine], on_updates=None):
+        """One engine per instance, sharing the streams' states; ``on_updates(mode,
+        count)`` is told how many windows each graph scored."""
+        self.engines = list(engines)
+        self.engine = self.engines[0]
+        self.hop_samples = self.engine.hop_samples
+        self._carried: dict[str, _Carried] = {}
+        self._on_updates = on_updates
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Both graphs once per batch size on silence, on every instance."""
+        for engine in self.engines:
+            for size in batch_sizes:
+                silence = np.zeros((size, engine.card.window_samples), dtype=np.float32)
+                _, states = engine.prime(silence)
+                engine.step(silence, states)
+
+    def run(self, keys: Sequence[WindowKey], batch: np.ndarray, instance: int = 0) -> np.ndarray:
+        """Scores ``[len(keys), n_tags]`` of the windows ``batch`` (one row per key)."""
+        engine = self.engines[instance]
+        steps, primes = [], []
+        for row, key in enumerate(keys):
+            carried = self._carried.get(key.stream)
+            follows = (carried is not None and carried.epoch == key.epoch
+                       and carried.next_start == key.start)  # fmt: skip
+            (steps if follows else primes).append(row)
+        scores = np.empty((len(keys), engine.card.n_tags), dtype=np.float32)
+        if steps:
+            states = [np.stack([self._carried[keys[r].stream].states[i] for r in steps])
+                      for i in range(len(engine.state_shapes))]  # fmt: skip
+            self._take(keys, steps, scores, *engine.step(batch[steps], states))
+        if primes:
+            self._take(keys, primes, scores, *engine.prime(batch[primes]))
+        if self._on_updates is not None:
+            self._on_updates(STEP, len(steps))
+            self._on_updates(PRIME, len(primes))
+        return scores
+
+    def _take(self, keys, rows: list[int], scores: np.ndarray, got: np.ndarray,
+              states: list[np.ndarray]) -> None:  # fmt: skip
+        scores[rows] = got
+        for index, row in enumerate(rows):
+            key = keys[row]
+            # one row is the whole output array; of several, copy so that a stream's
+            # state does not keep the batch's alive
+            mine = [s[0] if len(rows) == 1 else s[index].copy() for s in states]
+            self._carried[key.stream] = _Carried(key.epoch, key.start + self.hop_samples, mine)
+
+    def forget(self, stream: str) -> None:
+        self._carried.pop(stream, None)
+
+    @property
+    def streams_held(self) -> int:
+        return len(self._carried)
+
+
+@dataclass(frozen=True)
+class _ClipWindow:
+    stream: str
+    epoch: int
+    start: int
+
+
+def clip_keys(starts: Sequence[int]) -> list[_ClipWindow]:
+    """Keys for the windows of one file (one stream, one epoch), by their starts."""
+    return [_ClipWindow("clip", 0, start) for start in starts]
+
+
+def reuse_summary(card: ModelCard, hop_samples: int) -> str:
+    """What a hop lets incremental inference reuse, for the start-up log."""
+    strides = card.incremental.get("time_strides", [])
+    if not strides:
+        return f"{card.architecture} has no incremental graphs (only FCNs do)"
+    levels = card.reusable_levels(hop_samples)
+    if levels == 0:
+        return (f"hop {hop_samples} samples is not a multiple of the {strides[0]}-sample frame "
+                f"hop: no layer can be reused")  # fmt: skip
+    blocks = levels - 1
+    what = "the log-mel frames" + (f" and conv blocks 1–{blocks}" if blocks > 1 else
+                                   " and conv block 1" if blocks == 1 else "")  # fmt: skip
+    deeper = strides[levels] if levels < len(strides) else None
+    more = f"; a multiple of {deeper} samples would reuse more" if deeper else ""
+    return f"hop {hop_samples} samples can reuse {what}{more}"
+
+
+def missing_graph_hint(card: ModelCard, hop_samples: int) -> str:
+    """Why there is no incremental graph for a hop, and what to do."""
+    exported = [g["hop_samples"] for g in card.incremental.get("graphs", [])]
+    have = ", ".join(str(h) for h in exported) or "none"
+    return (f"{reuse_summary(card, hop_samples)}, but the model has incremental graphs for "
+            f"hops {have} only (samples); export with `tagd-train export --incremental-hop "
+            f"{hop_samples / card.sample_rate:g}` for this one")  # fmt: skip
