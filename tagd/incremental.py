@@ -111,15 +111,12 @@ class IncrementalRunner:
 
 
 @dataclass(frozen=True)
-class _ClipWindow:
+class WindowAt:
+    """A ``WindowKey`` of its own, for windows that are not a stream's (a file's, a test's)."""
+
     stream: str
     epoch: int
     start: int
-
-
-def clip_keys(starts: Sequence[int]) -> list[_ClipWindow]:
-    """Keys for the windows of one file (one stream, one epoch), by their starts."""
-    return [_ClipWindow("clip", 0, start) for start in starts]
 
 
 def reuse_summary(card: ModelCard, hop_samples: int) -> str:

@@ -16,12 +16,13 @@ import numpy as np
 from tagd.audio import AudioError, decode_file
 from tagd.card import ModelCard
 from tagd.engines import Engine
-from tagd.incremental import IncrementalRunner, clip_keys
+from tagd.incremental import IncrementalRunner, WindowAt
 from tagd.windowing import ClipTooShortError, clip_windows
 
 # Windows per engine call. ONNX Runtime's arena keeps the activations of the largest
 # batch, and a full-size FCN-4 window's are tens of MB: docs/models.md has the peaks.
 DEFAULT_BATCH = 1
+FILE_STREAM = "file"  # the stream name a file's windows carry through an IncrementalRunner
 AUDIO_SUFFIXES = frozenset(
     (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".mp2", ".webm", ".mka")
 )  # fmt: skip
@@ -115,11 +116,11 @@ def _tag_incrementally(runner: IncrementalRunner, path: Path, samples: np.ndarra
         raise ValueError(f"a runner for hop {runner.hop_samples} asked to tag at {hop_samples}")
     total = np.zeros(card.n_tags, dtype=np.float64)
     count = 0
-    runner.forget("clip")  # the last file's chain
+    runner.forget(FILE_STREAM)  # the last file's chain
     for window in clip_windows(samples, card.window_samples, hop_samples):
-        (key,) = clip_keys([window.start])
+        key = WindowAt(FILE_STREAM, 0, window.start)
         total += runner.run([key], window.samples[None, :])[0]
         count += 1
-    runner.forget("clip")
+    runner.forget(FILE_STREAM)
     duration = len(samples) / card.sample_rate
     return FileTags(path, duration, count, (total / count).astype(np.float32))

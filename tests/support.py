@@ -356,6 +356,21 @@ def reference_windows(
     return windows
 
 
+def send_chunked(endpoint: str, streams: dict[str, tuple[bytes, int]], rate: int) -> None:
+    """Send each stream's s16le stereo payload over zmq+pull in messages of ``chunk`` bytes."""
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.connect(endpoint)
+    for name, (payload, chunk) in streams.items():
+        for seq, offset in enumerate(range(0, len(payload), chunk)):
+            header = {"format": "s16le", "rate": rate, "channels": 2, "seq": seq}
+            push.send_multipart(
+                [name.encode(), json.dumps(header).encode(), payload[offset : offset + chunk]]
+            )
+    push.close(linger=5000)
+    context.term()
+
+
 @contextlib.contextmanager
 def socket_port():
     """A free port on 127.0.0.1, for a ``with`` block (what many tests read best)."""

@@ -6,7 +6,6 @@ Models are tiny exports with short windows (a ~2 s FCN-4, a 0.1 s SampleCNN aver
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from support import (
     reference_windows,
     s16le,
     scrape,
+    send_chunked,
     serving,
     socket_port,
 )
@@ -156,20 +156,6 @@ def test_two_streams_from_the_example_producer_are_told_apart(fcn, tmp_path, ins
             np.testing.assert_allclose(got, expected[row], atol=1e-6)
     first = {name: listener.on(f"tags.{name}")[0]["scores"] for name in audio}
     assert first["radio1"] != first["radio2"]
-
-
-def send_chunked(endpoint: str, streams: dict[str, tuple[bytes, int]], rate: int) -> None:
-    context = zmq.Context()
-    push = context.socket(zmq.PUSH)
-    push.connect(endpoint)
-    for name, (payload, chunk) in streams.items():
-        for seq, offset in enumerate(range(0, len(payload), chunk)):
-            header = {"format": "s16le", "rate": rate, "channels": 2, "seq": seq}
-            push.send_multipart(
-                [name.encode(), json.dumps(header).encode(), payload[offset : offset + chunk]]
-            )
-    push.close(linger=5000)
-    context.term()
 
 
 def test_the_same_audio_in_any_message_size_gives_the_same_scores(fcn):

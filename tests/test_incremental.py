@@ -1,0 +1,342 @@
+"""Incremental inference is exact: a window scored from the last one's state scores as in full.
+
+The torch modules are checked for every FCN preset over 50 consecutive hops of music-like
+audio; the exported graphs on ONNX Runtime through the runner the daemon uses, with
+dropped windows, restarts, any chunking and streams batched together; `tagd tag` and
+`tagd serve` against themselves with full windows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+from audio_fixtures import make_music
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import (
+    Listener,
+    make_config,
+    metric_sample,
+    s16le,
+    scrape,
+    send_chunked,
+    serving,
+    socket_port,
+)
+
+from tagd.card import read_card
+from tagd.config import ConfigError, load_config
+from tagd.engines import load_engine
+from tagd.incremental import IncrementalRunner, WindowAt, reuse_summary
+from tagd.tagfile import tag_file
+from tagd.windowing import Windower
+
+torch = pytest.importorskip("torch")
+
+from trainer.export import export_onnx  # noqa: E402
+from trainer.models import create_model  # noqa: E402
+from trainer.models.fcn import aligned_hop_samples  # noqa: E402
+from trainer.models.streaming import incremental_graphs, model_plan  # noqa: E402
+
+TOLERANCE = 1e-4  # max abs difference of sigmoid scores, as the export parity check
+HOPS = 50
+HEAD_GAIN = 30.0
+RATE = 12_000
+FCN_PRESETS = ("fcn3", "fcn4", "fcn5", "fcn6", "fcn7")
+# A 2 s FCN-4 (tests/support.py SHORT_FCN) and a hop of 16 frames: every block reusable.
+SHORT_FCN = {"n_frames": 94, "pools": ((2, 2), (2, 2), (3, 2), (4, 2))}
+SHORT_HOP = 16 * 256
+
+
+def trained_looking(model):
+    """Move BatchNorm statistics off the identity, as training would, so that an edge
+    column computed wrong shows in the scores instead of hiding in a ReLU's zero."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.3, 0.3, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+    model.input_bn.running_mean.fill_(-35.0)  # log-mel dB of music: about -35 ± 20
+    model.input_bn.running_var.fill_(400.0)
+    with torch.no_grad():  # an untrained head barely moves the scores: make them move
+        model.head.weight.mul_(HEAD_GAIN)
+    return model.eval()
+
+
+def windows_of(audio: np.ndarray, window: int, hop: int) -> torch.Tensor:
+    count = 1 + (len(audio) - window) // hop
+    return torch.from_numpy(np.stack([audio[k * hop : k * hop + window] for k in range(count)]))
+
+
+def full_scores(model, windows: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([model(windows[i : i + 8]) for i in range(0, len(windows), 8)]).numpy()
+
+
+def stepped_scores(model, hop: int, windows: torch.Tensor) -> np.ndarray:
+    prime, step = incremental_graphs(model, hop)
+    with torch.no_grad():
+        scores, *states = prime(windows[:1])
+        out = [scores]
+        for k in range(1, len(windows)):
+            scores, *states = step(windows[k : k + 1], *states)
+            out.append(scores)
+    return torch.cat(out).numpy()
+
+
+# -- the torch modules ----------------------------------------------------------------------
+@pytest.mark.parametrize("arch", FCN_PRESETS)
+def test_every_preset_steps_exactly_over_fifty_hops(arch):
+    torch.manual_seed(0)
+    model = trained_looking(create_model(arch, 6, width=0.125))
+    hop = model.default_hop_samples
+    audio = make_music((model.window_samples + HOPS * hop) / RATE, RATE, seed=3)
+    windows = windows_of(audio, model.window_samples, hop)
+    assert len(windows) == HOPS + 1
+    difference = np.abs(stepped_scores(model, hop, windows) - full_scores(model, windows))
+    assert difference.max() <= TOLERANCE
+    # the scores move from window to window far more than the tolerance
+    assert np.ptp(full_scores(model, windows), axis=0).max() > 50 * TOLERANCE
+
+
+def test_full_size_fcn4_is_exact_within_a_fifth_of_the_work_and_4_mb_of_state():
+    torch.manual_seed(0)
+    model = trained_looking(create_model("fcn4", 50))
+    hop = model.default_hop_samples
+    plan = model_plan(model, hop)
+    assert hop == 40_960  # 160 frames, 3.413 s: the deepest stride below the last pool
+    assert plan.top == 3 and plan.step_macs <= plan.full_macs / 5
+    assert plan.state_bytes <= 4 * 1024 * 1024
+    audio = make_music((model.window_samples + 6 * hop) / RATE, RATE, seed=4)
+    windows = windows_of(audio, model.window_samples, hop)
+    difference = np.abs(stepped_scores(model, hop, windows) - full_scores(model, windows))
+    assert difference.max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("hop_frames", "deepest_reused"),
+    [(1, 0), (4, 1), (7, 0), (20, 2), (80, 2), (160, 3), (320, 3)],
+)
+def test_a_hop_off_the_deepest_stride_reuses_the_layers_it_can(hop_frames, deepest_reused):
+    torch.manual_seed(0)
+    model = trained_looking(create_model("fcn4", 6, width=0.125))
+    hop = hop_frames * 256
+    plan = model_plan(model, hop)
+    assert plan.top == deepest_reused
+    audio = make_music((model.window_samples + 6 * hop) / RATE, RATE, seed=5)
+    windows = windows_of(audio, model.window_samples, hop)
+    difference = np.abs(stepped_scores(model, hop, windows) - full_scores(model, windows))
+    assert difference.max() <= TOLERANCE
+
+
+def test_a_hop_off_the_frame_grid_reuses_nothing():
+    model = create_model("fcn4", 6, width=0.125)
+    assert model_plan(model, 36_000) is None  # 3 s: 140.6 frames
+    assert incremental_graphs(model, 36_000) is None
+
+
+def test_default_hops_are_the_aligned_hops_nearest_three_seconds():
+    hops = {arch: aligned_hop_samples(create_model(arch).config) for arch in FCN_PRESETS}
+    assert hops == {"fcn3": 40_960, "fcn4": 40_960, "fcn5": 32_768, "fcn6": 32_768,
+                    "fcn7": 32_768}  # fmt: skip
+
+
+# -- the exported graphs, through the runner ------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A narrow FCN-4 exported with its graphs at the default hop and at 1/8 of it."""
+    torch.manual_seed(0)
+    model = trained_looking(create_model("fcn4", 6, width=0.125))
+    path = tmp_path_factory.mktemp("incremental") / "fcn4.onnx"
+    export_onnx(model, path, tags=[f"t{i}" for i in range(6)], incremental_hops=(5_120,))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(exported):
+    return load_engine(exported)
+
+
+def test_export_writes_the_graphs_beside_the_model_and_the_card_names_them(exported):
+    card = read_card(exported)
+    assert card.hop_samples == 40_960
+    assert card.incremental["time_strides"] == [256, 1024, 5120, 40960, 327680]
+    graphs = {g["hop_samples"]: g for g in card.incremental["graphs"]}
+    assert set(graphs) == {5_120, 40_960}
+    for graph in graphs.values():
+        assert (exported.parent / graph["prime"]).is_file()
+        assert (exported.parent / graph["step"]).is_file()
+        assert graph["max_abs_diff"] <= TOLERANCE
+    assert [s["name"] for s in graphs[40_960]["state"]] == ["block2", "block3"]
+    assert [s["name"] for s in graphs[5_120]["state"]] == ["block2"]
+    assert graphs[40_960]["state"][0]["shape"] == [48, 12, 67]
+
+
+def counter(counts: dict[str, int]):
+    """An ``on_updates`` that adds each graph's windows into ``counts``."""
+
+    def count(mode: str, windows: int) -> None:
+        counts[mode] += windows
+
+    return count
+
+
+def full_window_scores(engine, windows: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([engine.run(w[None, :]) for w in windows])
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    chunks=st.lists(st.integers(500, 60_000), min_size=1, max_size=8),
+    dropped=st.sets(st.integers(1, 13), max_size=4),
+    restart_after=st.one_of(st.none(), st.integers(2, 10)),
+)
+def test_any_chunking_drops_and_restarts_give_the_full_windows_scores(
+    engine, chunks, dropped, restart_after
+):
+    """A stream's windows, cut from audio pushed in any chunks, some dropped on the way
+    (queue full, engine error) and the stream restarted once: every window scored is
+    scored as in full, and only the windows that do not continue the last are primed."""
+    card = engine.card
+    hop = card.hop_samples
+    counts = {"incremental": 0, "full": 0}
+    runner = IncrementalRunner([engine.incremental(hop)], on_updates=counter(counts))
+    audio = make_music((card.window_samples + 14 * hop) / RATE, RATE, seed=6)
+    windower = Windower(card.window_samples, hop)
+    windows, at, sizes = [], 0, itertools.cycle(chunks)
+    while at < len(audio):
+        size = next(sizes)
+        windows += windower.push(audio[at : at + size])
+        at += size
+    assert len(windows) == 15
+    keys, kept = [], []
+    epoch = 0
+    for index, window in enumerate(windows):
+        if restart_after is not None and index == restart_after:
+            epoch += 1  # what a Stream's restart does: a new epoch, same hop grid
+        if index in dropped:
+            continue
+        keys.append(WindowAt("radio1", epoch, window.start))
+        kept.append(window.samples)
+    got = np.concatenate(
+        [runner.run([key], sample[None, :]) for key, sample in zip(keys, kept, strict=True)]
+    )
+    assert np.abs(got - full_window_scores(engine, kept)).max() <= TOLERANCE
+    starts = [k.start for k in keys]
+    epochs = [k.epoch for k in keys]
+    continued = sum(1 for i in range(1, len(keys))
+                    if starts[i] == starts[i - 1] + hop and epochs[i] == epochs[i - 1])  # fmt: skip
+    assert counts == {"incremental": continued, "full": len(keys) - continued}
+
+
+def test_streams_batched_together_each_keep_their_own_chain(engine):
+    card = engine.card
+    hop = card.hop_samples
+    runner = IncrementalRunner([engine.incremental(hop)])
+    audio = {name: make_music((card.window_samples + 4 * hop) / RATE, RATE, seed=seed)
+             for name, seed in (("a", 1), ("b", 2))}  # fmt: skip
+    window = {name: windows_of(a, card.window_samples, hop).numpy() for name, a in audio.items()}
+    # a starts alone; then a's second window and b's first share a batch (a step, a prime)
+    first = runner.run([WindowAt("a", 0, 0)], window["a"][:1])
+    assert np.abs(first - engine.run(window["a"][:1])).max() <= TOLERANCE
+    for k in range(1, 4):
+        keys = [WindowAt("a", 0, k * hop), WindowAt("b", 0, (k - 1) * hop)]
+        batch = np.stack([window["a"][k], window["b"][k - 1]])
+        assert np.abs(runner.run(keys, batch) - engine.run(batch)).max() <= TOLERANCE
+    assert runner.streams_held == 2
+    runner.forget("a")
+    assert runner.streams_held == 1
+
+
+def test_the_start_up_summary_says_what_a_hop_reuses(exported):
+    card = read_card(exported)
+    assert "conv blocks 1–3" in reuse_summary(card, 40_960)
+    assert "conv blocks 1–2" in reuse_summary(card, 5_120)
+    assert "not a multiple of the 256-sample frame hop" in reuse_summary(card, 36_000)
+
+
+# -- tagd tag -----------------------------------------------------------------------------------
+def test_tag_gives_the_full_windows_scores_over_a_long_file(exported, engine, tmp_path):
+    audio = make_music(75.0, 44_100, seed=9)
+    song = tmp_path / "song.wav"
+    soundfile.write(song, audio, 44_100)
+    counts = {"incremental": 0, "full": 0}
+    runner = IncrementalRunner([engine.incremental(engine.card.hop_samples)],
+                               on_updates=counter(counts))  # fmt: skip
+    incremental = tag_file(engine, song, incremental=runner)
+    full = tag_file(engine, song)
+    assert incremental.windows == full.windows == 14  # (75 - 29.12) / 3.413 + 1
+    assert counts == {"incremental": 13, "full": 1}
+    assert np.abs(incremental.scores - full.scores).max() <= TOLERANCE
+
+    def cli(*extra):
+        result = subprocess.run([sys.executable, "-m", "tagd.cli", "tag", str(song), "--engine",
+                                 str(exported), "--json", *extra], capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["scores"]
+
+    by_default, in_full = cli(), cli("--full-windows")
+    assert max(abs(by_default[t] - in_full[t]) for t in in_full) <= TOLERANCE
+
+
+# -- tagd serve ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_fcn(tmp_path_factory):
+    torch.manual_seed(0)
+    model = trained_looking(create_model("fcn4", 6, width=0.125, **SHORT_FCN))
+    path = tmp_path_factory.mktemp("short") / "short.onnx"
+    export_onnx(model, path, incremental_hops=(SHORT_HOP,))
+    return path
+
+
+def serve_scores(engine_path, incremental: bool, payload: bytes) -> tuple[dict, str]:
+    with socket_port() as port:
+        config = make_config(engine_path, [f"zmq+pull://127.0.0.1:{port}"],
+                             batching={"max_pending_per_stream": 1000})  # fmt: skip
+    config.hop_seconds = SHORT_HOP / RATE
+    config.incremental = incremental
+    with serving(config) as server:
+        listener = Listener(server, "tags.")
+        send_chunked(f"tcp://127.0.0.1:{port}", {"a": (payload, 4000), "b": (payload, 1684)}, RATE)
+        listener.collect(until_quiet=1.0)
+        listener.close()
+        _, metrics = scrape(server)
+    scores = {(name, m["seq"]): m["scores"] for name in "ab" for m in listener.on(f"tags.{name}")}
+    return scores, metrics
+
+
+def test_serve_publishes_the_full_windows_scores_and_says_it_is_incremental(short_fcn):
+    audio = make_music(6.0, RATE, seed=11)
+    payload = s16le(np.stack([audio, audio], axis=1))
+    incremental, metrics = serve_scores(short_fcn, True, payload)
+    full, full_metrics = serve_scores(short_fcn, False, payload)
+    assert len(incremental) >= 2 * 11  # (6 - 1.98) / 0.341 + 1 windows a stream
+    assert incremental.keys() == full.keys()
+    for key, scores in full.items():
+        assert max(abs(scores[t] - incremental[key][t]) for t in scores) <= TOLERANCE + 1e-6, key
+    assert metric_sample(metrics, "tagd_engine_info", inference="incremental") == 1
+    updates = metric_sample(metrics, "tagd_window_updates_total", mode="incremental")
+    assert updates == len(incremental) - 2  # each stream's first window is primed
+    assert metric_sample(full_metrics, "tagd_engine_info", inference="full_windows") == 1
+
+
+def test_the_engine_table_and_the_flag_turn_it_off(tmp_path):
+    config = tmp_path / "tagd.toml"
+    config.write_text('inputs = ["zmq+pull://127.0.0.1:5999"]\n'
+                      '[engine]\npath = "fcn4.onnx"\nincremental = false\n')  # fmt: skip
+    loaded = load_config(config)
+    assert loaded.engine == str(tmp_path / "fcn4.onnx") and loaded.incremental is False
+    config.write_text(
+        'inputs = ["zmq+pull://127.0.0.1:5999"]\n[engine]\npath = "x.onnx"\nspeed = 1\n'
+    )
+    with pytest.raises(ConfigError, match="engine.speed: unknown key"):
+        load_config(config)
