@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CARD_SCHEMA_VERSION = 1
 CARD_METADATA_KEY = "tagd.card"  # key of the card in ONNX metadata_props
+HOP_SNAP_S = 0.002  # a hop in seconds this close to a whole number of frames is snapped to it
 
 
 class CardError(ValueError):
@@ -92,6 +93,19 @@ class ModelCard:
             if graph.get("hop_samples") == hop_samples:
                 return graph
         return None
+
+    def hop_from_seconds(self, seconds: float) -> int:
+        """A hop given in seconds, in samples: one within HOP_SNAP_S of a whole number of
+        the model's frames is taken as that number (``--hop 3.413`` is 40,960 samples,
+        FCN-4's aligned hop, not the 40,956 it rounds to), so incremental inference can
+        reuse what the hop allows."""
+        samples = max(1, round(seconds * self.sample_rate))
+        strides = self.incremental.get("time_strides", [])
+        if strides:
+            snapped = max(strides[0], round(samples / strides[0]) * strides[0])
+            if abs(snapped - samples) <= HOP_SNAP_S * self.sample_rate:
+                return snapped
+        return samples
 
     def reusable_levels(self, hop_samples: int) -> int:
         """How many levels (log-mel frames, then conv blocks) a hop lets a stream reuse."""

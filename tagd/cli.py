@@ -113,7 +113,7 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
     except (EngineError, CardError) as exc:
         raise click.ClickException(str(exc)) from None
     card = engine.card
-    hop_samples = round(hop * card.sample_rate) if hop else card.hop_samples
+    hop_samples = card.hop_from_seconds(hop) if hop else card.hop_samples
     runner = None
     if not full_windows:
         try:
@@ -257,10 +257,13 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
         for warning in input_warnings(config, card):
             click.echo(f"tagd serve: warning: {warning}", err=True)
         names = ", ".join(spec.name for spec in config.inputs)
+        hop = card.hop_from_seconds(config.hop_seconds) if config.hop_seconds else card.hop_samples
+        incremental = config.incremental and card.incremental_graph(hop) is not None
         click.echo(
             f"config OK: engine {config.engine} ({card.name}, {card.architecture}, "
             f"{card.n_tags} tags, {card.sample_rate} Hz, window {card.window_seconds:.2f} s, "
-            f"hop {config.hop_seconds or card.hop_seconds:.2f} s), "
+            f"hop {hop / card.sample_rate:.3f} s, "
+            f"{'incremental' if incremental else 'full windows'}), "
             f"{len(config.inputs)} input(s): {names}"
         )
         return

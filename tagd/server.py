@@ -343,7 +343,7 @@ class Server:
         card = self.engine.card
         if self.config.hop_seconds is None:
             return card.hop_samples
-        return max(1, round(self.config.hop_seconds * card.sample_rate))
+        return card.hop_from_seconds(self.config.hop_seconds)
 
     def _sweep(self) -> None:
         while not self._stopping.wait(SWEEP_INTERVAL_S):

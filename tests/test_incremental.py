@@ -263,6 +263,13 @@ def test_the_start_up_summary_says_what_a_hop_reuses(exported):
     assert "not a multiple of the 256-sample frame hop" in reuse_summary(card, 36_000)
 
 
+def test_a_hop_in_seconds_near_a_whole_number_of_frames_is_that_number(exported):
+    card = read_card(exported)
+    assert card.hop_from_seconds(3.413) == 40_960  # rounds to 40,956 samples
+    assert card.hop_from_seconds(0.427) == 5_120
+    assert card.hop_from_seconds(3.0) == 36_000  # 140.6 frames: left as it is
+
+
 # -- tagd tag -----------------------------------------------------------------------------------
 def test_tag_gives_the_full_windows_scores_over_a_long_file(exported, engine, tmp_path):
     audio = make_music(75.0, 44_100, seed=9)

@@ -470,15 +470,29 @@ def evaluate(
 @click.option("--name", help="Card name (default: the checkpoint's).")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--no-check", is_flag=True, help="Skip the ONNX Runtime parity check.")
+@click.option(
+    "--incremental-hop",
+    "incremental_hops",
+    multiple=True,
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="FCN: also write incremental graphs for this streaming hop (repeatable); the "
+    "card's hop always gets them.",
+)
 @friendly_errors
 def export(
-    checkpoint, model_name, n_tags, tags_file, hparams, seed, out_path, name, opset, no_check
-):
-    """Write ONNX with the model card (tags, thresholds, scores) inside."""
+    checkpoint, model_name, n_tags, tags_file, hparams, seed, out_path, name, opset, no_check,
+    incremental_hops,
+):  # fmt: skip
+    """Write ONNX with the model card (tags, thresholds, scores) inside.
+
+    For an FCN, the incremental graphs that `tagd serve` and `tagd tag` use to score each
+    window from the last one go beside it: OUT's stem.<hop>.prime.onnx and .step.onnx.
+    """
     import torch
 
     from trainer.checkpoint import card_from_checkpoint, load_checkpoint, model_from_checkpoint
-    from trainer.export import export_onnx
+    from trainer.export import card_for_model, export_onnx
     from trainer.models import create_model
 
     if (checkpoint is None) == (model_name is None):
@@ -488,12 +502,14 @@ def export(
         model, card = model_from_checkpoint(saved), card_from_checkpoint(saved)
         if name:
             card.name = name
-        result = export_onnx(model, out_path, card=card, opset=opset, check=not no_check)
     else:
         tags = _read_tags(tags_file) if tags_file else None
         torch.manual_seed(seed)
         model = create_model(model_name, len(tags) if tags else n_tags, **parse_hparams(hparams))
-        result = export_onnx(model, out_path, name=name, tags=tags, opset=opset, check=not no_check)
+        card = card_for_model(model, name=name, tags=tags)
+    hops = tuple(round(seconds * model.sample_rate) for seconds in incremental_hops)
+    result = export_onnx(model, out_path, card=card, opset=opset, check=not no_check,
+                         incremental_hops=hops)  # fmt: skip
     parity = (
         "" if result.max_abs_diff is None else f"; ONNX Runtime parity {result.max_abs_diff:.1e}"
     )
@@ -501,6 +517,11 @@ def export(
     click.echo(
         f"wrote {result.path}: {result.card.architecture}, {result.card.n_tags} tags, scores: {scored}{parity}"
     )
+    for graph in result.card.incremental.get("graphs", []):
+        click.echo(f"  incremental at hop {graph['hop_samples'] / result.card.sample_rate:.3f} s: "
+                   f"{graph['prime']}, {graph['step']} ({graph['state_bytes'] / 1e6:.2f} MB of "
+                   f"state a stream, {graph['step_macs'] / graph['full_macs']:.0%} of a window's "
+                   f"MACs)")  # fmt: skip
 
 
 def _read_tags(path: Path) -> list[str]:

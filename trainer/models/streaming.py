@@ -181,6 +181,25 @@ class IncrementalPlan:
         window = sum(lv.macs_per_column * lv.columns for lv in self.levels[: self.top + 1])
         return window + self.above_macs
 
+    def picture(self, width: int = 64) -> list[str]:
+        """Each level's columns scaled to ``width`` characters: ``#`` computed this hop,
+        ``=`` taken from the state, ``·`` not needed; blocks above the top all ``#``."""
+        lines = []
+        for lv in self.levels:
+            cells = min(width, lv.columns)
+            scale = lv.columns / cells
+            row = []
+            for cell in range(cells):
+                lo, hi = int(cell * scale), max(int(cell * scale) + 1, int((cell + 1) * scale))
+                if lv.index > self.top or any(a < hi and lo < b for a, b in self.compute[lv.index]):
+                    row.append("#")
+                elif lv.index in self.stored:
+                    row.append("=")
+                else:
+                    row.append("·")
+            lines.append(f"{lv.name:>7} {''.join(row)}")
+        return lines
+
     def describe(self) -> list[str]:
         """One line per level: width, stride, shift, stored or not, columns computed."""
         lines = []
