@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))  # support: the daemon process and free 
 
 from support import TagdProcess, connect_and_wait, free_port  # noqa: E402
 
+from tagd.incremental import PRIME, STEP  # noqa: E402
 from tagd.metrics import Metrics  # noqa: E402
 from tagd.sources.zmq import parse_message  # noqa: E402
 from tagd.stream import (  # noqa: E402
@@ -324,6 +325,7 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
                 )
                 dropped0 = daemon.metric_sum("tagd_windows_dropped_total")
                 batches0 = daemon.metric_sum("tagd_batch_size_count")
+                updates0 = window_updates(daemon)
                 bench_cpu0 = process_cpu_seconds()
             if not sub.poll(100):
                 continue
@@ -353,6 +355,7 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
         published = daemon.metric_sum("tagd_windows_published_total") - published0
         dropped = daemon.metric_sum("tagd_windows_dropped_total") - dropped0
         batches = daemon.metric_sum("tagd_batch_size_count") - batches0
+        updates = {mode: n - updates0[mode] for mode, n in window_updates(daemon).items()}
         rss = daemon.rss_mb()
         producer.stop()
         sub.close(linger=0)
@@ -385,9 +388,14 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
         outside_p50_ms=percentile(outside, 50),
         outside_p99_ms=percentile(outside, 99),
         bench_cores=bench_cpu,
-        notes={"exit_code": code, "received": received},
+        notes={"exit_code": code, "received": received, "updates": updates},
         windows_ready=windows_ready,
     )
+
+
+def window_updates(daemon: Daemon) -> dict[str, float]:
+    """Windows the daemon has scored so far, by mode: from the last window's state or in full."""
+    return {mode: daemon.metric("tagd_window_updates_total", mode=mode) for mode in (STEP, PRIME)}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -420,9 +428,10 @@ def ideal_fifo(result: RunResult, window_ms: float) -> dict:
     }
 
 
-def idle_rss(model: Path, window_s: float, hop_s: float, streams: int = IDLE_STREAMS) -> dict:
+def idle_rss(model: Path, window_s: float, hop_s: float, streams: int = IDLE_STREAMS,
+             toml: str = "") -> dict:  # fmt: skip
     """RSS once ``streams`` streams have each filled a window and gone quiet."""
-    daemon = Daemon(model, hop_s)
+    daemon = Daemon(model, hop_s, toml=toml)
     try:
         baseline = daemon.rss_mb()
         producer = Producer(daemon.input, streams, window_s, hop_s).start()

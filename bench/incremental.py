@@ -1,0 +1,442 @@
+"""Incremental FCN inference against full windows: MACs, ONNX Runtime time, streams served.
+
+    .venv/bin/python bench/incremental.py                        # every FCN, ~15 minutes
+    .venv/bin/python bench/incremental.py --skip-serve           # part 1 only, ~2 minutes
+    .venv/bin/python bench/incremental.py --models fcn4 --repeats 5 --seconds 10 --runs 3
+
+In one run on this machine:
+
+1. per FCN preset (full size, random weights after ``torch.manual_seed(0)``: cost does
+   not depend on them) at its aligned (default) hop: the plan
+   (``IncrementalPlan.describe``); the multiply-accumulates of one update, half the FLOPs
+   torch's FlopCounterMode counts (as bench/engines.py), of the full model on a window
+   and of the step graph on the window and the last one's state; the state a stream
+   carries; ONNX Runtime's median seconds per update at batch 1, full model against step
+   graph, loaded as the daemon loads them (tagd.engines) at 1 intra-op thread ("per
+   core") and at ONNX Runtime's default threads, the two timed in alternation so that a
+   shared machine's drift hits both alike; and, as a sanity check, the largest score
+   difference of the step chain from full windows over ``SANITY_HOPS`` hops on ONNX
+   Runtime (tests hold the parity; far above 1e-5 here means what was timed is broken);
+2. `tagd serve` with FCN-4 at the card's hop, full windows (``incremental = false``,
+   what ``--full-windows`` sets) and incremental, their searches run in alternation: the
+   largest number of streams (bench/harness.py's producer: real-time 44.1 kHz stereo in
+   ffmpeg's 26 ms messages) with nothing dropped, 95 % of the offered windows published
+   and p99 end-to-end latency under one hop, as bench/serve.py holds them; then the
+   daemon's RSS with 50 idle-but-connected streams, in each mode (the target is the
+   incremental one's; the other says what the graphs and the state add);
+3. FCN-4's targets, each with its measured value.
+
+A search starts at ``SEARCH_START_SHARE`` of the streams that part 1's batch-1 rate
+(default threads) would serve, grows by ``SEARCH_GROWTH`` until a run fails, halves
+until one holds, then bisects until the two are within ``SEARCH_RESOLUTION``, in at
+most ``--runs`` runs a mode. Each run measures ``--seconds`` after the harness's warm-up
+(19 s at FCN-4's hop) and a few seconds of start-up: about a minute a run at the
+defaults. In incremental mode each stream's first window, and its first after a drop,
+is a prime (a whole window, ~4 steps' cost): a run still draining the start-up backlog
+when measured shows seconds of queueing on its line. Not a test: its figures belong to the machine it ran on and how busy it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from engines import window_flops  # bench/engines.py
+from harness import IDLE_STREAMS, MAX_STREAMS, RunResult, idle_rss, run_daemon, warmup_s
+from torch.utils.flop_counter import FlopCounterMode
+
+from tagd.engines import load_engine
+from tagd.incremental import PRIME, STEP
+from trainer.export import export_onnx, probe_audio
+from trainer.models import create_model
+from trainer.models.fcn import FCN_PRESETS
+from trainer.models.streaming import incremental_graphs
+
+SERVED_MODEL = "fcn4"  # what `tagd serve` is measured with, and the targets are for
+# label → intra-op threads; 0 lets ONNX Runtime take one per core
+THREADS = {"1 thread": 1, "default threads": 0}
+PER_CORE = "1 thread"
+SANITY_HOPS = 4  # hops of the step chain compared with full windows
+# The daemon's modes, as [engine] tables after the harness's own config: `incremental =
+# false` is what --full-windows sets.
+MODES = {"full windows": "[engine]\nincremental = false\n", "incremental": ""}
+FULL, INCREMENTAL = MODES
+SEARCH_START_SHARE = 0.8  # the daemon's ingest and publishing cost CPU the bare engine does not
+# Up by a quarter (0.8 × 1.25: the bare engine's own rate, which a daemon at batch 1 cannot
+# pass); down by halves, as a daemon can fall far short of it (ingest, resampling).
+SEARCH_GROWTH = 1.25
+SEARCH_SHRINK = 0.5
+SEARCH_RESOLUTION = 0.05  # stop when the first failing N is within this share of the best
+DELIVERED_SHARE = 0.95  # of the offered windows published, as bench/serve.py asks
+
+# FCN-4's targets
+MACS_TARGET = 1 / 5
+PER_CORE_TARGET = 3.5
+STREAMS_TARGET = 3.0
+IDLE_RSS_TARGET_MB = 500.0
+
+
+def progress(text: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+# -- 1. one update, per model -------------------------------------------------------------------
+
+
+def step_flops(
+    step: torch.nn.Module, window: torch.Tensor, states: tuple[torch.Tensor, ...]
+) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        step(window, *states)
+    return counter.get_total_flops()
+
+
+def alternating_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run, taking turns, after one warm-up run each."""
+    for run in runs.values():
+        run()  # ONNX Runtime plans its first run and fills its arena
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(found) for name, found in times.items()}
+
+
+def chain_difference(engine, graphs, hops: int = SANITY_HOPS) -> float:
+    """Largest score difference of prime + ``hops`` steps from the full model, on ORT."""
+    card = engine.card
+    size, hop = card.window_samples, graphs.hop_samples
+    audio = probe_audio(1, size + hops * hop, card.sample_rate, seed=1)
+    worst = 0.0
+    states: list[np.ndarray] = []
+    for k in range(hops + 1):
+        window = np.ascontiguousarray(audio[:, k * hop : k * hop + size])
+        scores, states = graphs.prime(window) if k == 0 else graphs.step(window, states)
+        worst = max(worst, float(np.max(np.abs(scores - engine.run(window)))))
+    return worst
+
+
+def bench_model(arch: str, folder: Path, repeats: int) -> dict:
+    """Plan, MACs, state and ONNX Runtime time of one update of ``arch``; its ONNX file."""
+    torch.manual_seed(0)
+    model = create_model(arch).eval()
+    hop = model.default_hop_samples
+    prime, step = incremental_graphs(model, hop)  # an FCN always reuses at its aligned hop
+    plan = step.plan
+    window = torch.from_numpy(probe_audio(1, model.window_samples, model.sample_rate))
+    with torch.no_grad():
+        states = prime(window)[1:]
+    full_macs = window_flops(model) / 2
+    step_macs = step_flops(step, window, states) / 2
+    path = export_onnx(model, folder / f"{arch}.onnx", check=False).path
+
+    wave = window.numpy()
+    timings, difference = {}, None
+    for label, threads in THREADS.items():
+        engine = load_engine(path, intra_op_threads=threads)
+        graphs = engine.incremental(hop)
+        if graphs is None:
+            raise SystemExit(
+                f"{path}: no incremental graphs for hop {hop} although the plan has one"
+            )
+        _, ort_states = graphs.prime(wave)
+        medians = alternating_medians(
+            {"full": lambda e=engine: e.run(wave),
+             "step": lambda g=graphs, s=ort_states: g.step(wave, s)},
+            repeats,
+        )  # fmt: skip
+        timings[label] = {"threads": threads, "full_s": medians["full"], "step_s": medians["step"],
+                          "speedup": medians["full"] / medians["step"]}  # fmt: skip
+        if threads == THREADS["default threads"]:
+            difference = chain_difference(engine, graphs)
+        engine.close()
+    return {
+        "model": arch,
+        "path": str(path),
+        "hop_samples": hop,
+        "hop_s": hop / model.sample_rate,
+        "window_s": model.window_samples / model.sample_rate,
+        "plan": plan.describe(),
+        "full_macs": full_macs,
+        "step_macs": step_macs,
+        "macs_ratio": step_macs / full_macs,
+        "plan_full_macs": plan.full_macs,
+        "plan_step_macs": plan.step_macs,
+        "state_bytes": plan.state_bytes,
+        "ort": timings,
+        "chain_max_abs_diff": difference,
+    }
+
+
+def report_model(m: dict) -> None:
+    print(f"\n{m['model']}: window {m['window_s']:.2f} s, hop {m['hop_samples']} samples "
+          f"= {m['hop_s']:.3f} s")  # fmt: skip
+    for line in m["plan"]:
+        print(f"  {line}")
+    print(f"  MACs per update: full window {m['full_macs'] / 1e9:.2f} G, incremental "
+          f"{m['step_macs'] / 1e9:.2f} G = {m['macs_ratio']:.3f} (1/{1 / m['macs_ratio']:.1f}); "
+          f"the plan's own count {m['plan_full_macs'] / 1e9:.2f} G → {m['plan_step_macs'] / 1e9:.2f} G")  # fmt: skip
+    print(f"  state per stream: {m['state_bytes'] / 1e6:.2f} MB")
+    for label, t in m["ort"].items():
+        print(f"  ONNX Runtime, {label}: full window {1000 * t['full_s']:.1f} ms, step "
+              f"{1000 * t['step_s']:.1f} ms per update = {t['speedup']:.2f} x "
+              f"({1 / t['full_s']:.1f} → {1 / t['step_s']:.1f} updates/s)")  # fmt: skip
+    print(f"  step chain vs full windows over {SANITY_HOPS} hops (ONNX Runtime): max abs diff "
+          f"{m['chain_max_abs_diff']:.1e}", flush=True)  # fmt: skip
+
+
+def report_models_table(models: list[dict]) -> None:
+    print("\n| model | hop s | GMAC full | GMAC step | step/full | state MB "
+          "| 1 thread ms full/step | x | default ms full/step | x |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for m in models:
+        one, default = m["ort"][PER_CORE], m["ort"]["default threads"]
+        print(f"| {m['model']} | {m['hop_s']:.3f} | {m['full_macs'] / 1e9:.2f} | "
+              f"{m['step_macs'] / 1e9:.2f} | {m['macs_ratio']:.3f} | {m['state_bytes'] / 1e6:.2f} | "
+              f"{1000 * one['full_s']:.1f} / {1000 * one['step_s']:.1f} | {one['speedup']:.2f} | "
+              f"{1000 * default['full_s']:.1f} / {1000 * default['step_s']:.1f} | "
+              f"{default['speedup']:.2f} |")  # fmt: skip
+
+
+# -- 2. `tagd serve`: the largest N streams, per mode ------------------------------------------
+
+
+@dataclass
+class LargestSustained:
+    """The largest N of streams a mode sustains, from runs the caller makes.
+
+    From ``start``: grow by SEARCH_GROWTH while runs hold, by SEARCH_SHRINK while they
+    fail, then bisect between the best that held and the least that failed, until they are
+    within SEARCH_RESOLUTION of each other or ``runs`` runs are spent.
+    """
+
+    start: int
+    runs: int
+    most: int = MAX_STREAMS
+    best: int = 0  # the largest N that held
+    failed: int | None = None  # the smallest N that did not
+    tried: list[dict] = field(default_factory=list)
+
+    def next_streams(self) -> int | None:
+        """The N to run next; None when the search is done."""
+        if len(self.tried) >= self.runs:
+            return None
+        if not self.tried:
+            return min(max(1, self.start), self.most)
+        if self.failed is None:
+            grown = min(self.most, max(self.best + 1, math.ceil(self.best * SEARCH_GROWTH)))
+            return grown if grown > self.best else None
+        if self.best == 0:
+            shrunk = min(self.failed - 1, math.floor(self.failed * SEARCH_SHRINK))
+            return shrunk if shrunk >= 1 else None
+        if self.failed - self.best <= max(1.0, SEARCH_RESOLUTION * self.best):
+            return None
+        return (self.best + self.failed) // 2
+
+    def record(self, streams: int, held: bool, figures: dict | None = None) -> None:
+        self.tried.append({**(figures or {}), "streams": streams, "sustained": held})
+        if held:
+            self.best = max(self.best, streams)
+        elif self.failed is None or streams < self.failed:
+            self.failed = streams
+
+
+def sustained(result: RunResult) -> bool:
+    """Nothing dropped, the offered windows published, p99 under one hop."""
+    return (result.dropped == 0
+            and result.published_per_s >= DELIVERED_SHARE * result.offered_per_s
+            and result.p99_ms is not None and result.p99_ms < result.hop_s * 1000)  # fmt: skip
+
+
+def incremental_share(result: RunResult) -> float | None:
+    """Of the windows the daemon scored while measured, the share from the last one's state."""
+    updates = result.notes["updates"]
+    total = updates[STEP] + updates[PRIME]
+    return updates[STEP] / total if total else None
+
+
+def check_mode(mode: str, result: RunResult) -> None:
+    """Stop when the daemon did not run as asked: the comparison would mean nothing."""
+    share = incremental_share(result)
+    if share is None:
+        return  # nothing scored: the run fails on its own figures
+    if mode == INCREMENTAL and share == 0:
+        raise SystemExit("tagd serve scored every window in full with incremental inference on: "
+                         "its log says why (run it by hand with the same --hop)")  # fmt: skip
+    if mode == FULL and share > 0:
+        raise SystemExit("tagd serve ran incrementally with incremental = false")
+
+
+def describe_run(result: RunResult) -> str:
+    """A run's figures on one line: a backlog shows as queueing of seconds, a chain broken
+    by drops as a low share of windows from the state (each then costs a full window)."""
+
+    def ms(value: float | None) -> str:
+        return f"{value:.0f} ms" if value is not None else "-"
+
+    share = incremental_share(result)
+    return (f"{result.published_per_s:.2f} of {result.offered_per_s:.2f} windows/s published, "
+            f"dropped {result.dropped:.0f}, p99 {ms(result.p99_ms)} (queued p50 "
+            f"{ms(result.queue_p50_ms)}, inference p50 {ms(result.inference_p50_ms)}), "
+            f"{f'{share:.0%}' if share is not None else '-'} from the state; daemon "
+            f"{result.cpu_cores:.2f} cores, bench {result.bench_cores:.2f}, RSS {result.rss_mb:.0f} MB")  # fmt: skip
+
+
+def bench_serve(model: dict, seconds: float, runs: int) -> dict:
+    """Both modes' searches, a run of each in turn, then RSS with idle streams."""
+    path, hop_s, window_s = Path(model["path"]), model["hop_s"], model["window_s"]
+    rates = {FULL: 1 / model["ort"]["default threads"]["full_s"],
+             INCREMENTAL: 1 / model["ort"]["default threads"]["step_s"]}  # fmt: skip
+    searches = {mode: LargestSustained(start=math.floor(SEARCH_START_SHARE * rate * hop_s), runs=runs)
+                for mode, rate in rates.items()}  # fmt: skip
+    print(f"\n`tagd serve` with {model['model']} at the card's hop ({hop_s:.3f} s), "
+          f"{seconds:g} s measured a run after {warmup_s(hop_s):.0f} s:", flush=True)  # fmt: skip
+    pending = list(searches)
+    while pending:
+        for mode in list(pending):
+            streams = searches[mode].next_streams()
+            if streams is None:
+                pending.remove(mode)
+                continue
+            result = run_daemon(path, window_s, streams, hop_s, seconds, toml=MODES[mode])
+            check_mode(mode, result)
+            held = sustained(result)
+            share = incremental_share(result)
+            searches[mode].record(streams, held, result.summary() | {"incremental_share": share})
+            progress(f"{mode}: {streams} streams: {'held' if held else 'NOT held'}: "
+                     f"{describe_run(result)}")  # fmt: skip
+    idle = {}
+    for mode, toml in MODES.items():
+        progress(f"{IDLE_STREAMS} idle streams, {mode}")
+        idle[mode] = idle_rss(path, window_s, hop_s, toml=toml)
+    return {
+        "model": model["model"],
+        "hop_s": hop_s,
+        "seconds": seconds,
+        "modes": {
+            mode: {"start": s.start, "max_streams": s.best, "failed_at": s.failed, "runs": s.tried}
+            for mode, s in searches.items()
+        },  # fmt: skip
+        "idle": idle,
+    }
+
+
+def report_serve(serve: dict) -> None:
+    print(f"\nlargest N streams at {serve['hop_s']:.3f} s, nothing dropped, p99 under a hop:")
+    for mode, found in serve["modes"].items():
+        above = f" ({found['failed_at']} not)" if found["failed_at"] is not None else ""
+        print(f"  {mode}: {found['max_streams']}{above}, from {found['start']}, "
+              f"{len(found['runs'])} runs")  # fmt: skip
+    for mode, idle in serve["idle"].items():
+        print(f"RSS with {idle['streams']} idle streams, {mode}: {idle['rss_mb']:.0f} MB (peak "
+              f"{idle['peak_rss_mb']:.0f} MB, {idle['rss_before_mb']:.0f} MB before they came)")  # fmt: skip
+
+
+# -- 3. targets ---------------------------------------------------------------------------------
+
+
+def target(what: str, value: str, met: bool | None) -> dict:
+    """One target: what it asks, the measured value as text, met (None: not measured)."""
+    return {"what": what, "value": value, "met": met}
+
+
+def targets(model: dict | None, serve: dict | None) -> list[dict]:
+    """FCN-4's targets, from the figures alone."""
+    macs = f"MACs per update, incremental / full ≤ 1/{1 / MACS_TARGET:g}"
+    per_core = (f"updates/s per core (ONNX Runtime, {PER_CORE}), incremental / full "
+                f"≥ {PER_CORE_TARGET:g} x")  # fmt: skip
+    streams = f"streams at the card's hop, incremental / full ≥ {STREAMS_TARGET:g} x"
+    rss = f"RSS with {IDLE_STREAMS} idle streams, {INCREMENTAL}, < {IDLE_RSS_TARGET_MB:.0f} MB"
+    found = []
+    if model is None:
+        absent = f"not measured ({SERVED_MODEL} not in --models)"
+        found += [target(macs, absent, None), target(per_core, absent, None)]
+    else:
+        ratio = model["macs_ratio"]
+        found.append(target(macs, f"{ratio:.3f} (1/{1 / ratio:.1f})", ratio <= MACS_TARGET))
+        speedup = model["ort"][PER_CORE]["speedup"]
+        found.append(target(per_core, f"{speedup:.2f} x", speedup >= PER_CORE_TARGET))
+    if serve is None:
+        skipped = "not measured (--skip-serve)"
+        return found + [target(streams, skipped, None), target(rss, skipped, None)]
+    full, incremental = (serve["modes"][mode]["max_streams"] for mode in (FULL, INCREMENTAL))
+    if full:
+        ratio = incremental / full
+        found.append(
+            target(streams, f"{incremental} / {full} = {ratio:.2f} x", ratio >= STREAMS_TARGET)
+        )
+    else:
+        found.append(
+            target(streams, f"{incremental} / 0: no N held with full windows, no ratio", None)
+        )
+    idle_mb = serve["idle"][INCREMENTAL]["rss_mb"]
+    found.append(target(rss, f"{idle_mb:.0f} MB", idle_mb < IDLE_RSS_TARGET_MB))
+    return found
+
+
+def report_targets(found: list[dict]) -> None:
+    print(f"\ntargets ({SERVED_MODEL}):")
+    for found_target in found:
+        verdict = {True: "met", False: "NOT met", None: "-"}[found_target["met"]]
+        print(f"  {found_target['what']}: {found_target['value']}: {verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", choices=list(FCN_PRESETS), default=list(FCN_PRESETS))
+    parser.add_argument(
+        "--repeats", type=int, default=20, help="timed updates per graph and threads"
+    )
+    parser.add_argument("--seconds", type=float, default=30.0, help="measuring time per daemon run")
+    parser.add_argument("--runs", type=int, default=6, help="daemon runs per mode, at most")
+    parser.add_argument("--skip-serve", action="store_true", help="part 1 only")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    models = list(dict.fromkeys(args.models))
+    if not args.skip_serve and SERVED_MODEL not in models:
+        models.append(SERVED_MODEL)  # the daemon serves it, and its search starts from it
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"ONNX Runtime on CPU; load average {os.getloadavg()[0]:.2f} (other processes share "
+          f"these CPUs: compare figures of one run only)", flush=True)  # fmt: skip
+    began = time.perf_counter()
+    results: dict = {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory() as folder:
+        results["models"] = []
+        for arch in models:
+            progress(f"{arch}: plan, MACs, ONNX Runtime")
+            results["models"].append(bench_model(arch, Path(folder), args.repeats))
+            report_model(results["models"][-1])
+        report_models_table(results["models"])
+        served = next((m for m in results["models"] if m["model"] == SERVED_MODEL), None)
+        results["serve"] = None
+        if not args.skip_serve:
+            results["serve"] = bench_serve(served, args.seconds, args.runs)
+            report_serve(results["serve"])
+    results["targets"] = targets(served, results["serve"])
+    report_targets(results["targets"])
+    results["bench_seconds"] = time.perf_counter() - began
+    results["load_average_end"] = os.getloadavg()[0]
+    print(f"\nbench took {results['bench_seconds']:.0f} s; load average now "
+          f"{results['load_average_end']:.2f}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

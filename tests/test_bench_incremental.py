@@ -1,0 +1,64 @@
+"""bench/incremental.py's search for the largest N of streams a mode sustains.
+
+The benchmark's runs take a minute each, so the search must land on the threshold from
+either side in a few of them; here a threshold stands in for the daemon.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(BENCH))  # its imports of harness and engines
+    try:
+        spec = importlib.util.spec_from_file_location("bench_incremental", BENCH / "incremental.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def search(bench, start: int, threshold: int, runs: int = 12, most: int = 1024):
+    """Run the search against a daemon that holds up to ``threshold`` streams."""
+    found = bench.LargestSustained(start=start, runs=runs, most=most)
+    while (streams := found.next_streams()) is not None:
+        found.record(streams, streams <= threshold)
+    return found
+
+
+# the search starts at 0.8 of the bare engine's rate: 46 here would be that rate
+@pytest.mark.parametrize("start", [20, 37, 38, 46, 80, 300])
+def test_search_brackets_the_threshold_from_either_side(bench, start):
+    found = search(bench, start, threshold=37)
+    assert found.best == 37
+    assert found.failed is not None and found.failed - found.best <= 2
+    assert len(found.tried) <= 10
+
+
+def test_search_within_its_runs_reports_what_it_found(bench):
+    found = search(bench, 20, threshold=37, runs=3)
+    assert [run["streams"] for run in found.tried] == [20, 25, 32]
+    assert (found.best, found.failed) == (32, None)
+
+
+def test_search_where_nothing_holds_ends_at_zero(bench):
+    found = search(bench, 10, threshold=0)
+    assert found.best == 0
+    assert found.tried[-1]["streams"] == 1
+
+
+def test_search_stops_at_the_stream_limit(bench):
+    found = search(bench, 50, threshold=10_000, most=64)
+    assert found.best == 64
+    assert found.failed is None
