@@ -109,7 +109,9 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
         raise click.ClickException(str(exc)) from None
     batch = batch or DEFAULT_BATCH
     try:
-        engine = load_engine(engine_path)
+        # not warmed up: a command pays its first window once, and a warm-up would grow the
+        # full model's activation arena even when the incremental graphs do the work
+        engine = load_engine(engine_path, warmup=False)
     except (EngineError, CardError) as exc:
         raise click.ClickException(str(exc)) from None
     card = engine.card

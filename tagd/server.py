@@ -291,6 +291,7 @@ class Server:
             spread_phases=batching.spread_phases,
             max_spliced_gap_s=limits.max_spliced_gap_s,
             on_evict=self._forget_stream,  # dict pops: safe from the evicting thread
+            on_idle=self._stream_idle,
             pool=self.window_pool,
         )
 
@@ -349,6 +350,10 @@ class Server:
         while not self._stopping.wait(SWEEP_INTERVAL_S):
             self.hub.sweep()
             self.metrics.ready.set(1 if self.is_healthy() else 0)
+
+    def _stream_idle(self, name: str) -> None:
+        if self.incremental is not None:  # its next window is a restart: primed anyway
+            self.incremental.forget(name)
 
     def _forget_stream(self, name: str) -> None:
         self.tagger.forget(name)

@@ -416,6 +416,7 @@ class StreamHub:
                  max_streams: int, idle_after_s: float, evict_after_s: float,
                  spread_phases: bool = False, max_spliced_gap_s: float = float("inf"),
                  on_evict: Callable[[str], None] | None = None,
+                 on_idle: Callable[[str], None] | None = None,
                  pool: WindowPool | None = None) -> None:  # fmt: skip
         self.geometry = geometry
         self._pool = pool  # where every stream's windows come from (windowing.WindowPool)
@@ -427,6 +428,9 @@ class StreamHub:
         self.evict_after_s = evict_after_s
         self.max_spliced_gap_s = max_spliced_gap_s
         self._on_evict = on_evict  # told each evicted name, from the evicting thread
+        # told each stream that goes idle, from the sweeping thread: its next data
+        # restarts it, so what was kept for its next window (incremental state) can go
+        self._on_idle = on_idle
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
 
@@ -489,7 +493,7 @@ class StreamHub:
         Returns the names evicted.
         """
         now_mono = time.perf_counter() if now_mono is None else now_mono
-        evicted = []
+        evicted, went_idle = [], []
         with self._lock:
             active = 0
             for name, entry in list(self._entries.items()):
@@ -503,6 +507,7 @@ class StreamHub:
                     continue
                 if not stream.idle:
                     stream.idle = True
+                    went_idle.append(name)
                     stream.count_idle_episode()
                     log.info("stream %s idle: no data for %.1f s", name, silent)
                 stream.idle_gauge.set(1)
@@ -516,6 +521,9 @@ class StreamHub:
                 hop_s = self.geometry.hop_samples / self.geometry.sample_rate
                 streams = [e.stream for e in self._entries.values()]
                 place_live_streams(streams, hop_s, self.geometry.sample_rate)
+        if self._on_idle is not None:
+            for name in went_idle:
+                self._on_idle(name)
         for name in evicted:
             self._forget(name, f"after {self.evict_after_s:.0f} s idle")
         return evicted

@@ -297,7 +297,8 @@ def test_a_full_hub_gives_the_longest_idle_dynamic_stream_s_place_to_a_new_one()
 
 
 def test_sweep_marks_idle_streams_and_evicts_only_unpinned_ones():
-    hub, metrics = make_hub()
+    went_idle = []
+    hub, metrics = make_hub(on_idle=went_idle.append)
     pinned, dynamic = hub.open("pinned", "cfg", pinned=True), hub.open("dyn", "multi")
     for stream in (pinned, dynamic):
         stream.push_pcm(stereo_s16le(0.1), "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0))
@@ -305,6 +306,8 @@ def test_sweep_marks_idle_streams_and_evicts_only_unpinned_ones():
     assert metrics.sample("tagd_active_streams") == 2
     assert hub.sweep(now_mono=2.0) == []
     assert pinned.idle and dynamic.idle
+    assert hub.sweep(now_mono=3.0) == []
+    assert sorted(went_idle) == ["dyn", "pinned"]  # told once each: what drops their state
     assert metrics.sample("tagd_active_streams") == 0
     assert hub.sweep(now_mono=11.0) == ["dyn"]
     assert hub.names() == ["pinned"]

@@ -142,24 +142,34 @@ class OnnxEngine(Engine):
         return engine
 
     def incremental(self, hop_samples: int) -> OnnxIncremental | None:
+        """The prime and step graphs for ``hop_samples``, loaded with this engine's options.
+
+        The prime graph is the full network with the state as extra outputs, so from then
+        on ``run`` scores full windows with it and the main model's session is released:
+        each session holds its own copy of the weights (FCN-4: about 100 MB).
+        """
         graph = self.card.incremental_graph(hop_samples)
         if graph is None:
             return None
         import onnxruntime as ort
 
-        sessions = []
-        for role in ("prime", "step"):
-            path = self.path.with_name(graph[role])
+        paths = [self.path.with_name(graph[role]) for role in ("prime", "step")]
+        for role, path in zip(("prime", "step"), paths, strict=True):
             if not path.is_file():
                 raise EngineError(f"{self.path}: its card names the {role} graph {path.name} "
                                   f"for hop {hop_samples}, which is not beside it; export "
                                   f"again, or serve with full windows")  # fmt: skip
+        self._session = None  # before loading the graphs: never three copies of the weights
+        sessions = []
+        for path in paths:
             try:
                 sessions.append(ort.InferenceSession(str(path), sess_options=self._options,
                                                      providers=self._chosen))  # fmt: skip
             except Exception as exc:  # onnxruntime raises its own untyped errors
                 raise EngineError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
-        return OnnxIncremental(self.card, graph, *sessions)
+        incremental = OnnxIncremental(self.card, graph, *sessions)
+        self._session = sessions[0]  # its first output is the scores, as the model's
+        return incremental
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = self._check_batch(batch)
