@@ -74,6 +74,7 @@ class Server:
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self._went_idle = False  # a stream went idle in this sweep
         self._curve: CurveServer | None = None  # tagd's keys when [security] is set
         self._authenticator: ThreadAuthenticator | None = None
         # Per stream, its tagd_windows_published_total and tagd_events_published_total
@@ -348,10 +349,14 @@ class Server:
 
     def _sweep(self) -> None:
         while not self._stopping.wait(SWEEP_INTERVAL_S):
+            self._went_idle = False
             self.hub.sweep()
+            if self._went_idle:
+                trim_freed_memory()
             self.metrics.ready.set(1 if self.is_healthy() else 0)
 
     def _stream_idle(self, name: str) -> None:
+        self._went_idle = True  # the sweep ends by handing back what the stream freed
         if self.incremental is not None:  # its next window is a restart: primed anyway
             self.incremental.forget(name)
 
@@ -426,6 +431,20 @@ def release_freed_memory() -> None:
         return
     m_mmap_threshold = -3  # from malloc.h
     libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
+
+
+def trim_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim).
+
+    A burst of small blocks (ZeroMQ messages queued while streams catch up, a stream's
+    state dropped) leaves free pages inside the heap that glibc keeps resident; the
+    sweeper trims after streams go idle. Not glibc: nothing to do.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
 
 
 def check_startup(config: ServeConfig) -> ModelCard:

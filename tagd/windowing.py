@@ -76,7 +76,7 @@ class Windower:
         self.window_samples = window_samples
         self.hop_samples = hop_samples
         self._pool = pool
-        self._ring = np.zeros(window_samples, dtype=np.float32)
+        self._ring: np.ndarray | None = np.zeros(window_samples, dtype=np.float32)
         self.reset()
 
     def reset(self) -> None:
@@ -91,6 +91,11 @@ class Windower:
         self.reset()
         self.total = stream_index
         self._next_end = stream_index + self.window_samples
+
+    def release(self) -> None:
+        """Forget all audio and free the ring until samples come again (an idle stream)."""
+        self.restart_at(self.total)
+        self._ring = None
 
     def delay_next(self, samples: int) -> None:
         """Emit the next window ``samples`` later; the hop grid moves with it.
@@ -128,6 +133,8 @@ class Windower:
 
     def _write(self, chunk: np.ndarray) -> None:
         size = self.window_samples
+        if self._ring is None:  # released while idle
+            self._ring = np.zeros(size, dtype=np.float32)
         if len(chunk) >= size:
             self._ring[:] = chunk[-size:]
             self._write_at = 0
@@ -144,6 +151,7 @@ class Windower:
             window = np.empty(self.window_samples, dtype=np.float32)
         else:
             window = self._pool.take()
+        assert self._ring is not None  # a window is read only after samples were written
         tail = self.window_samples - self._write_at  # oldest samples first
         window[:tail] = self._ring[self._write_at :]
         window[tail:] = self._ring[: self._write_at]
