@@ -292,8 +292,12 @@ class Daemon(TagdProcess):
 
 def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds: float,
                toml: str = "", message_frames: int = MESSAGE_FRAMES, rate: int = SOURCE_RATE,
-               channels: int = CHANNELS) -> RunResult:  # fmt: skip
-    """``message_frames`` are at 44.1 kHz: other rates keep the same message duration."""
+               channels: int = CHANNELS, settle_s: float = 0.0) -> RunResult:  # fmt: skip
+    """``message_frames`` are at 44.1 kHz: other rates keep the same message duration.
+
+    ``settle_s`` (incremental inference): after the warm-up, wait up to that long for a
+    hop in which the daemon primed no window (every stream's chain running, its start-up
+    and phase-move primes done) before measuring; ``notes`` say how long it took."""
     daemon = Daemon(model, hop_s, toml=toml)
     try:
         context = zmq.Context()
@@ -311,7 +315,9 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
             message_frames=round(message_frames * rate / SOURCE_RATE),
         ).start()
         started = time.perf_counter()
-        measure_from = started + warmup_s(hop_s)
+        drain(sub, started + warmup_s(hop_s))
+        settled = settle_primes(daemon, sub, hop_s, settle_s) if settle_s else None
+        measure_from = time.perf_counter()
         latencies, ingest, ready, inference, queued, overhead, outside = [], [], [], [], [], [], []
         windows_ready = []
         received = 0
@@ -388,9 +394,35 @@ def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds
         outside_p50_ms=percentile(outside, 50),
         outside_p99_ms=percentile(outside, 99),
         bench_cores=bench_cpu,
-        notes={"exit_code": code, "received": received, "updates": updates},
+        notes={
+            "exit_code": code,
+            "received": received,
+            "updates": updates,
+            "settled": settled,
+            "measured_after_s": measure_from - started,
+        },
         windows_ready=windows_ready,
     )
+
+
+def drain(sub: zmq.Socket, until: float) -> None:
+    """Receive and drop the daemon's messages until ``until`` (perf_counter)."""
+    while (left := until - time.perf_counter()) > 0:
+        if sub.poll(min(100, max(1, round(left * 1000)))):
+            sub.recv_multipart()
+
+
+def settle_primes(daemon: Daemon, sub: zmq.Socket, hop_s: float, settle_s: float) -> bool:
+    """Wait (draining) for a hop with no window primed, at most ``settle_s``; whether it came."""
+    deadline = time.perf_counter() + settle_s
+    primes = window_updates(daemon)[PRIME]
+    while time.perf_counter() < deadline:
+        drain(sub, min(deadline, time.perf_counter() + hop_s))
+        now = window_updates(daemon)[PRIME]
+        if now == primes:
+            return True
+        primes = now
+    return False
 
 
 def window_updates(daemon: Daemon) -> dict[str, float]:

@@ -31,9 +31,12 @@ A search starts at ``SEARCH_START_SHARE`` of the streams that part 1's batch-1 r
 until one holds, then bisects until the two are within ``SEARCH_RESOLUTION``, in at
 most ``--runs`` runs a mode. Each run measures ``--seconds`` after the harness's warm-up
 (19 s at FCN-4's hop) and a few seconds of start-up: about a minute a run at the
-defaults. In incremental mode each stream's first window, and its first after a drop,
-is a prime (a whole window, ~4 steps' cost): a run still draining the start-up backlog
-when measured shows seconds of queueing on its line. Not a test: its figures belong to the machine it ran on and how busy it was.
+defaults. In incremental mode each stream's first window, and its first after its phase
+is placed or a window is dropped, is a prime (a whole window, ~4 steps' cost); the
+daemon runs steps first and primes in the time left, so a start-up with many streams
+takes a while to have every chain running. An incremental run is measured once a hop
+passes with no prime (at most ``SETTLE_S`` after the warm-up); its line says when.
+Not a test: its figures belong to the machine it ran on and how busy it was.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ SEARCH_START_SHARE = 0.8  # the daemon's ingest and publishing cost CPU the bare
 SEARCH_GROWTH = 1.25
 SEARCH_SHRINK = 0.5
 SEARCH_RESOLUTION = 0.05  # stop when the first failing N is within this share of the best
+SETTLE_S = 180.0  # longest wait for an incremental run's start-up primes to end
 DELIVERED_SHARE = 0.95  # of the offered windows published, as bench/serve.py asks
 
 # FCN-4's targets
@@ -288,7 +292,11 @@ def describe_run(result: RunResult) -> str:
         return f"{value:.0f} ms" if value is not None else "-"
 
     share = incremental_share(result)
-    return (f"{result.published_per_s:.2f} of {result.offered_per_s:.2f} windows/s published, "
+    settled = result.notes.get("settled")
+    start = f"measured after {result.notes['measured_after_s']:.0f} s" + (
+        "" if settled is None else " (primes done)" if settled else " (primes NOT done)"
+    )
+    return (f"{start}: {result.published_per_s:.2f} of {result.offered_per_s:.2f} windows/s published, "
             f"dropped {result.dropped:.0f}, p99 {ms(result.p99_ms)} (queued p50 "
             f"{ms(result.queue_p50_ms)}, inference p50 {ms(result.inference_p50_ms)}), "
             f"{f'{share:.0%}' if share is not None else '-'} from the state; daemon "
@@ -311,7 +319,9 @@ def bench_serve(model: dict, seconds: float, runs: int) -> dict:
             if streams is None:
                 pending.remove(mode)
                 continue
-            result = run_daemon(path, window_s, streams, hop_s, seconds, toml=MODES[mode])
+            settle_s = SETTLE_S if mode == INCREMENTAL else 0.0
+            result = run_daemon(path, window_s, streams, hop_s, seconds, toml=MODES[mode],
+                                settle_s=settle_s)  # fmt: skip
             check_mode(mode, result)
             held = sustained(result)
             share = incremental_share(result)

@@ -17,6 +17,14 @@ windows waiting: submitting one more drops that stream's oldest, counted as
 ``queue_full``. Latency stays bounded by about that many hops plus one batch; windows
 older than ``max_queue_age_s`` (when set) are dropped as ``stale`` before a batch.
 
+With incremental inference (tagd.incremental) windows are not equal: one that continues
+its stream's chain is a *step* (FCN-4: a fifth of a window's work), any other a *prime*
+(a whole window). ``prefer`` says which is which, and a preferred window goes before
+older ones that are not: under load, running chains keep their updates and new or broken
+chains wait for spare time. Oldest-first would let a start-up's primes (every stream's
+first window) delay steps until they are dropped, and each drop is one more prime: an
+overload that feeds itself.
+
 Once a window is copied into a batch, or dropped, its samples go to ``recycle`` (the
 streams' ``WindowPool``): nothing reads a submitted window's samples after that.
 
@@ -73,12 +81,14 @@ class Batcher:
                  on_batch: Callable[[BatchResult], None], metrics: Metrics, *, max_batch: int,
                  max_wait_s: float, max_pending_per_stream: int,
                  max_queue_age_s: float = 0.0, unhealthy_after: int = 3,
-                 recycle: Callable[[np.ndarray], None] | None = None) -> None:  # fmt: skip
+                 recycle: Callable[[np.ndarray], None] | None = None,
+                 prefer: Callable[[ReadyWindow], bool] | None = None) -> None:  # fmt: skip
         if not runs:
             raise ValueError("a batcher needs at least one engine instance")
         self._runs = list(runs)  # one per engine instance, each used by its own worker
         self._on_batch = on_batch
         self._recycle = recycle  # takes a window's samples that nothing will read again
+        self._prefer = prefer  # a stream's next window that goes before older ones (a step)
         self._metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -201,7 +211,7 @@ class Batcher:
             if self._stopping:
                 return None
             stale = self._take_stale(time.perf_counter())
-            items = [self._take_oldest() for _ in range(min(self._available(), self.max_batch))]
+            items = [self._take_next() for _ in range(min(self._available(), self.max_batch))]
             self._in_flight.update(item.window.stream for item in items)
         for item in stale:
             self._metrics.windows_dropped.labels(item.window.stream, DROP_STALE).inc()
@@ -235,8 +245,19 @@ class Batcher:
         self._count -= 1
         return item
 
-    def _take_oldest(self) -> Pending:
-        return self._take(self._oldest())
+    def _take_next(self) -> Pending:
+        """The oldest available window, or before it the oldest one ``prefer`` picks."""
+        oldest = self._oldest()
+        if self._prefer is None or self._prefer(oldest.window):
+            return self._take(oldest)
+        # Only when the oldest is not preferred (a prime, rare once streams run): a scan
+        # of the pending windows, each stream's next one only (they go in order).
+        for item in self._order:
+            stream = item.window.stream
+            if (not item.done and stream not in self._in_flight
+                    and self._pending[stream][0] is item and self._prefer(item.window)):  # fmt: skip
+                return self._take(item)
+        return self._take(oldest)
 
     def _take_stale(self, now: float) -> list[Pending]:
         if not self.max_queue_age_s:

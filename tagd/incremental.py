@@ -72,25 +72,33 @@ class IncrementalRunner:
                 engine.step(silence, states)
 
     def run(self, keys: Sequence[WindowKey], batch: np.ndarray, instance: int = 0) -> np.ndarray:
-        """Scores ``[len(keys), n_tags]`` of the windows ``batch`` (one row per key)."""
+        """Scores ``[len(keys), n_tags]`` of the windows ``batch`` (one row per key).
+
+        A batch may hold consecutive windows of one stream (a batcher catching up): they
+        go in rounds, a stream's second window after its first, so that it steps from the
+        state its first leaves instead of being primed."""
         engine = self.engines[instance]
-        steps, primes = [], []
-        for row, key in enumerate(keys):
-            carried = self._carried.get(key.stream)
-            follows = (carried is not None and carried.epoch == key.epoch
-                       and carried.next_start == key.start)  # fmt: skip
-            (steps if follows else primes).append(row)
         scores = np.empty((len(keys), engine.card.n_tags), dtype=np.float32)
-        if steps:
-            states = [np.stack([self._carried[keys[r].stream].states[i] for r in steps])
-                      for i in range(len(engine.state_shapes))]  # fmt: skip
-            self._take(keys, steps, scores, *engine.step(batch[steps], states))
-        if primes:
-            self._take(keys, primes, scores, *engine.prime(batch[primes]))
-        if self._on_updates is not None:
-            self._on_updates(STEP, len(steps))
-            self._on_updates(PRIME, len(primes))
+        for rows in _rounds(keys):
+            steps = [row for row in rows if self.continues(keys[row])]
+            primes = [row for row in rows if row not in steps]
+            if steps:
+                states = [np.stack([self._carried[keys[r].stream].states[i] for r in steps])
+                          for i in range(len(engine.state_shapes))]  # fmt: skip
+                self._take(keys, steps, scores, *engine.step(batch[steps], states))
+            if primes:
+                self._take(keys, primes, scores, *engine.prime(batch[primes]))
+            if self._on_updates is not None:
+                self._on_updates(STEP, len(steps))
+                self._on_updates(PRIME, len(primes))
         return scores
+
+    def continues(self, key: WindowKey) -> bool:
+        """Whether the window follows the stream's last scored one: a step, not a prime.
+        The batcher asks it of a stream's next window (none of its windows in flight)."""
+        carried = self._carried.get(key.stream)
+        return (carried is not None and carried.epoch == key.epoch
+                and carried.next_start == key.start)  # fmt: skip
 
     def _take(self, keys, rows: list[int], scores: np.ndarray, got: np.ndarray,
               states: list[np.ndarray]) -> None:  # fmt: skip
@@ -108,6 +116,19 @@ class IncrementalRunner:
     @property
     def streams_held(self) -> int:
         return len(self._carried)
+
+
+def _rounds(keys: Sequence[WindowKey]) -> list[list[int]]:
+    """Rows of a batch in rounds: each stream's first window, then each one's second, …"""
+    rounds: list[list[int]] = []
+    seen: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        nth = seen.get(key.stream, 0)
+        seen[key.stream] = nth + 1
+        if nth == len(rounds):
+            rounds.append([])
+        rounds[nth].append(row)
+    return rounds
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,7 @@ class Server:
             max_wait_s=batching.max_wait_ms / 1000,
             max_pending_per_stream=batching.max_pending_per_stream,
             max_queue_age_s=batching.max_queue_age_s,
+            prefer=self.incremental.continues if self.incremental else None,  # steps first
             unhealthy_after=limits.unhealthy_after_failed_batches,
             recycle=self.window_pool.give,
         )

@@ -114,6 +114,27 @@ def test_a_full_batch_goes_at_once_and_oldest_first():
     assert metrics.sample("tagd_batch_size_sum") == 6
 
 
+def test_preferred_windows_go_before_older_ones_but_never_before_their_streams_own():
+    """Incremental inference prefers steps (windows that continue a chain) to primes."""
+    engine = GatedEngine()
+    preferred = {("s", 1), ("s", 2), ("q", 4)}
+    recorder, metrics = Recorder(), Metrics()
+    batcher = Batcher([lambda batch, _windows: engine(batch)], WINDOW, recorder, metrics,
+                      max_batch=1, max_wait_s=0.0, max_pending_per_stream=5,
+                      prefer=lambda w: (w.stream, w.seq) in preferred)  # fmt: skip
+    batcher.start()
+    batcher.submit(window("x", 0))
+    assert engine.entered.wait(2)  # the engine is now stuck on x0; the rest queue
+    for stream, seq in (("p", 1), ("q", 3), ("s", 1), ("q", 4), ("s", 2), ("p", 2)):
+        batcher.submit(window(stream, seq))
+    engine.release.set()
+    recorder.wait_for(7)
+    batcher.stop()
+    order = [(i.window.stream, i.window.seq) for r in recorder.results for i in r.items]
+    # s1, s2 jump the queue; q4 waits for q3, its stream's older window; then oldest first
+    assert order == [("x", 0), ("s", 1), ("s", 2), ("p", 1), ("q", 3), ("q", 4), ("p", 2)]
+
+
 def test_falling_behind_drops_each_streams_oldest_and_counts_them():
     engine = GatedEngine()
     batcher, recorder, metrics = make(engine=engine, max_batch=2, max_pending_per_stream=2)

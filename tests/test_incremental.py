@@ -256,6 +256,26 @@ def test_streams_batched_together_each_keep_their_own_chain(engine):
     assert runner.streams_held == 1
 
 
+def test_a_batch_catching_up_on_one_stream_steps_its_later_windows(engine):
+    """A batcher behind on a stream hands over its consecutive windows in one batch: the
+    first is primed (the stream's first), the rest step from it, and all are exact."""
+    card = engine.card
+    hop = card.hop_samples
+    counts = {"incremental": 0, "full": 0}
+    runner = IncrementalRunner([engine.incremental(hop)], on_updates=counter(counts))
+    audio = make_music((card.window_samples + 4 * hop) / RATE, RATE, seed=3)
+    window = windows_of(audio, card.window_samples, hop).numpy()
+    keys = [WindowAt("a", 0, k * hop) for k in range(3)] + [WindowAt("b", 0, 0)]
+    batch = np.concatenate([window[:3], window[:1]])
+    assert not runner.continues(keys[0])
+    got = runner.run(keys, batch)
+    assert np.abs(got - engine.run(batch)).max() <= TOLERANCE
+    assert counts == {"incremental": 2, "full": 2}
+    assert runner.continues(WindowAt("a", 0, 3 * hop))
+    assert not runner.continues(WindowAt("a", 0, 4 * hop))  # a gap: primed
+    assert not runner.continues(WindowAt("a", 1, 3 * hop))  # a restart: primed
+
+
 def test_the_start_up_summary_says_what_a_hop_reuses(exported):
     card = read_card(exported)
     assert "conv blocks 1–3" in reuse_summary(card, 40_960)
