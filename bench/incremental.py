@@ -3,6 +3,7 @@
     .venv/bin/python bench/incremental.py                        # every FCN, ~15 minutes
     .venv/bin/python bench/incremental.py --skip-serve           # part 1 only, ~2 minutes
     .venv/bin/python bench/incremental.py --models fcn4 --repeats 5 --seconds 10 --runs 3
+    .venv/bin/python bench/incremental.py --models fcn4 --instances 2   # two 1-thread engines
 
 In one run on this machine:
 
@@ -22,8 +23,9 @@ In one run on this machine:
    largest number of streams (bench/harness.py's producer: real-time 44.1 kHz stereo in
    ffmpeg's 26 ms messages) with nothing dropped, 95 % of the offered windows published
    and p99 end-to-end latency under one hop, as bench/serve.py holds them; then the
-   daemon's RSS with 50 idle-but-connected streams, in each mode (the target is the
-   incremental one's; the other says what the graphs and the state add);
+   daemon's RSS with 50 idle-but-connected streams, in each mode at one instance, the
+   default (the target is the incremental one's; the other says what the graphs and the
+   state add), and incremental at ``--instances`` when that is more;
 3. FCN-4's targets, each with its measured value.
 
 A search starts at ``SEARCH_START_SHARE`` of the streams that part 1's batch-1 rate
@@ -303,15 +305,19 @@ def describe_run(result: RunResult) -> str:
             f"{result.cpu_cores:.2f} cores, bench {result.bench_cores:.2f}, RSS {result.rss_mb:.0f} MB")  # fmt: skip
 
 
-def bench_serve(model: dict, seconds: float, runs: int) -> dict:
-    """Both modes' searches, a run of each in turn, then RSS with idle streams."""
+def bench_serve(model: dict, seconds: float, runs: int, instances: int = 1) -> dict:
+    """Both modes' searches, a run of each in turn, then RSS with idle streams; both modes
+    with ``instances`` engine instances (each with its share of the threads)."""
     path, hop_s, window_s = Path(model["path"]), model["hop_s"], model["window_s"]
     rates = {FULL: 1 / model["ort"]["default threads"]["full_s"],
              INCREMENTAL: 1 / model["ort"]["default threads"]["step_s"]}  # fmt: skip
     searches = {mode: LargestSustained(start=math.floor(SEARCH_START_SHARE * rate * hop_s), runs=runs)
                 for mode, rate in rates.items()}  # fmt: skip
-    print(f"\n`tagd serve` with {model['model']} at the card's hop ({hop_s:.3f} s), "
-          f"{seconds:g} s measured a run after {warmup_s(hop_s):.0f} s:", flush=True)  # fmt: skip
+    print(f"\n`tagd serve` with {model['model']} at the card's hop ({hop_s:.3f} s), {instances} "
+          f"engine instance{'s' if instances > 1 else ''}, {seconds:g} s measured a run after "
+          f"{warmup_s(hop_s):.0f} s:", flush=True)  # fmt: skip
+    batching = f"[batching]\ninstances = {instances}\n" if instances > 1 else ""
+    tomls = {mode: toml + batching for mode, toml in MODES.items()}
     pending = list(searches)
     while pending:
         for mode in list(pending):
@@ -320,7 +326,7 @@ def bench_serve(model: dict, seconds: float, runs: int) -> dict:
                 pending.remove(mode)
                 continue
             settle_s = SETTLE_S if mode == INCREMENTAL else 0.0
-            result = run_daemon(path, window_s, streams, hop_s, seconds, toml=MODES[mode],
+            result = run_daemon(path, window_s, streams, hop_s, seconds, toml=tomls[mode],
                                 settle_s=settle_s)  # fmt: skip
             check_mode(mode, result)
             held = sustained(result)
@@ -328,14 +334,21 @@ def bench_serve(model: dict, seconds: float, runs: int) -> dict:
             searches[mode].record(streams, held, result.summary() | {"incremental_share": share})
             progress(f"{mode}: {streams} streams: {'held' if held else 'NOT held'}: "
                      f"{describe_run(result)}")  # fmt: skip
+    # The RSS target is for the daemon as it starts by default (one instance); more
+    # instances hold a copy of the graphs and an arena each, measured beside it.
     idle = {}
     for mode, toml in MODES.items():
         progress(f"{IDLE_STREAMS} idle streams, {mode}")
         idle[mode] = idle_rss(path, window_s, hop_s, toml=toml)
+    if instances > 1:
+        label = f"{INCREMENTAL}, {instances} instances"
+        progress(f"{IDLE_STREAMS} idle streams, {label}")
+        idle[label] = idle_rss(path, window_s, hop_s, toml=tomls[INCREMENTAL])
     return {
         "model": model["model"],
         "hop_s": hop_s,
         "seconds": seconds,
+        "instances": instances,
         "modes": {
             mode: {"start": s.start, "max_streams": s.best, "failed_at": s.failed, "runs": s.tried}
             for mode, s in searches.items()
@@ -345,7 +358,8 @@ def bench_serve(model: dict, seconds: float, runs: int) -> dict:
 
 
 def report_serve(serve: dict) -> None:
-    print(f"\nlargest N streams at {serve['hop_s']:.3f} s, nothing dropped, p99 under a hop:")
+    print(f"\nlargest N streams at {serve['hop_s']:.3f} s, nothing dropped, p99 under a hop "
+          f"({serve['instances']} instance{'s' if serve['instances'] > 1 else ''}):")  # fmt: skip
     for mode, found in serve["modes"].items():
         above = f" ({found['failed_at']} not)" if found["failed_at"] is not None else ""
         print(f"  {mode}: {found['max_streams']}{above}, from {found['start']}, "
@@ -369,7 +383,8 @@ def targets(model: dict | None, serve: dict | None) -> list[dict]:
     per_core = (f"updates/s per core (ONNX Runtime, {PER_CORE}), incremental / full "
                 f"≥ {PER_CORE_TARGET:g} x")  # fmt: skip
     streams = f"streams at the card's hop, incremental / full ≥ {STREAMS_TARGET:g} x"
-    rss = f"RSS with {IDLE_STREAMS} idle streams, {INCREMENTAL}, < {IDLE_RSS_TARGET_MB:.0f} MB"
+    rss = (f"RSS with {IDLE_STREAMS} idle streams, {INCREMENTAL}, one instance (the default), "
+           f"< {IDLE_RSS_TARGET_MB:.0f} MB")  # fmt: skip
     found = []
     if model is None:
         absent = f"not measured ({SERVED_MODEL} not in --models)"
@@ -415,6 +430,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="measuring time per daemon run")
     parser.add_argument("--runs", type=int, default=6, help="daemon runs per mode, at most")
     parser.add_argument("--skip-serve", action="store_true", help="part 1 only")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="tagd serve's [batching] instances, in both modes")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     models = list(dict.fromkeys(args.models))
@@ -436,7 +453,7 @@ def main() -> None:
         served = next((m for m in results["models"] if m["model"] == SERVED_MODEL), None)
         results["serve"] = None
         if not args.skip_serve:
-            results["serve"] = bench_serve(served, args.seconds, args.runs)
+            results["serve"] = bench_serve(served, args.seconds, args.runs, args.instances)
             report_serve(results["serve"])
     results["targets"] = targets(served, results["serve"])
     report_targets(results["targets"])

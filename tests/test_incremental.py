@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ from support import (
 
 from tagd.card import read_card
 from tagd.config import ConfigError, load_config
-from tagd.engines import load_engine
+from tagd.engines import EngineError, load_engine
 from tagd.incremental import IncrementalRunner, WindowAt, reuse_summary
 from tagd.tagfile import tag_file
 from tagd.windowing import Windower
@@ -176,6 +177,15 @@ def test_export_writes_the_graphs_beside_the_model_and_the_card_names_them(expor
     assert [s["name"] for s in graphs[40_960]["state"]] == ["block2", "block3"]
     assert [s["name"] for s in graphs[5_120]["state"]] == ["block2"]
     assert graphs[40_960]["state"][0]["shape"] == [48, 12, 67]
+
+
+def test_a_graph_the_card_names_but_missing_is_a_clear_error(exported, tmp_path):
+    for name in ("fcn4.onnx", "fcn4.5120.prime.onnx"):  # the 5,120 hop's step graph is lost
+        shutil.copy(exported.parent / name, tmp_path / name)
+    engine = load_engine(tmp_path / "fcn4.onnx")
+    assert engine.incremental(20_480) is None  # no graphs for this hop: full windows
+    with pytest.raises(EngineError, match=r"step graph fcn4\.5120\.step\.onnx .*not beside it"):
+        engine.incremental(5_120)
 
 
 def counter(counts: dict[str, int]):

@@ -19,7 +19,15 @@ from trainer.data.prepare import prepare
 from trainer.evaluate import evaluate_checkpoint
 from trainer.finetune import block_names, parameter_groups, replace_head
 from trainer.models import create_model
-from trainer.train import RECIPES, TrainConfig, autocast_dtype, check_precision, train
+from trainer.train import (
+    COVER,
+    RECIPES,
+    TrainConfig,
+    autocast_dtype,
+    check_precision,
+    crops_per_clip,
+    train,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 assert one_torch_thread  # imported for pytest
@@ -56,6 +64,7 @@ def tiny_config(prepared, out, **overrides) -> TrainConfig:
         epochs=2,
         progress=False,
         batch_size=16,
+        crops_per_clip=1,  # the recipe's "cover" is 4 of the tiny model's windows a clip
     )
     return TrainConfig(**{**values, **overrides})
 
@@ -168,6 +177,18 @@ def test_default_recipe_decays_the_rate_over_the_epochs_asked_for(prepared, tmp_
     assert load_checkpoint(result.last_path)["config"]["recipe"] == "samplecnn"
 
 
+def test_samplecnn_covers_each_clip_once_an_epoch(prepared):
+    assert RECIPES["samplecnn"].crops_per_clip == COVER and RECIPES["fcn"].crops_per_clip == 1
+    window = create_model("samplecnn", N_TAGS, **TINY).window_samples  # 3^9 = 19,683
+    train_idx = prepared.indices("train")
+    median = np.median([prepared.clips[i].length for i in train_idx])
+    assert crops_per_clip(COVER, prepared, train_idx, window) == round(median / window) == 4
+    assert crops_per_clip(2, prepared, train_idx, window) == 2
+    for bad in (0, -1, "all", 1.5):
+        with pytest.raises(ValueError, match="crops_per_clip must be"):
+            crops_per_clip(bad, prepared, train_idx, window)
+
+
 def test_mixed_precision_only_where_it_is_safe():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("bf16", cpu) is None
@@ -243,7 +264,8 @@ def test_finetune_to_station_tags_keeps_frozen_blocks(trained, tmp_path):
 
 def test_every_recipe_override_reaches_the_resolved_run():
     overrides = dict(optimizer="sgd", epochs=3, batch_size=5, lr=0.5, patience=7,
-                     max_lr_drops=9, schedule="plateau", crop="loop")  # fmt: skip
+                     max_lr_drops=9, schedule="plateau", crop="loop",
+                     crops_per_clip=3)  # fmt: skip
     resolved = TrainConfig(data="d", out="o", recipe="fcn", **overrides).resolved()
     assert {key: resolved[key] for key in overrides} == overrides
     assert TrainConfig(data="d", out="o", recipe="samplecnn").resolved()["schedule"] == "cosine"

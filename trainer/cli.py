@@ -43,6 +43,23 @@ def friendly_errors(command):
     return wrapper
 
 
+class CropsPerClip(click.ParamType):
+    """A whole number ≥ 1, or 'cover'."""
+
+    name = "N|cover"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "cover":
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"expected a whole number ≥ 1 or 'cover', got {value!r}", param, ctx)
+        return number
+
+
 def parse_hparams(values: tuple[str, ...]) -> dict[str, Any]:
     """``key=value`` pairs; values are JSON when they parse (0.5, [1, 2], true), else text."""
     hparams = {}
@@ -291,7 +308,13 @@ def training_options(command):
             type=click.Choice(["plateau", "cosine"]),
             help="Learning-rate schedule; override the recipe's.",
         ),
-        click.option("--crops-per-clip", type=int, default=1, show_default=True),
+        click.option(
+            "--crops-per-clip",
+            type=CropsPerClip(),
+            help="Random windows per training clip an epoch, or 'cover' (median clip over "
+            "the window: all the audio about once an epoch); default: the recipe's "
+            "(samplecnn covers, the rest take 1).",
+        ),
         click.option(
             "--crop",
             type=click.Choice(["plain", "loop"]),

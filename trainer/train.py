@@ -76,9 +76,15 @@ class Recipe:
     # every step; no early stop.
     schedule: str = "plateau"
     crop: str = "plain"  # training windows: "plain" inside the clip, "loop" wrapping around
+    # Random windows per clip an epoch; COVER: as many as the clips hold (median clip over
+    # window, rounded), so that an epoch shows about all of the audio once.
+    crops_per_clip: int | str = 1
     # Values for the model's hyper-parameters that the recipe is measured with; what the
     # user passes with --hparam wins.
     model_hparams: tuple[tuple[str, Any], ...] = ()
+
+
+COVER = "cover"
 
 
 # The defaults ("fcn", "samplecnn") are chosen by measurement on rendered music with the
@@ -93,10 +99,12 @@ RECIPES: dict[str, Recipe] = {
         "adam", lr=1e-3, batch_size=16, epochs=100, patience=5, lr_factor=0.2, max_lr_drops=2
     ),
     # Adam with a cosine decay: the paper's SGD at lr 0.01 barely moves a narrow SampleCNN
-    # in 25 epochs of a few hundred clips.
+    # in 25 epochs of a few hundred clips. Each epoch covers the clips (about 11 windows of
+    # 2.68 s a 29.1 s clip), as Lee et al. trained on every segment: one random window a
+    # clip shows a tenth of the audio an epoch.
     "samplecnn": Recipe(
         "adam", lr=3e-3, batch_size=23, epochs=100, patience=3, lr_factor=0.2, max_lr_drops=4,
-        schedule="cosine",
+        schedule="cosine", crops_per_clip=COVER,
     ),
     # Choi et al. 2016: Adam, binary cross-entropy, dropout 0.5 after every pool. The
     # paper gives no schedule; we stop once validation loss has stalled 5 epochs after
@@ -144,7 +152,7 @@ class TrainConfig:
     patience: int | None = None
     max_lr_drops: int | None = None
     schedule: str | None = None  # plateau | cosine
-    crops_per_clip: int = 1  # random windows per training clip per epoch
+    crops_per_clip: int | str | None = None  # windows per training clip an epoch, or COVER
     crop: str | None = None  # plain | loop (CropDataset); None: the recipe's
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 on GPUs that have it
@@ -172,6 +180,7 @@ class TrainConfig:
             "max_lr_drops",
             "schedule",
             "crop",
+            "crops_per_clip",
         ):
             if getattr(self, key) is not None:
                 values[key] = getattr(self, key)
@@ -234,6 +243,21 @@ class CropDataset(Dataset):
         cut = looped_crop if self.loop else crop
         window = cut(self.data.audio(clip), int(self.starts[item]), self.window_samples)
         return torch.from_numpy(window), torch.from_numpy(self.data.labels(clip))
+
+
+def crops_per_clip(asked: int | str, data: PreparedData, indices: list[int],
+                   window_samples: int) -> int:  # fmt: skip
+    """Windows per training clip an epoch: ``asked``, or for COVER the median training
+    clip's length over the window, rounded (at least 1)."""
+    if asked == COVER:
+        median = float(np.median([data.clips[i].length for i in indices]))
+        crops = max(1, round(median / window_samples))
+        log.info("%d crops a clip an epoch: the median clip (%.1f windows) covered once",
+                 crops, median / window_samples)  # fmt: skip
+        return crops
+    if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
+        raise ValueError(f"crops_per_clip must be a whole number ≥ 1 or {COVER!r}, got {asked!r}")
+    return asked
 
 
 # -- distributed and devices -----------------------------------------------------------------
@@ -393,10 +417,10 @@ def train(config: TrainConfig) -> TrainResult:
     # 5. Data: random crops, split across ranks by DistributedSampler.
     if recipe["crop"] not in ("plain", "loop"):
         raise ValueError(f"crop must be plain or loop, got {recipe['crop']!r}")
+    crops = crops_per_clip(recipe["crops_per_clip"], data, train_idx, model.window_samples)
     examples = CropDataset(
-        data, train_idx, model.window_samples, config.crops_per_clip, config.seed,
-        loop=recipe["crop"] == "loop",
-    )  # fmt: skip
+        data, train_idx, model.window_samples, crops, config.seed, loop=recipe["crop"] == "loop"
+    )
     if ranks.distributed:
         sampler = DistributedSampler(
             examples, ranks.world_size, ranks.rank, shuffle=True, seed=config.seed

@@ -76,6 +76,22 @@ class Engine(abc.ABC):
         """
         return None
 
+    def _incremental_files(self, hop_samples: int, what: str,
+                           remedy: str) -> tuple[dict, list[Path]] | None:  # fmt: skip
+        """The card's graph entry for the hop and its prime and step files beside the
+        model, or None; EngineError naming ``what`` (graph, plan) and ``remedy`` when one
+        is missing."""
+        graph = self.card.incremental_graph(hop_samples)
+        if graph is None:
+            return None
+        paths = [self.path.with_name(graph[role]) for role in ("prime", "step")]
+        for role, path in zip(("prime", "step"), paths, strict=True):
+            if not path.is_file():
+                raise EngineError(f"{self.path}: its card names the {role} {what} {path.name} "
+                                  f"for hop {hop_samples}, which is not beside it; {remedy}, "
+                                  f"or serve with full windows")  # fmt: skip
+        return graph, paths
+
     def describe(self) -> str:
         return f"{self.card.name} ({self.card.architecture}) on {self.backend} from {self.path}"
 

@@ -148,17 +148,12 @@ class OnnxEngine(Engine):
         on ``run`` scores full windows with it and the main model's session is released:
         each session holds its own copy of the weights (FCN-4: about 100 MB).
         """
-        graph = self.card.incremental_graph(hop_samples)
-        if graph is None:
+        found = self._incremental_files(hop_samples, "graph", "export again")
+        if found is None:
             return None
+        graph, paths = found
         import onnxruntime as ort
 
-        paths = [self.path.with_name(graph[role]) for role in ("prime", "step")]
-        for role, path in zip(("prime", "step"), paths, strict=True):
-            if not path.is_file():
-                raise EngineError(f"{self.path}: its card names the {role} graph {path.name} "
-                                  f"for hop {hop_samples}, which is not beside it; export "
-                                  f"again, or serve with full windows")  # fmt: skip
         self._session = None  # before loading the graphs: never three copies of the weights
         sessions = []
         for path in paths:

@@ -201,16 +201,12 @@ class TensorRTEngine(Engine):
         return instance
 
     def incremental(self, hop_samples: int) -> TensorRTIncremental | None:
-        graph = self.card.incremental_graph(hop_samples)
-        if graph is None:
+        found = self._incremental_files(
+            hop_samples, "plan", "compile the model again with `tagd-train compile`"
+        )
+        if found is None:
             return None
-        paths = [self.path.with_name(graph[role]) for role in ("prime", "step")]
-        for role, path in zip(("prime", "step"), paths, strict=True):
-            if not path.is_file():
-                raise EngineError(f"{self.path}: its card names the {role} plan {path.name} for "
-                                  f"hop {hop_samples}, which is not beside it; compile the model "
-                                  f"again with `tagd-train compile`, or serve with full "
-                                  f"windows")  # fmt: skip
+        graph, paths = found
         prime = self._plan.sibling(paths[0])
         try:
             step = self._plan.sibling(paths[1])
