@@ -2,10 +2,9 @@
 
 Everything returns mono float32 in [-1, 1] at the rate asked for. Decoding tries
 soundfile (libsndfile: wav, flac, ogg) and falls back to an ffmpeg subprocess for
-anything else. MP3 goes to ffmpeg when it is installed: libsndfile 1.2.2 read block by
-block garbles a granule at some block boundaries (errors up to 0.03 over ~150 samples,
-and libmpg123 prints "part2_3_length … too large" for nearly every file), and read
-whole it holds the file's every channel at once. Resampling is soxr, one-shot for files and streaming for live input.
+anything else; mp3 goes to ffmpeg first, at the file's own rate, because libsndfile
+read block by block garbles some of its granules (docs/design.md). Resampling is soxr,
+one-shot for files and streaming for live input.
 """
 
 from __future__ import annotations
