@@ -79,7 +79,9 @@ def decode_file(path: str | Path, sample_rate: int) -> np.ndarray:
     mpeg = _mpeg_layout(path)
     if mpeg is not None and shutil.which("ffmpeg") is not None:
         channels, rate = mpeg
-        return resample(_decode_ffmpeg_mean(path, channels, rate), rate, sample_rate)
+        # at the file's own rate, the channels' mean: soxr resamples it, as any other file
+        samples = _run_ffmpeg(path, ffmpeg_decode_command(path, rate, mean_of=channels))
+        return resample(samples, rate, sample_rate)
     try:
         samples, rate = _decode_soundfile(path)
     except AudioError as first_error:
@@ -131,16 +133,6 @@ def _mpeg_layout(path: Path) -> tuple[int, int] | None:
     return (info.channels, info.samplerate) if mpeg else None
 
 
-def _decode_ffmpeg_mean(path: Path, channels: int, rate: int) -> np.ndarray:
-    """Mono float32 at the file's own ``rate`` through ffmpeg, the channels' mean (as
-    ``downmix``; ffmpeg's own ``-ac 1`` weighs them otherwise). Resampling stays soxr's,
-    as for every other file."""
-    mean = "+".join(f"{1 / channels!r}*c{channel}" for channel in range(channels))
-    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vn",
-               "-af", f"pan=mono|c0={mean}", "-ar", str(rate), "-f", "f32le", "-"]  # fmt: skip
-    return _run_ffmpeg(path, command)
-
-
 def _decode_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     return _run_ffmpeg(path, ffmpeg_decode_command(path, sample_rate))
 
@@ -156,12 +148,19 @@ def _run_ffmpeg(path: Path, command: list[str]) -> np.ndarray:
     return samples
 
 
-def ffmpeg_decode_command(path: str | Path, sample_rate: int) -> list[str]:
-    """ffmpeg decoding ``path`` to mono float32 (f32le) at ``sample_rate`` on its stdout."""
-    return [
-        "ffmpeg", "-nostdin", "-v", "error", "-i", str(path),
-        "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-",
-    ]  # fmt: skip
+def ffmpeg_decode_command(path: str | Path, sample_rate: int, mean_of: int = 0) -> list[str]:
+    """ffmpeg decoding ``path`` to mono float32 (f32le) at ``sample_rate`` on its stdout.
+
+    ``mean_of``: the file's channel count, for the channels' mean (as ``downmix``) through a
+    ``pan`` filter; 0 leaves the downmix to ffmpeg's ``-ac 1``, which weighs them otherwise.
+    """
+    if mean_of:
+        mean = "+".join(f"{1 / mean_of!r}*c{channel}" for channel in range(mean_of))
+        mono = ["-af", f"pan=mono|c0={mean}"]
+    else:
+        mono = ["-ac", "1"]
+    return ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vn", *mono,
+            "-ar", str(sample_rate), "-f", "f32le", "-"]  # fmt: skip
 
 
 def frame_bytes(pcm_format: str, channels: int) -> int:

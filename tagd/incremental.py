@@ -80,8 +80,9 @@ class IncrementalRunner:
         engine = self.engines[instance]
         scores = np.empty((len(keys), engine.card.n_tags), dtype=np.float32)
         for rows in _rounds(keys):
-            steps = [row for row in rows if self.continues(keys[row])]
-            primes = [row for row in rows if row not in steps]
+            follows = [self.continues(keys[row]) for row in rows]
+            steps = [row for row, step in zip(rows, follows, strict=True) if step]
+            primes = [row for row, step in zip(rows, follows, strict=True) if not step]
             if steps:
                 states = [np.stack([self._carried[keys[r].stream].states[i] for r in steps])
                           for i in range(len(engine.state_shapes))]  # fmt: skip
