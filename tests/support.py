@@ -399,7 +399,7 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 EXAMPLES = REPO / "examples"
 
 
-FEED_TIMEOUT_S = 15.0
+FEED_TIMEOUT_S = 30.0  # a hang guard: a relay may take seconds to start, then AudioRate its own
 
 
 def run_feed(script: str, *args: str, stop_when=None, env=None) -> None:
@@ -514,14 +514,18 @@ class Icecast:
 
 
 class AudioRate:
-    """A ``stop_when`` for run_feed: true once ``seconds`` of audio came after the first
-    0.5 s; ``rate`` is then audio seconds per wall second over them, and ``gaps`` the
-    stream's gaps when the audio began (the first audio after idle is one)."""
+    """A ``stop_when`` for run_feed: true once audio has flowed for ``settle_s`` plus
+    ``seconds`` of wall time after its first 0.5 s; ``rate`` is then audio seconds per wall
+    second over the last ``seconds`` of it, so that a catch-up burst as audio starts (a
+    Liquidsoap clock late after a slow start sends seconds at once) falls before it.
+    ``gaps`` is the stream's gaps when the audio began (the first audio after idle is one).
+    """
 
-    def __init__(self, tagd: TagdProcess, stream: str, seconds: float) -> None:
-        self.tagd, self.stream, self.seconds = tagd, stream, seconds
+    def __init__(self, tagd: TagdProcess, stream: str, seconds: float,
+                 settle_s: float = 2.0) -> None:  # fmt: skip
+        self.tagd, self.stream, self.seconds, self.settle_s = tagd, stream, seconds, settle_s
         self.before = self._received()
-        self.start: tuple[float, float] | None = None  # (wall, audio) once audio flows
+        self.samples: list[tuple[float, float]] = []  # (wall, audio) once audio flows
         self.rate: float | None = None
         self.gaps: float | None = None
 
@@ -530,14 +534,16 @@ class AudioRate:
 
     def __call__(self) -> bool:
         now, audio = time.monotonic(), self._received() - self.before
-        if self.start is None:
+        if not self.samples:
             if audio > 0.5:
-                self.start = (now, audio)
+                self.samples.append((now, audio))
                 self.gaps = self.tagd.metric("tagd_stream_gaps_total", stream=self.stream)
             return False
-        if audio - self.start[1] < self.seconds:
+        self.samples.append((now, audio))
+        if now - self.samples[0][0] < self.settle_s + self.seconds:
             return False
-        self.rate = (audio - self.start[1]) / (now - self.start[0])
+        then, audio_then = next(s for s in reversed(self.samples) if s[0] <= now - self.seconds)
+        self.rate = (audio - audio_then) / (now - then)
         return True
 
 
