@@ -76,7 +76,7 @@ def decode_file(path: str | Path, sample_rate: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
-    mpeg = _mpeg_layout(path)
+    mpeg = mpeg_layout(path)
     if mpeg is not None and shutil.which("ffmpeg") is not None:
         channels, rate = mpeg
         # at the file's own rate, the channels' mean: soxr resamples it, as any other file
@@ -120,7 +120,7 @@ def _decode_soundfile(path: Path) -> tuple[np.ndarray, int]:
     return samples, rate
 
 
-def _mpeg_layout(path: Path) -> tuple[int, int] | None:
+def mpeg_layout(path: str | Path) -> tuple[int, int] | None:
     """(channels, sample rate) of an MPEG audio file (mp3, mp2) from its header as
     libsndfile reads it; None for any other file, or one it cannot read."""
     import soundfile

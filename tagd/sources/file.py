@@ -6,13 +6,16 @@ captured live; without it, as fast as the pipeline takes it (windows beyond what
 engine keeps up with are dropped and counted, as for any input). At the end the stream
 goes idle, unless ``loop``.
 
-libsndfile reads wav, flac, ogg and mp3 block by block; other formats are decoded by an
-ffmpeg subprocess straight to the model's rate.
+libsndfile reads wav, flac and ogg block by block. mp3 goes through ffmpeg at the file's
+own rate as the channels' mean, as ``tagd tag`` decodes it (libsndfile's block reads
+garble mp3 granules at some block boundaries; docs/design.md). Other formats are decoded
+by an ffmpeg subprocess straight to the model's rate.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +25,7 @@ from urllib.parse import unquote
 import numpy as np
 import soundfile
 
-from tagd.audio import ffmpeg_decode_command
+from tagd.audio import ffmpeg_decode_command, mpeg_layout
 from tagd.sources import Source, SourceError
 from tagd.stream import Arrival
 
@@ -54,14 +57,20 @@ class FileSource(Source):
 
     def open(self) -> None:
         self.reserve()
-        try:
-            info = soundfile.info(str(self.path))
-            self._rate, self._use_ffmpeg = int(info.samplerate), False
-        except (soundfile.LibsndfileError, RuntimeError):
-            self._rate, self._use_ffmpeg = self.hub.geometry.sample_rate, True
+        # _ffmpeg: the decode command, or None for libsndfile's block reads
+        mpeg = mpeg_layout(self.path)
+        if mpeg is not None and shutil.which("ffmpeg") is not None:
+            channels, self._rate = mpeg
+            self._ffmpeg = ffmpeg_decode_command(self.path, self._rate, mean_of=channels)
+        else:
+            try:
+                self._rate, self._ffmpeg = int(soundfile.info(str(self.path)).samplerate), None
+            except (soundfile.LibsndfileError, RuntimeError):
+                self._rate = self.hub.geometry.sample_rate
+                self._ffmpeg = ffmpeg_decode_command(self.path, self._rate)
         self._stream = self.hub.open(self.spec.stream_name(), self.label, pinned=True)
         log.info("input %s: %s at %d Hz%s", self.label, self.path, self._rate,
-                 " (via ffmpeg)" if self._use_ffmpeg else "")  # fmt: skip
+                 " (via ffmpeg)" if self._ffmpeg else "")  # fmt: skip
 
     def _read(self) -> None:
         chunk_frames = max(1, round(self._rate * self.spec.chunk_ms / 1000))
@@ -83,14 +92,13 @@ class FileSource(Source):
                 return
 
     def _chunks(self, chunk_frames: int) -> Iterator[np.ndarray]:
-        if not self._use_ffmpeg:
+        if self._ffmpeg is None:
             with soundfile.SoundFile(str(self.path)) as handle:
                 yield from handle.blocks(chunk_frames, dtype="float32", always_2d=True)
             return
-        command = ffmpeg_decode_command(self.path, self._rate)
         chunk_bytes = chunk_frames * 4
         with subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            self._ffmpeg, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         ) as process:
             assert process.stdout is not None
             try:
