@@ -13,7 +13,7 @@ second. Beside them, in the same run on the same clips:
   regression per tag: what a model gets without learning any time-frequency pattern.
 
     python bench/quality.py                        # 400 clips, 25 epochs, fcn5 + samplecnn
-    python bench/quality.py --clips 120 --epochs 5 --models fcn5   # a quick look
+    python bench/quality.py --clips 120 --epochs 2 --models fcn5   # a quick look
 
 Not part of the test run (about an hour on two cores at the defaults). Figures are
 for this machine and this run; docs/training.md has the table and the command.
@@ -22,6 +22,7 @@ for this machine and this run; docs/training.md has the table and the command.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -37,7 +38,7 @@ from trainer.data.prepare import prepare
 from trainer.data.rendered import write_rendered
 from trainer.evaluate import evaluate_model, predict_clips, summarise, tag_metrics
 from trainer.models import create_model
-from trainer.train import TrainConfig, train
+from trainer.train import TrainConfig, crops_per_clip, train
 
 INSTRUMENTS = ("piano", "bells", "organ", "guitar", "bass", "strings", "brass", "woodwind", "synth")  # fmt: skip
 
@@ -56,7 +57,8 @@ def prepared(root: Path, annotations: Path, sample_rate: int) -> PreparedData:
     return PreparedData(out)
 
 
-def row(name: str, summary: dict, per_tag, seconds: float, examples_per_s: float | None) -> dict:
+def row(name: str, summary: dict, per_tag, seconds: float, examples_per_s: float | None,
+        examples: int | None) -> dict:  # fmt: skip
     instruments = [r.roc_auc for r in per_tag if r.tag in INSTRUMENTS and not np.isnan(r.roc_auc)]
     return {
         "model": name,
@@ -65,22 +67,27 @@ def row(name: str, summary: dict, per_tag, seconds: float, examples_per_s: float
         "instruments": float(np.mean(instruments)) if instruments else float("nan"),
         "minutes": seconds / 60,
         "examples_per_s": examples_per_s,
+        "examples": examples,  # training examples seen, all epochs
     }
 
 
 def default_recipe(model_name: str, width: float, data: PreparedData, out: Path, epochs: int) -> dict:  # fmt: skip
     started = time.monotonic()
-    result = train(
-        TrainConfig(
-            data=str(data.root), out=str(out / model_name), model=model_name,
-            hparams={"width": width}, epochs=epochs, progress=False, tensorboard=False,
-        )
+    config = TrainConfig(
+        data=str(data.root), out=str(out / model_name), model=model_name,
+        hparams={"width": width}, epochs=epochs, progress=False, tensorboard=False,
     )  # fmt: skip
+    result = train(config)
     seconds = time.monotonic() - started
     model = model_from_checkpoint(load_checkpoint(result.best_path))
     evaluation = evaluate_model(model, data)
     speed = float(np.mean([h["examples_per_second"] for h in result.history]))
-    return row(f"{model_name} (default recipe)", evaluation.summary, evaluation.per_tag, seconds, speed)  # fmt: skip
+    recipe = json.loads((result.run_dir / "config.json").read_text())["resolved"]
+    train_idx = data.indices("train")
+    crops = crops_per_clip(recipe["crops_per_clip"], data, train_idx, model.window_samples,
+                           recipe["min_epoch_examples"])  # fmt: skip
+    examples = crops * len(train_idx) * result.epochs_run
+    return row(f"{model_name} (default recipe)", evaluation.summary, evaluation.per_tag, seconds, speed, examples)  # fmt: skip
 
 
 def reference(width: float, data: PreparedData, epochs: int, seed: int = 0) -> dict:
@@ -110,7 +117,7 @@ def reference(width: float, data: PreparedData, epochs: int, seed: int = 0) -> d
     test_idx = data.indices("test")
     scores = predict_clips(model, data, test_idx)
     per_tag = tag_metrics(data.label_matrix(test_idx), scores, data.tags)
-    return row("reference: minimal loop, fcn5", summarise(per_tag), per_tag, seconds, seen / seconds)  # fmt: skip
+    return row("reference: minimal loop, fcn5", summarise(per_tag), per_tag, seconds, seen / seconds, seen)  # fmt: skip
 
 
 def logistic_reference(data: PreparedData) -> dict:
@@ -176,11 +183,12 @@ def main() -> None:
     clips = {s: len(fcn_data.indices(s)) for s in ("train", "valid", "test")}
     print(f"\n{args.data}: {sum(clips.values())} rendered clips ({clips['train']} / {clips['valid']} / {clips['test']}), "  # fmt: skip
           f"width {args.width}, {args.epochs} epochs; load average at end {os.getloadavg()[0]:.2f}\n")  # fmt: skip
-    print("| model | test ROC-AUC | test PR-AUC | instrument tags ROC-AUC | minutes | examples/s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | test ROC-AUC | test PR-AUC | instrument tags ROC-AUC | minutes | examples/s | examples seen |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         speed = f"{r['examples_per_s']:.1f}" if r["examples_per_s"] else "–"
-        print(f"| {r['model']} | {r['roc_auc']:.3f} | {r['pr_auc']:.3f} | {r['instruments']:.3f} | {r['minutes']:.1f} | {speed} |")  # fmt: skip
+        seen = f"{r['examples']:,}" if r["examples"] else "–"
+        print(f"| {r['model']} | {r['roc_auc']:.3f} | {r['pr_auc']:.3f} | {r['instruments']:.3f} | {r['minutes']:.1f} | {speed} | {seen} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -189,6 +189,21 @@ def test_samplecnn_covers_each_clip_once_an_epoch(prepared):
             crops_per_clip(bad, prepared, train_idx, window)
 
 
+def test_a_small_training_set_shows_each_clip_more_than_once_an_epoch(prepared):
+    assert RECIPES["fcn"].min_epoch_examples == 512 and RECIPES["samplecnn"].min_epoch_examples == 0
+    window = create_model("samplecnn", N_TAGS, **TINY).window_samples
+    train_idx = prepared.indices("train")
+    n = len(train_idx)
+    assert crops_per_clip(1, prepared, train_idx, window, min_examples=3 * n) == 3
+    assert crops_per_clip(1, prepared, train_idx, window, min_examples=3 * n - 1) == 3  # rounded up
+    assert crops_per_clip(1, prepared, train_idx, window, min_examples=3 * n + 1) == 4
+    assert crops_per_clip(5, prepared, train_idx, window, min_examples=3 * n) == 5  # a floor only
+    assert crops_per_clip(COVER, prepared, train_idx, window, min_examples=n) == 4
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="min_epoch_examples must be"):
+            crops_per_clip(1, prepared, train_idx, window, min_examples=bad)
+
+
 def test_mixed_precision_only_where_it_is_safe():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("bf16", cpu) is None
@@ -265,7 +280,7 @@ def test_finetune_to_station_tags_keeps_frozen_blocks(trained, tmp_path):
 def test_every_recipe_override_reaches_the_resolved_run():
     overrides = dict(optimizer="sgd", epochs=3, batch_size=5, lr=0.5, patience=7,
                      max_lr_drops=9, schedule="plateau", crop="loop",
-                     crops_per_clip=3)  # fmt: skip
+                     crops_per_clip=3, min_epoch_examples=0)  # fmt: skip
     resolved = TrainConfig(data="d", out="o", recipe="fcn", **overrides).resolved()
     assert {key: resolved[key] for key in overrides} == overrides
     assert TrainConfig(data="d", out="o", recipe="samplecnn").resolved()["schedule"] == "cosine"

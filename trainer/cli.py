@@ -316,6 +316,13 @@ def training_options(command):
             "(samplecnn covers, the rest take 1).",
         ),
         click.option(
+            "--min-epoch-examples",
+            type=click.IntRange(min=0),
+            metavar="N",
+            help="At least N examples an epoch: a smaller training set shows each clip more "
+            "than once an epoch; 0 for none; default: the recipe's (fcn 512, the rest 0).",
+        ),
+        click.option(
             "--crop",
             type=click.Choice(["plain", "loop"]),
             help="Training windows: plain (inside the clip) or loop (anywhere, wrapping "
@@ -370,6 +377,7 @@ def _run_training(
         max_lr_drops=options["max_lr_drops"],
         schedule=options["schedule"],
         crops_per_clip=options["crops_per_clip"],
+        min_epoch_examples=options["min_epoch_examples"],
         crop=options["crop"],
         seed=options["seed"],
         precision=options["precision"],

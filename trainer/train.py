@@ -79,6 +79,10 @@ class Recipe:
     # Random windows per clip an epoch; COVER: as many as the clips hold (median clip over
     # window, rounded), so that an epoch shows about all of the audio once.
     crops_per_clip: int | str = 1
+    # At least this many examples an epoch: a smaller training set shows each clip more
+    # than once an epoch (at a new random window each time), so that 25 epochs of a few
+    # hundred clips are enough optimiser steps. 0: no minimum.
+    min_epoch_examples: int = 0
     # Values for the model's hyper-parameters that the recipe is measured with; what the
     # user passes with --hparam wins.
     model_hparams: tuple[tuple[str, Any], ...] = ()
@@ -94,9 +98,12 @@ RECIPES: dict[str, Recipe] = {
     # Choi et al.'s optimiser and plateau rule with the model's own dropout: only before
     # the output layer (FCNConfig). Dropout 0.5 after every pool, the paper's, leaves a
     # narrow FCN on a few hundred clips at chance on timbre tags. A cosine decay over 25
-    # epochs learnt less than the plateau rule's constant rate (docs/training.md).
+    # epochs learnt less than the plateau rule's constant rate (docs/training.md). At
+    # least 512 examples an epoch (32 batches): 280 clips shown once an epoch are 18 steps,
+    # and 25 such epochs left the network still learning.
     "fcn": Recipe(
-        "adam", lr=1e-3, batch_size=16, epochs=100, patience=5, lr_factor=0.2, max_lr_drops=2
+        "adam", lr=1e-3, batch_size=16, epochs=100, patience=5, lr_factor=0.2, max_lr_drops=2,
+        min_epoch_examples=512,
     ),
     # Adam with a cosine decay: the paper's SGD at lr 0.01 barely moves a narrow SampleCNN
     # in 25 epochs of a few hundred clips. Each epoch covers the clips (about 11 windows of
@@ -153,6 +160,7 @@ class TrainConfig:
     max_lr_drops: int | None = None
     schedule: str | None = None  # plateau | cosine
     crops_per_clip: int | str | None = None  # windows per training clip an epoch, or COVER
+    min_epoch_examples: int | None = None  # more crops a clip when the set is smaller
     crop: str | None = None  # plain | loop (CropDataset); None: the recipe's
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 on GPUs that have it
@@ -181,6 +189,7 @@ class TrainConfig:
             "schedule",
             "crop",
             "crops_per_clip",
+            "min_epoch_examples",
         ):
             if getattr(self, key) is not None:
                 values[key] = getattr(self, key)
@@ -246,18 +255,26 @@ class CropDataset(Dataset):
 
 
 def crops_per_clip(asked: int | str, data: PreparedData, indices: list[int],
-                   window_samples: int) -> int:  # fmt: skip
+                   window_samples: int, min_examples: int = 0) -> int:  # fmt: skip
     """Windows per training clip an epoch: ``asked``, or for COVER the median training
-    clip's length over the window, rounded (at least 1)."""
+    clip's length over the window, rounded (at least 1); raised until an epoch holds at
+    least ``min_examples``."""
     if asked == COVER:
         median = float(np.median([data.clips[i].length for i in indices]))
         crops = max(1, round(median / window_samples))
         log.info("%d crops a clip an epoch: the median clip (%.1f windows) covered once",
                  crops, median / window_samples)  # fmt: skip
-        return crops
-    if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
+    elif not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
         raise ValueError(f"crops_per_clip must be a whole number ≥ 1 or {COVER!r}, got {asked!r}")
-    return asked
+    else:
+        crops = asked
+    if isinstance(min_examples, bool) or not isinstance(min_examples, int) or min_examples < 0:
+        raise ValueError(f"min_epoch_examples must be a whole number ≥ 0, got {min_examples!r}")
+    if indices and crops * len(indices) < min_examples:
+        crops = -(-min_examples // len(indices))
+        log.info("%d crops a clip an epoch: %d training clips, at least %d examples an epoch",
+                 crops, len(indices), min_examples)  # fmt: skip
+    return crops
 
 
 # -- distributed and devices -----------------------------------------------------------------
@@ -417,7 +434,8 @@ def train(config: TrainConfig) -> TrainResult:
     # 5. Data: random crops, split across ranks by DistributedSampler.
     if recipe["crop"] not in ("plain", "loop"):
         raise ValueError(f"crop must be plain or loop, got {recipe['crop']!r}")
-    crops = crops_per_clip(recipe["crops_per_clip"], data, train_idx, model.window_samples)
+    crops = crops_per_clip(recipe["crops_per_clip"], data, train_idx, model.window_samples,
+                           recipe["min_epoch_examples"])  # fmt: skip
     examples = CropDataset(
         data, train_idx, model.window_samples, crops, config.seed, loop=recipe["crop"] == "loop"
     )
