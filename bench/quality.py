@@ -58,7 +58,7 @@ def prepared(root: Path, annotations: Path, sample_rate: int) -> PreparedData:
 
 
 def row(name: str, summary: dict, per_tag, seconds: float, examples_per_s: float | None,
-        examples: int | None) -> dict:  # fmt: skip
+        examples: int | None = None) -> dict:  # fmt: skip
     instruments = [r.roc_auc for r in per_tag if r.tag in INSTRUMENTS and not np.isnan(r.roc_auc)]
     return {
         "model": name,
