@@ -22,7 +22,6 @@ for this machine and this run; docs/training.md has the table and the command.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -38,7 +37,7 @@ from trainer.data.prepare import prepare
 from trainer.data.rendered import write_rendered
 from trainer.evaluate import evaluate_model, predict_clips, summarise, tag_metrics
 from trainer.models import create_model
-from trainer.train import TrainConfig, crops_per_clip, train
+from trainer.train import TrainConfig, train
 
 INSTRUMENTS = ("piano", "bells", "organ", "guitar", "bass", "strings", "brass", "woodwind", "synth")  # fmt: skip
 
@@ -73,20 +72,17 @@ def row(name: str, summary: dict, per_tag, seconds: float, examples_per_s: float
 
 def default_recipe(model_name: str, width: float, data: PreparedData, out: Path, epochs: int) -> dict:  # fmt: skip
     started = time.monotonic()
-    config = TrainConfig(
-        data=str(data.root), out=str(out / model_name), model=model_name,
-        hparams={"width": width}, epochs=epochs, progress=False, tensorboard=False,
+    result = train(
+        TrainConfig(
+            data=str(data.root), out=str(out / model_name), model=model_name,
+            hparams={"width": width}, epochs=epochs, progress=False, tensorboard=False,
+        )
     )  # fmt: skip
-    result = train(config)
     seconds = time.monotonic() - started
     model = model_from_checkpoint(load_checkpoint(result.best_path))
     evaluation = evaluate_model(model, data)
     speed = float(np.mean([h["examples_per_second"] for h in result.history]))
-    recipe = json.loads((result.run_dir / "config.json").read_text())["resolved"]
-    train_idx = data.indices("train")
-    crops = crops_per_clip(recipe["crops_per_clip"], data, train_idx, model.window_samples,
-                           recipe["min_epoch_examples"])  # fmt: skip
-    examples = crops * len(train_idx) * result.epochs_run
+    examples = result.examples_per_epoch * result.epochs_run
     return row(f"{model_name} (default recipe)", evaluation.summary, evaluation.per_tag, seconds, speed, examples)  # fmt: skip
 
 

@@ -171,6 +171,7 @@ def test_cosine_schedule_decays_from_one_to_zero():
 
 def test_default_recipe_decays_the_rate_over_the_epochs_asked_for(prepared, tmp_path):
     result = train(tiny_config(prepared, tmp_path, epochs=2))
+    assert result.examples_per_epoch == len(prepared.indices("train"))  # one crop, no floor
     rates = [row["lr"] for row in result.history]
     assert RECIPES["samplecnn"].schedule == "cosine"
     assert rates[0] > rates[1] > 0  # the log shows the rate at each epoch's end

@@ -99,7 +99,7 @@ RECIPES: dict[str, Recipe] = {
     # the output layer (FCNConfig). Dropout 0.5 after every pool, the paper's, leaves a
     # narrow FCN on a few hundred clips at chance on timbre tags. A cosine decay over 25
     # epochs learnt less than the plateau rule's constant rate (docs/training.md). At
-    # least 512 examples an epoch (32 batches): 280 clips shown once an epoch are 18 steps,
+    # least 512 examples an epoch (32 batches): 280 clips shown once an epoch are 17 steps,
     # and 25 such epochs left the network still learning.
     "fcn": Recipe(
         "adam", lr=1e-3, batch_size=16, epochs=100, patience=5, lr_factor=0.2, max_lr_drops=2,
@@ -204,6 +204,7 @@ class TrainResult:
     best_epoch: int
     best_roc_auc: float
     epochs_run: int
+    examples_per_epoch: int  # training windows an epoch, all ranks
     history: list[dict[str, Any]]
     model: TaggerModel  # the final weights (not the best), unwrapped
 
@@ -591,6 +592,7 @@ def train(config: TrainConfig) -> TrainResult:
         best_epoch=state["best_epoch"],
         best_roc_auc=state["best_roc_auc"],
         epochs_run=state["epoch"],
+        examples_per_epoch=len(examples),
         history=state["history"],
         model=model,
     )
