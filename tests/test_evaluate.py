@@ -175,8 +175,10 @@ def test_report_files_and_card_update(tiny_data, tmp_path):
 
 def test_evaluate_refuses_a_model_with_other_tags(tiny_data):
     model = create_model("samplecnn", 3, width=0.125, n=3)
-    with pytest.raises(ValueError, match="same tag set"):
+    with pytest.raises(ValueError, match="outputs 3 tags, not the 2"):
         evaluate_model(model, tiny_data)
+    with pytest.raises(ValueError, match="none of the model's tags"):
+        evaluate_model(model, tiny_data, tags=["p", "q", "r"])
 
 
 def test_write_outputs_with_chosen_roc_tags(tiny_data, tmp_path):

@@ -11,9 +11,15 @@ Metrics are computed per tag and averaged over tags:
 - ROC-AUC weighted by each tag's number of positive clips (Sankaran 2017, WAUC), which
   counts rare tags less when a small evaluation set makes their AUC noisy.
 
-A tag with no positive (or no negative) clip in the evaluation set has no AUC; it is
-left out of the averages and listed as such. Per-tag thresholds maximise F1 on the
-validation split and go into the model card with the test scores.
+A label may be unknown (NaN: a real recording whose instruments nobody named); each
+tag's metrics, threshold and loss take only the clips that know it. A tag with no
+positive (or no negative) known clip in the evaluation set has no AUC; it is left out of
+the averages and listed as such. Per-tag thresholds maximise F1 on the validation split
+and go into the model card with the test scores.
+
+A model is evaluated on any prepared set whose tags overlap its own, matched by name:
+the set's tags the model lacks are listed and skipped, and the model's tags the set lacks
+are unknown for every clip.
 """
 
 from __future__ import annotations
@@ -110,9 +116,11 @@ def predict_clips(
 
 
 def bce(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Binary cross-entropy of clip scores, the loss the plateau schedule watches."""
-    p = np.clip(scores, 1e-7, 1 - 1e-7)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    """Binary cross-entropy of clip scores over the known labels, the loss the plateau
+    schedule watches."""
+    known = ~np.isnan(labels)
+    y, p = labels[known], np.clip(scores[known], 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if y.size else float("nan")
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -129,7 +137,7 @@ class TagResult:
 def tag_metrics(labels: np.ndarray, scores: np.ndarray, tags: list[str]) -> list[TagResult]:
     results = []
     for i, tag in enumerate(tags):
-        y, s = labels[:, i], scores[:, i]
+        y, s = _known(labels[:, i], scores[:, i])
         positives = int(y.sum())
         if 0 < positives < len(y):
             results.append(
@@ -138,6 +146,12 @@ def tag_metrics(labels: np.ndarray, scores: np.ndarray, tags: list[str]) -> list
         else:
             results.append(TagResult(tag, positives, float("nan"), float("nan")))
     return results
+
+
+def _known(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One tag's labels and scores on the clips that know it."""
+    known = ~np.isnan(y)
+    return y[known], s[known]
 
 
 def summarise(results: list[TagResult]) -> dict[str, Any]:
@@ -155,13 +169,16 @@ def summarise(results: list[TagResult]) -> dict[str, Any]:
     }
 
 
-def choose_thresholds(labels: np.ndarray, scores: np.ndarray) -> list[float]:
-    """Per tag, the score threshold with the best F1 on these clips (0.5 if none has a positive)."""
+def choose_thresholds(
+    labels: np.ndarray, scores: np.ndarray, fallback: list[float] | None = None
+) -> list[float]:
+    """Per tag, the score threshold with the best F1 on these clips; where no known clip
+    has the tag, ``fallback``'s (a card's thresholds) or 0.5."""
     thresholds = []
     for i in range(labels.shape[1]):
-        y, s = labels[:, i], scores[:, i]
+        y, s = _known(labels[:, i], scores[:, i])
         if y.sum() == 0:
-            thresholds.append(DEFAULT_THRESHOLD)
+            thresholds.append(fallback[i] if fallback is not None else DEFAULT_THRESHOLD)
             continue
         precision, recall, cuts = precision_recall_curve(y, s)
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
@@ -171,8 +188,9 @@ def choose_thresholds(labels: np.ndarray, scores: np.ndarray) -> list[float]:
 
 
 def f1_at(labels: np.ndarray, scores: np.ndarray, thresholds: list[float]) -> np.ndarray:
+    """F1 per tag at ``thresholds``; unknown labels (NaN) count neither way."""
     predicted = scores >= np.asarray(thresholds)[None, :]
-    tp = (predicted & (labels > 0)).sum(axis=0)
+    tp = (predicted & (labels > 0)).sum(axis=0)  # NaN compares False both ways
     fp = (predicted & (labels == 0)).sum(axis=0)
     fn = (~predicted & (labels > 0)).sum(axis=0)
     return 2 * tp / np.maximum(2 * tp + fp + fn, 1)
@@ -199,35 +217,49 @@ def evaluate_model(
     batch_size: int = DEFAULT_BATCH,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    tags: list[str] | None = None,
+    fallback_thresholds: list[float] | None = None,
 ) -> Evaluation:
-    """Thresholds from ``threshold_split``, metrics and F1 on ``split``."""
-    if model.n_tags != data.n_tags:
-        raise ValueError(
-            f"the model outputs {model.n_tags} tags but {data.root} has {data.n_tags}; "
-            f"evaluate on data prepared from the same tag set"
+    """Thresholds from ``threshold_split``, metrics and F1 on ``split``.
+
+    ``tags``: the model's tags, in its output order (default: the set's own). The set's
+    labels are matched to them by name; a tag the set lacks has no labels, and keeps its
+    ``fallback_thresholds`` entry (the card's) where there is one.
+    """
+    tags = list(tags or data.tags)
+    if model.n_tags != len(tags):
+        raise ValueError(f"the model outputs {model.n_tags} tags, not the {len(tags)} given")
+    if not set(tags) & set(data.tags):
+        raise DataError(
+            f"{data.root} has none of the model's tags (it has {', '.join(data.tags[:5])}...; "
+            f"the model {', '.join(tags[:5])}...); evaluate on a set labelled with them"
         )
     indices = data.indices(split)
     if not indices:
         raise ValueError(f"{data.root} has no {split} clips to evaluate on")
     kwargs = dict(hop_samples=hop_samples, batch_size=batch_size, device=device, progress=progress)
-    labels, scores = data.label_matrix(indices), predict_clips(model, data, indices, **kwargs)
+    labels = data.label_matrix(indices, tags)
+    scores = predict_clips(model, data, indices, **kwargs)
     threshold_indices = data.indices(threshold_split)
     if threshold_indices and threshold_split != split:
         thresholds = choose_thresholds(
-            data.label_matrix(threshold_indices),
+            data.label_matrix(threshold_indices, tags),
             predict_clips(model, data, threshold_indices, **kwargs),
+            fallback_thresholds,
         )
     else:
         log.warning("no %s clips: thresholds chosen on %s itself", threshold_split, split)
-        thresholds = choose_thresholds(labels, scores)
-    per_tag = tag_metrics(labels, scores, data.tags)
+        thresholds = choose_thresholds(labels, scores, fallback_thresholds)
+    per_tag = tag_metrics(labels, scores, tags)
     for result, threshold, f1 in zip(
         per_tag, thresholds, f1_at(labels, scores, thresholds), strict=True
     ):
         result.threshold, result.f1 = threshold, float(f1)
     summary = summarise(per_tag)
-    summary["f1_macro"] = float(np.mean([r.f1 for r in per_tag]))
+    summary["f1_macro"] = float(np.mean([r.f1 for r in per_tag if not np.isnan(r.roc_auc)] or [np.nan]))  # fmt: skip
     summary["clips"] = len(indices)
+    summary["tags_not_in_model"] = [tag for tag in data.tags if tag not in tags]
+    summary["tags_not_in_data"] = [tag for tag in tags if tag not in data.tags]
     return Evaluation(split, summary, per_tag, thresholds, labels, scores)
 
 
@@ -314,7 +346,7 @@ def plot_roc_curves(evaluation: Evaluation, tags: list[str], path: Path) -> Path
     fig, ax = plt.subplots(figsize=(5, 5))
     for tag in tags:
         i = index_of[tag]
-        y, s = evaluation.labels[:, i], evaluation.scores[:, i]
+        y, s = _known(evaluation.labels[:, i], evaluation.scores[:, i])
         if 0 < y.sum() < len(y):
             fpr, tpr, _ = roc_curve(y, s)
             ax.plot(fpr, tpr, label=f"{tag} ({evaluation.per_tag[i].roc_auc:.3f})")
@@ -366,6 +398,11 @@ def _report(evaluation: Evaluation, title: str, files: dict[str, Path]) -> str:
         f"| macro F1 at validation thresholds | {s['f1_macro']:.4f} |",
         "",
     ]
+    if s.get("tags_not_in_model"):
+        lines += [
+            f"In the set, not in the model (skipped): {', '.join(s['tags_not_in_model'])}",
+            "",
+        ]
     if s.get("tags_without_auc"):
         lines += [
             f"No AUC (no positive or no negative clip): {', '.join(s['tags_without_auc'])}",
@@ -424,21 +461,23 @@ def evaluate_checkpoint(
     device = resolve_device(device)
     model = model_from_checkpoint(checkpoint).to(device)
     data = PreparedData(data_dir)
-    if data.tags != checkpoint["tags"]:
-        raise DataError(
-            f"{data.root} has tags {data.tags[:3]}... but the checkpoint was trained on "
-            f"{checkpoint['tags'][:3]}...; evaluate on data prepared from the same tag set"
-        )
+    tags = list(checkpoint["tags"])
+    skipped = [tag for tag in data.tags if tag not in tags]
+    if skipped and set(tags) & set(data.tags):
+        log.warning("%s: tags the model does not have, skipped: %s", data.root, ", ".join(skipped))  # fmt: skip
+    if set(tags) & set(data.tags) and set(tags) - set(data.tags):
+        log.warning("%s has no labels for the model's %s: not scored", data.root,
+                    ", ".join(tag for tag in tags if tag not in data.tags))  # fmt: skip
     if data.sample_rate != model.sample_rate:
         raise DataError(
             f"{data.root} is prepared at {data.sample_rate} Hz but {model.arch} takes "
             f"{model.sample_rate} Hz; prepare the data again for this model"
         )
+    card = card_from_checkpoint(checkpoint)
     evaluation = evaluate_model(
         model, data, split=split, hop_samples=hop_samples, batch_size=batch_size,
-        device=device, progress=progress,
+        device=device, progress=progress, tags=tags, fallback_thresholds=card.thresholds,
     )  # fmt: skip
-    card = card_from_checkpoint(checkpoint)
     card.thresholds = evaluation.thresholds
     card.scores = {**card.scores, split: card_scores(evaluation)}
     card.training = {**card.training, "thresholds": "max F1 per tag on the valid split"}

@@ -403,7 +403,7 @@ def train(config: TrainConfig) -> TrainResult:
     amp_dtype = autocast_dtype(config.precision, device)
     check_precision(model, amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = masked_bce
 
     # 4. State that a resumed run takes over from last.pt.
     state = {
@@ -596,6 +596,20 @@ def train(config: TrainConfig) -> TrainResult:
         history=state["history"],
         model=model,
     )
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over the known labels; an unknown one (NaN) adds nothing.
+
+    The mean is over known labels, so a batch of partly labelled clips weighs each known
+    label as a fully labelled batch does. With every label known it is
+    ``BCEWithLogitsLoss``.
+    """
+    known = ~torch.isnan(targets)
+    losses = nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.where(known, targets, torch.zeros_like(targets)), reduction="none"
+    )
+    return (losses * known).sum() / known.sum().clamp(min=1)
 
 
 def cosine_factor(progress: float) -> float:

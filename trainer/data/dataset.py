@@ -7,6 +7,11 @@ Two stages, two types:
 - ``PreparedData``: the same clips after ``prepare`` decoded them once to mono int16 at
   the model's rate, in shards beside a JSON index. Training and evaluation read only this.
 
+A clip's labels are partial where its source says so: a real recording knows whether
+someone speaks but nobody named the instruments of a game score. Such a clip lists the
+tags it does not know (``unknown``), and its label row holds NaN there, which the loss
+and the metrics leave out; every other tag is present (1) or absent (0).
+
 Random crops for training live here too. Evaluation windows a clip by the rule that
 ``tagd tag`` uses (``tagd.windowing.clip_windows``), so that the scores and thresholds
 it reports are those of the windows the daemon sees.
@@ -43,6 +48,7 @@ class Clip:
     path: Path
     tags: tuple[int, ...]  # indices into LabelledSet.tags
     split: str  # one of SPLITS
+    unknown: tuple[int, ...] = ()  # tags nobody labelled for this clip: neither present nor absent
 
 
 @dataclass
@@ -107,6 +113,7 @@ class PreparedClip:
     shard: str  # file name under shards/
     offset: int  # first sample in the shard
     length: int  # samples
+    unknown: tuple[int, ...] = ()  # tags not labelled for this clip (NaN in its label row)
 
 
 class PreparedData:
@@ -134,8 +141,14 @@ class PreparedData:
         self.source: str = index.get("source", "")
         self.clips = [
             PreparedClip(
-                c["id"], c["split"], tuple(c["tags"]), c["shard"], c["offset"], c["length"]
-            )
+                c["id"],
+                c["split"],
+                tuple(c["tags"]),
+                c["shard"],
+                c["offset"],
+                c["length"],
+                tuple(c.get("unknown", ())),
+            )  # fmt: skip
             for c in index["clips"]
         ]
         self.skipped: list[dict] = index.get("skipped", [])
@@ -158,14 +171,31 @@ class PreparedData:
         return shard[clip.offset : clip.offset + clip.length]
 
     def labels(self, i: int) -> np.ndarray:
+        """1 present, 0 absent, NaN unknown, a column a tag."""
         target = np.zeros(self.n_tags, dtype=np.float32)
         target[list(self.clips[i].tags)] = 1.0
+        target[list(self.clips[i].unknown)] = np.nan
         return target
 
-    def label_matrix(self, indices: list[int]) -> np.ndarray:
-        return (
+    def label_matrix(self, indices: list[int], tags: list[str] | None = None) -> np.ndarray:
+        """Clips' label rows; with ``tags``, columns in that order, and a tag this set
+        does not have is unknown (NaN) for every clip."""
+        matrix = (
             np.stack([self.labels(i) for i in indices]) if indices else np.zeros((0, self.n_tags))
         )
+        if tags is None or tags == self.tags:
+            return matrix
+        column = {tag: i for i, tag in enumerate(self.tags)}
+        out = np.full((len(indices), len(tags)), np.nan, dtype=np.float32)
+        for j, tag in enumerate(tags):
+            if tag in column:
+                out[:, j] = matrix[:, column[tag]]
+        return out
+
+    @property
+    def partial(self) -> bool:
+        """Whether any clip leaves a tag unknown."""
+        return any(clip.unknown for clip in self.clips)
 
     def tag_counts(self, split: str | None = None) -> list[int]:
         counts = Counter(

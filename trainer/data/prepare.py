@@ -3,6 +3,7 @@
 Layout of a prepared folder::
 
     index.json            tags, sample rate, every clip: id, split, tag indices, shard, offset, length
+                          (and the tags it leaves unknown, if any)
     skipped.csv           clip_id, path, reason for each file that could not be used
     shards/shard-00000.npy    int16 samples of up to ``clips_per_shard`` clips, back to back
     shards/shard-00000.json   what that shard holds (and skipped), written after the .npy
@@ -223,6 +224,7 @@ def _write_index(
                     "shard": f"{name}.npy",
                     "offset": entry["offset"],
                     "length": entry["length"],
+                    **({"unknown": list(clip.unknown)} if clip.unknown else {}),
                 }
             )
             total_samples += entry["length"]
