@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything tagd's tests need on a fresh Debian/Ubuntu machine:
 # system packages (ffmpeg with libzmq, PortAudio, libsndfile, sox, Prometheus, the
-# Liquidsoap and Icecast that the broadcast-chain tests run, and FluidSynth with a General
-# MIDI soundfont and espeak-ng, which render training music and speech) and a
+# Liquidsoap and Icecast that the broadcast-chain tests run, and FluidSynth with every
+# General MIDI soundfont Debian ships as .sf2 and espeak-ng, which render training music
+# and speech) and a
 # virtual environment in .venv with tagd, its training extra and the dev tools.
 # PyTorch is pinned to the CPU build by constraints/ci.txt (any other version pulls
 # gigabytes of CUDA packages); the package itself only asks for a range.
@@ -10,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(ffmpeg libportaudio2 libsndfile1 sox alsa-utils prometheus systemd liquidsoap icecast2
-              fluidsynth fluid-soundfont-gm espeak-ng)
+              fluidsynth fluid-soundfont-gm timgm6mb-soundfont musescore-general-soundfont-lossless
+              opl3-soundfont csound-soundfont espeak-ng)
 
 if [ "${TAGD_SKIP_APT:-0}" != 1 ]; then
   sudo=""

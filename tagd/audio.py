@@ -112,7 +112,8 @@ def _decode_soundfile(path: Path) -> tuple[np.ndarray, int]:
                 filled += fits
                 if fits < len(mono):
                     extra.append(mono[fits:])
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        # ValueError: a raw stream libsndfile opens but cannot seek in (Asterisk's .gsm)
         raise AudioError(f"{path}: {exc}") from exc
     samples = np.concatenate([samples[:filled], *extra]) if extra else samples[:filled]
     if len(samples) == 0:

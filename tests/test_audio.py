@@ -42,6 +42,21 @@ def test_compressed_formats_decode(tmp_path, suffix):
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+@pytest.mark.parametrize(("suffix", "rate"), [(".gsm", 8000), (".g722", 16000)])
+def test_raw_telephone_formats_decode(tmp_path, suffix, rate):
+    """Asterisk's voice prompts: raw GSM (libsndfile opens it, then cannot seek in it)
+    and raw G.722 (libsndfile refuses it); both go through ffmpeg."""
+    wav = tmp_path / "in.wav"
+    soundfile.write(wav, tone(440, 2.0, rate), rate)
+    out = tmp_path / f"prompt{suffix}"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), "-ac", "1", "-ar", str(rate),
+                    str(out)], check=True)  # fmt: skip
+    mono = decode_file(out, 16000)
+    assert len(mono) == pytest.approx(32000, rel=0.05)
+    assert dominant_frequency(mono, 16000) == pytest.approx(440, abs=5)
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 @pytest.mark.parametrize("channels", [1, 2])
 def test_mp3_decodes_as_one_whole_read_and_quietly(tmp_path, capfd, channels):
     """libsndfile read block by block garbles granules at some block boundaries, and

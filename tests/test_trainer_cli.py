@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv as csv_module
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -258,7 +260,8 @@ def test_preparing_no_clip_fails_and_says_where_it_looked(tmp_path):
 def test_synthetic_rendered_clips_are_tagged_music_and_speech(tmp_path):
     pytest.importorskip("trainer.data.rendered").check_tools()
     invoke("synthetic", tmp_path / "r", "--kind", "rendered", "--clips", "6", "--seconds", "3",
-           "--format", "wav", "--jobs", "2", "--no-progress")  # fmt: skip
+           "--format", "wav", "--jobs", "2", "--no-progress", "--layout", "mtt",
+           "--recordings", "none")  # fmt: skip
     rows = list(
         csv_module.reader((tmp_path / "r" / "annotations_final.csv").open(), delimiter="\t")
     )
@@ -269,10 +272,51 @@ def test_synthetic_rendered_clips_are_tagged_music_and_speech(tmp_path):
     assert rate == 16_000 and len(audio) == 3 * 16_000 and np.abs(audio).max() > 0.01
     # the same seed renders the same clips with any number of jobs
     invoke("synthetic", tmp_path / "again", "--kind", "rendered", "--clips", "6", "--seconds", "3",
-           "--format", "wav", "--jobs", "1", "--no-progress")  # fmt: skip
+           "--format", "wav", "--jobs", "1", "--no-progress", "--layout", "mtt",
+           "--recordings", "none")  # fmt: skip
     again = (tmp_path / "again" / "annotations_final.csv").read_text()
     assert again == (tmp_path / "r" / "annotations_final.csv").read_text()
     for row in clips:
         a, _ = soundfile.read(tmp_path / "r" / row[-1])
         b, _ = soundfile.read(tmp_path / "again" / row[-1])
         np.testing.assert_array_equal(a, b)
+
+
+def test_synthetic_rendered_with_real_recordings_writes_partial_labels_and_origins(tmp_path):
+    rendered = pytest.importorskip("trainer.data.rendered")
+    recordings = pytest.importorskip("trainer.data.recordings")
+    rendered.check_tools()
+    if shutil.which("apt-get") is None:
+        pytest.skip("real recordings come from Debian packages through apt-get")
+    packages = f"{recordings.SMALL_TRAIN_SPEECH},{recordings.SMALL_TRAIN_MUSIC}"
+    result = invoke("synthetic", tmp_path / "r", "--kind", "rendered", "--clips", "24",
+                    "--seconds", "3", "--format", "wav", "--no-progress",
+                    "--soundfonts", "fluidr3", "--recordings", packages)  # fmt: skip
+    assert "real speech from " + recordings.SMALL_TRAIN_SPEECH in result.output
+    rows = list(csv_module.DictReader((tmp_path / "r" / "manifest.csv").open()))
+    assert len(rows) == 24
+    real_music = [r for r in rows if recordings.SMALL_TRAIN_MUSIC in r["recordings"]]
+    real_voice = [r for r in rows if recordings.SMALL_TRAIN_SPEECH in r["recordings"]]
+    assert real_music and real_voice  # seed 0 draws both in 24 clips
+    for r in real_music:  # nobody named the instruments of a recording
+        assert set(r["known"].split(";")) <= {"speech", "instrumental", "loud", "quiet"}
+        assert r["soundfont"] == "" and "=" in r["recordings"]  # package=version:path
+    assert all(r["known"] == "" for r in rows if r not in real_music)
+    assert all("speech" in r["tags"].split(";") for r in real_voice)
+    assert {r["soundfont"] for r in rows} <= {"", "fluidr3"} and all(r["chain"] for r in rows)
+    invoke("prepare", "--manifest", tmp_path / "r" / "manifest.csv", "--sample-rate", "16000",
+           "--out", tmp_path / "p", "--no-progress")  # fmt: skip
+    index = json.loads((tmp_path / "p" / "index.json").read_text())
+    assert sum(1 for clip in index["clips"] if clip.get("unknown")) == len(real_music)
+
+
+def test_mtt_layout_refuses_partial_labels(tmp_path):
+    rendered = pytest.importorskip("trainer.data.rendered")
+    recordings = pytest.importorskip("trainer.data.recordings")
+    rendered.check_tools()
+    if shutil.which("apt-get") is None:
+        pytest.skip("real recordings come from Debian packages through apt-get")
+    result = invoke("synthetic", tmp_path / "r", "--kind", "rendered", "--clips", "2",
+                    "--layout", "mtt", "--recordings", recordings.SMALL_TRAIN_MUSIC,
+                    "--no-progress", code=1)  # fmt: skip
+    assert "only the manifest layout holds" in result.output

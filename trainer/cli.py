@@ -219,7 +219,12 @@ def _load_labelled(mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, 
     "music through FluidSynth with espeak-ng speech, tagged by instrument family, drums, "
     "tempo, loudness, speech (needs fluidsynth, fluid-soundfont-gm, espeak-ng).",
 )
-@click.option("--layout", type=click.Choice(["mtt", "manifest"]), default="mtt", show_default=True)
+@click.option(
+    "--layout",
+    type=click.Choice(["mtt", "manifest"]),
+    help="Files and labels as MagnaTagATune's, or a CSV manifest (default: mtt for tones, "
+    "manifest for rendered: real recordings' partial labels need it).",
+)
 @click.option("--clips", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option(
     "--seconds",
@@ -243,32 +248,58 @@ def _load_labelled(mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, 
     show_default=True,
     help="Clips rendered at once; the clips are the same for any number.",
 )
+@click.option(
+    "--soundfonts",
+    default="all",
+    show_default=True,
+    help="Rendered: the General MIDI soundfonts drawn from per clip, comma-separated "
+    "(fluidr3, musescore, timgm6mb, opl3, csound), or all that are installed.",
+)
+@click.option(
+    "--recordings",
+    default="train",
+    show_default=True,
+    help="Rendered: real speech and music from Debian packages, fetched with apt-get "
+    "download into the cache: train (the packages the trainer learns from), none, or "
+    "package names, comma-separated (`tagd-train recordings --list` shows them).",
+)
+@click.option(
+    "--chain/--no-chain",
+    default=True,
+    show_default=True,
+    help="Rendered: a production and transmission chain drawn per clip (EQ, room, "
+    "compression, telephone/AM/FM bands, lossy codecs, noise).",
+)
 @click.option("--no-progress", is_flag=True)
 @friendly_errors
 def synthetic(
-    out_dir, kind, layout, clips, seconds, sample_rate, seed, audio_format, jobs, no_progress
-):
+    out_dir, kind, layout, clips, seconds, sample_rate, seed, audio_format, jobs,
+    soundfonts, recordings, chain, no_progress,
+):  # fmt: skip
     """Write a labelled dataset the project makes itself: to try the pipeline, or to train on."""
     if kind == "rendered":
         from trainer.data import rendered
 
+        sources = rendered.make_sources(soundfonts, recordings, chain, progress=not no_progress)
+        click.echo(f"rendering from {sources.describe()}")
         path = rendered.write_rendered(
             out_dir,
             clips,
             seed,
             seconds or rendered.DEFAULT_SECONDS,
             sample_rate,
-            layout=layout,
+            layout=layout or "manifest",
             audio_format=audio_format,
             jobs=jobs,
             progress=not no_progress,
+            sources=sources,
         )
         click.echo(f"wrote {clips} rendered clips: {path}")
         return
     from trainer.data import synthetic as synth
 
     seconds = seconds or synth.DEFAULT_SECONDS
-    if layout == "mtt":
+    if layout in (None, "mtt"):
         path = synth.write_mtt(out_dir, clips, seed, seconds, sample_rate)
     else:
         path = synth.write_manifest_dataset(out_dir, clips, seed, seconds, sample_rate)

@@ -13,42 +13,69 @@ tags follow from the rendering, never from listening:
 - ``speech`` when a voice talks, ``solo`` when one instrument plays alone,
   ``instrumental`` when there is music and no voice (no speech, no choir).
 
+So that a model learns the sound and not the generator, what it must not learn from is
+drawn per clip too (``Sources`` says from what):
+
+- the soundfont, from every General MIDI soundfont installed (``SOUNDFONTS``);
+- a production and transmission chain (``trainer/data/chain.py``: EQ, room, compression,
+  telephone / AM / FM band limits, lossy codecs, a noise floor);
+- the voice: espeak-ng, or real recorded speech from Debian packages
+  (``trainer/data/recordings.py``), alone or over the music at a drawn ducking;
+- the music: a rendered piece, or an excerpt of a real recording (game scores, hold
+  music). Nobody named that recording's instruments, tempo or drums: such a clip knows
+  only ``speech``, ``instrumental`` (where its package says), ``loud`` and ``quiet``, and
+  leaves the other tags unknown (``Piece.known``; the manifest's ``known`` column).
+
 Everything a clip is made of comes from a ``numpy`` generator seeded by ``(seed, clip
 number)``, and the tools run with fixed settings, so the same seed gives the same clips
-whatever the number of jobs. Needs the Debian packages ``fluidsynth``,
-``fluid-soundfont-gm`` and ``espeak-ng`` (``scripts/install.sh`` installs them).
+whatever the number of jobs. The pieces are composed before the sources are drawn, so the
+same seed with other soundfonts gives the same pieces played on other instruments. Needs
+the Debian packages ``fluidsynth``, ``fluid-soundfont-gm`` and ``espeak-ng``
+(``scripts/install.sh`` installs them and the other soundfonts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import soundfile
 import soxr
 
+from trainer.data.chain import Chain, produce, transmit
+from trainer.data.chain import draw as draw_chain
 from trainer.data.dataset import DataError
 from trainer.data.manifest import write_manifest
 from trainer.data.midi import DRUM_CHANNEL, Note, Track, write_midi
 from trainer.data.mtt import FOLDER_SPLITS
-from trainer.data.synthetic import SyntheticClip, assign_splits, write_annotations, write_mp3
+from trainer.data.recordings import Recording
+from trainer.data.recordings import load as load_recording
+from trainer.data.synthetic import assign_splits, write_annotations, write_mp3
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SECONDS = 29.1  # a MagnaTagATune clip
 DEFAULT_SAMPLE_RATE = 16_000  # MagnaTagATune's mp3s
 SPLIT_FRACTIONS = {"train": 0.7, "valid": 0.1, "test": 0.2}  # 280 / 40 / 80 of 400
-SOUNDFONT_PATHS = (
-    "/usr/share/sounds/sf2/FluidR3_GM.sf2",  # Debian fluid-soundfont-gm
-    "/usr/share/sounds/sf2/default-GM.sf2",
-    "/usr/share/soundfonts/default.sf2",
-)
+# Every General MIDI soundfont Debian ships as .sf2, by name: (path, package). The .sf3
+# ones are left out: FluidSynth decodes their samples at every start (~20 s a clip).
+SOUNDFONTS: dict[str, tuple[str, str]] = {
+    "fluidr3": ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "fluid-soundfont-gm"),
+    "musescore": (
+        "/usr/share/sounds/sf2/MuseScore_General_Full.sf2",
+        "musescore-general-soundfont-lossless",
+    ),  # fmt: skip
+    "timgm6mb": ("/usr/share/sounds/sf2/TimGM6mb.sf2", "timgm6mb-soundfont"),
+    "opl3": ("/usr/share/sounds/sf2/OPL-3_FM_128M.sf2", "opl3-soundfont"),  # an FM chip's sound
+    "csound": ("/usr/share/sounds/sf2/sf_GMbank.sf2", "csound-soundfont"),
+}
 
 # General MIDI program families (programs counted from 0). Only programs that sound like
 # their family's name are used: no harmonica among organs, no timpani among strings.
@@ -77,7 +104,14 @@ P_SPEECH = 0.15  # clips with a voice talking (about half of them over ducked mu
 P_SPEECH_ALONE = 0.4
 P_SOLO = 0.15
 P_DRUMS, P_BASS, P_CHORDS, P_MELODY = 0.6, 0.75, 0.8, 0.85
-DUCKED_DB = -14.0  # music under speech, relative to the speech
+DUCKED_DB = (-20.0, -8.0)  # music under speech, relative to the speech: a bed to a mix
+# With real recordings (Sources.speech / .music): more talk, half of it real voices, and a
+# fifth of the music real recordings.
+P_SPEECH_WITH_RECORDINGS = 0.3
+P_RECORDED_VOICE = 0.6
+P_RECORDED_MUSIC = 0.2
+GAP_SECONDS = (0.25, 0.9)  # between consecutive recorded prompts in a talk segment
+PARTIAL_KNOWN = ("speech", "instrumental", "loud", "quiet")  # what a real recording knows
 MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
 PROGRESSIONS = ((0, 4, 5, 3), (0, 3, 4, 4), (0, 5, 3, 4), (5, 3, 0, 4), (0, 3, 0, 4), (0, 1, 4, 0))  # fmt: skip
 _RADIO_TALK = (
@@ -95,44 +129,150 @@ ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4")
 
 
 @dataclass(frozen=True)
+class Sources:
+    """What clips may be made of beyond the composed notes: soundfonts by name, real
+    recordings by package (``trainer/data/recordings.py``), and whether a chain is drawn."""
+
+    soundfonts: tuple[str, ...] = ("fluidr3",)
+    speech: dict[str, tuple[Recording, ...]] = field(default_factory=dict)
+    music: dict[str, tuple[Recording, ...]] = field(default_factory=dict)
+    chain: bool = False
+
+    def describe(self) -> str:
+        parts = [f"soundfonts {', '.join(self.soundfonts)}"]
+        for kind, pool in (("speech", self.speech), ("music", self.music)):
+            if pool:
+                parts.append(f"real {kind} from {', '.join(pool)}")
+        parts.append("a production/transmission chain per clip" if self.chain else "no chain")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
 class Piece:
     """What a clip is made of, drawn from its seed before anything is rendered."""
 
     tags: tuple[str, ...]
     bpm: float
     beats_per_bar: int
-    tracks: tuple[Track, ...]  # empty: speech alone
+    tracks: tuple[Track, ...]  # empty: speech alone, or recorded music
     level_dbfs: float
     speech: str  # words to say; "" for none
     voice: str  # espeak-ng voice+variant
     speech_rate: int  # words per minute
     speech_pitch: int  # 0-99
+    soundfont: str = "fluidr3"  # SOUNDFONTS key
+    ducked_db: float = -14.0  # music under a voice, relative to it
+    recorded_voice: tuple[str, int] | None = None  # (package, first recording): real speech
+    recorded_music: tuple[str, int, float] | None = None  # (package, recording, where 0-1)
+    chain: Chain | None = None
+    known: tuple[str, ...] | None = None  # the tags the labels speak for; None: all
+
+    @property
+    def talking(self) -> bool:
+        return bool(self.speech) or self.recorded_voice is not None
 
 
-def find_soundfont() -> Path:
-    for candidate in SOUNDFONT_PATHS:
-        if Path(candidate).is_file():
-            return Path(candidate)
-    raise DataError(
-        "no General MIDI soundfont found (looked in "
-        + ", ".join(SOUNDFONT_PATHS)
-        + "); install the Debian package fluid-soundfont-gm"
+def make_sources(
+    soundfonts: str = "all", recordings: str = "train", chain: bool = True, progress: bool = False
+) -> Sources:
+    """``Sources`` from command-line words: soundfonts ``all`` (those installed) or names,
+    comma-separated; recordings ``train`` (the packages the trainer may learn from),
+    ``none`` or package names (fetched into the cache, trainer/data/recordings.py)."""
+    from trainer.data import recordings as catalog
+
+    names = installed_soundfonts() if soundfonts == "all" else tuple(_words(soundfonts))
+    check_tools(names)
+    if recordings == "none":
+        packages = []
+    elif recordings == "train":
+        packages = [name for name, p in catalog.PACKAGES.items() if p.role == "train"]
+    else:
+        packages = _words(recordings)
+    by_kind: dict[str, dict[str, list[Recording]]] = {"speech": {}, "music": {}}
+    for recording in catalog.fetch(packages, progress=progress) if packages else []:
+        by_kind[recording.kind].setdefault(recording.package, []).append(recording)
+    return Sources(
+        soundfonts=names,
+        speech={p: tuple(r) for p, r in sorted(by_kind["speech"].items())},
+        music={p: tuple(r) for p, r in sorted(by_kind["music"].items())},
+        chain=chain,
     )
 
 
-def check_tools() -> Path:
-    """The soundfont to render with; a clear error naming what is missing."""
+def _words(text: str) -> list[str]:
+    return [word.strip() for word in text.split(",") if word.strip()]
+
+
+def soundfont_path(name: str) -> Path:
+    if name not in SOUNDFONTS:
+        raise DataError(f"unknown soundfont {name!r}; known: {', '.join(SOUNDFONTS)}")
+    path, package = SOUNDFONTS[name]
+    if not Path(path).is_file():
+        raise DataError(f"soundfont {name} not found at {path}; install the Debian package {package}")  # fmt: skip
+    return Path(path)
+
+
+def installed_soundfonts() -> tuple[str, ...]:
+    """The soundfonts of ``SOUNDFONTS`` that are installed here."""
+    return tuple(name for name, (path, _) in SOUNDFONTS.items() if Path(path).is_file())
+
+
+def check_tools(soundfonts: tuple[str, ...] = ("fluidr3",)) -> tuple[Path, ...]:
+    """The soundfonts' paths; a clear error naming what is missing."""
     missing = [tool for tool in ("fluidsynth", "espeak-ng") if shutil.which(tool) is None]
     if missing:
         raise DataError(
             f"rendered clips need {' and '.join(missing)}; install the Debian packages "
             "fluidsynth, fluid-soundfont-gm and espeak-ng (scripts/install.sh does)"
         )
-    return find_soundfont()
+    if not soundfonts:
+        raise DataError("no soundfont to render with; install fluid-soundfont-gm")
+    return tuple(soundfont_path(name) for name in soundfonts)
 
 
 # -- composing -------------------------------------------------------------------------------
-def compose(number: int, seed: int, seconds: float) -> Piece:
+def compose(number: int, seed: int, seconds: float, sources: Sources | None = None) -> Piece:
+    """The clip's piece; then, from a second generator, what it is played and heard through."""
+    piece = _compose_notes(number, seed, seconds, recordings=bool(sources and (sources.speech or sources.music)))  # fmt: skip
+    return piece if sources is None else _draw_sources(piece, number, seed, sources)
+
+
+def _draw_sources(piece: Piece, number: int, seed: int, sources: Sources) -> Piece:
+    """Soundfont, chain, voice, recorded music: drawn apart from the notes, so that the
+    same seed with other sources keeps its pieces."""
+    rng = np.random.default_rng([seed, number, 1])
+    soundfont = str(rng.choice(sources.soundfonts))
+    chain = draw_chain(rng) if sources.chain else None
+    ducked = float(rng.uniform(*DUCKED_DB))
+    voice = music = None
+    if piece.talking and sources.speech and rng.random() < P_RECORDED_VOICE:
+        package = str(rng.choice(sorted(sources.speech)))
+        voice = (package, int(rng.integers(len(sources.speech[package]))))
+    tags, known = list(piece.tags), None
+    if piece.tracks and sources.music and rng.random() < P_RECORDED_MUSIC:
+        package = str(rng.choice(sorted(sources.music)))
+        music = (package, int(rng.integers(len(sources.music[package]))), float(rng.uniform(0.1, 0.9)))  # fmt: skip
+        instrumental = sources.music[package][music[1]].instrumental
+        # Only what the recording is known to be; its instruments and tempo nobody named.
+        known = tuple(t for t in PARTIAL_KNOWN if t != "instrumental" or instrumental is not None or piece.talking)  # fmt: skip
+        tags = [t for t in tags if t in ("speech", "loud", "quiet")]
+        if instrumental and not piece.talking:
+            tags.append("instrumental")
+    return dataclasses.replace(
+        piece,
+        tags=tuple(tags),
+        soundfont=soundfont,
+        chain=chain,
+        ducked_db=ducked,
+        recorded_voice=voice,
+        speech=piece.speech if voice is None else "",
+        recorded_music=music,
+        tracks=() if music else piece.tracks,
+        known=known,
+    )
+
+
+def _compose_notes(number: int, seed: int, seconds: float, recordings: bool = False) -> Piece:
     rng = np.random.default_rng([seed, number])
     band = rng.choice(list(TEMPO_BANDS))
     bpm = float(rng.uniform(*TEMPO_BANDS[band]))
@@ -142,7 +282,7 @@ def compose(number: int, seed: int, seconds: float) -> Piece:
     scale = MAJOR if rng.random() < 0.6 else MINOR
     degrees = [PROGRESSIONS[int(rng.integers(len(PROGRESSIONS)))][b % 4] for b in range(bars)]
 
-    talking = rng.random() < P_SPEECH
+    talking = rng.random() < (P_SPEECH_WITH_RECORDINGS if recordings else P_SPEECH)
     speech_alone = talking and rng.random() < P_SPEECH_ALONE
     solo = not talking and rng.random() < P_SOLO
     tracks: list[Track] = []
@@ -329,10 +469,12 @@ def _fit(audio: np.ndarray, n: int) -> np.ndarray:
     return audio[:n] if len(audio) >= n else np.pad(audio, (0, n - len(audio)))
 
 
-def render(piece: Piece, seconds: float, sample_rate: int, soundfont: Path) -> np.ndarray:
+def render(
+    piece: Piece, seconds: float, sample_rate: int, sources: Sources | None = None
+) -> np.ndarray:
     """The clip as float32 mono at ``sample_rate``, ``seconds`` long."""
+    sources = sources or Sources()
     n = int(round(seconds * sample_rate))
-    mix = np.zeros(n, dtype=np.float64)
     with tempfile.TemporaryDirectory(prefix="tagd-render-") as tmp:
         music = np.zeros(n)
         if piece.tracks:
@@ -340,48 +482,86 @@ def render(piece: Piece, seconds: float, sample_rate: int, soundfont: Path) -> n
             write_midi(midi, list(piece.tracks), piece.bpm, piece.beats_per_bar)
             _run(["fluidsynth", "-ni", "-q", "-g", "0.6", "-r", str(sample_rate),
                   "-O", "float", "-T", "raw", "-E", "little", "-F", str(raw),
-                  str(soundfont), str(midi)], "fluidsynth")  # fmt: skip
+                  str(soundfont_path(piece.soundfont)), str(midi)], "fluidsynth")  # fmt: skip
             stereo = np.fromfile(raw, dtype="<f4").reshape(-1, 2)
             music = _fit(stereo.mean(axis=1, dtype=np.float64), n)
+        elif piece.recorded_music:
+            package, number, where = piece.recorded_music
+            music = _excerpt(sources.music[package][number], where, n, sample_rate)
+        voice = None
         if piece.speech:
             wav = Path(tmp, "speech.wav")
             _run(["espeak-ng", "-v", piece.voice, "-s", str(piece.speech_rate),
                   "-p", str(piece.speech_pitch), "-w", str(wav), piece.speech], "espeak-ng")  # fmt: skip
             voice, rate = soundfile.read(wav, dtype="float64")
             voice = _fit(soxr.resample(voice, rate, sample_rate), n)
-            voice *= 10 ** ((-20 - _rms_db(voice)) / 20)
-            if piece.tracks:
-                music *= 10 ** ((-20 + DUCKED_DB - _rms_db(music)) / 20)
-            mix = voice + music
-        else:
-            mix = music
+        elif piece.recorded_voice:
+            package, first = piece.recorded_voice
+            voice = _talk(sources.speech[package], first, n, sample_rate, piece.speech_pitch)
+    if voice is not None:
+        voice *= 10 ** ((-20 - _rms_db(voice)) / 20)
+        if music.any():
+            music *= 10 ** ((-20 + piece.ducked_db - _rms_db(music)) / 20)
+        mix = voice + music
+    else:
+        mix = music
+    if piece.chain is not None:
+        mix = produce(mix, sample_rate, piece.chain).astype(np.float64)
     mix *= 10 ** ((piece.level_dbfs - _rms_db(mix)) / 20)
     # A soft limiter: transparent at normal levels, and a loud master is a driven one.
     mix = np.tanh(mix * (1.6 if "loud" in piece.tags else 1.0))
+    if piece.chain is not None:
+        mix = transmit(mix.astype(np.float32), sample_rate, piece.chain)
     return mix.astype(np.float32)
 
 
+def _excerpt(recording: Recording, where: float, n: int, sample_rate: int) -> np.ndarray:
+    """``n`` samples of a recording from ``where`` (0-1) of its length; looped if shorter."""
+    audio = load_recording(recording, sample_rate).astype(np.float64)
+    if len(audio) < n:
+        audio = np.tile(audio, n // max(len(audio), 1) + 1)
+    start = int(where * (len(audio) - n))
+    return audio[start : start + n]
+
+
+def _talk(pool: tuple[Recording, ...], first: int, n: int, sample_rate: int, seed: int) -> np.ndarray:  # fmt: skip
+    """A talk segment: consecutive recordings of one package from ``first`` (wrapping),
+    with short pauses between them, ``n`` samples."""
+    rng = np.random.default_rng([seed, first])
+    pieces, have, k = [], 0, 0
+    while have < n and k < len(pool):
+        audio = load_recording(pool[(first + k) % len(pool)], sample_rate).astype(np.float64)
+        gap = np.zeros(int(rng.uniform(*GAP_SECONDS) * sample_rate))
+        pieces += [audio, gap]
+        have += len(audio) + len(gap)
+        k += 1
+    return _fit(np.concatenate(pieces), n)
+
+
 def generate(
-    n_clips: int,
+    clips: int | list[int],
     seed: int = 0,
     seconds: float = DEFAULT_SECONDS,
     sample_rate: int = DEFAULT_SAMPLE_RATE,
     jobs: int = 2,
     progress: bool = False,
+    sources: Sources | None = None,
 ):
-    """Yield ``SyntheticClip`` in clip order, rendering ``jobs`` at a time."""
+    """Yield ``(clip number, Piece, audio)`` in clip order, rendering ``jobs`` at a time;
+    ``clips`` is a count (numbers 0 …) or the numbers."""
     from tqdm import tqdm
 
-    soundfont = check_tools()
+    check_tools(sources.soundfonts if sources else ("fluidr3",))
 
-    def one(number: int) -> SyntheticClip:
-        piece = compose(number, seed, seconds)
-        return SyntheticClip(number, piece.tags, render(piece, seconds, sample_rate, soundfont))
+    def one(number: int) -> tuple[int, Piece, np.ndarray]:
+        piece = compose(number, seed, seconds, sources)
+        return number, piece, render(piece, seconds, sample_rate, sources)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         # map() keeps clip order; the bar counts clips as they are yielded
-        clips = pool.map(one, range(n_clips))
-        yield from tqdm(clips, total=n_clips, desc="render", unit="clip", disable=not progress)
+        numbers = range(clips) if isinstance(clips, int) else clips
+        rendered = pool.map(one, numbers)
+        yield from tqdm(rendered, total=len(numbers), desc="render", unit="clip", disable=not progress)  # fmt: skip
 
 
 def write_rendered(
@@ -394,37 +574,65 @@ def write_rendered(
     audio_format: str = "mp3",
     jobs: int = 2,
     progress: bool = False,
+    sources: Sources | None = None,
+    splits: tuple[str, ...] | None = None,
 ) -> Path:
     """Render ``n_clips`` into ``root``; returns the annotations file or the manifest.
 
+    ``splits``: render only the clips of these splits (the test pieces again with other
+    sources, say); the clips keep their numbers.
+
     ``layout="mtt"``: ``annotations_final.csv`` and folders ``0``-``f``, split by folder
     as MagnaTagATune is (70 / 10 / 20 %). ``layout="manifest"``: ``audio/`` and
-    ``manifest.csv`` with the same splits.
+    ``manifest.csv`` with the same splits, a ``known`` column for the clips of real
+    recordings (partial labels), and where each clip came from: soundfont, chain,
+    recordings (package, version, path).
     """
     if layout not in ("mtt", "manifest"):
         raise DataError(f"layout must be mtt or manifest, got {layout!r}")
     if audio_format not in ("mp3", "wav"):
         raise DataError(f"audio format must be mp3 or wav, got {audio_format!r}")
+    if layout == "mtt" and sources and sources.music:
+        raise DataError("real recorded music has partial labels, which only the manifest layout holds; use layout manifest")  # fmt: skip
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    splits = assign_splits(n_clips, seed, SPLIT_FRACTIONS)
+    splits_of = assign_splits(n_clips, seed, SPLIT_FRACTIONS)
     folders = {s: [f for f, fs in FOLDER_SPLITS.items() if fs == s] for s in SPLIT_FRACTIONS}
-    rows = []
-    for clip in generate(n_clips, seed, seconds, sample_rate, jobs, progress):
-        split = splits[clip.number]
-        folder = folders[split][clip.number % len(folders[split])] if layout == "mtt" else "audio"
+    rows, known, origins = [], [], {"soundfont": [], "chain": [], "recordings": []}
+    numbers = [n for n in range(n_clips) if splits is None or splits_of[n] in splits]
+    for number, piece, audio in generate(numbers, seed, seconds, sample_rate, jobs, progress, sources):  # fmt: skip
+        split = splits_of[number]
+        folder = folders[split][number % len(folders[split])] if layout == "mtt" else "audio"
         (root / folder).mkdir(exist_ok=True)
-        relative = f"{folder}/rendered-{clip.number:05d}.{audio_format}"
+        relative = f"{folder}/rendered-{number:05d}.{audio_format}"
         if audio_format == "mp3":
-            write_mp3(root / relative, clip.audio, sample_rate)
+            write_mp3(root / relative, audio, sample_rate)
         else:
-            soundfile.write(root / relative, clip.audio, sample_rate, subtype="PCM_16")
-        rows.append((clip.number, clip.tags, relative, split))
+            soundfile.write(root / relative, audio, sample_rate, subtype="PCM_16")
+        rows.append((number, piece.tags, relative, split))
+        known.append(list(piece.known) if piece.known is not None else None)
+        origins["soundfont"].append(piece.soundfont if piece.tracks else "")
+        origins["chain"].append(piece.chain.describe() if piece.chain else "")
+        origins["recordings"].append(_recordings_of(piece, sources))
 
     if layout == "manifest":
         manifest = root / "manifest.csv"
-        write_manifest(manifest, [(rel, list(tags), split) for _, tags, rel, split in rows])
+        write_manifest(manifest, [(rel, list(tags), split) for _, tags, rel, split in rows],
+                       known=known, extra=origins)  # fmt: skip
         return manifest
     annotations = write_annotations(root, TAGS, [row[:3] for row in rows])
     log.info("rendered %d clips in MagnaTagATune layout to %s", len(rows), root)
     return annotations
+
+
+def _recordings_of(piece: Piece, sources: Sources | None) -> str:
+    """Where a clip's real recordings come from: ``package=version:path`` (the first of a
+    talk segment), ``;``-joined."""
+    used = []
+    if piece.recorded_voice and sources:
+        package, first = piece.recorded_voice
+        used.append(sources.speech[package][first])
+    if piece.recorded_music and sources:
+        package, number, _ = piece.recorded_music
+        used.append(sources.music[package][number])
+    return ";".join(f"{r.package}={r.version}:{r.relative}" for r in used)
