@@ -320,3 +320,23 @@ def test_mtt_layout_refuses_partial_labels(tmp_path):
                     "--layout", "mtt", "--recordings", recordings.SMALL_TRAIN_MUSIC,
                     "--no-progress", code=1)  # fmt: skip
     assert "only the manifest layout holds" in result.output
+
+
+def test_recordings_writes_a_held_out_set_that_evaluate_matches_by_tag_name(mtt_run, tmp_path):
+    recordings = pytest.importorskip("trainer.data.recordings")
+    if shutil.which("apt-get") is None:
+        pytest.skip("real recordings come from Debian packages through apt-get")
+    assert "| asterisk-prompt-es-co | speech | heldout |" in invoke("recordings", "--list").output
+    result = invoke("recordings", tmp_path / "real", "--packages", recordings.SMALL_HELDOUT_SPEECH,
+                    "--seconds", "5", "--max-clips-per-package", "3", "--no-progress")  # fmt: skip
+    assert "wrote 3 clips of 1 packages" in result.output
+    rows = list(csv_module.DictReader((tmp_path / "real" / "manifest.csv").open()))
+    assert [r["split"] for r in rows] == ["test"] * 3
+    assert all(r["tags"] == "speech" and r["known"] == "speech;instrumental" for r in rows)
+    assert all(r["package"] == recordings.SMALL_HELDOUT_SPEECH and r["version"] for r in rows)
+    invoke("prepare", "--manifest", tmp_path / "real" / "manifest.csv", "--model", "samplecnn",
+           "--out", tmp_path / "p", "--no-progress")  # fmt: skip
+    root, _, _ = mtt_run  # tones: bass, lead, … and no speech
+    result = invoke("evaluate", root / "run" / "best.pt", tmp_path / "p", "--no-progress", code=1)
+    assert "has none of the model's tags" in result.output
+    assert "give the folder to write the set to" in invoke("recordings", code=2).output

@@ -306,6 +306,62 @@ def synthetic(
     click.echo(f"wrote {clips} synthetic clips: {path}")
 
 
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--packages",
+    default="heldout",
+    show_default=True,
+    help="heldout (the packages no recipe trains on), train, or package names, comma-separated.",
+)
+@click.option("--list", "show", is_flag=True, help="Print the catalog of packages and exit.")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=29.1, show_default=True)  # fmt: skip
+@click.option("--sample-rate", type=int, default=16_000, show_default=True)
+@click.option(
+    "--max-clips-per-package",
+    type=click.IntRange(min=1),
+    help="At most this many clips of each package, spread over it (default: all).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["train", "valid", "test", "none"]),
+    default="test",
+    show_default=True,
+    help="The split every clip is in; none leaves it to a hash of the path.",
+)
+@click.option("--no-progress", is_flag=True)
+@friendly_errors
+def recordings(out_dir, packages, show, seconds, sample_rate, max_clips_per_package, split, no_progress):  # fmt: skip
+    """Real speech and music from Debian packages as a labelled set (a CSV manifest).
+
+    Packages are fetched with `apt-get download` into the cache ($TAGD_CACHE, else
+    ~/.cache/tagd) and unpacked with `dpkg-deb -x`; nothing is committed or installed.
+    Speech clips are a package's prompts back to back, music clips a track's middle;
+    labels are partial (speech, and instrumental where the package says).
+    """
+    from trainer.data import recordings as catalog
+
+    if show:
+        click.echo("| package | kind | role | instrumental | licence | what |")
+        click.echo("|---|---|---|---|---|---|")
+        for name, p in catalog.PACKAGES.items():
+            instrumental = {True: "yes", False: "no", None: "unknown"}[p.instrumental]
+            click.echo(f"| {name} | {p.kind} | {p.role} | {instrumental} | {p.licence} | {p.note} |")  # fmt: skip
+        return
+    if out_dir is None:
+        raise click.UsageError("give the folder to write the set to (or --list)")
+    if packages in ("heldout", "train"):
+        names = [name for name, p in catalog.PACKAGES.items() if p.role == packages]
+    else:
+        names = [name.strip() for name in packages.split(",") if name.strip()]
+    manifest = catalog.write_recordings_set(
+        out_dir, names, seconds=seconds, sample_rate=sample_rate,
+        max_clips_per_package=max_clips_per_package, progress=not no_progress,
+        split="" if split == "none" else split,
+    )  # fmt: skip
+    click.echo(f"wrote {sum(1 for _ in manifest.open()) - 1} clips of {len(names)} packages: {manifest}")  # fmt: skip
+
+
 # -- training ----------------------------------------------------------------------------------------
 def training_options(command):
     options = [

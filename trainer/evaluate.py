@@ -247,9 +247,12 @@ def evaluate_model(
             predict_clips(model, data, threshold_indices, **kwargs),
             fallback_thresholds,
         )
+    elif fallback_thresholds is not None:  # a set only to test on: the card's thresholds
+        log.info("no %s clips in %s: scored at the card's thresholds", threshold_split, data.root)
+        thresholds = list(fallback_thresholds)
     else:
         log.warning("no %s clips: thresholds chosen on %s itself", threshold_split, split)
-        thresholds = choose_thresholds(labels, scores, fallback_thresholds)
+        thresholds = choose_thresholds(labels, scores)
     per_tag = tag_metrics(labels, scores, tags)
     for result, threshold, f1 in zip(
         per_tag, thresholds, f1_at(labels, scores, thresholds), strict=True

@@ -506,11 +506,12 @@ def write_recordings_set(
     seed: int = 0,
     progress: bool = False,
     cache_dir: str | Path | None = None,
+    split: str = "",
 ) -> Path:
     """Write clips of ``packages`` under ``root/audio`` and their manifest; its path.
 
     ``max_clips_per_package`` keeps that many clips of each package, spread evenly over
-    it from an offset the seed draws.
+    it from an offset the seed draws. ``split`` goes in every row ("": the reader decides).
     """
     if seconds <= 0 or sample_rate <= 0:
         raise DataError(f"seconds and sample_rate must be positive, got {seconds}, {sample_rate}")
@@ -545,7 +546,7 @@ def write_recordings_set(
     with partial.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(row for row in rows if row is not None)
+        writer.writerows([*row[:2], split, *row[3:]] for row in rows if row is not None)
     partial.replace(manifest)  # a manifest only ever lists clips that are all written
     log.info("wrote %d clips to %s", len(rows) - silent, manifest)
     return manifest
