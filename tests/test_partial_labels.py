@@ -138,3 +138,10 @@ def test_a_model_trains_on_partial_labels_and_is_evaluated_on_another_tag_set(tm
     assert np.isnan(evaluation.per_tag[piano].roc_auc)
     assert card.thresholds[piano] == card_thresholds[piano]  # no labels: the card's stays
     assert "skipped): brass" in files["report"].read_text()
+    # the share of a tag's clips it is on for, and of the others, at the card's threshold
+    speech = checkpoint_tags.index("speech")
+    y, s = evaluation.labels[:, speech], evaluation.scores[:, speech]
+    on = s >= card.thresholds[speech]
+    result = evaluation.per_tag[speech]
+    assert (result.on_positives, result.on_negatives) == (on[y == 1].mean(), on[y == 0].mean())
+    assert "| on for its clips | on for the others |" in files["report"].read_text()

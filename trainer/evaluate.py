@@ -132,6 +132,8 @@ class TagResult:
     pr_auc: float
     threshold: float = DEFAULT_THRESHOLD
     f1: float = float("nan")  # at the threshold, on the set the metrics come from
+    on_positives: float = float("nan")  # share of the tag's clips it is on for (recall)
+    on_negatives: float = float("nan")  # share of the other known clips it is on for
 
 
 def tag_metrics(labels: np.ndarray, scores: np.ndarray, tags: list[str]) -> list[TagResult]:
@@ -254,10 +256,14 @@ def evaluate_model(
         log.warning("no %s clips: thresholds chosen on %s itself", threshold_split, split)
         thresholds = choose_thresholds(labels, scores)
     per_tag = tag_metrics(labels, scores, tags)
-    for result, threshold, f1 in zip(
-        per_tag, thresholds, f1_at(labels, scores, thresholds), strict=True
+    for i, (result, threshold, f1) in enumerate(
+        zip(per_tag, thresholds, f1_at(labels, scores, thresholds), strict=True)
     ):
         result.threshold, result.f1 = threshold, float(f1)
+        y, s = _known(labels[:, i], scores[:, i])
+        on = s >= threshold
+        result.on_positives = float(on[y == 1].mean()) if (y == 1).any() else float("nan")
+        result.on_negatives = float(on[y == 0].mean()) if (y == 0).any() else float("nan")
     summary = summarise(per_tag)
     summary["f1_macro"] = float(np.mean([r.f1 for r in per_tag if not np.isnan(r.roc_auc)] or [np.nan]))  # fmt: skip
     summary["clips"] = len(indices)
@@ -284,18 +290,13 @@ def write_outputs(
     )
     with files["per_tag"].open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["tag", "positives", "roc_auc", "pr_auc", "threshold", "f1"])
+        writer.writerow(["tag", "positives", "roc_auc", "pr_auc", "threshold", "f1",
+                         "on_positives", "on_negatives"])  # fmt: skip
         for r in evaluation.per_tag:
             writer.writerow(
-                [
-                    r.tag,
-                    r.positives,
-                    f"{r.roc_auc:.4f}",
-                    f"{r.pr_auc:.4f}",
-                    f"{r.threshold:.4f}",
-                    f"{r.f1:.4f}",
-                ]
-            )
+                [r.tag, r.positives, f"{r.roc_auc:.4f}", f"{r.pr_auc:.4f}", f"{r.threshold:.4f}",
+                 f"{r.f1:.4f}", f"{r.on_positives:.4f}", f"{r.on_negatives:.4f}"]
+            )  # fmt: skip
 
     files["tag_auc_plot"] = plot_tag_auc(evaluation.per_tag, out_dir / "tag_roc_auc.png")
     chosen = roc_tags or _extreme_tags(evaluation.per_tag, ROC_PLOT_TAGS)
@@ -419,14 +420,18 @@ def _report(evaluation: Evaluation, title: str, files: dict[str, Path]) -> str:
         if key in files:
             lines += [f"![{caption}]({files[key].name})", ""]
     lines += [
-        "| tag | positives | ROC-AUC | PR-AUC | threshold | F1 |",
-        "|---|---|---|---|---|---|",
+        "| tag | positives | ROC-AUC | PR-AUC | threshold | F1 | on for its clips | on for the others |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r.tag} | {r.positives} | {r.roc_auc:.4f} | {r.pr_auc:.4f} | {r.threshold:.3f} | {r.f1:.3f} |"
+        f"| {r.tag} | {r.positives} | {r.roc_auc:.4f} | {r.pr_auc:.4f} | {r.threshold:.3f} | {r.f1:.3f} | {_share(r.on_positives)} | {_share(r.on_negatives)} |"
         for r in evaluation.per_tag
     ]
     return "\n".join(lines) + "\n"
+
+
+def _share(value: float) -> str:
+    return "–" if np.isnan(value) else f"{value:.0%}"
 
 
 def card_scores(evaluation: Evaluation) -> dict[str, Any]:

@@ -497,7 +497,7 @@ def render(
             voice = _fit(soxr.resample(voice, rate, sample_rate), n)
         elif piece.recorded_voice:
             package, first = piece.recorded_voice
-            voice = _talk(sources.speech[package], first, n, sample_rate, piece.speech_pitch)
+            voice = _talk(sources.speech[package], first, n, sample_rate)
     if voice is not None:
         voice *= 10 ** ((-20 - _rms_db(voice)) / 20)
         if music.any():
@@ -524,10 +524,10 @@ def _excerpt(recording: Recording, where: float, n: int, sample_rate: int) -> np
     return audio[start : start + n]
 
 
-def _talk(pool: tuple[Recording, ...], first: int, n: int, sample_rate: int, seed: int) -> np.ndarray:  # fmt: skip
+def _talk(pool: tuple[Recording, ...], first: int, n: int, sample_rate: int) -> np.ndarray:
     """A talk segment: consecutive recordings of one package from ``first`` (wrapping),
-    with short pauses between them, ``n`` samples."""
-    rng = np.random.default_rng([seed, first])
+    with short pauses between them (drawn from ``first``), ``n`` samples."""
+    rng = np.random.default_rng(first)
     pieces, have, k = [], 0, 0
     while have < n and k < len(pool):
         audio = load_recording(pool[(first + k) % len(pool)], sample_rate).astype(np.float64)
