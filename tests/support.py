@@ -549,7 +549,9 @@ class AudioRate:
 
 # -- clients -----------------------------------------------------------------------------------
 
-CLIENT_TIMEOUT_S = 10.0
+# Generous: a waited-for line or exit returns at once, and on a machine busy with training
+# (two cores, torch's threads) an example took over 10 s to exit after Ctrl-C.
+CLIENT_TIMEOUT_S = 30.0
 
 
 class FakeTagd:
