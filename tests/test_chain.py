@@ -16,6 +16,7 @@ from trainer.data.chain import (
     COMPRESSORS,
     EQ_KINDS,
     NOISES,
+    PHONE_CODECS,
     Chain,
     draw,
     ffmpeg_codecs,
@@ -87,13 +88,15 @@ def test_draws_cover_every_stage_at_the_stated_rates():
             assert 4_500 <= chain.lowpass_hz <= 5_000 and chain.highpass_hz == 100
         if chain.codec != "none":
             assert chain.bitrate_kbps in CODECS[chain.codec].bitrates_kbps
+        assert (chain.phone_codec != "none") == (chain.band == "telephone")
+    assert {chain.phone_codec for chain in chains} == {"none", *PHONE_CODECS}
 
 
 def test_turning_codecs_off_changes_nothing_else():
     for seed in range(50):
         with_codec = draw(np.random.default_rng(seed))
         without = draw(np.random.default_rng(seed), codecs=False)
-        assert without == dataclasses.replace(with_codec, codec="none", bitrate_kbps=0)
+        assert without == dataclasses.replace(with_codec, codec="none", bitrate_kbps=0, phone_codec="none")  # fmt: skip
 
 
 def test_unknown_names_are_refused_with_the_known_ones():
@@ -250,6 +253,19 @@ def test_a_codec_round_trip_stays_aligned_and_at_level(codec, sample_rate):
     assert abs(lag_ms(audio, sent, sample_rate)) <= 2.0
     assert rms_db(sent) == pytest.approx(rms_db(audio), abs=1.5)
     assert np.corrcoef(audio, sent)[0, 1] > 0.9  # the same music, not just the same level
+
+
+@pytest.mark.parametrize("phone_codec", list(PHONE_CODECS))
+def test_a_phone_line_codec_is_heard_and_adds_no_delay(phone_codec):
+    if not ffmpeg_codecs():
+        pytest.skip("phone codecs go through ffmpeg")
+    audio = make_music(3.0, RATE, seed=3, level=0.1)
+    line = Chain(band="telephone", highpass_hz=300.0, lowpass_hz=3_400.0)
+    clean = transmit(audio, RATE, line)
+    coded = transmit(audio, RATE, dataclasses.replace(line, phone_codec=phone_codec))
+    assert abs(lag_ms(clean, coded, RATE)) <= 0.5
+    assert np.corrcoef(clean, coded)[0, 1] > 0.9  # the same line
+    assert rms_db(coded - clean) < rms_db(clean) - 10 and not np.allclose(coded, clean, atol=1e-4)
 
 
 def test_full_band_transmission_keeps_a_quiet_clip_level():

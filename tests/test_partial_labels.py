@@ -145,3 +145,17 @@ def test_a_model_trains_on_partial_labels_and_is_evaluated_on_another_tag_set(tm
     result = evaluation.per_tag[speech]
     assert (result.on_positives, result.on_negatives) == (on[y == 1].mean(), on[y == 0].mean())
     assert "| on for its clips | on for the others |" in files["report"].read_text()
+
+
+def test_a_threshold_sits_in_the_middle_of_the_gap_it_leaves():
+    """Best F1 turns on the clips from 0.9 up; the threshold is halfway in logits between
+    0.9 and 0.1, the highest score left off, not on the lowest positive's score."""
+    labels = np.array([[1], [1], [1], [0], [0], [0]], dtype=np.float32)
+    scores = np.array([[0.99], [0.95], [0.9], [0.1], [0.05], [0.01]])
+    assert choose_thresholds(labels, scores)[0] == pytest.approx(0.5)
+    lopsided = np.array([[0.999], [0.99], [0.97], [0.6], [0.2], [0.1]])
+    threshold = choose_thresholds(labels, lopsided)[0]
+    assert 0.6 < threshold < 0.97
+    logit = np.log(threshold / (1 - threshold))
+    assert logit == pytest.approx((np.log(0.97 / 0.03) + np.log(0.6 / 0.4)) / 2)
+    assert f1_at(labels, lopsided, [threshold])[0] == 1.0

@@ -185,8 +185,21 @@ def choose_thresholds(
         precision, recall, cuts = precision_recall_curve(y, s)
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
         best = int(np.argmax(f1[:-1]))  # the last point has no threshold
-        thresholds.append(float(np.clip(cuts[best], 0.0, 1.0)))
+        thresholds.append(_middle_of_gap(float(cuts[best]), s))
     return thresholds
+
+
+def _middle_of_gap(cut: float, scores: np.ndarray) -> float:
+    """The threshold halfway (in logits) between ``cut``, the lowest score that the best
+    F1 turns on, and the highest score below it: the same clips on, with the margin
+    shared. The cut itself sits on one validation clip's score, and a tag whose scores
+    separate well would be set off by any new clip a hair below that one."""
+    below = scores[scores < cut]
+    if not below.size:
+        return float(np.clip(cut, 0.0, 1.0))
+    ends = np.clip([cut, below.max()], 1e-6, 1 - 1e-6)
+    middle = np.log(ends / (1 - ends)).mean()
+    return float(1 / (1 + np.exp(-middle)))
 
 
 def f1_at(labels: np.ndarray, scores: np.ndarray, thresholds: list[float]) -> np.ndarray:

@@ -9,8 +9,8 @@ two halves because the caller sets the clip's level between them (the level deci
   presence bump), a room (reverb) and a broadcast compressor (single band, or three bands
   and a look-ahead limiter);
 - ``transmit``, what the air does: a noise floor (hiss, pink noise or mains hum), a band
-  limit (full, FM, AM or telephone) and a lossy codec round trip through ffmpeg (mp3, AAC,
-  Opus).
+  limit (full, FM, AM or telephone, the last through a phone line's GSM or G.711 codec)
+  and a lossy codec round trip through ffmpeg (mp3, AAC, Opus).
 
 Guarantees: both return float32 of the input's length and are deterministic for a chain
 and an input (the room's response and the noise come from ``Chain.seed``). ``produce``
@@ -80,6 +80,11 @@ CODECS = {
     ),
 }
 
+# A phone line's own codec, at TELEPHONE_RATE, for clips in the telephone band: what a
+# phone-in on air went through (GSM on a mobile, G.711 on a fixed line). ffmpeg's raw
+# format names; none has a delay to align.
+PHONE_CODECS = {"gsm": 0.5, "mulaw": 0.25, "alaw": 0.25}
+
 # -- how the stages work ---------------------------------------------------------------------
 TILT_OCTAVES = 3.0  # a tilt turns flat beyond 125 Hz and 8 kHz: at most ±12 dB
 SHELF_STEEPNESS = 2.0  # a shelf's gain changes over about an octave around its corner
@@ -126,6 +131,7 @@ class Chain:
     codec: str = "none"  # "none" or one of CODECS
     bitrate_kbps: int = 0
     seed: int = 0  # the room's impulse response and the noise
+    phone_codec: str = "none"  # "none" or one of PHONE_CODECS: the telephone band's line
 
     def __post_init__(self) -> None:
         for field, value, known in (
@@ -134,6 +140,7 @@ class Chain:
             ("noise", self.noise, NOISES),
             ("band", self.band, BANDS),
             ("codec", self.codec, ["none", *CODECS]),
+            ("phone_codec", self.phone_codec, ["none", *PHONE_CODECS]),
         ):
             if value not in known:
                 raise ValueError(f"Chain.{field} must be one of {', '.join(known)}; got {value!r}")
@@ -159,7 +166,7 @@ class Chain:
         if self.band in ("fm", "am"):
             parts.append(f"{self.band} {_hz(self.lowpass_hz)}")
         elif self.band == "telephone":
-            parts.append("telephone")
+            parts.append("telephone" + (f" {self.phone_codec}" if self.phone_codec != "none" else ""))  # fmt: skip
         if self.codec != "none":
             parts.append(f"{self.codec} {self.bitrate_kbps}k")
         return ", ".join(parts) or "clean"
@@ -232,7 +239,10 @@ def draw(rng: np.random.Generator, codecs: bool = True) -> Chain:
         codec = _pick(rng, {name: CODECS[name].weight for name in ffmpeg_codecs() or CODECS})
         bitrate_kbps = int(rng.choice(CODECS[codec].bitrates_kbps))
 
+    # drawn last, so that the other stages stay what they were before phone codecs
+    phone_codec = _pick(rng, PHONE_CODECS) if codecs and band == "telephone" else "none"
     return Chain(
+        phone_codec=phone_codec,
         eq=eq,
         eq_db=eq_db,
         eq_hz=eq_hz,
@@ -415,8 +425,24 @@ def _band_limit(audio: np.ndarray, sample_rate: int, chain: Chain) -> np.ndarray
         out = signal.sosfilt(_band_filter("lowpass", chain.lowpass_hz, sample_rate), out)
     if chain.band == "telephone" and sample_rate > TELEPHONE_RATE:
         narrow = soxr.resample(out, sample_rate, TELEPHONE_RATE)  # delay-compensated
+        narrow = _phone_round_trip(narrow, chain.phone_codec)
         out = _fit(soxr.resample(narrow, TELEPHONE_RATE, sample_rate), len(audio))
     return out
+
+
+def _phone_round_trip(audio: np.ndarray, codec: str) -> np.ndarray:
+    """``audio`` at TELEPHONE_RATE through a phone line's codec (raw stream, no delay)."""
+    if codec == "none":
+        return audio
+    if shutil.which("ffmpeg") is None:
+        raise DataError(f"this clip's chain encodes with {codec} through ffmpeg, which is not installed")  # fmt: skip
+    quiet = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y"]
+    raw = ["-f", "f32le", "-ac", "1", "-ar", str(TELEPHONE_RATE)]
+    encoder = {"gsm": ["-c:a", "libgsm"], "mulaw": [], "alaw": []}[codec]
+    pcm = np.clip(audio, -1.0, 1.0).astype("<f4").tobytes()
+    encoded = _ffmpeg([*quiet, *raw, "-i", "-", *encoder, "-f", codec, "-"], pcm, f"{codec} encoding")  # fmt: skip
+    decoded = _ffmpeg([*quiet, "-f", codec, "-ar", str(TELEPHONE_RATE), "-ac", "1", "-i", "-", *raw, "-"], encoded, f"{codec} decoding")  # fmt: skip
+    return _fit(np.frombuffer(decoded, dtype="<f4").astype(np.float64), len(audio))
 
 
 @functools.lru_cache(maxsize=64)

@@ -20,7 +20,8 @@ drawn per clip too (``Sources`` says from what):
 - a production and transmission chain (``trainer/data/chain.py``: EQ, room, compression,
   telephone / AM / FM band limits, lossy codecs, a noise floor);
 - the voice: espeak-ng, or real recorded speech from Debian packages
-  (``trainer/data/recordings.py``), alone or over the music at a drawn ducking;
+  (``trainer/data/recordings.py``), alone or over the music at a drawn ducking, and in a
+  quarter of the talking clips down a phone line (a phone-in: GSM or G.711 at 8 kHz);
 - the music: a rendered piece, or an excerpt of a real recording (game scores, hold
   music). Nobody named that recording's instruments, tempo or drums: such a clip knows
   only ``speech``, ``instrumental`` (where its package says), ``loud`` and ``quiet``, and
@@ -49,7 +50,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from trainer.data.chain import Chain, produce, transmit
+from trainer.data.chain import PHONE_CODECS, Chain, produce, transmit
 from trainer.data.chain import draw as draw_chain
 from trainer.data.dataset import DataError
 from trainer.data.manifest import write_manifest
@@ -112,6 +113,7 @@ P_RECORDED_VOICE = 0.6
 P_RECORDED_MUSIC = 0.2
 GAP_SECONDS = (0.25, 0.9)  # between consecutive recorded prompts in a talk segment
 PARTIAL_KNOWN = ("speech", "instrumental", "loud", "quiet")  # what a real recording knows
+P_PHONE_IN = 0.25  # a talking clip's voice comes down a phone line (GSM or G.711), the bed not
 MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
 PROGRESSIONS = ((0, 4, 5, 3), (0, 3, 4, 4), (0, 5, 3, 4), (5, 3, 0, 4), (0, 3, 0, 4), (0, 1, 4, 0))  # fmt: skip
 _RADIO_TALK = (
@@ -166,6 +168,7 @@ class Piece:
     recorded_music: tuple[str, int, float] | None = None  # (package, recording, where 0-1)
     chain: Chain | None = None
     known: tuple[str, ...] | None = None  # the tags the labels speak for; None: all
+    phone_line: str = "none"  # the voice's phone codec (chain.PHONE_CODECS): a phone-in
 
     @property
     def talking(self) -> bool:
@@ -258,6 +261,9 @@ def _draw_sources(piece: Piece, number: int, seed: int, sources: Sources) -> Pie
         tags = [t for t in tags if t in ("speech", "loud", "quiet")]
         if instrumental and not piece.talking:
             tags.append("instrumental")
+    phone_line = "none"  # drawn last: the draws above stay what they were without it
+    if sources.chain and piece.talking and rng.random() < P_PHONE_IN:
+        phone_line = str(rng.choice(list(PHONE_CODECS)))
     return dataclasses.replace(
         piece,
         tags=tuple(tags),
@@ -269,6 +275,7 @@ def _draw_sources(piece: Piece, number: int, seed: int, sources: Sources) -> Pie
         recorded_music=music,
         tracks=() if music else piece.tracks,
         known=known,
+        phone_line=phone_line,
     )
 
 
@@ -499,6 +506,9 @@ def render(
             package, first = piece.recorded_voice
             voice = _talk(sources.speech[package], first, n, sample_rate)
     if voice is not None:
+        if piece.phone_line != "none":  # the caller's line; the studio's bed stays wide
+            voice = transmit(voice.astype(np.float32), sample_rate, Chain(band="telephone",
+                             highpass_hz=300.0, lowpass_hz=3_400.0, phone_codec=piece.phone_line)).astype(np.float64)  # fmt: skip
         voice *= 10 ** ((-20 - _rms_db(voice)) / 20)
         if music.any():
             music *= 10 ** ((-20 + piece.ducked_db - _rms_db(music)) / 20)
@@ -612,7 +622,8 @@ def write_rendered(
         rows.append((number, piece.tags, relative, split))
         known.append(list(piece.known) if piece.known is not None else None)
         origins["soundfont"].append(piece.soundfont if piece.tracks else "")
-        origins["chain"].append(piece.chain.describe() if piece.chain else "")
+        phone = f"voice by phone ({piece.phone_line}); " if piece.phone_line != "none" else ""
+        origins["chain"].append(phone + (piece.chain.describe() if piece.chain else ""))
         origins["recordings"].append(_recordings_of(piece, sources))
 
     if layout == "manifest":
