@@ -220,7 +220,7 @@ class Bridge:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, endpoint: str) -> None:
-        sub = zmq.Context().socket(zmq.SUB)
+        sub = zmq.Context.instance().socket(zmq.SUB)
         for stream in self.sources:
             sub.setsockopt_string(zmq.SUBSCRIBE, f"tags.{stream}")
         sub.connect(endpoint)
@@ -255,7 +255,11 @@ def main() -> None:
     endpoint, server = sys.argv[1], sys.argv[2]
     sources = dict(arg.split("=", 1) for arg in sys.argv[3:])  # stream -> source id
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
-    Bridge(server, sources).run(endpoint)
+    context = zmq.Context.instance()
+    try:
+        Bridge(server, sources).run(endpoint)
+    finally:
+        context.destroy(linger=0)  # sockets closed now, not by the interpreter's exit
 
 
 if __name__ == "__main__":

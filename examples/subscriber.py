@@ -39,7 +39,8 @@ def main() -> None:
     endpoint = sys.argv[1] if len(sys.argv) > 1 else "tcp://127.0.0.1:5560"
     streams = sys.argv[2:]
     wanted = {f"{kind}.{name}" for kind in KINDS for name in streams}
-    socket = subscribe(zmq.Context(), endpoint, streams)
+    context = zmq.Context()
+    socket = subscribe(context, endpoint, streams)
     try:
         while True:
             frames = socket.recv_multipart()
@@ -51,6 +52,8 @@ def main() -> None:
             print(describe(topic, json.loads(frames[1])), flush=True)
     except KeyboardInterrupt:
         pass
+    finally:
+        context.destroy(linger=0)  # sockets closed now, not by the interpreter's exit
 
 
 if __name__ == "__main__":

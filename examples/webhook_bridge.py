@@ -48,7 +48,16 @@ def main() -> None:
     endpoint, url, streams = sys.argv[1], sys.argv[2], sys.argv[3:]
     wanted = {f"events.{name}" for name in streams}
     headers = extra_headers()
-    socket = zmq.Context().socket(zmq.SUB)
+    context = zmq.Context()
+    try:
+        forward(context, endpoint, url, wanted, headers)
+    finally:
+        context.destroy(linger=0)  # sockets closed now, not by the interpreter's exit
+
+
+def forward(context: zmq.Context, endpoint: str, url: str, wanted: set[str], headers: dict) -> None:  # fmt: skip
+    """Post every event of the ``wanted`` topics (all when empty) to ``url``, for ever."""
+    socket = context.socket(zmq.SUB)
     for prefix in sorted(wanted) or ["events."]:
         socket.setsockopt_string(zmq.SUBSCRIBE, prefix)
     socket.connect(endpoint)

@@ -596,8 +596,12 @@ class Example:
         )
         self.stdout: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.stderr: list[str] = []
-        threading.Thread(target=self._pump, args=(self.process.stdout, self.stdout.put)).start()
-        threading.Thread(target=self._pump, args=(self.process.stderr, self.stderr.append)).start()
+        self._pumps = [
+            threading.Thread(target=self._pump, args=(self.process.stdout, self.stdout.put)),
+            threading.Thread(target=self._pump, args=(self.process.stderr, self.stderr.append)),
+        ]
+        for pump in self._pumps:
+            pump.start()
 
     @staticmethod
     def _pump(pipe, sink) -> None:
@@ -613,9 +617,13 @@ class Example:
             ) from None
 
     def interrupt(self) -> int:
-        """Ctrl-C, as a user stops it; returns the exit status."""
+        """Ctrl-C, as a user stops it; returns the exit status once all it printed is read
+        (the pumps may still hold its last lines when it has exited)."""
         self.process.send_signal(signal.SIGINT)
-        return self.process.wait(timeout=CLIENT_TIMEOUT_S)
+        code = self.process.wait(timeout=CLIENT_TIMEOUT_S)
+        for pump in self._pumps:
+            pump.join(timeout=CLIENT_TIMEOUT_S)
+        return code
 
     def kill(self) -> None:
         if self.process.poll() is None:
