@@ -282,12 +282,21 @@ def test_synthetic_rendered_clips_are_tagged_music_and_speech(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_synthetic_rendered_with_real_recordings_writes_partial_labels_and_origins(tmp_path):
+def _rendering_with_recordings():
+    """The rendered and recordings modules, or a skip saying which tool is missing."""
     rendered = pytest.importorskip("trainer.data.rendered")
     recordings = pytest.importorskip("trainer.data.recordings")
-    rendered.check_tools()
+    try:
+        rendered.check_tools()
+    except rendered.DataError as exc:
+        pytest.skip(str(exc))
     if shutil.which("apt-get") is None:
         pytest.skip("real recordings come from Debian packages through apt-get")
+    return rendered, recordings
+
+
+def test_synthetic_rendered_with_real_recordings_writes_partial_labels_and_origins(tmp_path):
+    rendered, recordings = _rendering_with_recordings()
     packages = f"{recordings.SMALL_TRAIN_SPEECH},{recordings.SMALL_TRAIN_MUSIC}"
     result = invoke("synthetic", tmp_path / "r", "--kind", "rendered", "--clips", "24",
                     "--seconds", "3", "--format", "wav", "--no-progress",
@@ -311,11 +320,7 @@ def test_synthetic_rendered_with_real_recordings_writes_partial_labels_and_origi
 
 
 def test_mtt_layout_refuses_partial_labels(tmp_path):
-    rendered = pytest.importorskip("trainer.data.rendered")
-    recordings = pytest.importorskip("trainer.data.recordings")
-    rendered.check_tools()
-    if shutil.which("apt-get") is None:
-        pytest.skip("real recordings come from Debian packages through apt-get")
+    rendered, recordings = _rendering_with_recordings()
     result = invoke("synthetic", tmp_path / "r", "--kind", "rendered", "--clips", "2",
                     "--layout", "mtt", "--recordings", recordings.SMALL_TRAIN_MUSIC,
                     "--no-progress", code=1)  # fmt: skip

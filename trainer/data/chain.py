@@ -426,7 +426,7 @@ def _band_limit(audio: np.ndarray, sample_rate: int, chain: Chain) -> np.ndarray
     if chain.band == "telephone" and sample_rate > TELEPHONE_RATE:
         narrow = soxr.resample(out, sample_rate, TELEPHONE_RATE)  # delay-compensated
         narrow = _phone_round_trip(narrow, chain.phone_codec)
-        out = _fit(soxr.resample(narrow, TELEPHONE_RATE, sample_rate), len(audio))
+        out = fit_length(soxr.resample(narrow, TELEPHONE_RATE, sample_rate), len(audio))
     return out
 
 
@@ -442,7 +442,7 @@ def _phone_round_trip(audio: np.ndarray, codec: str) -> np.ndarray:
     pcm = np.clip(audio, -1.0, 1.0).astype("<f4").tobytes()
     encoded = _ffmpeg([*quiet, *raw, "-i", "-", *encoder, "-f", codec, "-"], pcm, f"{codec} encoding")  # fmt: skip
     decoded = _ffmpeg([*quiet, "-f", codec, "-ar", str(TELEPHONE_RATE), "-ac", "1", "-i", "-", *raw, "-"], encoded, f"{codec} decoding")  # fmt: skip
-    return _fit(np.frombuffer(decoded, dtype="<f4").astype(np.float64), len(audio))
+    return fit_length(np.frombuffer(decoded, dtype="<f4").astype(np.float64), len(audio))
 
 
 @functools.lru_cache(maxsize=64)
@@ -454,7 +454,7 @@ def _band_filter(kind: str, hz: float, sample_rate: int) -> np.ndarray:
     )
 
 
-def _fit(audio: np.ndarray, n: int) -> np.ndarray:
+def fit_length(audio: np.ndarray, n: int) -> np.ndarray:
     """``audio`` cut or zero-padded to ``n`` samples."""
     return audio[:n] if len(audio) >= n else np.pad(audio, (0, n - len(audio)))
 
@@ -484,7 +484,7 @@ def _codec_round_trip(
         pcm = audio.astype("<f4").tobytes()
         _ffmpeg([*quiet, *raw, "-i", "-", *encode, str(encoded)], pcm, f"{codec} encoding")
         decoded = _ffmpeg([*quiet, "-i", str(encoded), *raw, "-"], b"", f"{codec} decoding")
-    return _fit(np.frombuffer(decoded, dtype="<f4").astype(np.float64), len(audio))
+    return fit_length(np.frombuffer(decoded, dtype="<f4").astype(np.float64), len(audio))
 
 
 def _ffmpeg(command: list[str], stdin: bytes, what: str) -> bytes:

@@ -50,7 +50,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from trainer.data.chain import PHONE_CODECS, Chain, produce, transmit
+from trainer.data.chain import PHONE_CODECS, Chain, fit_length, produce, transmit
 from trainer.data.chain import draw as draw_chain
 from trainer.data.dataset import DataError
 from trainer.data.manifest import write_manifest
@@ -471,11 +471,6 @@ def _rms_db(audio: np.ndarray) -> float:
     return float(10 * np.log10(np.mean(np.square(audio, dtype=np.float64)) + 1e-12))
 
 
-def _fit(audio: np.ndarray, n: int) -> np.ndarray:
-    """``audio`` cut or zero-padded to ``n`` samples."""
-    return audio[:n] if len(audio) >= n else np.pad(audio, (0, n - len(audio)))
-
-
 def render(
     piece: Piece, seconds: float, sample_rate: int, sources: Sources | None = None
 ) -> np.ndarray:
@@ -491,7 +486,7 @@ def render(
                   "-O", "float", "-T", "raw", "-E", "little", "-F", str(raw),
                   str(soundfont_path(piece.soundfont)), str(midi)], "fluidsynth")  # fmt: skip
             stereo = np.fromfile(raw, dtype="<f4").reshape(-1, 2)
-            music = _fit(stereo.mean(axis=1, dtype=np.float64), n)
+            music = fit_length(stereo.mean(axis=1, dtype=np.float64), n)
         elif piece.recorded_music:
             package, number, where = piece.recorded_music
             music = _excerpt(sources.music[package][number], where, n, sample_rate)
@@ -501,7 +496,7 @@ def render(
             _run(["espeak-ng", "-v", piece.voice, "-s", str(piece.speech_rate),
                   "-p", str(piece.speech_pitch), "-w", str(wav), piece.speech], "espeak-ng")  # fmt: skip
             voice, rate = soundfile.read(wav, dtype="float64")
-            voice = _fit(soxr.resample(voice, rate, sample_rate), n)
+            voice = fit_length(soxr.resample(voice, rate, sample_rate), n)
         elif piece.recorded_voice:
             package, first = piece.recorded_voice
             voice = _talk(sources.speech[package], first, n, sample_rate)
@@ -545,7 +540,7 @@ def _talk(pool: tuple[Recording, ...], first: int, n: int, sample_rate: int) -> 
         pieces += [audio, gap]
         have += len(audio) + len(gap)
         k += 1
-    return _fit(np.concatenate(pieces), n)
+    return fit_length(np.concatenate(pieces), n)
 
 
 def generate(
