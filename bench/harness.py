@@ -109,9 +109,17 @@ class Producer:
     resample).
     """
 
-    def __init__(self, endpoint: str, streams: int, window_s: float, hop_s: float, seed: int = 1,
-                 message_frames: int = MESSAGE_FRAMES, rate: int = SOURCE_RATE,
-                 channels: int = CHANNELS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str,
+        streams: int,
+        window_s: float,
+        hop_s: float,
+        seed: int = 1,
+        message_frames: int = MESSAGE_FRAMES,
+        rate: int = SOURCE_RATE,
+        channels: int = CHANNELS,
+    ) -> None:
         self.endpoint, self.streams, self.window_s = endpoint, streams, window_s
         self.message_frames = message_frames
         self.rate, self.channels = rate, channels
@@ -269,12 +277,25 @@ class Daemon(TagdProcess):
         self._config.write(toml)  # more tables, e.g. [onnxruntime] for a comparison
         self._config.close()
         super().__init__(
-            ["--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{self.input_port}",
-             "--publish", f"tcp://127.0.0.1:{self.publish_port}",
-             "--metrics", f"127.0.0.1:{metrics_port}", "--hop", str(hop_s),
-             "--log-level", "warning", "--config", self._config.name, *(extra or [])],
+            [
+                "--engine",
+                str(model),
+                "--input",
+                f"zmq+pull://127.0.0.1:{self.input_port}",
+                "--publish",
+                f"tcp://127.0.0.1:{self.publish_port}",
+                "--metrics",
+                f"127.0.0.1:{metrics_port}",
+                "--hop",
+                str(hop_s),
+                "--log-level",
+                "warning",
+                "--config",
+                self._config.name,
+                *(extra or []),
+            ],
             metrics_port,
-        )  # fmt: skip
+        )
         self.wait_ready(timeout=60)
 
     @property
@@ -290,9 +311,18 @@ class Daemon(TagdProcess):
         return code
 
 
-def run_daemon(model: Path, window_s: float, streams: int, hop_s: float, seconds: float,
-               toml: str = "", message_frames: int = MESSAGE_FRAMES, rate: int = SOURCE_RATE,
-               channels: int = CHANNELS, settle_s: float = 0.0) -> RunResult:  # fmt: skip
+def run_daemon(
+    model: Path,
+    window_s: float,
+    streams: int,
+    hop_s: float,
+    seconds: float,
+    toml: str = "",
+    message_frames: int = MESSAGE_FRAMES,
+    rate: int = SOURCE_RATE,
+    channels: int = CHANNELS,
+    settle_s: float = 0.0,
+) -> RunResult:
     """``message_frames`` are at 44.1 kHz: other rates keep the same message duration.
 
     ``settle_s`` (incremental inference): after the warm-up, wait up to that long for a
@@ -460,8 +490,9 @@ def ideal_fifo(result: RunResult, window_ms: float) -> dict:
     }
 
 
-def idle_rss(model: Path, window_s: float, hop_s: float, streams: int = IDLE_STREAMS,
-             toml: str = "") -> dict:  # fmt: skip
+def idle_rss(
+    model: Path, window_s: float, hop_s: float, streams: int = IDLE_STREAMS, toml: str = ""
+) -> dict:
     """RSS once ``streams`` streams have each filled a window and gone quiet."""
     daemon = Daemon(model, hop_s, toml=toml)
     try:
@@ -482,8 +513,14 @@ def idle_rss(model: Path, window_s: float, hop_s: float, streams: int = IDLE_STR
         peak = daemon.peak_rss_mb()
     finally:
         daemon.stop()
-    return {"streams": streams, "known": known, "audio_s": expected_s, "rss_mb": rss, "peak_rss_mb": peak,
-            "rss_before_mb": baseline}  # fmt: skip
+    return {
+        "streams": streams,
+        "known": known,
+        "audio_s": expected_s,
+        "rss_mb": rss,
+        "peak_rss_mb": peak,
+        "rss_before_mb": baseline,
+    }
 
 
 # -- baselines ------------------------------------------------------------------------------
@@ -495,8 +532,13 @@ def cut_windows(geometry: StreamGeometry, count: int) -> np.ndarray:
     chunk = round(SOURCE_RATE * 1.0)
     position = 0
     while len(windows) < count:
-        stream.push_pcm(AUDIO[position % len(AUDIO) :][:chunk].tobytes(), "s16le", SOURCE_RATE, CHANNELS,
-                        Arrival.now())  # fmt: skip
+        stream.push_pcm(
+            AUDIO[position % len(AUDIO) :][:chunk].tobytes(),
+            "s16le",
+            SOURCE_RATE,
+            CHANNELS,
+            Arrival.now(),
+        )
         position += chunk
     return np.stack([w.samples for w in windows[:count]])
 
@@ -531,8 +573,10 @@ def paced_window(engines: dict, windows: np.ndarray, rate: float, seconds: float
             engine.run(windows[len(times) % len(windows)][None])
             times.append(time.perf_counter() - t0)
             due += 1.0 / rate
-        found[name] = {"p50_ms": float(np.median(times)) * 1000,
-                       "p99_ms": float(np.percentile(times, 99)) * 1000}  # fmt: skip
+        found[name] = {
+            "p50_ms": float(np.median(times)) * 1000,
+            "p99_ms": float(np.percentile(times, 99)) * 1000,
+        }
     best = min(found, key=lambda name: found[name]["p50_ms"])
     return {"engine": best, **found[best], "per_engine": found}
 
@@ -557,12 +601,15 @@ def side_by_side(engines: list, window: np.ndarray, seconds: float) -> dict:
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - began
-    return {"windows_per_s": sum(map(len, times)) / elapsed,
-            "window_ms": float(np.median(np.concatenate(times))) * 1000}  # fmt: skip
+    return {
+        "windows_per_s": sum(map(len, times)) / elapsed,
+        "window_ms": float(np.median(np.concatenate(times))) * 1000,
+    }
 
 
-def bare_engine(engines: dict, windows: np.ndarray, seconds_per_size: float = 4.0,
-                rounds: int = 4) -> dict:  # fmt: skip
+def bare_engine(
+    engines: dict, windows: np.ndarray, seconds_per_size: float = 4.0, rounds: int = 4
+) -> dict:
     """Each engine at batch sizes 1..8, in alternating rounds; the best is the reference.
 
     The engines are the daemon's (its pool spins while a run is in flight only) and ONNX
@@ -579,10 +626,12 @@ def bare_engine(engines: dict, windows: np.ndarray, seconds_per_size: float = 4.
                     batch_seconds(engine, batch, seconds_per_size / rounds / len(engines))
                 )
     per_engine = {
-        name: {size: {"median_s": float(np.median(t)), "windows_per_s": size / float(np.median(t))}
-               for size, t in sizes.items()}
+        name: {
+            size: {"median_s": float(np.median(t)), "windows_per_s": size / float(np.median(t))}
+            for size, t in sizes.items()
+        }
         for name, sizes in times.items()
-    }  # fmt: skip
+    }
     fastest = min(per_engine, key=lambda name: per_engine[name][1]["median_s"])
     best_engine, best = max(
         ((name, size) for name in per_engine for size in per_engine[name]),
@@ -600,8 +649,14 @@ def bare_engine(engines: dict, windows: np.ndarray, seconds_per_size: float = 4.
     }
 
 
-def naive_loop(engine, window_s: float, streams: int, hop_s: float, seconds: float,
-               message_frames: int = MESSAGE_FRAMES) -> dict:  # fmt: skip
+def naive_loop(
+    engine,
+    window_s: float,
+    streams: int,
+    hop_s: float,
+    seconds: float,
+    message_frames: int = MESSAGE_FRAMES,
+) -> dict:
     """One thread: read, window, run each window at once (batch 1). Nothing is dropped.
 
     Latency counts from when the producer sent the completing message: while the loop

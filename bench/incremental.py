@@ -160,12 +160,18 @@ def bench_model(arch: str, folder: Path, repeats: int) -> dict:
             )
         _, ort_states = graphs.prime(wave)
         medians = alternating_medians(
-            {"full": lambda e=engine: e.run(wave),
-             "step": lambda g=graphs, s=ort_states: g.step(wave, s)},
+            {
+                "full": lambda e=engine: e.run(wave),
+                "step": lambda g=graphs, s=ort_states: g.step(wave, s),
+            },
             repeats,
-        )  # fmt: skip
-        timings[label] = {"threads": threads, "full_s": medians["full"], "step_s": medians["step"],
-                          "speedup": medians["full"] / medians["step"]}  # fmt: skip
+        )
+        timings[label] = {
+            "threads": threads,
+            "full_s": medians["full"],
+            "step_s": medians["step"],
+            "speedup": medians["full"] / medians["step"],
+        }
         if threads == THREADS["default threads"]:
             difference = chain_difference(engine, graphs)
         engine.close()
@@ -188,33 +194,46 @@ def bench_model(arch: str, folder: Path, repeats: int) -> dict:
 
 
 def report_model(m: dict) -> None:
-    print(f"\n{m['model']}: window {m['window_s']:.2f} s, hop {m['hop_samples']} samples "
-          f"= {m['hop_s']:.3f} s")  # fmt: skip
+    print(
+        f"\n{m['model']}: window {m['window_s']:.2f} s, hop {m['hop_samples']} samples "
+        f"= {m['hop_s']:.3f} s"
+    )
     for line in m["plan"]:
         print(f"  {line}")
-    print(f"  MACs per update: full window {m['full_macs'] / 1e9:.2f} G, incremental "
-          f"{m['step_macs'] / 1e9:.2f} G = {m['macs_ratio']:.3f} (1/{1 / m['macs_ratio']:.1f}); "
-          f"the plan's own count {m['plan_full_macs'] / 1e9:.2f} G → {m['plan_step_macs'] / 1e9:.2f} G")  # fmt: skip
+    print(
+        f"  MACs per update: full window {m['full_macs'] / 1e9:.2f} G, incremental "
+        f"{m['step_macs'] / 1e9:.2f} G = {m['macs_ratio']:.3f} (1/{1 / m['macs_ratio']:.1f}); "
+        f"the plan's own count {m['plan_full_macs'] / 1e9:.2f} G → {m['plan_step_macs'] / 1e9:.2f} G"
+    )
     print(f"  state per stream: {m['state_bytes'] / 1e6:.2f} MB")
     for label, t in m["ort"].items():
-        print(f"  ONNX Runtime, {label}: full window {1000 * t['full_s']:.1f} ms, step "
-              f"{1000 * t['step_s']:.1f} ms per update = {t['speedup']:.2f} x "
-              f"({1 / t['full_s']:.1f} → {1 / t['step_s']:.1f} updates/s)")  # fmt: skip
-    print(f"  step chain vs full windows over {SANITY_HOPS} hops (ONNX Runtime): max abs diff "
-          f"{m['chain_max_abs_diff']:.1e}", flush=True)  # fmt: skip
+        print(
+            f"  ONNX Runtime, {label}: full window {1000 * t['full_s']:.1f} ms, step "
+            f"{1000 * t['step_s']:.1f} ms per update = {t['speedup']:.2f} x "
+            f"({1 / t['full_s']:.1f} → {1 / t['step_s']:.1f} updates/s)"
+        )
+    print(
+        f"  step chain vs full windows over {SANITY_HOPS} hops (ONNX Runtime): max abs diff "
+        f"{m['chain_max_abs_diff']:.1e}",
+        flush=True,
+    )
 
 
 def report_models_table(models: list[dict]) -> None:
-    print("\n| model | hop s | GMAC full | GMAC step | step/full | state MB "
-          "| 1 thread ms full/step | x | default ms full/step | x |")  # fmt: skip
+    print(
+        "\n| model | hop s | GMAC full | GMAC step | step/full | state MB "
+        "| 1 thread ms full/step | x | default ms full/step | x |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m in models:
         one, default = m["ort"][PER_CORE], m["ort"]["default threads"]
-        print(f"| {m['model']} | {m['hop_s']:.3f} | {m['full_macs'] / 1e9:.2f} | "
-              f"{m['step_macs'] / 1e9:.2f} | {m['macs_ratio']:.3f} | {m['state_bytes'] / 1e6:.2f} | "
-              f"{1000 * one['full_s']:.1f} / {1000 * one['step_s']:.1f} | {one['speedup']:.2f} | "
-              f"{1000 * default['full_s']:.1f} / {1000 * default['step_s']:.1f} | "
-              f"{default['speedup']:.2f} |")  # fmt: skip
+        print(
+            f"| {m['model']} | {m['hop_s']:.3f} | {m['full_macs'] / 1e9:.2f} | "
+            f"{m['step_macs'] / 1e9:.2f} | {m['macs_ratio']:.3f} | {m['state_bytes'] / 1e6:.2f} | "
+            f"{1000 * one['full_s']:.1f} / {1000 * one['step_s']:.1f} | {one['speedup']:.2f} | "
+            f"{1000 * default['full_s']:.1f} / {1000 * default['step_s']:.1f} | "
+            f"{default['speedup']:.2f} |"
+        )
 
 
 # -- 2. `tagd serve`: the largest N streams, per mode ------------------------------------------
@@ -262,9 +281,12 @@ class LargestSustained:
 
 def sustained(result: RunResult) -> bool:
     """Nothing dropped, the offered windows published, p99 under one hop."""
-    return (result.dropped == 0
-            and result.published_per_s >= DELIVERED_SHARE * result.offered_per_s
-            and result.p99_ms is not None and result.p99_ms < result.hop_s * 1000)  # fmt: skip
+    return (
+        result.dropped == 0
+        and result.published_per_s >= DELIVERED_SHARE * result.offered_per_s
+        and result.p99_ms is not None
+        and result.p99_ms < result.hop_s * 1000
+    )
 
 
 def incremental_share(result: RunResult) -> float | None:
@@ -280,8 +302,10 @@ def check_mode(mode: str, result: RunResult) -> None:
     if share is None:
         return  # nothing scored: the run fails on its own figures
     if mode == INCREMENTAL and share == 0:
-        raise SystemExit("tagd serve scored every window in full with incremental inference on: "
-                         "its log says why (run it by hand with the same --hop)")  # fmt: skip
+        raise SystemExit(
+            "tagd serve scored every window in full with incremental inference on: "
+            "its log says why (run it by hand with the same --hop)"
+        )
     if mode == FULL and share > 0:
         raise SystemExit("tagd serve ran incrementally with incremental = false")
 
@@ -298,24 +322,33 @@ def describe_run(result: RunResult) -> str:
     start = f"measured after {result.notes['measured_after_s']:.0f} s" + (
         "" if settled is None else " (primes done)" if settled else " (primes NOT done)"
     )
-    return (f"{start}: {result.published_per_s:.2f} of {result.offered_per_s:.2f} windows/s published, "
-            f"dropped {result.dropped:.0f}, p99 {ms(result.p99_ms)} (queued p50 "
-            f"{ms(result.queue_p50_ms)}, inference p50 {ms(result.inference_p50_ms)}), "
-            f"{f'{share:.0%}' if share is not None else '-'} from the state; daemon "
-            f"{result.cpu_cores:.2f} cores, bench {result.bench_cores:.2f}, RSS {result.rss_mb:.0f} MB")  # fmt: skip
+    return (
+        f"{start}: {result.published_per_s:.2f} of {result.offered_per_s:.2f} windows/s published, "
+        f"dropped {result.dropped:.0f}, p99 {ms(result.p99_ms)} (queued p50 "
+        f"{ms(result.queue_p50_ms)}, inference p50 {ms(result.inference_p50_ms)}), "
+        f"{f'{share:.0%}' if share is not None else '-'} from the state; daemon "
+        f"{result.cpu_cores:.2f} cores, bench {result.bench_cores:.2f}, RSS {result.rss_mb:.0f} MB"
+    )
 
 
 def bench_serve(model: dict, seconds: float, runs: int, instances: int = 1) -> dict:
     """Both modes' searches, a run of each in turn, then RSS with idle streams; both modes
     with ``instances`` engine instances (each with its share of the threads)."""
     path, hop_s, window_s = Path(model["path"]), model["hop_s"], model["window_s"]
-    rates = {FULL: 1 / model["ort"]["default threads"]["full_s"],
-             INCREMENTAL: 1 / model["ort"]["default threads"]["step_s"]}  # fmt: skip
-    searches = {mode: LargestSustained(start=math.floor(SEARCH_START_SHARE * rate * hop_s), runs=runs)
-                for mode, rate in rates.items()}  # fmt: skip
-    print(f"\n`tagd serve` with {model['model']} at the card's hop ({hop_s:.3f} s), {instances} "
-          f"engine instance{'s' if instances > 1 else ''}, {seconds:g} s measured a run after "
-          f"{warmup_s(hop_s):.0f} s:", flush=True)  # fmt: skip
+    rates = {
+        FULL: 1 / model["ort"]["default threads"]["full_s"],
+        INCREMENTAL: 1 / model["ort"]["default threads"]["step_s"],
+    }
+    searches = {
+        mode: LargestSustained(start=math.floor(SEARCH_START_SHARE * rate * hop_s), runs=runs)
+        for mode, rate in rates.items()
+    }
+    print(
+        f"\n`tagd serve` with {model['model']} at the card's hop ({hop_s:.3f} s), {instances} "
+        f"engine instance{'s' if instances > 1 else ''}, {seconds:g} s measured a run after "
+        f"{warmup_s(hop_s):.0f} s:",
+        flush=True,
+    )
     batching = f"[batching]\ninstances = {instances}\n" if instances > 1 else ""
     tomls = {mode: toml + batching for mode, toml in MODES.items()}
     pending = list(searches)
@@ -326,14 +359,17 @@ def bench_serve(model: dict, seconds: float, runs: int, instances: int = 1) -> d
                 pending.remove(mode)
                 continue
             settle_s = SETTLE_S if mode == INCREMENTAL else 0.0
-            result = run_daemon(path, window_s, streams, hop_s, seconds, toml=tomls[mode],
-                                settle_s=settle_s)  # fmt: skip
+            result = run_daemon(
+                path, window_s, streams, hop_s, seconds, toml=tomls[mode], settle_s=settle_s
+            )
             check_mode(mode, result)
             held = sustained(result)
             share = incremental_share(result)
             searches[mode].record(streams, held, result.summary() | {"incremental_share": share})
-            progress(f"{mode}: {streams} streams: {'held' if held else 'NOT held'}: "
-                     f"{describe_run(result)}")  # fmt: skip
+            progress(
+                f"{mode}: {streams} streams: {'held' if held else 'NOT held'}: "
+                f"{describe_run(result)}"
+            )
     # The RSS target is for the daemon as it starts by default (one instance); more
     # instances hold a copy of the graphs and an arena each, measured beside it.
     idle = {}
@@ -352,21 +388,27 @@ def bench_serve(model: dict, seconds: float, runs: int, instances: int = 1) -> d
         "modes": {
             mode: {"start": s.start, "max_streams": s.best, "failed_at": s.failed, "runs": s.tried}
             for mode, s in searches.items()
-        },  # fmt: skip
+        },
         "idle": idle,
     }
 
 
 def report_serve(serve: dict) -> None:
-    print(f"\nlargest N streams at {serve['hop_s']:.3f} s, nothing dropped, p99 under a hop "
-          f"({serve['instances']} instance{'s' if serve['instances'] > 1 else ''}):")  # fmt: skip
+    print(
+        f"\nlargest N streams at {serve['hop_s']:.3f} s, nothing dropped, p99 under a hop "
+        f"({serve['instances']} instance{'s' if serve['instances'] > 1 else ''}):"
+    )
     for mode, found in serve["modes"].items():
         above = f" ({found['failed_at']} not)" if found["failed_at"] is not None else ""
-        print(f"  {mode}: {found['max_streams']}{above}, from {found['start']}, "
-              f"{len(found['runs'])} runs")  # fmt: skip
+        print(
+            f"  {mode}: {found['max_streams']}{above}, from {found['start']}, "
+            f"{len(found['runs'])} runs"
+        )
     for mode, idle in serve["idle"].items():
-        print(f"RSS with {idle['streams']} idle streams, {mode}: {idle['rss_mb']:.0f} MB (peak "
-              f"{idle['peak_rss_mb']:.0f} MB, {idle['rss_before_mb']:.0f} MB before they came)")  # fmt: skip
+        print(
+            f"RSS with {idle['streams']} idle streams, {mode}: {idle['rss_mb']:.0f} MB (peak "
+            f"{idle['peak_rss_mb']:.0f} MB, {idle['rss_before_mb']:.0f} MB before they came)"
+        )
 
 
 # -- 3. targets ---------------------------------------------------------------------------------
@@ -380,11 +422,14 @@ def target(what: str, value: str, met: bool | None) -> dict:
 def targets(model: dict | None, serve: dict | None) -> list[dict]:
     """FCN-4's targets, from the figures alone."""
     macs = f"MACs per update, incremental / full ≤ 1/{1 / MACS_TARGET:g}"
-    per_core = (f"updates/s per core (ONNX Runtime, {PER_CORE}), incremental / full "
-                f"≥ {PER_CORE_TARGET:g} x")  # fmt: skip
+    per_core = (
+        f"updates/s per core (ONNX Runtime, {PER_CORE}), incremental / full ≥ {PER_CORE_TARGET:g} x"
+    )
     streams = f"streams at the card's hop, incremental / full ≥ {STREAMS_TARGET:g} x"
-    rss = (f"RSS with {IDLE_STREAMS} idle streams, {INCREMENTAL}, one instance (the default), "
-           f"< {IDLE_RSS_TARGET_MB:.0f} MB")  # fmt: skip
+    rss = (
+        f"RSS with {IDLE_STREAMS} idle streams, {INCREMENTAL}, one instance (the default), "
+        f"< {IDLE_RSS_TARGET_MB:.0f} MB"
+    )
     found = []
     if model is None:
         absent = f"not measured ({SERVED_MODEL} not in --models)"
@@ -430,17 +475,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="measuring time per daemon run")
     parser.add_argument("--runs", type=int, default=6, help="daemon runs per mode, at most")
     parser.add_argument("--skip-serve", action="store_true", help="part 1 only")
-    parser.add_argument("--instances", type=int, default=1,
-                        help="tagd serve's [batching] instances, in both modes")  # fmt: skip
+    parser.add_argument(
+        "--instances", type=int, default=1, help="tagd serve's [batching] instances, in both modes"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     models = list(dict.fromkeys(args.models))
     if not args.skip_serve and SERVED_MODEL not in models:
         models.append(SERVED_MODEL)  # the daemon serves it, and its search starts from it
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"ONNX Runtime on CPU; load average {os.getloadavg()[0]:.2f} (other processes share "
-          f"these CPUs: compare figures of one run only)", flush=True)  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"ONNX Runtime on CPU; load average {os.getloadavg()[0]:.2f} (other processes share "
+        f"these CPUs: compare figures of one run only)",
+        flush=True,
+    )
     began = time.perf_counter()
     results: dict = {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as folder:
@@ -459,8 +508,10 @@ def main() -> None:
     report_targets(results["targets"])
     results["bench_seconds"] = time.perf_counter() - began
     results["load_average_end"] = os.getloadavg()[0]
-    print(f"\nbench took {results['bench_seconds']:.0f} s; load average now "
-          f"{results['load_average_end']:.2f}")  # fmt: skip
+    print(
+        f"\nbench took {results['bench_seconds']:.0f} s; load average now "
+        f"{results['load_average_end']:.2f}"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

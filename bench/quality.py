@@ -54,22 +54,35 @@ from trainer.evaluate import evaluate_model, predict_clips, summarise, tag_metri
 from trainer.models import create_model
 from trainer.train import TrainConfig, masked_bce, train
 
-INSTRUMENTS = ("piano", "bells", "organ", "guitar", "bass", "strings", "brass", "woodwind", "synth")  # fmt: skip
+INSTRUMENTS = ("piano", "bells", "organ", "guitar", "bass", "strings", "brass", "woodwind", "synth")
 
 
 HELDOUT_SOUNDFONT = "timgm6mb"
 SPEECH, INSTRUMENTAL = "speech", "instrumental"
 
 
-def rendered_set(root: Path, clips: int, seed: int, sources: rendered.Sources,
-                 splits: tuple[str, ...] | None = None) -> Path:  # fmt: skip
+def rendered_set(
+    root: Path,
+    clips: int,
+    seed: int,
+    sources: rendered.Sources,
+    splits: tuple[str, ...] | None = None,
+) -> Path:
     manifest = root / "manifest.csv"
     if manifest.is_file():
         print(f"reusing {manifest}")
         return manifest
     print(f"rendering {root.name}: {sources.describe()}", flush=True)
-    return rendered.write_rendered(root, clips, seed, layout="manifest", jobs=os.cpu_count() or 1,
-                                   progress=True, sources=sources, splits=splits)  # fmt: skip
+    return rendered.write_rendered(
+        root,
+        clips,
+        seed,
+        layout="manifest",
+        jobs=os.cpu_count() or 1,
+        progress=True,
+        sources=sources,
+        splits=splits,
+    )
 
 
 def recordings_set(root: Path) -> Path:
@@ -80,7 +93,9 @@ def recordings_set(root: Path) -> Path:
         return manifest
     packages = [name for name, p in recordings.PACKAGES.items() if p.role == "heldout"]
     print(f"real recordings, held out: {', '.join(packages)}", flush=True)
-    return recordings.write_recordings_set(root, packages, max_clips_per_package=MAX_CLIPS_PER_PACKAGE, progress=True)  # fmt: skip
+    return recordings.write_recordings_set(
+        root, packages, max_clips_per_package=MAX_CLIPS_PER_PACKAGE, progress=True
+    )
 
 
 MAX_CLIPS_PER_PACKAGE = 40  # so that no one package's sound decides the figure
@@ -96,7 +111,9 @@ def prepared(manifest: Path, sample_rate: int, split: str | None = None) -> Prep
     return PreparedData(out)
 
 
-def held_out(checkpoint: Path, clean: PreparedData, soundfont: PreparedData, real: PreparedData) -> dict:  # fmt: skip
+def held_out(
+    checkpoint: Path, clean: PreparedData, soundfont: PreparedData, real: PreparedData
+) -> dict:
     """The checkpoint on the clean FluidR3 set's test clips (the set as rendered before),
     the held-out soundfont's test pieces and held-out recordings, at its card's thresholds
     (chosen on its own validation split)."""
@@ -104,9 +121,13 @@ def held_out(checkpoint: Path, clean: PreparedData, soundfont: PreparedData, rea
     model, tags = model_from_checkpoint(stored), stored["tags"]
     thresholds = dict(zip(tags, stored["card"]["thresholds"], strict=True))
     test = clean.indices("test")
-    clean_auc = summarise(tag_metrics(clean.label_matrix(test, tags), predict_clips(model, clean, test), tags))  # fmt: skip
+    clean_auc = summarise(
+        tag_metrics(clean.label_matrix(test, tags), predict_clips(model, clean, test), tags)
+    )
     test = soundfont.indices("test")
-    per_tag = tag_metrics(soundfont.label_matrix(test, tags), predict_clips(model, soundfont, test), tags)  # fmt: skip
+    per_tag = tag_metrics(
+        soundfont.label_matrix(test, tags), predict_clips(model, soundfont, test), tags
+    )
     instruments = [r.roc_auc for r in per_tag if r.tag in INSTRUMENTS and not np.isnan(r.roc_auc)]
     clips = real.indices("test")
     scores = predict_clips(model, real, clips)
@@ -124,8 +145,14 @@ def held_out(checkpoint: Path, clean: PreparedData, soundfont: PreparedData, rea
     }
 
 
-def row(name: str, summary: dict, per_tag, seconds: float, examples_per_s: float | None,
-        examples: int | None = None) -> dict:  # fmt: skip
+def row(
+    name: str,
+    summary: dict,
+    per_tag,
+    seconds: float,
+    examples_per_s: float | None,
+    examples: int | None = None,
+) -> dict:
     instruments = [r.roc_auc for r in per_tag if r.tag in INSTRUMENTS and not np.isnan(r.roc_auc)]
     return {
         "model": name,
@@ -138,20 +165,34 @@ def row(name: str, summary: dict, per_tag, seconds: float, examples_per_s: float
     }
 
 
-def default_recipe(model_name: str, width: float, data: PreparedData, out: Path, epochs: int) -> dict:  # fmt: skip
+def default_recipe(
+    model_name: str, width: float, data: PreparedData, out: Path, epochs: int
+) -> dict:
     started = time.monotonic()
     result = train(
         TrainConfig(
-            data=str(data.root), out=str(out / model_name), model=model_name,
-            hparams={"width": width}, epochs=epochs, progress=False, tensorboard=False,
+            data=str(data.root),
+            out=str(out / model_name),
+            model=model_name,
+            hparams={"width": width},
+            epochs=epochs,
+            progress=False,
+            tensorboard=False,
         )
-    )  # fmt: skip
+    )
     seconds = time.monotonic() - started
     model = model_from_checkpoint(load_checkpoint(result.best_path))
     evaluation = evaluate_model(model, data)
     speed = float(np.mean([h["examples_per_second"] for h in result.history]))
     examples = result.examples_per_epoch * result.epochs_run
-    result_row = row(f"{model_name} (default recipe)", evaluation.summary, evaluation.per_tag, seconds, speed, examples)  # fmt: skip
+    result_row = row(
+        f"{model_name} (default recipe)",
+        evaluation.summary,
+        evaluation.per_tag,
+        seconds,
+        speed,
+        examples,
+    )
     return result_row | {"checkpoint": result.best_path}
 
 
@@ -171,7 +212,14 @@ def reference(width: float, data: PreparedData, epochs: int, seed: int = 0) -> d
         order = rng.permutation(len(train_idx))
         for first in range(0, len(order) - 15, 16):
             batch = order[first : first + 16]
-            waves = torch.from_numpy(np.stack([crop(data.audio(train_idx[k]), int(starts[k]), model.window_samples) for k in batch]))  # fmt: skip
+            waves = torch.from_numpy(
+                np.stack(
+                    [
+                        crop(data.audio(train_idx[k]), int(starts[k]), model.window_samples)
+                        for k in batch
+                    ]
+                )
+            )
             targets = torch.from_numpy(np.stack([data.labels(train_idx[k]) for k in batch]))
             loss = loss_fn(model.forward_logits(waves), targets)
             optimizer.zero_grad()
@@ -182,7 +230,9 @@ def reference(width: float, data: PreparedData, epochs: int, seed: int = 0) -> d
     test_idx = data.indices("test")
     scores = predict_clips(model, data, test_idx)
     per_tag = tag_metrics(data.label_matrix(test_idx), scores, data.tags)
-    return row("reference: minimal loop, fcn5", summarise(per_tag), per_tag, seconds, seen / seconds, seen)  # fmt: skip
+    return row(
+        "reference: minimal loop, fcn5", summarise(per_tag), per_tag, seconds, seen / seconds, seen
+    )
 
 
 def logistic_reference(data: PreparedData) -> dict:
@@ -199,7 +249,9 @@ def logistic_reference(data: PreparedData) -> dict:
         rows = []
         with torch.no_grad():
             for i in indices:
-                mel = frontend(torch.from_numpy(crop(data.audio(i), 0, data.clips[i].length))[None])[0]  # fmt: skip
+                mel = frontend(
+                    torch.from_numpy(crop(data.audio(i), 0, data.clips[i].length))[None]
+                )[0]
                 rows.append(torch.cat([mel.mean(dim=1), mel.std(dim=1)]).numpy())
         return np.stack(rows)
 
@@ -214,12 +266,20 @@ def logistic_reference(data: PreparedData) -> dict:
             fit = LogisticRegression(C=0.1, max_iter=2000).fit(x_train[known], y_train[known, t])
             scores[:, t] = fit.predict_proba(x_test)[:, 1]
     per_tag = tag_metrics(data.label_matrix(test_idx), scores, data.tags)
-    return row("reference: log-mel stats + logistic", summarise(per_tag), per_tag, time.monotonic() - started, None)  # fmt: skip
+    return row(
+        "reference: log-mel stats + logistic",
+        summarise(per_tag),
+        per_tag,
+        time.monotonic() - started,
+        None,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("bench-quality"), help="datasets and runs")  # fmt: skip
+    parser.add_argument(
+        "--data", type=Path, default=Path("bench-quality"), help="datasets and runs"
+    )
     parser.add_argument("--clips", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=25)
@@ -230,35 +290,55 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    print(f"load average at start: {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"load average at start: {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}"
+    )
     trained = rendered.make_sources(
-        ",".join(f for f in rendered.installed_soundfonts() if f != HELDOUT_SOUNDFONT), "train", chain=True, progress=True,
-    )  # fmt: skip
+        ",".join(f for f in rendered.installed_soundfonts() if f != HELDOUT_SOUNDFONT),
+        "train",
+        chain=True,
+        progress=True,
+    )
     broadcast = rendered_set(args.data / "broadcast", args.clips, args.seed, trained)
     other_font = dataclasses.replace(trained, soundfonts=(HELDOUT_SOUNDFONT,))
-    soundfont_manifest = rendered_set(args.data / f"soundfont-{HELDOUT_SOUNDFONT}", args.clips, args.seed, other_font, splits=("test",))  # fmt: skip
+    soundfont_manifest = rendered_set(
+        args.data / f"soundfont-{HELDOUT_SOUNDFONT}",
+        args.clips,
+        args.seed,
+        other_font,
+        splits=("test",),
+    )
     real_manifest = recordings_set(args.data / "recordings-heldout")
-    clean_manifest = rendered_set(args.data / "fluidr3-only", args.clips, args.seed, rendered.Sources())  # fmt: skip
+    clean_manifest = rendered_set(
+        args.data / "fluidr3-only", args.clips, args.seed, rendered.Sources()
+    )
 
     by_rate: dict[int, tuple[PreparedData, ...]] = {}
 
     def sets_at(rate: int) -> tuple[PreparedData, ...]:
         """The training set and the three others a model is scored on, at ``rate``."""
         if rate not in by_rate:
-            by_rate[rate] = (prepared(broadcast, rate), prepared(clean_manifest, rate),
-                             prepared(soundfont_manifest, rate), prepared(real_manifest, rate, split="test"))  # fmt: skip
+            by_rate[rate] = (
+                prepared(broadcast, rate),
+                prepared(clean_manifest, rate),
+                prepared(soundfont_manifest, rate),
+                prepared(real_manifest, rate, split="test"),
+            )
         return by_rate[rate]
 
     results = []
     for name in args.models:
         data, *others = sets_at(create_model(name).sample_rate)
-        print(f"training {name} width {args.width}, {args.epochs} epochs, default recipe ...", flush=True)  # fmt: skip
+        print(
+            f"training {name} width {args.width}, {args.epochs} epochs, default recipe ...",
+            flush=True,
+        )
         result = default_recipe(name, args.width, data, args.data / "runs", args.epochs)
         results.append(result | held_out(result["checkpoint"], *others))
     data, clean, *others = sets_at(12_000)
     if not args.no_baseline:
         print("training the baseline: fcn5 on the set as rendered before ...", flush=True)
-        result = default_recipe("fcn5", args.width, clean, args.data / "runs-baseline", args.epochs)  # fmt: skip
+        result = default_recipe("fcn5", args.width, clean, args.data / "runs-baseline", args.epochs)
         result["model"] = (
             "baseline: fcn5 (default recipe) trained on FluidR3 only, no chain, no recordings"
         )
@@ -271,28 +351,38 @@ def main() -> None:
     clips = {s: len(data.indices(s)) for s in ("train", "valid", "test")}
     partial = sum(1 for clip in data.clips if clip.unknown)
     n_speech, n_music = next((r["real_clips"] for r in results if "real_clips" in r), (0, 0))
-    print(f"\n{args.data}: {sum(clips.values())} rendered clips ({clips['train']} / {clips['valid']} / {clips['test']}; "  # fmt: skip
-          f"{partial} with partial labels), width {args.width}, {args.epochs} epochs; held-out soundfont "
-          f"{HELDOUT_SOUNDFONT} on the {clips['test']} test pieces; {n_speech} speech and {n_music} music clips "
-          f"of held-out packages; load average at end {os.getloadavg()[0]:.2f}\n")  # fmt: skip
+    print(
+        f"\n{args.data}: {sum(clips.values())} rendered clips ({clips['train']} / {clips['valid']} / {clips['test']}; "
+        f"{partial} with partial labels), width {args.width}, {args.epochs} epochs; held-out soundfont "
+        f"{HELDOUT_SOUNDFONT} on the {clips['test']} test pieces; {n_speech} speech and {n_music} music clips "
+        f"of held-out packages; load average at end {os.getloadavg()[0]:.2f}\n"
+    )
     print(
         "test ROC-AUC, PR-AUC, instrument tags: the test split of the set the model trained on; "
         "clean FluidR3: the test clips of the set as rendered before (the baseline's own)\n"
     )
-    print("| model | test ROC-AUC | test PR-AUC | instrument tags | clean FluidR3 set: ROC-AUC | held-out soundfont: instrument tags | "
-          "real, held out: speech ROC-AUC | speech on: speech / music | instrumental on: speech | minutes | examples/s | examples seen |")  # fmt: skip
+    print(
+        "| model | test ROC-AUC | test PR-AUC | instrument tags | clean FluidR3 set: ROC-AUC | held-out soundfont: instrument tags | "
+        "real, held out: speech ROC-AUC | speech on: speech / music | instrumental on: speech | minutes | examples/s | examples seen |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         speed = f"{r['examples_per_s']:.1f}" if r["examples_per_s"] else "–"
         seen = f"{r['examples']:,}" if r["examples"] else "–"
         if "speech_auc" in r:
-            far = (f"{r['clean_roc_auc']:.3f} | {r['soundfont_instruments']:.3f} | {r['speech_auc']:.3f} | "
-                   f"{r['speech_on_speech']:.0%} / {r['speech_on_music']:.0%} | {r['instrumental_on_speech']:.0%}")  # fmt: skip
+            far = (
+                f"{r['clean_roc_auc']:.3f} | {r['soundfont_instruments']:.3f} | {r['speech_auc']:.3f} | "
+                f"{r['speech_on_speech']:.0%} / {r['speech_on_music']:.0%} | {r['instrumental_on_speech']:.0%}"
+            )
         else:
             far = "– | – | – | – | –"
-        print(f"| {r['model']} | {r['roc_auc']:.3f} | {r['pr_auc']:.3f} | {r['instruments']:.3f} | {far} | {r['minutes']:.1f} | {speed} | {seen} |")  # fmt: skip
-    print("\ntargets: real speech ROC-AUC >= 0.98; speech on >= 90 % of speech, <= 5 % of music; "
-          "instrumental on <= 10 % of speech; held-out soundfont instruments within 0.05 of in-domain; in-domain fcn5 >= 0.88")  # fmt: skip
+        print(
+            f"| {r['model']} | {r['roc_auc']:.3f} | {r['pr_auc']:.3f} | {r['instruments']:.3f} | {far} | {r['minutes']:.1f} | {speed} | {seen} |"
+        )
+    print(
+        "\ntargets: real speech ROC-AUC >= 0.98; speech on >= 90 % of speech, <= 5 % of music; "
+        "instrumental on <= 10 % of speech; held-out soundfont instruments within 0.05 of in-domain; in-domain fcn5 >= 0.88"
+    )
 
 
 if __name__ == "__main__":

@@ -76,8 +76,13 @@ class Daemon(TagdProcess):
             f"evict_after_s = {evict_s}\n"
             f'[log]\nlevel = "warning"\n'
         )
-        super().__init__(["--config", str(config)], metrics_port, folder / "tagd.log",
-                         env={"TAGD_ORT_THREADS": "1"}, wrapper=("nice", "-n", "10"))  # fmt: skip
+        super().__init__(
+            ["--config", str(config)],
+            metrics_port,
+            folder / "tagd.log",
+            env={"TAGD_ORT_THREADS": "1"},
+            wrapper=("nice", "-n", "10"),
+        )
         self.wait_ready(timeout=120)
 
     def metrics(self) -> dict[str, float]:
@@ -209,10 +214,16 @@ def main() -> None:
         began = time.monotonic()
         end = began + args.minutes * 60
         rows, before = [], None
-        print(f"soak: {args.streams} streams at a {args.hop} s hop, churn, floods, garbage; "
-              f"{args.minutes:g} min", flush=True)  # fmt: skip
-        print(f"{'t_s':>6} {'rss_mb':>7} {'p50_ms':>7} {'p99_ms':>7} {'published':>10} "
-              f"{'dropped':>9} {'streams':>7}", flush=True)  # fmt: skip
+        print(
+            f"soak: {args.streams} streams at a {args.hop} s hop, churn, floods, garbage; "
+            f"{args.minutes:g} min",
+            flush=True,
+        )
+        print(
+            f"{'t_s':>6} {'rss_mb':>7} {'p50_ms':>7} {'p99_ms':>7} {'published':>10} "
+            f"{'dropped':>9} {'streams':>7}",
+            flush=True,
+        )
         next_report = began + args.report_s
         while time.monotonic() < end and daemon.process.poll() is None:
             time.sleep(max(0.0, min(next_report, end) - time.monotonic()))
@@ -228,12 +239,27 @@ def main() -> None:
                 "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
                 "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
                 "published": int(m.get("tagd_windows_published_total", 0)),
-                "dropped": int(sum(v for k, v in m.items() if k.startswith("tagd_windows_dropped_total"))),
+                "dropped": int(
+                    sum(v for k, v in m.items() if k.startswith("tagd_windows_dropped_total"))
+                ),
                 "streams": int(m.get("tagd_streams", 0)),
-            }  # fmt: skip
+            }
             rows.append(row)
-            print(" ".join(f"{row[k]!s:>{w}}" for k, w in (("t_s", 6), ("rss_mb", 7), ("p50_ms", 7),
-                  ("p99_ms", 7), ("published", 10), ("dropped", 9), ("streams", 7))), flush=True)  # fmt: skip
+            print(
+                " ".join(
+                    f"{row[k]!s:>{w}}"
+                    for k, w in (
+                        ("t_s", 6),
+                        ("rss_mb", 7),
+                        ("p50_ms", 7),
+                        ("p99_ms", 7),
+                        ("published", 10),
+                        ("dropped", 9),
+                        ("streams", 7),
+                    )
+                ),
+                flush=True,
+            )
         alive = daemon.process.poll() is None
         after = daemon.rss_mb() if alive else float("nan")
         final = daemon.metrics() if alive else {}
@@ -250,19 +276,39 @@ def main() -> None:
     rss = np.array([row["rss_mb"] for row in settled])
     slope = float(np.polyfit(minutes, rss, 1)[0]) if len(settled) > 1 else 0.0
     summary = {
-        "minutes": args.minutes, "streams": args.streams, "hop_s": args.hop, "alive": alive,
-        "exit_code": code, "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
-        "rss_growth_mb": round(after - before, 1), "rss_range_mb": [float(rss.min()), float(rss.max())],
-        "rss_slope_mb_per_min": round(slope, 2), "sent": load.sent,
-        "counters": {k: v for k, v in final.items() if k.startswith(("tagd_windows", "tagd_malformed",
-                     "tagd_publish_dropped", "tagd_peer", "tagd_engine_errors"))
-                     and "_created" not in k},
+        "minutes": args.minutes,
+        "streams": args.streams,
+        "hop_s": args.hop,
+        "alive": alive,
+        "exit_code": code,
+        "rss_before_mb": round(before, 1),
+        "rss_after_mb": round(after, 1),
+        "rss_growth_mb": round(after - before, 1),
+        "rss_range_mb": [float(rss.min()), float(rss.max())],
+        "rss_slope_mb_per_min": round(slope, 2),
+        "sent": load.sent,
+        "counters": {
+            k: v
+            for k, v in final.items()
+            if k.startswith(
+                (
+                    "tagd_windows",
+                    "tagd_malformed",
+                    "tagd_publish_dropped",
+                    "tagd_peer",
+                    "tagd_engine_errors",
+                )
+            )
+            and "_created" not in k
+        },
         "rows": rows,
-    }  # fmt: skip
-    print(f"\nRSS {summary['rss_before_mb']} MB after {args.warmup_s:g} s → "
-          f"{summary['rss_after_mb']} MB at the end: growth {summary['rss_growth_mb']} MB "
-          f"(target < {GROWTH_TARGET_MB} MB); {rss.min():.0f}-{rss.max():.0f} MB after the warm-up, "
-          f"trend {slope:+.2f} MB/min; exit code {code}")  # fmt: skip
+    }
+    print(
+        f"\nRSS {summary['rss_before_mb']} MB after {args.warmup_s:g} s → "
+        f"{summary['rss_after_mb']} MB at the end: growth {summary['rss_growth_mb']} MB "
+        f"(target < {GROWTH_TARGET_MB} MB); {rss.min():.0f}-{rss.max():.0f} MB after the warm-up, "
+        f"trend {slope:+.2f} MB/min; exit code {code}"
+    )
     print(json.dumps(summary["counters"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))

@@ -134,8 +134,10 @@ def main() -> None:
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         )
     amp = autocast_dtype(args.precision, device)
-    print(f"# {where}; torch {torch.__version__}; batch {args.batch}; best of {args.repeats} x {args.steps} steps; "
-          f"width {args.width}; autocast {amp or 'off'}")  # fmt: skip
+    print(
+        f"# {where}; torch {torch.__version__}; batch {args.batch}; best of {args.repeats} x {args.steps} steps; "
+        f"width {args.width}; autocast {amp or 'off'}"
+    )
     header = f"{'model':<18} {'params':>11} {'window':>7} {'opt':>4} {'forward ex/s':>13} {'train ex/s':>11} {'train/fwd':>9}"
     print(header)
     print("-" * len(header))

@@ -155,8 +155,12 @@ class Bridge:
         except OSError as exc:
             self.reconnect_at = now + RETRY_S
             if self.unreachable is None:
-                log.warning("cannot reach Liquidsoap at %s: %s; retrying every %.0f s",
-                            self.liquidsoap.server, exc, RETRY_S)  # fmt: skip
+                log.warning(
+                    "cannot reach Liquidsoap at %s: %s; retrying every %.0f s",
+                    self.liquidsoap.server,
+                    exc,
+                    RETRY_S,
+                )
             self.unreachable = str(exc)
             return
         log.info("connected to Liquidsoap at %s", self.liquidsoap.server)
@@ -170,8 +174,9 @@ class Bridge:
         self.reconnect_at = now  # at once: a restarted Liquidsoap is usually back
 
     def due(self, stream: str) -> float:
-        return max(self.retry_at.get(stream, 0.0),
-                   self.sent_at.get(stream, 0.0) + MIN_INSERT_INTERVAL_S)  # fmt: skip
+        return max(
+            self.retry_at.get(stream, 0.0), self.sent_at.get(stream, 0.0) + MIN_INSERT_INTERVAL_S
+        )
 
     def pending(self) -> list[str]:
         return [s for s, fields in self.wanted.items() if self.applied.get(s) != fields]
@@ -199,8 +204,13 @@ class Bridge:
                 continue
             error = " ".join(reply) or "(an empty reply)"
             if self.refused.get(stream) != error:
-                log.warning("%s: Liquidsoap refused %s: %s; retrying every %.0f s",
-                            stream, line, error, RETRY_S)  # fmt: skip
+                log.warning(
+                    "%s: Liquidsoap refused %s: %s; retrying every %.0f s",
+                    stream,
+                    line,
+                    error,
+                    RETRY_S,
+                )
             self.refused[stream] = error
             self.retry_at[stream] = now + RETRY_S
 

@@ -55,7 +55,7 @@ def main() -> None:
         context.destroy(linger=0)  # sockets closed now, not by the interpreter's exit
 
 
-def forward(context: zmq.Context, endpoint: str, url: str, wanted: set[str], headers: dict) -> None:  # fmt: skip
+def forward(context: zmq.Context, endpoint: str, url: str, wanted: set[str], headers: dict) -> None:
     """Post every event of the ``wanted`` topics (all when empty) to ``url``, for ever."""
     socket = context.socket(zmq.SUB)
     for prefix in sorted(wanted) or ["events."]:

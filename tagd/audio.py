@@ -160,8 +160,21 @@ def ffmpeg_decode_command(path: str | Path, sample_rate: int, mean_of: int = 0) 
         mono = ["-af", f"pan=mono|c0={mean}"]
     else:
         mono = ["-ac", "1"]
-    return ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vn", *mono,
-            "-ar", str(sample_rate), "-f", "f32le", "-"]  # fmt: skip
+    return [
+        "ffmpeg",
+        "-nostdin",
+        "-v",
+        "error",
+        "-i",
+        str(path),
+        "-vn",
+        *mono,
+        "-ar",
+        str(sample_rate),
+        "-f",
+        "f32le",
+        "-",
+    ]
 
 
 def frame_bytes(pcm_format: str, channels: int) -> int:

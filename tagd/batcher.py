@@ -77,12 +77,21 @@ class BatchResult:
 
 
 class Batcher:
-    def __init__(self, runs: Sequence[EngineRun], window_samples: int,
-                 on_batch: Callable[[BatchResult], None], metrics: Metrics, *, max_batch: int,
-                 max_wait_s: float, max_pending_per_stream: int,
-                 max_queue_age_s: float = 0.0, unhealthy_after: int = 3,
-                 recycle: Callable[[np.ndarray], None] | None = None,
-                 prefer: Callable[[ReadyWindow], bool] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        runs: Sequence[EngineRun],
+        window_samples: int,
+        on_batch: Callable[[BatchResult], None],
+        metrics: Metrics,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        max_pending_per_stream: int,
+        max_queue_age_s: float = 0.0,
+        unhealthy_after: int = 3,
+        recycle: Callable[[np.ndarray], None] | None = None,
+        prefer: Callable[[ReadyWindow], bool] | None = None,
+    ) -> None:
         if not runs:
             raise ValueError("a batcher needs at least one engine instance")
         self._runs = list(runs)  # one per engine instance, each used by its own worker
@@ -254,8 +263,12 @@ class Batcher:
         # of the pending windows, each stream's next one only (they go in order).
         for item in self._order:
             stream = item.window.stream
-            if (not item.done and stream not in self._in_flight
-                    and self._pending[stream][0] is item and self._prefer(item.window)):  # fmt: skip
+            if (
+                not item.done
+                and stream not in self._in_flight
+                and self._pending[stream][0] is item
+                and self._prefer(item.window)
+            ):
                 return self._take(item)
         return self._take(oldest)
 
@@ -288,8 +301,9 @@ class Batcher:
         with self._results_lock:
             self._handle(items, scores, started, finished)
 
-    def _handle(self, items: list[Pending], scores: np.ndarray, started: float,
-                finished: float) -> None:  # fmt: skip
+    def _handle(
+        self, items: list[Pending], scores: np.ndarray, started: float, finished: float
+    ) -> None:
         if self.failures_in_a_row:
             log.info("engine recovered after %d failed batches", self.failures_in_a_row)
             self.failures_in_a_row = 0
@@ -310,11 +324,17 @@ class Batcher:
         kind = type(exc).__qualname__
         if kind not in self._errors_seen:  # in full once per kind; the counter has the rest
             self._errors_seen.add(kind)
-            log.error("engine failed on a batch of %d windows (%s; further failures of this "
-                      "kind are counted in tagd_engine_errors_total, not logged)", len(items),
-                      kind, exc_info=exc)  # fmt: skip
+            log.error(
+                "engine failed on a batch of %d windows (%s; further failures of this "
+                "kind are counted in tagd_engine_errors_total, not logged)",
+                len(items),
+                kind,
+                exc_info=exc,
+            )
         else:
             log.debug("engine failed on a batch of %d windows: %r", len(items), exc)
         if self.failures_in_a_row == self.unhealthy_after:
-            log.error("engine failed %d batches in a row: /healthz says 503 until one succeeds",
-                      self.failures_in_a_row)  # fmt: skip
+            log.error(
+                "engine failed %d batches in a row: /healthz says 503 until one succeeds",
+                self.failures_in_a_row,
+            )

@@ -129,8 +129,9 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
     thresholds = dict(zip(card.tags, card.thresholds, strict=True))
     failed = 0
     show_progress = len(files) > 1 and sys.stderr.isatty()
-    with click.progressbar(files, label="tagging", file=sys.stderr,
-                           hidden=not show_progress) as progress:  # fmt: skip
+    with click.progressbar(
+        files, label="tagging", file=sys.stderr, hidden=not show_progress
+    ) as progress:
         for path in progress:
             try:
                 result = tag_file(engine, path, hop_samples, batch, runner)
@@ -171,8 +172,12 @@ def keys() -> None:
 
 @keys.command("generate")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--name", default="server", show_default=True,
-              help="Key pair name: NAME.key (public) and NAME.key_secret.")  # fmt: skip
+@click.option(
+    "--name",
+    default="server",
+    show_default=True,
+    help="Key pair name: NAME.key (public) and NAME.key_secret.",
+)
 def keys_generate(directory: Path, name: str) -> None:
     """Write a CURVE key pair into DIRECTORY (created if missing).
 

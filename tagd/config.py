@@ -287,8 +287,10 @@ class LimitsConfig:
                 f"{path}.max_spliced_gap_s: must be 0 or positive, got {self.max_spliced_gap_s}"
             )
         if self.unhealthy_after_failed_batches < 1:
-            found.append(f"{path}.unhealthy_after_failed_batches: must be at least 1, "
-                         f"got {self.unhealthy_after_failed_batches}")  # fmt: skip
+            found.append(
+                f"{path}.unhealthy_after_failed_batches: must be at least 1, "
+                f"got {self.unhealthy_after_failed_batches}"
+            )
         return found
 
 
@@ -427,8 +429,10 @@ def _engine_table(data: dict) -> dict:
         return data
     data = dict(data)
     del data["engine"]
-    problems = [f"engine.{key}: unknown key (known: {', '.join(ENGINE_TABLE_KEYS)})"
-                for key in sorted(set(table) - set(ENGINE_TABLE_KEYS))]  # fmt: skip
+    problems = [
+        f"engine.{key}: unknown key (known: {', '.join(ENGINE_TABLE_KEYS)})"
+        for key in sorted(set(table) - set(ENGINE_TABLE_KEYS))
+    ]
     for key, top_level in ENGINE_TABLE_KEYS.items():
         if key not in table:
             continue

@@ -84,8 +84,10 @@ class IncrementalRunner:
             steps = [row for row, step in zip(rows, follows, strict=True) if step]
             primes = [row for row, step in zip(rows, follows, strict=True) if not step]
             if steps:
-                states = [np.stack([self._carried[keys[r].stream].states[i] for r in steps])
-                          for i in range(len(engine.state_shapes))]  # fmt: skip
+                states = [
+                    np.stack([self._carried[keys[r].stream].states[i] for r in steps])
+                    for i in range(len(engine.state_shapes))
+                ]
                 self._take(keys, steps, scores, *engine.step(batch[steps], states))
             if primes:
                 self._take(keys, primes, scores, *engine.prime(batch[primes]))
@@ -98,11 +100,13 @@ class IncrementalRunner:
         """Whether the window follows the stream's last scored one: a step, not a prime.
         The batcher asks it of a stream's next window (none of its windows in flight)."""
         carried = self._carried.get(key.stream)
-        return (carried is not None and carried.epoch == key.epoch
-                and carried.next_start == key.start)  # fmt: skip
+        return (
+            carried is not None and carried.epoch == key.epoch and carried.next_start == key.start
+        )
 
-    def _take(self, keys, rows: list[int], scores: np.ndarray, got: np.ndarray,
-              states: list[np.ndarray]) -> None:  # fmt: skip
+    def _take(
+        self, keys, rows: list[int], scores: np.ndarray, got: np.ndarray, states: list[np.ndarray]
+    ) -> None:
         scores[rows] = got
         for index, row in enumerate(rows):
             key = keys[row]
@@ -148,11 +152,14 @@ def reuse_summary(card: ModelCard, hop_samples: int) -> str:
         return f"{card.architecture} has no incremental graphs (only FCNs do)"
     levels = card.reusable_levels(hop_samples)
     if levels == 0:
-        return (f"hop {hop_samples} samples is not a multiple of the {strides[0]}-sample frame "
-                f"hop: no layer can be reused")  # fmt: skip
+        return (
+            f"hop {hop_samples} samples is not a multiple of the {strides[0]}-sample frame "
+            f"hop: no layer can be reused"
+        )
     blocks = levels - 1
-    what = "the log-mel frames" + (f" and conv blocks 1–{blocks}" if blocks > 1 else
-                                   " and conv block 1" if blocks == 1 else "")  # fmt: skip
+    what = "the log-mel frames" + (
+        f" and conv blocks 1–{blocks}" if blocks > 1 else " and conv block 1" if blocks == 1 else ""
+    )
     deeper = strides[levels] if levels < len(strides) else None
     more = f"; a multiple of {deeper} samples would reuse more" if deeper else ""
     return f"hop {hop_samples} samples can reuse {what}{more}"
@@ -162,6 +169,8 @@ def missing_graph_hint(card: ModelCard, hop_samples: int) -> str:
     """Why there is no incremental graph for a hop, and what to do."""
     exported = [g["hop_samples"] for g in card.incremental.get("graphs", [])]
     have = ", ".join(str(h) for h in exported) or "none"
-    return (f"{reuse_summary(card, hop_samples)}, but the model has incremental graphs for "
-            f"hops {have} only (samples); export with `tagd-train export --incremental-hop "
-            f"{hop_samples / card.sample_rate:g}` for this one")  # fmt: skip
+    return (
+        f"{reuse_summary(card, hop_samples)}, but the model has incremental graphs for "
+        f"hops {have} only (samples); export with `tagd-train export --incremental-hop "
+        f"{hop_samples / card.sample_rate:g}` for this one"
+    )

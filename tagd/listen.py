@@ -57,11 +57,21 @@ def _clock(unix: float) -> str:
     type=click.Path(exists=True, dir_okay=False),
     help="CURVE: tagd's public key file (NAME.key), when tagd has [security].",
 )
-@click.option("--key", type=click.Path(exists=True, dir_okay=False),
-              help="CURVE: this listener's NAME.key_secret; its NAME.key must be allowed.")  # fmt: skip
-def listen(endpoint: str, streams: tuple[str, ...], events_only: bool, as_json: bool,
-           count: int | None, timeout: float | None, server_key: str | None,
-           key: str | None) -> None:  # fmt: skip
+@click.option(
+    "--key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CURVE: this listener's NAME.key_secret; its NAME.key must be allowed.",
+)
+def listen(
+    endpoint: str,
+    streams: tuple[str, ...],
+    events_only: bool,
+    as_json: bool,
+    count: int | None,
+    timeout: float | None,
+    server_key: str | None,
+    key: str | None,
+) -> None:
     """Print the tags and events published on ENDPOINT [tcp://127.0.0.1:5560]."""
     kinds = [EVENTS_TOPIC] if events_only else [TAGS_TOPIC, EVENTS_TOPIC]
     wanted = {f"{kind}.{name}" for kind in kinds for name in streams}

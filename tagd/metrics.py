@@ -34,8 +34,22 @@ log = logging.getLogger(__name__)
 
 # 1 ms to 30 s: a batch of CPU inference is tens of ms, a full queue is seconds.
 LATENCY_BUCKETS = (
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
-)  # fmt: skip
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # Why a window never reached the engine or the topic.
@@ -60,10 +74,20 @@ MALFORMED_STREAM_TAKEN = "stream_taken"  # stream id already fed by another inpu
 MALFORMED_TOO_MANY_STREAMS = "too_many_streams"  # limits.max_streams reached
 MALFORMED_UNHANDLED = "unhandled"  # raised an unexpected error in tagd: a bug, see the log
 MALFORMED_REASONS = (
-    MALFORMED_TOO_LARGE, MALFORMED_FRAMES, MALFORMED_STREAM_ID, MALFORMED_HEADER,
-    MALFORMED_FORMAT, MALFORMED_RATE, MALFORMED_CHANNELS, MALFORMED_PCM, MALFORMED_OUT_OF_ORDER,
-    MALFORMED_NOT_ALLOWED, MALFORMED_STREAM_TAKEN, MALFORMED_TOO_MANY_STREAMS, MALFORMED_UNHANDLED,
-)  # fmt: skip
+    MALFORMED_TOO_LARGE,
+    MALFORMED_FRAMES,
+    MALFORMED_STREAM_ID,
+    MALFORMED_HEADER,
+    MALFORMED_FORMAT,
+    MALFORMED_RATE,
+    MALFORMED_CHANNELS,
+    MALFORMED_PCM,
+    MALFORMED_OUT_OF_ORDER,
+    MALFORMED_NOT_ALLOWED,
+    MALFORMED_STREAM_TAKEN,
+    MALFORMED_TOO_MANY_STREAMS,
+    MALFORMED_UNHANDLED,
+)
 
 # Samples repaired on the way in (tagd_samples_cleaned_total{kind}).
 CLEANED_NONFINITE = "nonfinite"  # NaN → 0, ±Inf → ±1
@@ -258,9 +282,20 @@ class Metrics:
             registry=r,
         )
 
-    def describe_engine(self, *, model: str, architecture: str, backend: str, card_version: int,
-                        sample_rate: int, window_samples: int, hop_samples: int, n_tags: int,
-                        inference: str = "full_windows", state_bytes: int = 0) -> None:  # fmt: skip
+    def describe_engine(
+        self,
+        *,
+        model: str,
+        architecture: str,
+        backend: str,
+        card_version: int,
+        sample_rate: int,
+        window_samples: int,
+        hop_samples: int,
+        n_tags: int,
+        inference: str = "full_windows",
+        state_bytes: int = 0,
+    ) -> None:
         self.engine_info.info(
             {
                 "inference": inference,
@@ -317,8 +352,9 @@ class LastPredictions(Collector):
         self._tags: Sequence[str] = ()
         self._last: dict[str, tuple[np.ndarray, frozenset[str]]] = {}
 
-    def update(self, stream: str, tags: Sequence[str], scores: np.ndarray,
-               active: Sequence[str]) -> None:  # fmt: skip
+    def update(
+        self, stream: str, tags: Sequence[str], scores: np.ndarray, active: Sequence[str]
+    ) -> None:
         """``scores`` (one per tag) must not change afterwards: it is read at scrape time."""
         self._tags = tags  # the card's: the same list every time
         self._last[stream] = (scores, frozenset(active))
@@ -349,8 +385,14 @@ class LastPredictions(Collector):
 class MetricsServer:
     """/metrics and /healthz from one small http.server thread."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int, is_ready: Callable[[], bool],
-                 why_not: Callable[[], str] = lambda: "starting") -> None:  # fmt: skip
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        is_ready: Callable[[], bool],
+        why_not: Callable[[], str] = lambda: "starting",
+    ) -> None:
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):

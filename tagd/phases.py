@@ -51,8 +51,9 @@ def place_live_streams(streams: Iterable[Placeable], hop_s: float, sample_rate: 
         stream.delay_next_window(round(delay_s * sample_rate))
         stream.phase, stream.placed = target, True
         phases.append(target)
-        log.debug("stream %s placed at %.3f s of the hop (delayed %.3f s)",
-                  stream.name, target, delay_s)  # fmt: skip
+        log.debug(
+            "stream %s placed at %.3f s of the hop (delayed %.3f s)", stream.name, target, delay_s
+        )
 
 
 def largest_gap_middle(phases: list[float], period: float) -> float:

@@ -45,9 +45,18 @@ def topic(kind: str, stream: str) -> str:
     return f"{kind}.{stream}"
 
 
-def tags_message(prediction: Prediction, card: ModelCard, *, captured_at: float,
-                 published_at: float, ingest_ms: float, queue_ms: float, inference_ms: float,
-                 total_ms: float, batch_size: int) -> dict[str, Any]:  # fmt: skip
+def tags_message(
+    prediction: Prediction,
+    card: ModelCard,
+    *,
+    captured_at: float,
+    published_at: float,
+    ingest_ms: float,
+    queue_ms: float,
+    inference_ms: float,
+    total_ms: float,
+    batch_size: int,
+) -> dict[str, Any]:
     rate = card.sample_rate
     return {
         "schema": SCHEMA_VERSION,
@@ -102,9 +111,16 @@ def event_messages(
 
 
 class Publisher:
-    def __init__(self, context: zmq.Context, address: str, metrics: Metrics, *,
-                 sndhwm: int = 1000, linger_ms: int = 200,
-                 curve: CurveServer | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        context: zmq.Context,
+        address: str,
+        metrics: Metrics,
+        *,
+        sndhwm: int = 1000,
+        linger_ms: int = 200,
+        curve: CurveServer | None = None,
+    ) -> None:
         self._metrics = metrics
         self._socket = context.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)

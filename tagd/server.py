@@ -236,8 +236,10 @@ class Server:
         """The incremental graphs for the hop, unless turned off or not exported for it."""
         hop, card = self._hop_samples(), self.engine.card
         if not self.config.incremental:
-            log.info("incremental inference off (incremental = false / --full-windows): "
-                     "every window is computed in full")  # fmt: skip
+            log.info(
+                "incremental inference off (incremental = false / --full-windows): "
+                "every window is computed in full"
+            )
             return
         graphs = [engine.incremental(hop) for engine in self.engines]
         if graphs[0] is None:
@@ -251,9 +253,11 @@ class Server:
         if runner is None:
             return "full windows"
         engine = runner.engine
-        return (f"incremental inference ({engine.reused_levels} levels reused, "
-                f"{engine.step_macs / engine.full_macs:.0%} of a window's MACs, "
-                f"{engine.state_bytes / 1e6:.2f} MB of state a stream)")  # fmt: skip
+        return (
+            f"incremental inference ({engine.reused_levels} levels reused, "
+            f"{engine.step_macs / engine.full_macs:.0%} of a window's MACs, "
+            f"{engine.state_bytes / 1e6:.2f} MB of state a stream)"
+        )
 
     def _count_updates(self, mode: str, count: int) -> None:
         if count:
@@ -331,8 +335,12 @@ class Server:
             if section != backend.options_section:
                 changed = getattr(self.config, section)
                 if changed != type(changed)():
-                    log.warning("[%s] applies to %s models only; %s ignores it", section,
-                                " and ".join(suffixes), Path(self.config.engine).name)  # fmt: skip
+                    log.warning(
+                        "[%s] applies to %s models only; %s ignores it",
+                        section,
+                        " and ".join(suffixes),
+                        Path(self.config.engine).name,
+                    )
         if backend.options_section is None:
             return {}
         return getattr(self.config, backend.options_section).engine_options(instances)
@@ -457,8 +465,9 @@ def check_startup(config: ServeConfig) -> ModelCard:
         raise StartupError(f"cannot load the engine {path}: model file not found: {path}")
     if path.suffix not in BACKENDS:
         known = ", ".join(sorted(BACKENDS))
-        raise StartupError(f"cannot load the engine {path}: unknown model type "
-                           f"{path.suffix!r}; known: {known}")  # fmt: skip
+        raise StartupError(
+            f"cannot load the engine {path}: unknown model type {path.suffix!r}; known: {known}"
+        )
     try:
         with path.open("rb") as model:
             model.read(1)
@@ -479,10 +488,14 @@ def input_warnings(config: ServeConfig, card: ModelCard) -> list[str]:
     warnings = []
     hop_s = config.hop_seconds or card.hop_seconds
     if hop_s > card.window_seconds:
-        warnings.append(f"the hop ({hop_s:.2f} s) is longer than the model's window "
-                        f"({card.window_seconds:.2f} s): audio between windows is never tagged")  # fmt: skip
+        warnings.append(
+            f"the hop ({hop_s:.2f} s) is longer than the model's window "
+            f"({card.window_seconds:.2f} s): audio between windows is never tagged"
+        )
     for index, spec in enumerate(config.inputs):
         if spec.rate is not None and spec.rate < card.sample_rate:
-            warnings.append(f"inputs[{index}]: {spec.rate} Hz is below the model's "
-                            f"{card.sample_rate} Hz: it hears band-limited audio")  # fmt: skip
+            warnings.append(
+                f"inputs[{index}]: {spec.rate} Hz is below the model's "
+                f"{card.sample_rate} Hz: it hears band-limited audio"
+            )
     return warnings

@@ -86,8 +86,10 @@ class CurveServer:
         """Start the ZAP handler of ``context`` admitting the allowed clients' keys."""
         clients = sorted(self.allowed_clients.glob("*.key"))
         if not clients:
-            log.warning("no public keys (*.key) in %s: every CURVE peer will be refused",
-                        self.allowed_clients)  # fmt: skip
+            log.warning(
+                "no public keys (*.key) in %s: every CURVE peer will be refused",
+                self.allowed_clients,
+            )
         authenticator = ThreadAuthenticator(context, log=logging.getLogger("tagd.auth"))
         authenticator.start()
         authenticator.configure_curve(domain="*", location=str(self.allowed_clients))
@@ -161,8 +163,13 @@ class PeerMonitor:
             elif kind in HANDSHAKE_REASONS:
                 reason = HANDSHAKE_REASONS[kind]
                 self._metrics.handshake_failures.labels(self.label, reason).inc()
-                _limited.warning((self.label, reason), "%s: refused a peer at %s (%s)",
-                                 self.label, endpoint, reason)  # fmt: skip
+                _limited.warning(
+                    (self.label, reason),
+                    "%s: refused a peer at %s (%s)",
+                    self.label,
+                    endpoint,
+                    reason,
+                )
 
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):

@@ -121,9 +121,16 @@ class StreamRefused(Exception):
 
 
 class Stream:
-    def __init__(self, name: str, geometry: StreamGeometry, sink: WindowSink, metrics: Metrics,
-                 idle_after_s: float = float("inf"), max_spliced_gap_s: float = float("inf"),
-                 pool: WindowPool | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        geometry: StreamGeometry,
+        sink: WindowSink,
+        metrics: Metrics,
+        idle_after_s: float = float("inf"),
+        max_spliced_gap_s: float = float("inf"),
+        pool: WindowPool | None = None,
+    ) -> None:
         self.name = name
         self.idle_after_s = idle_after_s
         self.max_spliced_gap_s = max_spliced_gap_s
@@ -164,8 +171,15 @@ class Stream:
         self._ingest_lock = threading.Lock()
 
     # -- feeding -------------------------------------------------------------------
-    def push_pcm(self, payload: bytes, pcm_format: str, rate: int, channels: int,
-                 arrival: Arrival, seq: int | None = None) -> int:  # fmt: skip
+    def push_pcm(
+        self,
+        payload: bytes,
+        pcm_format: str,
+        rate: int,
+        channels: int,
+        arrival: Arrival,
+        seq: int | None = None,
+    ) -> int:
         """Feed interleaved PCM bytes; returns how many windows it completed.
 
         Raises ``StreamRefused`` (out_of_order) for a message whose ``seq`` is not after
@@ -196,8 +210,13 @@ class Stream:
             self._windower.release()
             return True
 
-    def _prepare(self, shape: tuple[str | None, int, int], arrival: Arrival, seq: int | None,
-                 message_s: float) -> None:  # fmt: skip
+    def _prepare(
+        self,
+        shape: tuple[str | None, int, int],
+        arrival: Arrival,
+        seq: int | None,
+        message_s: float,
+    ) -> None:
         resumed = (
             self.silent_for(arrival.mono) >= self.idle_after_s and self.last_arrival is not None
         )
@@ -243,8 +262,13 @@ class Stream:
             self._gaps.inc()
             lost_s = (seq - last - 1) * message_s
             if lost_s > self.max_spliced_gap_s:
-                log.info("stream %s: seq %d after %d lost about %.1f s; restarting its window",
-                         self.name, seq, last, lost_s)  # fmt: skip
+                log.info(
+                    "stream %s: seq %d after %d lost about %.1f s; restarting its window",
+                    self.name,
+                    seq,
+                    last,
+                    lost_s,
+                )
                 return True
             return False
         if seq == 0 or last - seq >= REORDER_WINDOW:
@@ -381,8 +405,9 @@ class DeclarationCheck:
             return
         share = self._cleaned / self._samples if self._samples else 0.0
         self._cleaned = self._samples = 0
-        rate_sign = next((r for r in SUSPECT_RATES
-                          if abs(ratio / r - 1) <= SUSPECT_RATE_TOLERANCE), None)  # fmt: skip
+        rate_sign = next(
+            (r for r in SUSPECT_RATES if abs(ratio / r - 1) <= SUSPECT_RATE_TOLERANCE), None
+        )
         dirty = share >= MASS_CLEANING_SHARE
         if rate_sign is None and not dirty:
             self._suspect_s = 0.0
@@ -402,9 +427,16 @@ class DeclarationCheck:
             signs.append(f"audio arrives at {ratio:.2f}x real time")
         if dirty:
             signs.append(f"{share:.0%} of its samples are NaN or beyond ±1")
-        log.warning("stream %s: %s for %.0f s: declared %s, %d Hz, %d channel(s); %s",
-                    self.stream, " and ".join(signs), self._suspect_s, pcm_format, rate,
-                    channels, likely_cause(pcm_format, rate_sign, dirty))  # fmt: skip
+        log.warning(
+            "stream %s: %s for %.0f s: declared %s, %d Hz, %d channel(s); %s",
+            self.stream,
+            " and ".join(signs),
+            self._suspect_s,
+            pcm_format,
+            rate,
+            channels,
+            likely_cause(pcm_format, rate_sign, dirty),
+        )
 
 
 def likely_cause(pcm_format: str, rate_sign: float | None, dirty: bool) -> str:
@@ -428,12 +460,21 @@ class _Entry:
 
 
 class StreamHub:
-    def __init__(self, geometry: StreamGeometry, sink: WindowSink, metrics: Metrics, *,
-                 max_streams: int, idle_after_s: float, evict_after_s: float,
-                 spread_phases: bool = False, max_spliced_gap_s: float = float("inf"),
-                 on_evict: Callable[[str], None] | None = None,
-                 on_idle: Callable[[str], None] | None = None,
-                 pool: WindowPool | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        geometry: StreamGeometry,
+        sink: WindowSink,
+        metrics: Metrics,
+        *,
+        max_streams: int,
+        idle_after_s: float,
+        evict_after_s: float,
+        spread_phases: bool = False,
+        max_spliced_gap_s: float = float("inf"),
+        on_evict: Callable[[str], None] | None = None,
+        on_idle: Callable[[str], None] | None = None,
+        pool: WindowPool | None = None,
+    ) -> None:
         self.geometry = geometry
         self._pool = pool  # where every stream's windows come from (windowing.WindowPool)
         self.spread_phases = spread_phases
@@ -474,8 +515,15 @@ class StreamHub:
                     )
                 del self._entries[displaced]
                 self._metrics.forget_stream(displaced)  # under the lock: before a reopen
-            stream = Stream(name, self.geometry, self._sink, self._metrics, self.idle_after_s,
-                            self.max_spliced_gap_s, self._pool)  # fmt: skip
+            stream = Stream(
+                name,
+                self.geometry,
+                self._sink,
+                self._metrics,
+                self.idle_after_s,
+                self.max_spliced_gap_s,
+                self._pool,
+            )
             self._entries[name] = _Entry(stream, owner, pinned)
             self._metrics.known_streams.set(len(self._entries))
         log.info("stream %s opened by %s", name, owner)
@@ -485,8 +533,11 @@ class StreamHub:
 
     def _longest_idle(self) -> str | None:
         """The dynamic stream silent the longest among those sweep() marked idle (lock held)."""
-        idle = [(e.stream.last_arrival, n) for n, e in self._entries.items()
-                if e.stream.idle and e.stream.last_arrival is not None and not e.pinned]  # fmt: skip
+        idle = [
+            (e.stream.last_arrival, n)
+            for n, e in self._entries.items()
+            if e.stream.idle and e.stream.last_arrival is not None and not e.pinned
+        ]
         return min(idle)[1] if idle else None
 
     def _forget(self, name: str, why: str) -> None:

@@ -24,8 +24,23 @@ from tagd.windowing import ClipTooShortError, clip_windows
 DEFAULT_BATCH = 1
 FILE_STREAM = "file"  # the stream name a file's windows carry through an IncrementalRunner
 AUDIO_SUFFIXES = frozenset(
-    (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif", ".wma", ".mp2", ".webm", ".mka")
-)  # fmt: skip
+    (
+        ".wav",
+        ".flac",
+        ".mp3",
+        ".ogg",
+        ".oga",
+        ".opus",
+        ".m4a",
+        ".aac",
+        ".aiff",
+        ".aif",
+        ".wma",
+        ".mp2",
+        ".webm",
+        ".mka",
+    )
+)
 
 
 class TooShortError(AudioError):
@@ -110,8 +125,9 @@ def tag_file(
     return FileTags(path, duration, count, (total / count).astype(np.float32))
 
 
-def _tag_incrementally(runner: IncrementalRunner, path: Path, samples: np.ndarray,
-                       card: ModelCard, hop_samples: int) -> FileTags:  # fmt: skip
+def _tag_incrementally(
+    runner: IncrementalRunner, path: Path, samples: np.ndarray, card: ModelCard, hop_samples: int
+) -> FileTags:
     if runner.hop_samples != hop_samples:
         raise ValueError(f"a runner for hop {runner.hop_samples} asked to tag at {hop_samples}")
     total = np.zeros(card.n_tags, dtype=np.float64)

@@ -130,8 +130,13 @@ class Tagger:
 
     def _fresh_state(self, epoch: int) -> _StreamState:
         n = len(self.tags)
-        return _StreamState(epoch, deque(), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool),
-                            np.zeros(n, dtype=np.float64))  # fmt: skip
+        return _StreamState(
+            epoch,
+            deque(),
+            np.zeros(n, dtype=np.int64),
+            np.zeros(n, dtype=bool),
+            np.zeros(n, dtype=np.float64),
+        )
 
     def _hysteresis(self, state: _StreamState, scores: np.ndarray) -> list[TagEvent]:
         over = scores >= self.thresholds

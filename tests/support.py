@@ -53,8 +53,14 @@ DAEMON_HOP_S = "0.5"  # the hop of daemons started as processes (deploy, feeds)
 
 def fcn4_card(tags: list[str]) -> ModelCard:
     """The card of a full-size FCN-4 with these tags, for clients that never load a model."""
-    return ModelCard(name="fcn4-mtt", architecture="fcn4", sample_rate=12000,
-                     window_samples=349_440, hop_samples=12000, tags=list(tags))  # fmt: skip
+    return ModelCard(
+        name="fcn4-mtt",
+        architecture="fcn4",
+        sample_rate=12000,
+        window_samples=349_440,
+        hop_samples=12000,
+        tags=list(tags),
+    )
 
 
 def free_port() -> int:
@@ -101,8 +107,9 @@ def terminate(process: subprocess.Popen, timeout: float = 10.0) -> int | None:
     return process.returncode
 
 
-def wait_for(condition: Callable[[], Any], what: str = "", timeout: float = 20.0,
-             interval: float = 0.02) -> Any:  # fmt: skip
+def wait_for(
+    condition: Callable[[], Any], what: str = "", timeout: float = 20.0, interval: float = 0.02
+) -> Any:
     """Poll ``condition()`` until it returns something true, and return that; fail with
     ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -128,9 +135,16 @@ class TagdProcess:
     given, else the "ready" log line, which also gives ``publish_address``.
     """
 
-    def __init__(self, args: list[str], metrics_port: int | None = None,
-                 log_path: Path | None = None, *, command: tuple[str, ...] = TAGD_MODULE,
-                 env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        args: list[str],
+        metrics_port: int | None = None,
+        log_path: Path | None = None,
+        *,
+        command: tuple[str, ...] = TAGD_MODULE,
+        env: dict[str, str] | None = None,
+        wrapper: tuple[str, ...] = (),
+    ) -> None:
         self.metrics_url = f"http://127.0.0.1:{metrics_port}" if metrics_port else None
         self.log_path = log_path
         self.lines: list[str] = []
@@ -199,8 +213,12 @@ class TagdProcess:
 
     def wait_for_metric(self, name: str, above: float, timeout: float = 15.0, **labels) -> float:
         try:
-            return wait_for(lambda: (v := self.metric(name, **labels)) > above and v,
-                            f"{name}{labels} > {above}", timeout, interval=0.1)  # fmt: skip
+            return wait_for(
+                lambda: (v := self.metric(name, **labels)) > above and v,
+                f"{name}{labels} > {above}",
+                timeout,
+                interval=0.1,
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.log()}") from None
 
@@ -245,8 +263,11 @@ def metric_sample(text: str, name: str, **labels: str) -> float:
 
 def metric_sum(text: str, name: str) -> float:
     """The sum of a sample over all its label values in a /metrics text."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))  # fmt: skip
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
 
 
 # -- tagd serve in this process ----------------------------------------------------------------
@@ -471,22 +492,48 @@ class Icecast:
         self.folder = folder = Path(tempfile.mkdtemp(prefix="tagd-icecast-"))
         folder.chmod(0o777)  # its logs and pid, written by the unprivileged user
         self.port = free_port()
-        (folder / "icecast.xml").write_text(ICECAST_CONFIG.format(
-            password=self.password, port=self.port, folder=folder,
-            changeowner=ICECAST_CHANGEOWNER if os.geteuid() == 0 else ""))  # fmt: skip
+        (folder / "icecast.xml").write_text(
+            ICECAST_CONFIG.format(
+                password=self.password,
+                port=self.port,
+                folder=folder,
+                changeowner=ICECAST_CHANGEOWNER if os.geteuid() == 0 else "",
+            )
+        )
         self.url = f"http://127.0.0.1:{self.port}/live.mp3"
-        self.server = subprocess.Popen([binary, "-c", str(folder / "icecast.xml")],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+        self.server = subprocess.Popen(
+            [binary, "-c", str(folder / "icecast.xml")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         self.sources: list[subprocess.Popen] = []
         self._wait(lambda: self._status()[0] == 200, "icecast2 to listen")
 
     def play(self, mp3: Path) -> None:
-        self.sources.append(subprocess.Popen(
-            ["ffmpeg", "-nostdin", "-v", "error", "-re", "-stream_loop", "-1", "-i", str(mp3),
-             "-c:a", "copy", "-content_type", "audio/mpeg", "-f", "mp3",
-             f"icecast://source:{self.password}@127.0.0.1:{self.port}/live.mp3"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))  # fmt: skip
+        self.sources.append(
+            subprocess.Popen(
+                [
+                    "ffmpeg",
+                    "-nostdin",
+                    "-v",
+                    "error",
+                    "-re",
+                    "-stream_loop",
+                    "-1",
+                    "-i",
+                    str(mp3),
+                    "-c:a",
+                    "copy",
+                    "-content_type",
+                    "audio/mpeg",
+                    "-f",
+                    "mp3",
+                    f"icecast://source:{self.password}@127.0.0.1:{self.port}/live.mp3",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         self.wait_on_air()
 
     def wait_on_air(self) -> None:
@@ -521,8 +568,9 @@ class AudioRate:
     ``gaps`` is the stream's gaps when the audio began (the first audio after idle is one).
     """
 
-    def __init__(self, tagd: TagdProcess, stream: str, seconds: float,
-                 settle_s: float = 2.0) -> None:  # fmt: skip
+    def __init__(
+        self, tagd: TagdProcess, stream: str, seconds: float, settle_s: float = 2.0
+    ) -> None:
         self.tagd, self.stream, self.seconds, self.settle_s = tagd, stream, seconds, settle_s
         self.before = self._received()
         self.samples: list[tuple[float, float]] = []  # (wall, audio) once audio flows

@@ -49,8 +49,10 @@ def test_raw_telephone_formats_decode(tmp_path, suffix, rate):
     wav = tmp_path / "in.wav"
     soundfile.write(wav, tone(440, 2.0, rate), rate)
     out = tmp_path / f"prompt{suffix}"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), "-ac", "1", "-ar", str(rate),
-                    str(out)], check=True)  # fmt: skip
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-i", str(wav), "-ac", "1", "-ar", str(rate), str(out)],
+        check=True,
+    )
     mono = decode_file(out, 16000)
     assert len(mono) == pytest.approx(32000, rel=0.05)
     assert dominant_frequency(mono, 16000) == pytest.approx(440, abs=5)
@@ -65,8 +67,9 @@ def test_mp3_decodes_as_one_whole_read_and_quietly(tmp_path, capfd, channels):
     music = [make_music(12.0, 16_000, seed=4 + c) / (1 + c) for c in range(channels)]
     wav, mp3 = tmp_path / "in.wav", tmp_path / "song.mp3"
     soundfile.write(wav, np.stack(music, axis=1), 16_000)
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), "-q:a", "4", str(mp3)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-i", str(wav), "-q:a", "4", str(mp3)], check=True
+    )
     capfd.readouterr()
     whole, rate = soundfile.read(mp3, dtype="float32", always_2d=True)  # no block boundaries
     mono = decode_file(mp3, rate)

@@ -119,9 +119,16 @@ def test_preferred_windows_go_before_older_ones_but_never_before_their_streams_o
     engine = GatedEngine()
     preferred = {("s", 1), ("s", 2), ("q", 4)}
     recorder, metrics = Recorder(), Metrics()
-    batcher = Batcher([lambda batch, _windows: engine(batch)], WINDOW, recorder, metrics,
-                      max_batch=1, max_wait_s=0.0, max_pending_per_stream=5,
-                      prefer=lambda w: (w.stream, w.seq) in preferred)  # fmt: skip
+    batcher = Batcher(
+        [lambda batch, _windows: engine(batch)],
+        WINDOW,
+        recorder,
+        metrics,
+        max_batch=1,
+        max_wait_s=0.0,
+        max_pending_per_stream=5,
+        prefer=lambda w: (w.stream, w.seq) in preferred,
+    )
     batcher.start()
     batcher.submit(window("x", 0))
     assert engine.entered.wait(2)  # the engine is now stuck on x0; the rest queue
@@ -277,8 +284,9 @@ def test_a_streams_windows_are_never_on_two_instances_and_stay_in_order():
 
         return run
 
-    batcher, recorder, _ = make([instance(0), instance(1)], max_batch=2, max_wait_s=0.0,
-                                max_pending_per_stream=100)  # fmt: skip
+    batcher, recorder, _ = make(
+        [instance(0), instance(1)], max_batch=2, max_wait_s=0.0, max_pending_per_stream=100
+    )
     batcher.start()
     for seq in range(40):
         for number, stream in enumerate("abc"):
@@ -296,9 +304,12 @@ def test_every_window_is_recycled_once_batched_or_dropped_never_twice():
     engine = GatedEngine()
     recycled: list[int] = []
     batcher, recorder, metrics = make(
-        engine=engine, max_batch=1, max_pending_per_stream=2, max_queue_age_s=0.05,
+        engine=engine,
+        max_batch=1,
+        max_pending_per_stream=2,
+        max_queue_age_s=0.05,
         recycle=lambda samples: recycled.append(id(samples)),
-    )  # fmt: skip
+    )
     windows = [window("a", seq) for seq in range(7)]
     batcher.start()
     batcher.submit(windows[0])
@@ -349,5 +360,13 @@ def test_after_a_long_stall_batches_still_take_the_oldest_windows_across_streams
     recorder.wait_for(8)
     batcher.stop()
     taken = [(i.window.stream, i.window.seq) for r in recorder.results for i in r.items]
-    assert taken == [("z", 0), ("a", 198), ("b", 198), ("c", 198), ("a", 199), ("b", 199),
-                     ("c", 199), ("late", 500)]  # fmt: skip
+    assert taken == [
+        ("z", 0),
+        ("a", 198),
+        ("b", 198),
+        ("c", 198),
+        ("a", 199),
+        ("b", 199),
+        ("c", 199),
+        ("late", 500),
+    ]

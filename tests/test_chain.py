@@ -31,10 +31,23 @@ AM = Chain(band="am", highpass_hz=100, lowpass_hz=4_700)
 FM = Chain(band="fm", highpass_hz=30, lowpass_hz=15_000)
 # Everything on, with the slowest settings: a worst case for length, finiteness and speed.
 HEAVY = Chain(
-    eq="tilt", eq_db=-3, presence_db=4, reverb_seconds=1.2, reverb_wet=0.3,
-    compressor="multiband", threshold_dbfs=-28, ratio=6, attack_ms=3, release_ms=300,
-    noise="pink", noise_dbfs=-55, band="telephone", highpass_hz=300, lowpass_hz=3_400, seed=5,
-)  # fmt: skip
+    eq="tilt",
+    eq_db=-3,
+    presence_db=4,
+    reverb_seconds=1.2,
+    reverb_wet=0.3,
+    compressor="multiband",
+    threshold_dbfs=-28,
+    ratio=6,
+    attack_ms=3,
+    release_ms=300,
+    noise="pink",
+    noise_dbfs=-55,
+    band="telephone",
+    highpass_hz=300,
+    lowpass_hz=3_400,
+    seed=5,
+)
 
 
 def rms_db(audio: np.ndarray) -> float:
@@ -96,7 +109,9 @@ def test_turning_codecs_off_changes_nothing_else():
     for seed in range(50):
         with_codec = draw(np.random.default_rng(seed))
         without = draw(np.random.default_rng(seed), codecs=False)
-        assert without == dataclasses.replace(with_codec, codec="none", bitrate_kbps=0, phone_codec="none")  # fmt: skip
+        assert without == dataclasses.replace(
+            with_codec, codec="none", bitrate_kbps=0, phone_codec="none"
+        )
 
 
 def test_unknown_names_are_refused_with_the_known_ones():

@@ -32,14 +32,32 @@ def predict(
 ) -> Prediction:
     scores = np.array([0.9 if tag in active else 0.1 for tag in CARD.tags], dtype=np.float32)
     start = seq * CARD.hop_samples
-    return Prediction(stream, seq, start, start + CARD.window_samples, 1, scores,
-                      over=list(active), active=list(active), events=events or [])  # fmt: skip
+    return Prediction(
+        stream,
+        seq,
+        start,
+        start + CARD.window_samples,
+        1,
+        scores,
+        over=list(active),
+        active=list(active),
+        events=events or [],
+    )
 
 
 def tags_of(prediction: Prediction) -> dict:
     now = time.time()
-    return tags_message(prediction, CARD, captured_at=now - 0.05, published_at=now,
-                        ingest_ms=5.0, queue_ms=1.0, inference_ms=20.0, total_ms=50.0, batch_size=1)  # fmt: skip
+    return tags_message(
+        prediction,
+        CARD,
+        captured_at=now - 0.05,
+        published_at=now,
+        ingest_ms=5.0,
+        queue_ms=1.0,
+        inference_ms=20.0,
+        total_ms=50.0,
+        batch_size=1,
+    )
 
 
 @pytest.fixture
@@ -134,7 +152,9 @@ def test_webhook_bridge_posts_each_event_as_json_and_survives_a_failing_webhook(
         assert headers["Content-Type"] == "application/json"
         assert headers["X-API-Key"] == "secret"
     # the webhook has the POST before the bridge has its answer and logs it
-    wait_for(lambda: any("speech off: posted, HTTP 204" in line for line in example.stderr),
-             "the bridge to log the second POST")  # fmt: skip
+    wait_for(
+        lambda: any("speech off: posted, HTTP 204" in line for line in example.stderr),
+        "the bridge to log the second POST",
+    )
     assert example.interrupt() == 0
     assert any("rock on: POST" in line and "failed" in line for line in example.stderr)

@@ -36,8 +36,9 @@ def windows_of_music(card, music, count: int, seed: int = 0) -> np.ndarray:
 def windows_a_hop_apart(card, music, hops: int, batch: int = 2) -> list[np.ndarray]:
     """``hops + 1`` batches ``[batch, window]`` of music, each one hop after the last."""
     length = card.window_samples + hops * card.hop_samples
-    streams = np.stack([music(length / card.sample_rate + 0.1, card.sample_rate, seed)
-                        for seed in range(batch)])  # fmt: skip
+    streams = np.stack(
+        [music(length / card.sample_rate + 0.1, card.sample_rate, seed) for seed in range(batch)]
+    )
     starts = [k * card.hop_samples for k in range(hops + 1)]
     return [np.ascontiguousarray(streams[:, at : at + card.window_samples]) for at in starts]
 
@@ -45,18 +46,28 @@ def windows_a_hop_apart(card, music, hops: int, batch: int = 2) -> list[np.ndarr
 def float16_round_trips(proto: onnx.ModelProto) -> list[str]:
     """Casts to float32 of a tensor just cast to float16: precision lost between two
     float32 nodes."""
-    to_half = {n.output[0] for n in proto.graph.node
-               if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16}  # fmt: skip
-    return [n.name for n in proto.graph.node if n.op_type == "Cast"
-            and n.attribute[0].i == onnx.TensorProto.FLOAT and n.input[0] in to_half]  # fmt: skip
+    to_half = {
+        n.output[0]
+        for n in proto.graph.node
+        if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16
+    }
+    return [
+        n.name
+        for n in proto.graph.node
+        if n.op_type == "Cast"
+        and n.attribute[0].i == onnx.TensorProto.FLOAT
+        and n.input[0] in to_half
+    ]
 
 
 def incremental_scores(prime_path, step_path, windows: list[np.ndarray]) -> list[np.ndarray]:
     """ONNX Runtime's scores of windows a hop apart: the first primed, the others stepped."""
     import onnxruntime as ort
 
-    prime, step = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-                   for p in (prime_path, step_path))  # fmt: skip
+    prime, step = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        for p in (prime_path, step_path)
+    )
     state_inputs = [i.name for i in step.get_inputs()][1:]
     scores, *states = prime.run(None, {"waveform": windows[0]})
     chain = [scores]
@@ -121,8 +132,11 @@ def test_fp16_step_graph_follows_the_float32_one_over_hops(export_model, music, 
         for value in (*proto.graph.input, *proto.graph.output):  # the states too
             assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
         # the waveform reaches the front end, sliced and padded, in float32
-        to_half = [n for n in proto.graph.node if n.op_type == "Cast"
-                   and n.attribute[0].i == onnx.TensorProto.FLOAT16]  # fmt: skip
+        to_half = [
+            n
+            for n in proto.graph.node
+            if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16
+        ]
         assert not [n for n in to_half if n.input[0] == "waveform"]
         assert float16_round_trips(proto) == []
     windows = windows_a_hop_apart(card, music, hops=2)
@@ -197,9 +211,15 @@ def test_plan_runs_in_tagd_and_matches_onnxruntime(
     source = export_model(arch)
     cache = tmp_path / "timing.cache"
     plan = compile_engine(
-        source, tmp_path / f"{arch}.plan", precision=precision, min_batch=1, opt_batch=2,
-        max_batch=4, timing_cache=cache, workspace_gb=1.0,
-    )  # fmt: skip
+        source,
+        tmp_path / f"{arch}.plan",
+        precision=precision,
+        min_batch=1,
+        opt_batch=2,
+        max_batch=4,
+        timing_cache=cache,
+        workspace_gb=1.0,
+    )
     assert plan.stat().st_size > 0 and cache.stat().st_size > 0
 
     side = json.loads(sidecar_path(plan).read_text())
@@ -253,9 +273,14 @@ def fcn4_plans(trt, export_model, tmp_path_factory):
     def plans(precision: str):
         if precision not in built:
             built[precision] = compile_engine(
-                export_model("fcn4"), folder / precision / "fcn4.plan", precision=precision,
-                min_batch=1, opt_batch=2, max_batch=4, workspace_gb=1.0,
-            )  # fmt: skip
+                export_model("fcn4"),
+                folder / precision / "fcn4.plan",
+                precision=precision,
+                min_batch=1,
+                opt_batch=2,
+                max_batch=4,
+                workspace_gb=1.0,
+            )
         return built[precision]
 
     return plans

@@ -29,8 +29,13 @@ def problems_of(call) -> list[str]:
 def test_input_urls_carry_their_settings_in_the_query():
     raw = parse_input(RAW)
     assert (raw.scheme, raw.address, raw.stream, raw.format, raw.rate, raw.channels) == (
-        "zmq+raw", "tcp://127.0.0.1:5555", "radio1", "s16le", 44100, 2,
-    )  # fmt: skip
+        "zmq+raw",
+        "tcp://127.0.0.1:5555",
+        "radio1",
+        "s16le",
+        44100,
+        2,
+    )
     card = parse_input("soundcard://default?rate=48000&channels=2&stream=studio")
     assert (card.device, card.rate, card.stream) == ("default", 48000, "studio")
     assert parse_input("soundcard://3?stream=s").device == 3
@@ -38,8 +43,11 @@ def test_input_urls_carry_their_settings_in_the_query():
     assert multi.is_multi_stream and multi.streams == ["a", "b"]
     file = parse_input("file:///tmp/My%20Song.mp3?realtime=0&loop=true")
     assert (file.address, file.realtime, file.loop, file.stream_name()) == (
-        "/tmp/My Song.mp3", False, True, "My_Song",
-    )  # fmt: skip
+        "/tmp/My Song.mp3",
+        False,
+        True,
+        "My_Song",
+    )
 
 
 def test_bad_query_values_are_reported_with_path_and_reason():

@@ -20,14 +20,24 @@ WORLD_SIZE = 2
 def rank_main(rank: int, port: int, data: str, out: str, results: str) -> None:
     # what torchrun sets for each process
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD_SIZE),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     config = TrainConfig(
-        data=data, out=out, model="samplecnn", hparams=TINY, epochs=2, batch_size=8,
-        device="cpu", progress=False, tensorboard=False,
-    )  # fmt: skip
+        data=data,
+        out=out,
+        model="samplecnn",
+        hparams=TINY,
+        epochs=2,
+        batch_size=8,
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+    )
     result = train(config)
     torch.save(result.model.state_dict(), Path(results) / f"rank{rank}.pt")
 

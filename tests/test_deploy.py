@@ -160,8 +160,11 @@ def test_systemd_unit_serves_the_installed_config_on_loopback(short_model, tmp_p
     assert all(spec.address.startswith("tcp://127.0.0.1:") for spec in config.inputs)
     # --check-config reads the model's card: give it one where the config expects it.
     installed = tmp_path / "tagd.toml"
-    installed.write_text(substitute((DEPLOY / "systemd" / "tagd.toml").read_text(),
-                                    {config.engine: str(short_model)}))  # fmt: skip
+    installed.write_text(
+        substitute(
+            (DEPLOY / "systemd" / "tagd.toml").read_text(), {config.engine: str(short_model)}
+        )
+    )
     check = subprocess.run(
         [TAGD, "serve", "--config", installed, "--check-config"], capture_output=True, text=True
     )
@@ -194,9 +197,22 @@ def test_tagd_tags_a_file_under_the_units_memory_protection(
     assert wrapper, "the unit should set MemoryDenyWriteExecute=yes"
     port = free_port()
     url = f"file://{music_wav}?stream=radio1&realtime=false"
-    tagd = start_tagd(["--engine", str(short_model), "--input", url, "--hop", DAEMON_HOP_S,
-                       "--publish", f"tcp://127.0.0.1:{free_port()}",
-                       "--metrics", f"127.0.0.1:{port}"], port, wrapper=wrapper)  # fmt: skip
+    tagd = start_tagd(
+        [
+            "--engine",
+            str(short_model),
+            "--input",
+            url,
+            "--hop",
+            DAEMON_HOP_S,
+            "--publish",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--metrics",
+            f"127.0.0.1:{port}",
+        ],
+        port,
+        wrapper=wrapper,
+    )
     tagd.wait_ready()
     tagd.wait_for_metric("tagd_windows_published_total", 0, stream="radio1")
     assert tagd.stop() == 0
@@ -229,10 +245,21 @@ def test_soundcard_inputs_need_the_dropin_that_lifts_memory_protection(
 
     def serve(wrapper: tuple[str, ...]) -> TagdProcess:
         port = free_port()
-        return start_tagd(["--engine", str(short_model), "--input", url,
-                           "--publish", f"tcp://127.0.0.1:{free_port()}",
-                           "--metrics", f"127.0.0.1:{port}"], port,
-                          env={"HOME": str(alsa_home)}, wrapper=wrapper)  # fmt: skip
+        return start_tagd(
+            [
+                "--engine",
+                str(short_model),
+                "--input",
+                url,
+                "--publish",
+                f"tcp://127.0.0.1:{free_port()}",
+                "--metrics",
+                f"127.0.0.1:{port}",
+            ],
+            port,
+            env={"HOME": str(alsa_home)},
+            wrapper=wrapper,
+        )
 
     with_dropin = serve(mdwe_if_unit_says(UNIT, SOUNDCARD_DROPIN))
     with_dropin.wait_ready()
@@ -359,9 +386,19 @@ def test_docker_healthcheck_command_tells_ready_from_down(start_tagd, short_mode
 
     assert healthcheck() != 0  # nothing listening
     url = f"file://{music_wav}?stream=radio1"
-    tagd = start_tagd(["--engine", str(short_model), "--input", url,
-                       "--publish", f"tcp://127.0.0.1:{free_port()}",
-                       "--metrics", f"127.0.0.1:{port}"], port)  # fmt: skip
+    tagd = start_tagd(
+        [
+            "--engine",
+            str(short_model),
+            "--input",
+            url,
+            "--publish",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--metrics",
+            f"127.0.0.1:{port}",
+        ],
+        port,
+    )
     tagd.wait_ready()
     assert healthcheck() == 0
 
@@ -484,15 +521,22 @@ def fed_tagd(tmp_path_factory, short_model) -> Iterator[tuple[TagdProcess, str]]
     tool("ffmpeg", "apt-get install ffmpeg")
     folder = tmp_path_factory.mktemp("fed-tagd")
     feed, metrics = free_port(), free_port()
-    config = substitute((DEPLOY / "systemd" / "tagd.toml").read_text(), {
-        "/var/lib/tagd/models/fcn4.onnx": str(short_model),
-        "127.0.0.1:5555": f"127.0.0.1:{feed}",
-        "127.0.0.1:5560": f"127.0.0.1:{free_port()}",
-        "127.0.0.1:9108": f"127.0.0.1:{metrics}",
-    })  # fmt: skip
+    config = substitute(
+        (DEPLOY / "systemd" / "tagd.toml").read_text(),
+        {
+            "/var/lib/tagd/models/fcn4.onnx": str(short_model),
+            "127.0.0.1:5555": f"127.0.0.1:{feed}",
+            "127.0.0.1:5560": f"127.0.0.1:{free_port()}",
+            "127.0.0.1:9108": f"127.0.0.1:{metrics}",
+        },
+    )
     (folder / "tagd.toml").write_text(config)
-    tagd = TagdProcess(["--config", str(folder / "tagd.toml"), "--hop", DAEMON_HOP_S], metrics,
-                       folder / "tagd.log", command=(str(TAGD),))  # fmt: skip
+    tagd = TagdProcess(
+        ["--config", str(folder / "tagd.toml"), "--hop", DAEMON_HOP_S],
+        metrics,
+        folder / "tagd.log",
+        command=(str(TAGD),),
+    )
     tagd.wait_ready()
     yield tagd, f"tcp://127.0.0.1:{feed}"
     tagd.stop()
@@ -516,8 +560,9 @@ def test_feed_url_relays_an_icecast_stream(fed_tagd, music_wav, tmp_path):
     binary = tool("icecast2", "apt-get install icecast2")
     tagd, endpoint = fed_tagd
     mp3 = tmp_path / "station.mp3"
-    subprocess.run(["ffmpeg", "-v", "error", "-i", str(music_wav), "-b:a", "128k", str(mp3)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(music_wav), "-b:a", "128k", str(mp3)], check=True
+    )
     windows = tagd.metric("tagd_windows_published_total", stream="radio1")
     station = Icecast(binary)
     try:
@@ -534,8 +579,13 @@ def test_feed_url_relays_an_icecast_stream(fed_tagd, music_wav, tmp_path):
 def test_feed_alsa_captures_a_device(fed_tagd, alsa_home):
     tagd, endpoint = fed_tagd
     before = received(tagd)
-    run_feed("feed-alsa.sh", "tagdtest", endpoint, env={"HOME": str(alsa_home)},
-             stop_when=lambda: received(tagd) - before > 1.0)  # fmt: skip
+    run_feed(
+        "feed-alsa.sh",
+        "tagdtest",
+        endpoint,
+        env={"HOME": str(alsa_home)},
+        stop_when=lambda: received(tagd) - before > 1.0,
+    )
 
 
 def test_a_feed_that_sends_another_format_than_declared_is_reported(fed_tagd, music_wav):
@@ -543,10 +593,27 @@ def test_a_feed_that_sends_another_format_than_declared_is_reported(fed_tagd, mu
     tagd, endpoint = fed_tagd
     assert tagd.metric("tagd_stream_misdeclared", stream="radio1") == 0
     feed = subprocess.Popen(
-        ["ffmpeg", "-nostdin", "-v", "error", "-re", "-stream_loop", "-1", "-i", str(music_wav),
-         "-f", "f32le", "-ar", "44100", "-ac", "2", f"zmq:{endpoint}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-v",
+            "error",
+            "-re",
+            "-stream_loop",
+            "-1",
+            "-i",
+            str(music_wav),
+            "-f",
+            "f32le",
+            "-ar",
+            "44100",
+            "-ac",
+            "2",
+            f"zmq:{endpoint}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         tagd.wait_for_metric("tagd_stream_misdeclared", 0, timeout=60, stream="radio1")
     finally:

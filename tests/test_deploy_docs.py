@@ -24,44 +24,76 @@ ROOTED = re.compile(r"(?<= )/(etc|var)/")  # absolute paths the guide installs i
 SCRATCH_ROOT = "tests/test_deploy_docs.py::test_the_guides_install_steps_lay_out_a_valid_host"
 COVERAGE: list[tuple[str, str]] = [
     (r"scripts/install\.sh", ".ci/run"),
-    (r"sudo apt-get install -y --no-install-recommends ffmpeg libportaudio2 python3-venv",
-     "tests/test_deploy_docs.py::test_the_guides_apt_packages_are_the_ones_ci_installs"),
-    (r"sudo apt-get install -y prometheus",
-     "tests/test_deploy_docs.py::test_the_guides_apt_packages_are_the_ones_ci_installs"),
-    (r"sudo python3 -m venv /opt/tagd|sudo /opt/tagd/bin/pip install \.",
-     "tests/test_deploy_docs.py::test_the_daemon_installs_from_source_without_torch"),
-    (r"\.venv/bin/tagd-train export .*",
-     "tests/test_deploy_docs.py::test_the_guides_model_export_gives_a_model_tagd_reads"),
-    (r"\.venv/bin/tagd-train compile .*",
-     "tests/test_compile_tensorrt.py::test_plan_runs_in_tagd_and_matches_onnxruntime"),
+    (
+        r"sudo apt-get install -y --no-install-recommends ffmpeg libportaudio2 python3-venv",
+        "tests/test_deploy_docs.py::test_the_guides_apt_packages_are_the_ones_ci_installs",
+    ),
+    (
+        r"sudo apt-get install -y prometheus",
+        "tests/test_deploy_docs.py::test_the_guides_apt_packages_are_the_ones_ci_installs",
+    ),
+    (
+        r"sudo python3 -m venv /opt/tagd|sudo /opt/tagd/bin/pip install \.",
+        "tests/test_deploy_docs.py::test_the_daemon_installs_from_source_without_torch",
+    ),
+    (
+        r"\.venv/bin/tagd-train export .*",
+        "tests/test_deploy_docs.py::test_the_guides_model_export_gives_a_model_tagd_reads",
+    ),
+    (
+        r"\.venv/bin/tagd-train compile .*",
+        "tests/test_compile_tensorrt.py::test_plan_runs_in_tagd_and_matches_onnxruntime",
+    ),
     (r"sudo install .*|sudo sed .*", SCRATCH_ROOT),
     (r"/opt/tagd/bin/tagd serve --config /etc/tagd/tagd\.toml --check-config", SCRATCH_ROOT),
     (r"promtool check config /etc/prometheus/prometheus\.yml", SCRATCH_ROOT),
-    (r"sudo systemctl (daemon-reload|enable --now tagd|restart tagd)|systemctl status tagd",
-     "tests/test_deploy.py::test_systemd_unit_passes_systemd_analyze_verify"),
-    (r"sudo systemctl restart prometheus",
-     "tests/test_prometheus.py::test_prometheus_scrapes_tagds_latency_histogram"),
-    (r"sudo systemctl restart grafana-server",
-     "tests/test_deploy.py::test_grafana_provisioning_points_at_the_dashboard_and_prometheus"),
-    (r"curl -s 127\.0\.0\.1:9108/healthz",
-     "tests/test_deploy.py::test_docker_healthcheck_command_tells_ready_from_down"),
-    (r"curl -s 'http://127\.0\.0\.1:9090/api/v1/query\?query=tagd_end_to_end_latency_seconds_count'",
-     "tests/test_prometheus.py::test_prometheus_scrapes_tagds_latency_histogram"),
-    (r"(STATION_URL=\S+ )?docker compose -f deploy/compose\.yaml .*",
-     "tests/test_deploy.py::test_compose_mounts_existing_files_and_publishes_on_loopback_only"),
-    (r"examples/feed-file\.sh \S+",
-     "tests/test_deploy.py::test_feed_file_streams_a_file_in_real_time_and_tagd_tags_it"),
+    (
+        r"sudo systemctl (daemon-reload|enable --now tagd|restart tagd)|systemctl status tagd",
+        "tests/test_deploy.py::test_systemd_unit_passes_systemd_analyze_verify",
+    ),
+    (
+        r"sudo systemctl restart prometheus",
+        "tests/test_prometheus.py::test_prometheus_scrapes_tagds_latency_histogram",
+    ),
+    (
+        r"sudo systemctl restart grafana-server",
+        "tests/test_deploy.py::test_grafana_provisioning_points_at_the_dashboard_and_prometheus",
+    ),
+    (
+        r"curl -s 127\.0\.0\.1:9108/healthz",
+        "tests/test_deploy.py::test_docker_healthcheck_command_tells_ready_from_down",
+    ),
+    (
+        r"curl -s 'http://127\.0\.0\.1:9090/api/v1/query\?query=tagd_end_to_end_latency_seconds_count'",
+        "tests/test_prometheus.py::test_prometheus_scrapes_tagds_latency_histogram",
+    ),
+    (
+        r"(STATION_URL=\S+ )?docker compose -f deploy/compose\.yaml .*",
+        "tests/test_deploy.py::test_compose_mounts_existing_files_and_publishes_on_loopback_only",
+    ),
+    (
+        r"examples/feed-file\.sh \S+",
+        "tests/test_deploy.py::test_feed_file_streams_a_file_in_real_time_and_tagd_tags_it",
+    ),
     (r"examples/feed-url\.sh \S+", "tests/test_deploy.py::test_feed_url_relays_an_icecast_stream"),
     (r"examples/feed-alsa\.sh \S+", "tests/test_deploy.py::test_feed_alsa_captures_a_device"),
-    (r"\.venv/bin/tagd listen tcp://\S+",
-     "tests/test_serve_process.py::test_sigterm_stops_a_busy_daemon_with_exit_0_within_2_s"),
-    (r"\.venv/bin/python examples/subscriber\.py .*",
-     "tests/test_clients.py::test_subscriber_prints_the_tags_and_events_of_its_stream_only"),
-    (r"\.venv/bin/python examples/webhook_bridge\.py .*",
-     "tests/test_clients.py::test_webhook_bridge_posts_each_event_as_json_and_survives_a_failing_webhook"),
-    (r"\.venv/bin/python examples/liquidsoap_bridge\.py .*",
-     "tests/test_liquidsoap.py::test_bridge_inserts_tags_that_survive_a_liquidsoap_restart"),
-]  # fmt: skip
+    (
+        r"\.venv/bin/tagd listen tcp://\S+",
+        "tests/test_serve_process.py::test_sigterm_stops_a_busy_daemon_with_exit_0_within_2_s",
+    ),
+    (
+        r"\.venv/bin/python examples/subscriber\.py .*",
+        "tests/test_clients.py::test_subscriber_prints_the_tags_and_events_of_its_stream_only",
+    ),
+    (
+        r"\.venv/bin/python examples/webhook_bridge\.py .*",
+        "tests/test_clients.py::test_webhook_bridge_posts_each_event_as_json_and_survives_a_failing_webhook",
+    ),
+    (
+        r"\.venv/bin/python examples/liquidsoap_bridge\.py .*",
+        "tests/test_liquidsoap.py::test_bridge_inserts_tags_that_survive_a_liquidsoap_restart",
+    ),
+]
 
 
 def guide_commands() -> list[str]:
@@ -155,31 +187,66 @@ def test_the_daemon_installs_from_source_without_torch(tmp_path, export_model):
                 copy = subprocess.run(["cp", "-r", str(REPO / path), str(source)], check=False)
                 assert copy.returncode == 0, path
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", "-w", str(tmp_path / "dist"), str(source)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "dist").glob("tagd-*.whl")
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-         "--target", str(tmp_path / "site"), str(wheel)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(tmp_path / "site"),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert install.returncode == 0, install.stderr
 
     metadata = next((tmp_path / "site").glob("tagd-*.dist-info")) / "METADATA"
-    requires = [line for line in metadata.read_text().splitlines() if line.startswith("Requires-Dist:")]  # fmt: skip
+    requires = [
+        line for line in metadata.read_text().splitlines() if line.startswith("Requires-Dist:")
+    ]
     daemon = [line for line in requires if "extra ==" not in line]
     assert daemon and not any("torch" in line for line in daemon), daemon
     # --check-config reads the model's card: put one where the container's config says.
     config = tmp_path / "tagd.toml"
-    config.write_text((DEPLOY / "docker" / "tagd.toml").read_text().replace(
-        '"/var/lib/tagd/models/fcn4.onnx"', f'"{export_model("fcn4")}"'))  # fmt: skip
+    config.write_text(
+        (DEPLOY / "docker" / "tagd.toml")
+        .read_text()
+        .replace('"/var/lib/tagd/models/fcn4.onnx"', f'"{export_model("fcn4")}"')
+    )
     check = subprocess.run(
-        [str(tmp_path / "site" / "bin" / "tagd"), "serve", "--config", str(config),
-         "--check-config"],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            str(tmp_path / "site" / "bin" / "tagd"),
+            "serve",
+            "--config",
+            str(config),
+            "--check-config",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+    )
     assert check.returncode == 0, check.stderr

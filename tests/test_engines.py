@@ -126,9 +126,17 @@ def save_checkpoint_of(model, card, path) -> None:
     """What `tagd-train train` writes, for ``model`` with ``card``."""
     from trainer.checkpoint import save_checkpoint
 
-    save_checkpoint(path, {"card": card.to_dict(), "arch": model.arch, "hparams": model.hparams,
-                           "n_tags": model.n_tags, "tags": card.tags,
-                           "state_dict": model.state_dict()})  # fmt: skip
+    save_checkpoint(
+        path,
+        {
+            "card": card.to_dict(),
+            "arch": model.arch,
+            "hparams": model.hparams,
+            "n_tags": model.n_tags,
+            "tags": card.tags,
+            "state_dict": model.state_dict(),
+        },
+    )
 
 
 def test_torch_engine_refuses_what_the_trainer_would_refuse(tmp_path):

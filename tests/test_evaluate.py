@@ -86,14 +86,18 @@ def test_clip_score_is_the_mean_over_the_windows_on_the_hop_grid(tmp_path):
     assert np.allclose(predict_clips(WindowMean(), data, [0, 1], batch_size=1), scores)
     # another hop, as `tagd tag --hop` would use
     by_two = predict_clips(WindowMean(), data, [0], hop_samples=2)
-    assert by_two[0, 0] == pytest.approx(np.mean([(ramp[s : s + 4] / 32768.0).mean() for s in (0, 2, 4, 6)]), rel=1e-6)  # fmt: skip
+    assert by_two[0, 0] == pytest.approx(
+        np.mean([(ramp[s : s + 4] / 32768.0).mean() for s in (0, 2, 4, 6)]), rel=1e-6
+    )
 
 
 def test_a_clip_too_short_to_score_is_a_clear_error(tmp_path):
     data = make_prepared(tmp_path, [(np.ones(3, dtype=np.int16), (0,), "test")], tags=("x",))
     model = WindowMean()
     model.window_samples, model.arch, model.sample_rate = 40, "tiny", 10
-    with pytest.raises(DataError, match="clip 0 .* is too short for tiny: 0.30 s, the least it scores is 1.00 s"):  # fmt: skip
+    with pytest.raises(
+        DataError, match="clip 0 .* is too short for tiny: 0.30 s, the least it scores is 1.00 s"
+    ):
         predict_clips(model, data, [0])
 
 
@@ -143,9 +147,15 @@ def test_report_files_and_card_update(tiny_data, tmp_path):
     checkpoint = tmp_path / "run" / "best.pt"
     save_checkpoint(
         checkpoint,
-        {"arch": model.arch, "hparams": model.hparams, "n_tags": 2, "tags": tiny_data.tags,
-         "state_dict": model.state_dict(), "card": card.to_dict()},
-    )  # fmt: skip
+        {
+            "arch": model.arch,
+            "hparams": model.hparams,
+            "n_tags": 2,
+            "tags": tiny_data.tags,
+            "state_dict": model.state_dict(),
+            "card": card.to_dict(),
+        },
+    )
     (tmp_path / "run" / "log.csv").write_text(
         "epoch,lr,train_loss,valid_loss,valid_roc_auc,valid_pr_auc,seconds,examples_per_second\n"
         "1,0.01,0.7,0.69,0.6,0.5,1.0,10\n2,0.01,0.6,0.65,0.7,0.6,1.0,10\n"
@@ -209,7 +219,13 @@ def test_evaluation_scores_each_clip_as_tagd_tag_prints_it(tmp_path, music):
         soundfile.write(path, music(length / rate, rate, seed=i)[:length], rate, subtype="PCM_16")
         rows.append((path.name, ["x"] if i % 2 else ["y"], "test"))
     write_manifest(tmp_path / "manifest.csv", rows)
-    prepare(load_manifest(tmp_path / "manifest.csv"), tmp_path / "prepared", rate, workers=1, progress=False)  # fmt: skip
+    prepare(
+        load_manifest(tmp_path / "manifest.csv"),
+        tmp_path / "prepared",
+        rate,
+        workers=1,
+        progress=False,
+    )
     data = PreparedData(tmp_path / "prepared")
     indices = data.indices("test")
     scores = predict_clips(model, data, indices)

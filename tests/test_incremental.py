@@ -144,8 +144,7 @@ def test_a_hop_off_the_frame_grid_reuses_nothing():
 
 def test_default_hops_are_the_aligned_hops_nearest_three_seconds():
     hops = {arch: aligned_hop_samples(create_model(arch).config) for arch in FCN_PRESETS}
-    assert hops == {"fcn3": 40_960, "fcn4": 40_960, "fcn5": 32_768, "fcn6": 32_768,
-                    "fcn7": 32_768}  # fmt: skip
+    assert hops == {"fcn3": 40_960, "fcn4": 40_960, "fcn5": 32_768, "fcn6": 32_768, "fcn7": 32_768}
 
 
 # -- the exported graphs, through the runner ------------------------------------------------
@@ -242,8 +241,11 @@ def test_any_chunking_drops_and_restarts_give_the_full_windows_scores(
     assert np.abs(got - full_window_scores(engine, kept)).max() <= TOLERANCE
     starts = [k.start for k in keys]
     epochs = [k.epoch for k in keys]
-    continued = sum(1 for i in range(1, len(keys))
-                    if starts[i] == starts[i - 1] + hop and epochs[i] == epochs[i - 1])  # fmt: skip
+    continued = sum(
+        1
+        for i in range(1, len(keys))
+        if starts[i] == starts[i - 1] + hop and epochs[i] == epochs[i - 1]
+    )
     assert counts == {"incremental": continued, "full": len(keys) - continued}
 
 
@@ -251,8 +253,10 @@ def test_streams_batched_together_each_keep_their_own_chain(engine):
     card = engine.card
     hop = card.hop_samples
     runner = IncrementalRunner([engine.incremental(hop)])
-    audio = {name: make_music((card.window_samples + 4 * hop) / RATE, RATE, seed=seed)
-             for name, seed in (("a", 1), ("b", 2))}  # fmt: skip
+    audio = {
+        name: make_music((card.window_samples + 4 * hop) / RATE, RATE, seed=seed)
+        for name, seed in (("a", 1), ("b", 2))
+    }
     window = {name: windows_of(a, card.window_samples, hop).numpy() for name, a in audio.items()}
     # a starts alone; then a's second window and b's first share a batch (a step, a prime)
     first = runner.run([WindowAt("a", 0, 0)], window["a"][:1])
@@ -306,8 +310,9 @@ def test_tag_gives_the_full_windows_scores_over_a_long_file(exported, engine, tm
     song = tmp_path / "song.wav"
     soundfile.write(song, audio, 44_100)
     counts = {"incremental": 0, "full": 0}
-    runner = IncrementalRunner([engine.incremental(engine.card.hop_samples)],
-                               on_updates=counter(counts))  # fmt: skip
+    runner = IncrementalRunner(
+        [engine.incremental(engine.card.hop_samples)], on_updates=counter(counts)
+    )
     incremental = tag_file(engine, song, incremental=runner)
     full = tag_file(engine, song)
     assert incremental.windows == full.windows == 14  # (75 - 29.12) / 3.413 + 1
@@ -315,9 +320,22 @@ def test_tag_gives_the_full_windows_scores_over_a_long_file(exported, engine, tm
     assert np.abs(incremental.scores - full.scores).max() <= TOLERANCE
 
     def cli(*extra):
-        result = subprocess.run([sys.executable, "-m", "tagd.cli", "tag", str(song), "--engine",
-                                 str(exported), "--json", *extra], capture_output=True, text=True,
-                                timeout=120)  # fmt: skip
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tagd.cli",
+                "tag",
+                str(song),
+                "--engine",
+                str(exported),
+                "--json",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)["scores"]
 
@@ -337,8 +355,9 @@ def short_fcn(tmp_path_factory):
 
 def serve_scores(engine_path, incremental: bool, payload: bytes) -> tuple[dict, str]:
     with socket_port() as port:
-        config = make_config(engine_path, [f"zmq+pull://127.0.0.1:{port}"],
-                             batching={"max_pending_per_stream": 1000})  # fmt: skip
+        config = make_config(
+            engine_path, [f"zmq+pull://127.0.0.1:{port}"], batching={"max_pending_per_stream": 1000}
+        )
     config.hop_seconds = SHORT_HOP / RATE
     config.incremental = incremental
     with serving(config) as server:
@@ -368,8 +387,10 @@ def test_serve_publishes_the_full_windows_scores_and_says_it_is_incremental(shor
 
 def test_the_engine_table_and_the_flag_turn_it_off(tmp_path):
     config = tmp_path / "tagd.toml"
-    config.write_text('inputs = ["zmq+pull://127.0.0.1:5999"]\n'
-                      '[engine]\npath = "fcn4.onnx"\nincremental = false\n')  # fmt: skip
+    config.write_text(
+        'inputs = ["zmq+pull://127.0.0.1:5999"]\n'
+        '[engine]\npath = "fcn4.onnx"\nincremental = false\n'
+    )
     loaded = load_config(config)
     assert loaded.engine == str(tmp_path / "fcn4.onnx") and loaded.incremental is False
     config.write_text(

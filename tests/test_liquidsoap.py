@@ -94,13 +94,17 @@ class Liquidsoap:
 
     def start(self, insert: str = INSERT_WITH_SERVER_COMMAND) -> None:
         script = self.folder / f"consumer-{self.starts}.liq"
-        script.write_text(CONSUMER_SCRIPT.format(port=self.port, socket=self.socket_path,
-                                                 insert=insert, log=self.metadata_log))  # fmt: skip
+        script.write_text(
+            CONSUMER_SCRIPT.format(
+                port=self.port, socket=self.socket_path, insert=insert, log=self.metadata_log
+            )
+        )
         self.output = self.folder / f"liquidsoap-{self.starts}.log"
         self.starts += 1
         with self.output.open("w") as output:
-            self.process = subprocess.Popen([self.binary, str(script)], stdout=output,
-                                            stderr=subprocess.STDOUT)  # fmt: skip
+            self.process = subprocess.Popen(
+                [self.binary, str(script)], stdout=output, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -160,12 +164,29 @@ def bridge() -> Iterator:
 def publish(tagd: FakeTagd, seq: int, active: list[str], stream: str = "radio1") -> None:
     scores = np.array([0.9 if tag in active else 0.1 for tag in CARD.tags], dtype=np.float32)
     start = seq * CARD.hop_samples
-    prediction = Prediction(stream, seq, start, start + CARD.window_samples, 1, scores,
-                            over=list(active), active=list(active), events=[])  # fmt: skip
+    prediction = Prediction(
+        stream,
+        seq,
+        start,
+        start + CARD.window_samples,
+        1,
+        scores,
+        over=list(active),
+        active=list(active),
+        events=[],
+    )
     now = time.time()
-    message = tags_message(prediction, CARD, captured_at=now - 0.05, published_at=now,
-                           ingest_ms=5.0, queue_ms=1.0, inference_ms=20.0, total_ms=50.0,
-                           batch_size=1)  # fmt: skip
+    message = tags_message(
+        prediction,
+        CARD,
+        captured_at=now - 0.05,
+        published_at=now,
+        ingest_ms=5.0,
+        queue_ms=1.0,
+        inference_ms=20.0,
+        total_ms=50.0,
+        batch_size=1,
+    )
     tagd.send(topic(TAGS_TOPIC, stream), message)
 
 
@@ -266,18 +287,31 @@ class Station:
         mono = music(4.0, 44_100)
         soundfile.write(self.music, np.stack([mono, mono], axis=1), 44_100, subtype="PCM_16")
         raw = f"zmq+raw://{self.feed.removeprefix('tcp://')}?format=s16le&rate=44100&channels=2&stream=radio1"
-        self.tagd = TagdProcess(["--engine", str(model), "--hop", DAEMON_HOP_S, "--input", raw,
-                                 "--publish", f"tcp://127.0.0.1:{free_port()}",
-                                 "--metrics", f"127.0.0.1:{metrics}"],
-                                metrics, folder / "tagd.log")  # fmt: skip
+        self.tagd = TagdProcess(
+            [
+                "--engine",
+                str(model),
+                "--hop",
+                DAEMON_HOP_S,
+                "--input",
+                raw,
+                "--publish",
+                f"tcp://127.0.0.1:{free_port()}",
+                "--metrics",
+                f"127.0.0.1:{metrics}",
+            ],
+            metrics,
+            folder / "tagd.log",
+        )
         self.producer: subprocess.Popen | None = None
 
     def play(self, script: str) -> None:
         path = self.folder / "producer.liq"
         path.write_text(script)
         with (self.folder / "liquidsoap.log").open("w") as output:
-            self.producer = subprocess.Popen([self.binary, str(path)], stdout=output,
-                                             stderr=subprocess.STDOUT)  # fmt: skip
+            self.producer = subprocess.Popen(
+                [self.binary, str(path)], stdout=output, stderr=subprocess.STDOUT
+            )
 
     def stop(self) -> int:
         if self.producer is not None:
@@ -321,8 +355,11 @@ output.icecast(%mp3(bitrate=128), host="127.0.0.1", port={port}, password="{pass
 def test_liquidsoap_feeds_tagd_serve_through_icecast_and_feed_url(station):
     server = Icecast(tool("icecast2", "apt-get install icecast2"))
     try:
-        station.play(ICECAST_PRODUCER_SCRIPT.format(
-            music=station.music, port=server.port, password=Icecast.password))  # fmt: skip
+        station.play(
+            ICECAST_PRODUCER_SCRIPT.format(
+                music=station.music, port=server.port, password=Icecast.password
+            )
+        )
         station.tagd.wait_ready()
         server.wait_on_air()
         measured = AudioRate(station.tagd, "radio1", 4.0)
@@ -346,6 +383,7 @@ def test_the_guides_liquidsoap_snippets_pass_liquidsoap_check(liquidsoap_binary,
     for index, snippet in enumerate(snippets):
         script = tmp_path / f"snippet-{index}.liq"
         script.write_text(SNIPPET_PRELUDE + snippet + SNIPPET_OUTPUT)
-        result = subprocess.run([liquidsoap_binary, "--check", str(script)],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            [liquidsoap_binary, "--check", str(script)], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, f"{snippet}\n{result.stdout}{result.stderr}"

@@ -46,13 +46,15 @@ def test_tag_command_loads_neither_zmq_nor_the_server():
         "print(sorted(m for m in ('zmq', 'tagd.server', 'tagd.sources', 'tagd.batcher') "
         "if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
     assert result.stdout.strip() == "[]"
 
 
 def test_the_server_is_a_library_that_does_not_import_the_cli():
     probe = "import sys, tagd.server; print('tagd.cli' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
     assert result.stdout.strip() == "False"

@@ -29,7 +29,12 @@ def test_the_known_column_makes_the_other_tags_unknown_through_prepare(tmp_path,
         ("2.wav", ["piano", "instrumental"], "train"),  # fully labelled
         ("3.wav", [], "train"),  # knows speech and instrumental: both absent
     ]
-    known = [["speech", "instrumental"], ["speech", "instrumental"], None, ["speech", "instrumental"]]  # fmt: skip
+    known = [
+        ["speech", "instrumental"],
+        ["speech", "instrumental"],
+        None,
+        ["speech", "instrumental"],
+    ]
     write_manifest(tmp_path / "m.csv", rows, known=known, extra={"package": ["a", "b", "c", "d"]})
     labelled = load_manifest(tmp_path / "m.csv")
     assert labelled.notes["clips with partial labels"] == 3
@@ -59,7 +64,9 @@ def test_the_known_column_makes_the_other_tags_unknown_through_prepare(tmp_path,
 def test_masked_bce_is_bce_over_the_known_labels_only():
     torch.manual_seed(0)
     logits = torch.randn(6, 3)
-    targets = torch.tensor([[1, 0, NAN], [0, NAN, NAN], [1, 1, 0], [NAN, 0, 1], [0, 0, 0], [1, NAN, 1]])  # fmt: skip
+    targets = torch.tensor(
+        [[1, 0, NAN], [0, NAN, NAN], [1, 1, 0], [NAN, 0, 1], [0, 0, 0], [1, NAN, 1]]
+    )
     known = ~torch.isnan(targets)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], targets[known])
     assert masked_bce(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
@@ -109,20 +116,31 @@ def test_a_model_trains_on_partial_labels_and_is_evaluated_on_another_tag_set(tm
     splits = ["train"] * 6 + ["valid"] * 3 + ["test"] * 3
 
     def trained_row(i):  # every third clip is a "real recording" that knows only speech
-        tags = [t for t, on in (("speech", i % 2), ("piano", i % 3 == 0), ("drums", i % 4 < 2)) if on]  # fmt: skip
+        tags = [
+            t for t, on in (("speech", i % 2), ("piano", i % 3 == 0), ("drums", i % 4 < 2)) if on
+        ]
         return tags, (["speech"] if i % 3 == 1 else None), splits[i]
 
     prepared = _manifest_set(tmp_path / "a", music, 12, trained_row)
     result = train(
-        TrainConfig(data=str(prepared), out=str(tmp_path / "run"), model="samplecnn",
-                    hparams={"width": 0.125, "n": 3}, epochs=1, progress=False,
-                    tensorboard=False, device="cpu"),
-    )  # fmt: skip
+        TrainConfig(
+            data=str(prepared),
+            out=str(tmp_path / "run"),
+            model="samplecnn",
+            hparams={"width": 0.125, "n": 3},
+            epochs=1,
+            progress=False,
+            tensorboard=False,
+            device="cpu",
+        ),
+    )
     assert np.isfinite(result.history[0]["train_loss"])
 
     # another set: tags in another order, one the model lacks, one it has left out
     def other_row(i):
-        tags = [t for t, on in (("drums", i % 2), ("speech", i % 3 == 0), ("brass", i % 4 == 0)) if on]  # fmt: skip
+        tags = [
+            t for t, on in (("drums", i % 2), ("speech", i % 3 == 0), ("brass", i % 4 == 0)) if on
+        ]
         return tags, None, "valid" if i < 4 else "test"
 
     other = _manifest_set(tmp_path / "b", music, 10, other_row)

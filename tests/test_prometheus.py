@@ -30,8 +30,14 @@ from support import (
 
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 SCRAPE_TIMEOUT_S = 30.0
-ALERTS = ("TagdDown", "TagdLatencyOverBudget", "TagdWindowsDropped", "TagdStreamIdle",
-          "TagdInputMisdeclared", "TagdStreamInterrupted")  # fmt: skip
+ALERTS = (
+    "TagdDown",
+    "TagdLatencyOverBudget",
+    "TagdWindowsDropped",
+    "TagdStreamIdle",
+    "TagdInputMisdeclared",
+    "TagdStreamInterrupted",
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +115,29 @@ def scraped_tagd(tmp_path, export_model, music) -> Iterator[tuple[Prometheus, Ta
     metrics = free_port()
     url = f"file://{tmp_path / 'station.wav'}?stream=radio1&loop=true"  # real time, one window per hop
     tagd = TagdProcess(
-        ["--engine", str(export_model("fcn4", **SHORT_FCN)), "--input", url, "--hop", DAEMON_HOP_S,
-         "--publish", f"tcp://127.0.0.1:{free_port()}", "--metrics", f"127.0.0.1:{metrics}"],
-        metrics, tmp_path / "tagd.log",
-    )  # fmt: skip
-    config = substitute((PROMETHEUS_DIR / "prometheus.yml").read_text(), {
-        "127.0.0.1:9108": f"127.0.0.1:{metrics}",
-        "scrape_interval: 15s": "scrape_interval: 1s",
-        "evaluation_interval: 15s": "evaluation_interval: 1s",
-    })  # fmt: skip
+        [
+            "--engine",
+            str(export_model("fcn4", **SHORT_FCN)),
+            "--input",
+            url,
+            "--hop",
+            DAEMON_HOP_S,
+            "--publish",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--metrics",
+            f"127.0.0.1:{metrics}",
+        ],
+        metrics,
+        tmp_path / "tagd.log",
+    )
+    config = substitute(
+        (PROMETHEUS_DIR / "prometheus.yml").read_text(),
+        {
+            "127.0.0.1:9108": f"127.0.0.1:{metrics}",
+            "scrape_interval: 15s": "scrape_interval: 1s",
+            "evaluation_interval: 15s": "evaluation_interval: 1s",
+        },
+    )
     (tmp_path / "prometheus.yml").write_text(config)
     shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp_path / "alerts.yml")
     prometheus = Prometheus(prometheus_server, tmp_path / "prometheus.yml", tmp_path)

@@ -19,7 +19,7 @@ from trainer.evaluate import evaluate_model
 from trainer.train import TrainConfig, train
 
 rendered = pytest.importorskip("trainer.data.rendered")
-INSTRUMENTS = ("piano", "bells", "organ", "guitar", "bass", "strings", "brass", "woodwind", "synth")  # fmt: skip
+INSTRUMENTS = ("piano", "bells", "organ", "guitar", "bass", "strings", "brass", "woodwind", "synth")
 # The fcn recipe shows at least 512 examples an epoch: 84 training clips, 7 crops each, so
 # one epoch here is about the 8 passes over the clips this test trained before that rule.
 CLIPS, EPOCHS = 120, 1
@@ -36,14 +36,23 @@ def music(tmp_path_factory) -> PreparedData:
     annotations = rendered.write_rendered(
         root / "mtt", CLIPS, seed=11, sample_rate=12_000, audio_format="wav", jobs=2
     )
-    prepare(load_mtt(annotations, n_tags=None), root / "prepared", 12_000, workers=2, progress=False)  # fmt: skip
+    prepare(
+        load_mtt(annotations, n_tags=None), root / "prepared", 12_000, workers=2, progress=False
+    )
     return PreparedData(root / "prepared")
 
 
 def instrument_auc(data: PreparedData, run_dir, **overrides) -> tuple[float, dict]:
-    config = TrainConfig(data=str(data.root), out=str(run_dir), model="fcn5",
-                         hparams={"width": 0.125}, epochs=EPOCHS, progress=False,
-                         tensorboard=False, **overrides)  # fmt: skip
+    config = TrainConfig(
+        data=str(data.root),
+        out=str(run_dir),
+        model="fcn5",
+        hparams={"width": 0.125},
+        epochs=EPOCHS,
+        progress=False,
+        tensorboard=False,
+        **overrides,
+    )
     result = train(config)
     evaluation = evaluate_model(model_from_checkpoint(load_checkpoint(result.best_path)), data)
     per_tag = {r.tag: r.roc_auc for r in evaluation.per_tag}

@@ -36,8 +36,10 @@ def sources():
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         pytest.skip("real recordings come from Debian packages: apt-get and dpkg-deb")
     try:
-        fonts = ",".join(f for f in ("fluidr3", "timgm6mb") if f in rendered.installed_soundfonts())  # fmt: skip
-        return rendered.make_sources(fonts or "fluidr3", f"{recordings.SMALL_TRAIN_SPEECH},{recordings.SMALL_TRAIN_MUSIC}")  # fmt: skip
+        fonts = ",".join(f for f in ("fluidr3", "timgm6mb") if f in rendered.installed_soundfonts())
+        return rendered.make_sources(
+            fonts or "fluidr3", f"{recordings.SMALL_TRAIN_SPEECH},{recordings.SMALL_TRAIN_MUSIC}"
+        )
     except DataError as exc:
         pytest.skip(str(exc))  # CI installs the tools: scripts/install.sh
 
@@ -53,22 +55,40 @@ def _prepared(manifest, out, split=None) -> PreparedData:
 def test_held_out_packages_are_neither_trained_on_nor_in_the_small_train_set():
     roles = {name: p.role for name, p in recordings.PACKAGES.items()}
     assert roles[recordings.SMALL_TRAIN_SPEECH] == roles[recordings.SMALL_TRAIN_MUSIC] == "train"
-    assert roles[recordings.SMALL_HELDOUT_SPEECH] == roles[recordings.SMALL_HELDOUT_MUSIC] == "heldout"  # fmt: skip
+    assert (
+        roles[recordings.SMALL_HELDOUT_SPEECH] == roles[recordings.SMALL_HELDOUT_MUSIC] == "heldout"
+    )
 
 
 @pytest.mark.timeout(900)  # a hung-test guard only: about two minutes on two idle cores
 def test_speech_fires_on_real_speech_from_a_package_never_trained_on(sources, tmp_path):
-    manifest = rendered.write_rendered(tmp_path / "train", CLIPS, seed=5, sample_rate=RATE,
-                                       layout="manifest", audio_format="wav", sources=sources)  # fmt: skip
+    manifest = rendered.write_rendered(
+        tmp_path / "train",
+        CLIPS,
+        seed=5,
+        sample_rate=RATE,
+        layout="manifest",
+        audio_format="wav",
+        sources=sources,
+    )
     data = _prepared(manifest, tmp_path / "train-prepared")
     assert data.partial  # the real music's instruments are unknown, not absent
-    result = train(TrainConfig(data=str(data.root), out=str(tmp_path / "run"), model="fcn5",
-                               hparams={"width": 0.125}, epochs=EPOCHS, progress=False,
-                               tensorboard=False))  # fmt: skip
+    result = train(
+        TrainConfig(
+            data=str(data.root),
+            out=str(tmp_path / "run"),
+            model="fcn5",
+            hparams={"width": 0.125},
+            epochs=EPOCHS,
+            progress=False,
+            tensorboard=False,
+        )
+    )
 
     packages = [recordings.SMALL_HELDOUT_SPEECH, recordings.SMALL_HELDOUT_MUSIC]
-    held_out = recordings.write_recordings_set(tmp_path / "heldout", packages, sample_rate=RATE,
-                                               max_clips_per_package=12)  # fmt: skip
+    held_out = recordings.write_recordings_set(
+        tmp_path / "heldout", packages, sample_rate=RATE, max_clips_per_package=12
+    )
     real = _prepared(held_out, tmp_path / "heldout-prepared", split="test")
     stored = load_checkpoint(result.best_path)
     tags, thresholds = stored["tags"], stored["card"]["thresholds"]
@@ -77,9 +97,11 @@ def test_speech_fires_on_real_speech_from_a_package_never_trained_on(sources, tm
     is_speech = real.label_matrix(clips, ["speech"])[:, 0] == 1
     assert is_speech.sum() >= 10 and (~is_speech).sum() >= 10
     speech_on = scores >= thresholds[tags.index("speech")]
-    report = (f"speech ROC-AUC {roc_auc_score(is_speech, scores):.3f}; speech on for "
-              f"{speech_on[is_speech].mean():.0%} of {is_speech.sum()} speech clips and "
-              f"{speech_on[~is_speech].mean():.0%} of {(~is_speech).sum()} music clips")  # fmt: skip
+    report = (
+        f"speech ROC-AUC {roc_auc_score(is_speech, scores):.3f}; speech on for "
+        f"{speech_on[is_speech].mean():.0%} of {is_speech.sum()} speech clips and "
+        f"{speech_on[~is_speech].mean():.0%} of {(~is_speech).sum()} music clips"
+    )
     print(report)
     assert roc_auc_score(is_speech, scores) >= 0.9, report
     assert speech_on[is_speech].mean() >= 0.75, report

@@ -38,8 +38,18 @@ from tagd.metrics import Metrics
 from tagd.server import Server, StartupError
 
 SHORT_SAMPLECNN = {"n": 6, "clip_seconds": 0.5}  # 3^7 = 2,187 samples, 5 segments per clip
-REQUIRED_FIELDS = {"schema", "stream", "seq", "model", "window", "captured_at", "published_at",
-                   "latency_ms", "scores", "tags"}  # fmt: skip
+REQUIRED_FIELDS = {
+    "schema",
+    "stream",
+    "seq",
+    "model",
+    "window",
+    "captured_at",
+    "published_at",
+    "latency_ms",
+    "scores",
+    "tags",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +62,27 @@ def fcn(export_model) -> Path:
 )
 def test_ffmpeg_over_zmq_gives_tags_every_hop_with_every_field(fcn, tmp_path):
     wav, mp3 = tmp_path / "station.wav", tmp_path / "station.mp3"
-    subprocess.run(["sox", "-n", "-r", "44100", "-c", "2", str(wav), "synth", "3.5", "pluck", "C3", "pluck", "G3",
-                    "tremolo", "6", "60"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "sox",
+            "-n",
+            "-r",
+            "44100",
+            "-c",
+            "2",
+            str(wav),
+            "synth",
+            "3.5",
+            "pluck",
+            "C3",
+            "pluck",
+            "G3",
+            "tremolo",
+            "6",
+            "60",
+        ],
+        check=True,
+    )
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-b:a", "128k", str(mp3)], check=True)
     with socket_port() as port:
         url = f"zmq+raw://127.0.0.1:{port}?format=s16le&rate=44100&channels=2&stream=radio1"
@@ -62,8 +91,23 @@ def test_ffmpeg_over_zmq_gives_tags_every_hop_with_every_field(fcn, tmp_path):
         assert scrape(server, "/healthz")[0] == 200
         listener = Listener(server)
         # tagd's SUB is already connecting: it joins ffmpeg's PUB within its first milliseconds
-        ffmpeg = subprocess.Popen(["ffmpeg", "-v", "error", "-re", "-i", str(mp3), "-f", "s16le", "-ar", "44100",
-                                   "-ac", "2", f"zmq:tcp://127.0.0.1:{port}"])  # fmt: skip
+        ffmpeg = subprocess.Popen(
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-re",
+                "-i",
+                str(mp3),
+                "-f",
+                "s16le",
+                "-ar",
+                "44100",
+                "-ac",
+                "2",
+                f"zmq:tcp://127.0.0.1:{port}",
+            ]
+        )
         assert ffmpeg.wait(timeout=20) == 0
         listener.collect(until_quiet=1.0)
         status, metrics_text = scrape(server)
@@ -81,8 +125,10 @@ def test_ffmpeg_over_zmq_gives_tags_every_hop_with_every_field(fcn, tmp_path):
         assert set(message["scores"]) == set(card.tags)
         assert all(0.0 <= s <= 1.0 for s in message["scores"].values())
         thresholds = dict(zip(card.tags, card.thresholds, strict=True))
-        over = sorted((t for t, s in message["scores"].items() if s >= thresholds[t]),
-                      key=lambda t: -message["scores"][t])  # fmt: skip
+        over = sorted(
+            (t for t, s in message["scores"].items() if s >= thresholds[t]),
+            key=lambda t: -message["scores"][t],
+        )
         assert message["tags"] == over
         assert message["window"]["end_s"] - message["window"]["start_s"] == pytest.approx(
             window_s, abs=1e-5
@@ -112,8 +158,18 @@ def test_ffmpeg_over_zmq_gives_tags_every_hop_with_every_field(fcn, tmp_path):
     # on_after=1: every tag over its threshold in the first prediction turns on with it
     events = listener.on("events.radio1")
     for event in events:
-        assert {"schema", "stream", "seq", "model", "tag", "state", "score", "threshold", "window",
-                "published_at"} <= set(event)  # fmt: skip
+        assert {
+            "schema",
+            "stream",
+            "seq",
+            "model",
+            "tag",
+            "state",
+            "score",
+            "threshold",
+            "window",
+            "published_at",
+        } <= set(event)
     turned_on = {e["tag"] for e in events if e["seq"] == first["seq"] and e["state"] == "on"}
     assert turned_on == set(first["tags"])
 
@@ -127,17 +183,25 @@ def test_two_streams_from_the_example_producer_are_told_apart(fcn, tmp_path, ins
         soundfile.write(tmp_path / f"{name}.wav", samples, rate, subtype="PCM_16")
     with socket_port() as port:  # windows compared by seq: keep the grids where they start
         config = make_config(
-            fcn, [f"zmq+pull://127.0.0.1:{port}"],
+            fcn,
+            [f"zmq+pull://127.0.0.1:{port}"],
             batching={"spread_phases": False, "instances": instances},
-        )  # fmt: skip
+        )
     with serving(config) as server:
         assert len(server.engines) == instances
         listener = Listener(server, "tags.")
         producer = subprocess.run(
-            [sys.executable, str(REPO / "examples" / "producer.py"), f"tcp://127.0.0.1:{port}",
-             *(f"{name}={tmp_path / name}.wav" for name in audio)],
-            timeout=30, check=False, capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(REPO / "examples" / "producer.py"),
+                f"tcp://127.0.0.1:{port}",
+                *(f"{name}={tmp_path / name}.wav" for name in audio),
+            ],
+            timeout=30,
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         assert producer.returncode == 0, producer.stderr
         listener.collect(until_quiet=1.0)
         listener.close()
@@ -225,8 +289,12 @@ def test_a_silent_stream_goes_idle_instead_of_being_fed_zeros(fcn):
     rate = 16_000
     chunk = s16le(np.stack([make_music(2.5, rate, seed=4)] * 2, axis=1))
     with socket_port() as port:
-        config = make_config(fcn, [f"zmq+pull://127.0.0.1:{port}"], limits={"idle_after_s": 0.4},
-                             batching={"max_pending_per_stream": 100})  # fmt: skip
+        config = make_config(
+            fcn,
+            [f"zmq+pull://127.0.0.1:{port}"],
+            limits={"idle_after_s": 0.4},
+            batching={"max_pending_per_stream": 100},
+        )
     with serving(config) as server:
         listener = Listener(server, "tags.")
         send_chunked(f"tcp://127.0.0.1:{port}", {"quiet": (chunk, 4000)}, rate)
@@ -252,8 +320,11 @@ def test_falling_behind_drops_oldest_windows_counted_and_latency_stays_bounded(f
     path = tmp_path / "long.wav"
     soundfile.write(path, make_music(20.0, 12_000, seed=9), 12_000, subtype="PCM_16")
     # 20 s fed as fast as the disk goes with a 10 ms hop: ~1,800 windows in well under a second
-    config = make_config(fcn, [f"file://{path}?realtime=0&stream=flood"],
-                         batching={"max_batch": 2, "max_pending_per_stream": 2})  # fmt: skip
+    config = make_config(
+        fcn,
+        [f"file://{path}?realtime=0&stream=flood"],
+        batching={"max_batch": 2, "max_pending_per_stream": 2},
+    )
     config.hop_seconds = 0.01
     with serving(config) as server:
         listener = Listener(server, "tags.")

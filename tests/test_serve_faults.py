@@ -93,8 +93,9 @@ def test_an_engine_that_raises_loses_its_batches_counted_and_flips_healthz_until
     fcn, caplog
 ):
     with socket_port() as port:
-        config = make_config(fcn, [f"zmq+pull://127.0.0.1:{port}"],
-                             limits={"unhealthy_after_failed_batches": 3})  # fmt: skip
+        config = make_config(
+            fcn, [f"zmq+pull://127.0.0.1:{port}"], limits={"unhealthy_after_failed_batches": 3}
+        )
     caplog.set_level(logging.DEBUG, logger="tagd.batcher")
     with serving(config) as server:
         engine = server.engines[0] = FailingEngine(server.engines[0])
@@ -117,15 +118,19 @@ def test_an_engine_that_raises_loses_its_batches_counted_and_flips_healthz_until
             wait_for(lambda: scrape(server, "/healthz")[0] == 200, what="healthz 200 again")
             wait_for(lambda: sample("tagd_ready") == 1, what="tagd_ready 1")
             published = sample("tagd_windows_published_total", {"stream": "one"})
-            wait_for(lambda: sample("tagd_windows_published_total", {"stream": "one"}) > published,
-                     what="tags after recovery")  # fmt: skip
+            wait_for(
+                lambda: sample("tagd_windows_published_total", {"stream": "one"}) > published,
+                what="tags after recovery",
+            )
         finally:
             paced.stop.set()
             paced.join()
         listener.close()
         failed = sample("tagd_engine_errors_total")
-        dropped = sum(sample("tagd_windows_dropped_total", {"stream": s, "reason": "engine_error"}) or 0
-                      for s in ("one", "two"))  # fmt: skip
+        dropped = sum(
+            sample("tagd_windows_dropped_total", {"stream": s, "reason": "engine_error"}) or 0
+            for s in ("one", "two")
+        )
         assert dropped == failed  # batch size 1 on CPU: one window per failed batch
     full = [
         r for r in caplog.records if r.levelno == logging.ERROR and "engine failed on" in r.message
@@ -137,8 +142,12 @@ def test_an_engine_that_raises_loses_its_batches_counted_and_flips_healthz_until
 
 def test_a_producer_that_restarts_resumes_within_a_hop_and_an_idle_one_is_reported(fcn):
     with socket_port() as port:
-        config = make_config(fcn, [f"zmq+pull://127.0.0.1:{port}"],
-                             limits={"idle_after_s": 1.0}, batching={"spread_phases": False})  # fmt: skip
+        config = make_config(
+            fcn,
+            [f"zmq+pull://127.0.0.1:{port}"],
+            limits={"idle_after_s": 1.0},
+            batching={"spread_phases": False},
+        )
     audio = make_music(8.0, RATE, seed=5)
     with serving(config) as server:
         listener = Listener(server, "tags.")
@@ -162,7 +171,13 @@ def test_a_producer_that_restarts_resumes_within_a_hop_and_an_idle_one_is_report
         assert first_sent_at <= resumed[0]["captured_at"] <= resumed[0]["published_at"]
         assert resumed[0]["published_at"] - sent_at < 1.0
         assert sample("tagd_stream_gaps_total", {"stream": "radio"}) == 1  # seq went back to 0
-        assert sample("tagd_malformed_messages_total", {"input": f"127.0.0.1:{port}", "reason": "out_of_order"}) is None  # fmt: skip
+        assert (
+            sample(
+                "tagd_malformed_messages_total",
+                {"input": f"127.0.0.1:{port}", "reason": "out_of_order"},
+            )
+            is None
+        )
 
         second.close()  # now silent for longer than idle_after_s
         wait_for(lambda: sample("tagd_stream_idle", {"stream": "radio"}) == 1, what="idle")
@@ -174,8 +189,11 @@ def test_a_producer_that_restarts_resumes_within_a_hop_and_an_idle_one_is_report
 
         third = Producer(port)
         third.send("radio", audio[int(3.0 * RATE) : int(5.5 * RATE)])
-        wait_for(lambda: sample("tagd_stream_idle", {"stream": "radio"}) == 0, timeout=1.0,
-                 what="active again")  # fmt: skip
+        wait_for(
+            lambda: sample("tagd_stream_idle", {"stream": "radio"}) == 0,
+            timeout=1.0,
+            what="active again",
+        )
         before = len(listener.messages)
         listener.collect(until_quiet=1.0)
         third.close()
@@ -189,9 +207,13 @@ def test_stalled_and_vanished_subscribers_cost_the_others_nothing(export_model):
     # ~35 kB messages, ~40 MB in all: far more than loopback TCP buffers (a few MB) hold
     fcn = export_model("fcn4", n_tags=1000, **SHORT_FCN)
     with socket_port() as port:
-        config = make_config(fcn, [f"zmq+pull://127.0.0.1:{port}"],
-                             publish={"sndhwm": 100}, batching={"max_pending_per_stream": 10_000},
-                             tagger={"on_after": 1})  # fmt: skip
+        config = make_config(
+            fcn,
+            [f"zmq+pull://127.0.0.1:{port}"],
+            publish={"sndhwm": 100},
+            batching={"max_pending_per_stream": 10_000},
+            tagger={"on_after": 1},
+        )
     config.hop_seconds = 0.01
     context = zmq.Context()
     with serving(config) as server:
@@ -234,8 +256,12 @@ def test_stalled_and_vanished_subscribers_cost_the_others_nothing(export_model):
 
 def test_a_flood_of_stream_ids_is_bounded_and_evicted_streams_leave_no_series(fcn):
     with socket_port() as port:
-        config = make_config(fcn, [f"zmq+pull://127.0.0.1:{port}"], tagger={"on_after": 1},
-                             limits={"max_streams": 3, "idle_after_s": 1.0, "evict_after_s": 2.0})  # fmt: skip
+        config = make_config(
+            fcn,
+            [f"zmq+pull://127.0.0.1:{port}"],
+            tagger={"on_after": 1},
+            limits={"max_streams": 3, "idle_after_s": 1.0, "evict_after_s": 2.0},
+        )
     label = f"127.0.0.1:{port}"
     with serving(config) as server:
         listener = Listener(server, "tags.")
@@ -254,7 +280,18 @@ def test_a_flood_of_stream_ids_is_bounded_and_evicted_streams_leave_no_series(fc
         short = make_music(0.1, RATE, seed=2)
         for i in range(10):  # two of ten find room; the rest are refused and counted
             producer.send(f"flood{i}", short)
-        wait_for(lambda: (sample("tagd_malformed_messages_total", {"input": label, "reason": "too_many_streams"}) or 0) == 8)  # fmt: skip
+        wait_for(
+            lambda: (
+                (
+                    sample(
+                        "tagd_malformed_messages_total",
+                        {"input": label, "reason": "too_many_streams"},
+                    )
+                    or 0
+                )
+                == 8
+            )
+        )
         assert sorted(server.hub.names()) == ["flood0", "flood1", "keep"]
         wait_for(lambda: sample("tagd_active_streams") == 0, what="all idle")
         for i in range(3):  # idle streams make room, the longest silent first

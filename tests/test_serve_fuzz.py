@@ -51,8 +51,18 @@ MAX_MESSAGE_BYTES = 16_384
 MAX_SPLICED_GAP_S = 0.5
 MODEL_RATE = 12_000  # the short FCN-4's card: streams at this rate are not resampled
 HOP_S = 0.5
-BAD_KINDS = ("too_large", "frames", "stream_id", "header", "format", "rate", "channels", "pcm",
-             "flood", "out_of_order")  # fmt: skip
+BAD_KINDS = (
+    "too_large",
+    "frames",
+    "stream_id",
+    "header",
+    "format",
+    "rate",
+    "channels",
+    "pcm",
+    "flood",
+    "out_of_order",
+)
 
 # -- the valid streams -----------------------------------------------------------------------
 
@@ -77,7 +87,9 @@ class ValidStreams:
         self.names = {"a": f"{prefix}a", "d": f"{prefix}d", "g": f"{prefix}g"}
         seed = int(rng.integers(1 << 30))
         # a: s16le stereo at 16 kHz, resampled by the daemon
-        stereo = np.stack([make_music(3.0, 16_000, seed=seed), make_music(3.0, 16_000, seed=seed + 1)], 1)  # fmt: skip
+        stereo = np.stack(
+            [make_music(3.0, 16_000, seed=seed), make_music(3.0, 16_000, seed=seed + 1)], 1
+        )
         self.a_pcm = s16le(stereo)
         self.a = self._split(self.names["a"], self.a_pcm, 4, rng, ("s16le", 16_000, 2))
         # d: f32le mono with NaN, ±Inf and out-of-range samples; the clean run gets them cleaned
@@ -90,7 +102,9 @@ class ValidStreams:
         dirty[big] = rng.uniform(1.5, 100.0, len(big)) * rng.choice([-1, 1], len(big))
         clean[nan], clean[inf], clean[big] = 0.0, np.sign(dirty[inf]), np.sign(dirty[big])
         self.d_clean = clean.astype("<f4").tobytes()
-        self.d = self._split(self.names["d"], dirty.astype("<f4").tobytes(), 4, rng, ("f32le", MODEL_RATE, 1))  # fmt: skip
+        self.d = self._split(
+            self.names["d"], dirty.astype("<f4").tobytes(), 4, rng, ("f32le", MODEL_RATE, 1)
+        )
         self.cleaned = {"nonfinite": len(nan) + len(inf), "out_of_range": len(big)}
         # g: 0.1 s messages of s16le mono; short gaps (spliced) and one long (restart)
         g_audio = make_music(8.0, MODEL_RATE, seed=seed + 3)
@@ -99,11 +113,15 @@ class ValidStreams:
         long_gap = set(range(36, 44))  # 0.8 s lost: over max_spliced_gap_s
         short = {int(i) for i in rng.choice([*range(3, 33), *range(47, 77)], size=4, replace=False)}
         kept = [i for i in range(80) if i not in long_gap | short]
-        self.g = [[self.names["g"].encode(), header("s16le", MODEL_RATE, 1, seq=i), messages[i]]
-                  for i in kept]  # fmt: skip
+        self.g = [
+            [self.names["g"].encode(), header("s16le", MODEL_RATE, 1, seq=i), messages[i]]
+            for i in kept
+        ]
         self.g_gaps = sum(1 for x, y in zip(kept, kept[1:], strict=False) if y != x + 1)
-        self.g_segments = [b"".join(messages[i] for i in kept if i < 36),
-                           b"".join(messages[i] for i in kept if i > 36)]  # fmt: skip
+        self.g_segments = [
+            b"".join(messages[i] for i in kept if i < 36),
+            b"".join(messages[i] for i in kept if i > 36),
+        ]
         self.audio_s = {
             "a": len(self.a_pcm) / 4 / 16_000,
             "d": len(self.d_clean) / 4 / MODEL_RATE,
@@ -161,8 +179,9 @@ BAD_CHANNELS = [0, 65, -2, 2.0, "2", True, None, 10**9]
 NO_BRACE = np.frombuffer(bytes(b for b in range(256) if b != ord("{")), np.uint8)
 
 
-def bad_messages(kind: str, count: int, rng: np.random.Generator, ids: list[bytes],
-                 pool: bytes) -> list[list[bytes]]:  # fmt: skip
+def bad_messages(
+    kind: str, count: int, rng: np.random.Generator, ids: list[bytes], pool: bytes
+) -> list[list[bytes]]:
     """``count`` messages that must each be refused as ``kind`` (flood and out_of_order aside)."""
     ok = header("s16le", 16_000, 2)
 
@@ -202,15 +221,25 @@ def bad_messages(kind: str, count: int, rng: np.random.Generator, ids: list[byte
                 raw = header("s16le", 16_000, 2, t=["noon", True, None][pick % 3])
             out.append([some_id(), raw, pool[:400]])
         elif kind == "format":
-            out.append([some_id(), header(BAD_FORMATS[pick % len(BAD_FORMATS)], 16_000, 2), pool[:400]])  # fmt: skip
+            out.append(
+                [some_id(), header(BAD_FORMATS[pick % len(BAD_FORMATS)], 16_000, 2), pool[:400]]
+            )
         elif kind == "rate":
             out.append(
                 [some_id(), header("s16le", BAD_RATES[pick % len(BAD_RATES)], 2), pool[:400]]
             )
         elif kind == "channels":
-            out.append([some_id(), header("s16le", 16_000, BAD_CHANNELS[pick % len(BAD_CHANNELS)]), pool[:400]])  # fmt: skip
+            out.append(
+                [
+                    some_id(),
+                    header("s16le", 16_000, BAD_CHANNELS[pick % len(BAD_CHANNELS)]),
+                    pool[:400],
+                ]
+            )
         elif kind == "pcm":  # empty, or not a whole number of 4-byte frames
-            out.append([some_id(), ok, b"" if pick % 4 == 0 else pool[: 4 * (pick % 100) + 1 + pick % 3]])  # fmt: skip
+            out.append(
+                [some_id(), ok, b"" if pick % 4 == 0 else pool[: 4 * (pick % 100) + 1 + pick % 3]]
+            )
         else:
             raise ValueError(kind)
     return out
@@ -235,11 +264,18 @@ def out_of_order_copies(messages: list[list[bytes]], count: int, rng: np.random.
 def daemon(export_model):
     model = export_model("fcn4", **SHORT_FCN)
     with socket_port() as port:
-        config = make_config(model, [f"zmq+pull://127.0.0.1:{port}"],
-                             batching={"max_pending_per_stream": 100_000, "spread_phases": False},
-                             limits={"max_streams": MAX_STREAMS, "idle_after_s": 600.0,
-                                     "evict_after_s": 600.0, "max_message_bytes": MAX_MESSAGE_BYTES,
-                                     "max_spliced_gap_s": MAX_SPLICED_GAP_S})  # fmt: skip
+        config = make_config(
+            model,
+            [f"zmq+pull://127.0.0.1:{port}"],
+            batching={"max_pending_per_stream": 100_000, "spread_phases": False},
+            limits={
+                "max_streams": MAX_STREAMS,
+                "idle_after_s": 600.0,
+                "evict_after_s": 600.0,
+                "max_message_bytes": MAX_MESSAGE_BYTES,
+                "max_spliced_gap_s": MAX_SPLICED_GAP_S,
+            },
+        )
     config.hop_seconds = HOP_S
     with serving(config) as server:
         listener = Listener(server, "tags.v")
@@ -263,11 +299,14 @@ def test_a_flood_of_generated_messages_never_hurts_the_valid_streams(daemon):
     def refused(reason: str) -> float:
         return sample("tagd_malformed_messages_total", {"input": label, "reason": reason}) or 0.0
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @example(weights=dict.fromkeys(BAD_KINDS, 1), seed=0)
-    @given(weights=st.fixed_dictionaries({kind: st.integers(1, 10) for kind in BAD_KINDS}),
-           seed=st.integers(0, 2**32 - 1))  # fmt: skip
+    @given(
+        weights=st.fixed_dictionaries({kind: st.integers(1, 10) for kind in BAD_KINDS}),
+        seed=st.integers(0, 2**32 - 1),
+    )
     def one_example(weights: dict[str, int], seed: int) -> None:
         rng = np.random.default_rng(seed)
         prefix = f"v{len(sent_messages)}"
@@ -280,16 +319,21 @@ def test_a_flood_of_generated_messages_never_hurts_the_valid_streams(daemon):
         # Each stream keeps its own order; the rest lands anywhere. First messages go first,
         # so that the flood cannot take the valid streams' places.
         ooo = rng.multinomial(counts["out_of_order"], [0.5, 0.5])
-        sequences = [out_of_order_copies(valid.a, int(ooo[0]), rng),
-                     out_of_order_copies(valid.d, int(ooo[1]), rng), valid.g]  # fmt: skip
+        sequences = [
+            out_of_order_copies(valid.a, int(ooo[0]), rng),
+            out_of_order_copies(valid.d, int(ooo[1]), rng),
+            valid.g,
+        ]
         ids = [name.encode() for name in valid.names.values()] + [b"newcomer"]
         bad = []
         for kind in BAD_KINDS[:-2]:
             messages = bad_messages(kind, int(counts[kind]), rng, ids, pool)
             bad += messages
             expected_refusals[kind] += len(messages)
-        flood = [[f"f{prefix}x{i}".encode(), header("s16le", MODEL_RATE, 1, seq=0), pool[:240]]
-                 for i in range(int(counts["flood"]))]  # fmt: skip
+        flood = [
+            [f"f{prefix}x{i}".encode(), header("s16le", MODEL_RATE, 1, seq=0), pool[:240]]
+            for i in range(int(counts["flood"]))
+        ]
         items = [(-1.0, seq[0]) for seq in sequences]
         for sequence in sequences:
             keys = np.sort(rng.random(len(sequence) - 1))
@@ -308,15 +352,25 @@ def test_a_flood_of_generated_messages_never_hurts_the_valid_streams(daemon):
 
         # Every message read: refusals all counted, the valid audio all received.
         def caught_up() -> bool:
-            audio = [sample("tagd_audio_received_seconds_total", {"stream": valid.names[k]}) or 0
-                     for k in "adg"]  # fmt: skip
-            return (all(refused(r) >= n for r, n in expected_refusals.items())
-                    and all(a >= valid.audio_s[k] - 1e-9 for a, k in zip(audio, "adg", strict=True)))  # fmt: skip
+            audio = [
+                sample("tagd_audio_received_seconds_total", {"stream": valid.names[k]}) or 0
+                for k in "adg"
+            ]
+            return all(refused(r) >= n for r, n in expected_refusals.items()) and all(
+                a >= valid.audio_s[k] - 1e-9 for a, k in zip(audio, "adg", strict=True)
+            )
 
         wait_for(caught_up, "the streams to catch up", timeout=60)
         for name in valid.names.values():
             stream = server.hub.get(name)
-            wait_for(lambda s=stream, n=name: (sample("tagd_windows_published_total", {"stream": n}) or 0) >= s.windows_emitted, name, timeout=60)  # fmt: skip
+            wait_for(
+                lambda s=stream, n=name: (
+                    (sample("tagd_windows_published_total", {"stream": n}) or 0)
+                    >= s.windows_emitted
+                ),
+                name,
+                timeout=60,
+            )
         assert {r: refused(r) for r in MALFORMED_REASONS if refused(r)} == {
             r: float(n) for r, n in expected_refusals.items() if n
         }
@@ -328,7 +382,10 @@ def test_a_flood_of_generated_messages_never_hurts_the_valid_streams(daemon):
         assert sample("tagd_stream_gaps_total", {"stream": valid.names["a"]}) is None
         assert sample("tagd_stream_gaps_total", {"stream": valid.names["g"]}) == valid.g_gaps
         for kind, n in valid.cleaned.items():
-            assert sample("tagd_samples_cleaned_total", {"stream": valid.names["d"], "kind": kind}) == n  # fmt: skip
+            assert (
+                sample("tagd_samples_cleaned_total", {"stream": valid.names["d"], "kind": kind})
+                == n
+            )
 
         # Scores: what a clean run gives, window for window.
         want = valid.expected_windows(geometry)
@@ -343,9 +400,15 @@ def test_a_flood_of_generated_messages_never_hurts_the_valid_streams(daemon):
             scores = server.engine.run(np.stack([want[key][s].samples for s in common]))
             for row, seq in enumerate(common):
                 message = got[seq]
-                assert message["window"]["start_s"] == pytest.approx(want[key][seq].start / MODEL_RATE, abs=1e-6)  # fmt: skip
-                np.testing.assert_allclose([message["scores"][t] for t in server.engine.card.tags],
-                                           scores[row], atol=2e-6, err_msg=f"{key} seq {seq}")  # fmt: skip
+                assert message["window"]["start_s"] == pytest.approx(
+                    want[key][seq].start / MODEL_RATE, abs=1e-6
+                )
+                np.testing.assert_allclose(
+                    [message["scores"][t] for t in server.engine.card.tags],
+                    scores[row],
+                    atol=2e-6,
+                    err_msg=f"{key} seq {seq}",
+                )
         # Make room for the next example the way silence would: evict everything.
         server.hub.sweep(now_mono=time.perf_counter() + 10**6)
         assert server.hub.names() == []

@@ -40,8 +40,13 @@ def send_live(
     now = t0
     for offset in range(0, len(payload), per_message):
         now += MESSAGE_S
-        stream.push_pcm(payload[offset : offset + per_message], declared, RATE, CHANNELS,
-                        Arrival(1e9 + now, now))  # fmt: skip
+        stream.push_pcm(
+            payload[offset : offset + per_message],
+            declared,
+            RATE,
+            CHANNELS,
+            Arrival(1e9 + now, now),
+        )
     return now
 
 
@@ -52,12 +57,16 @@ def misdeclared(metrics: Metrics, stream: str = "radio1") -> float | None:
 @pytest.mark.parametrize(
     ("sent_as", "declared", "diagnosis"),
     [
-        ("f32le", "s16le", "audio arrives at 2.00x real time for 6 s: declared s16le, 44100 Hz, "
-                           "2 channel(s); the data looks like f32le or s32le?"),
+        (
+            "f32le",
+            "s16le",
+            "audio arrives at 2.00x real time for 6 s: declared s16le, 44100 Hz, "
+            "2 channel(s); the data looks like f32le or s32le?",
+        ),
         ("s16le", "f32le", "declared f32le, 44100 Hz, 2 channel(s); the data looks like s16le?"),
     ],
     ids=["f32le-declared-s16le", "s16le-declared-f32le"],
-)  # fmt: skip
+)
 def test_a_misdeclared_format_is_named_in_one_warning_and_a_metric(
     sent_as, declared, diagnosis, caplog
 ):
@@ -95,8 +104,9 @@ def test_a_burst_faster_than_real_time_is_not_taken_for_a_wrong_format(caplog):
     per_message = len(payload) // round(4 * MISDECLARED_AFTER_S / MESSAGE_S)
     for index, offset in enumerate(range(0, len(payload), per_message)):
         now = (index + 1) * MESSAGE_S / 4
-        stream.push_pcm(payload[offset : offset + per_message], "s16le", RATE, CHANNELS,
-                        Arrival(1e9 + now, now))  # fmt: skip
+        stream.push_pcm(
+            payload[offset : offset + per_message], "s16le", RATE, CHANNELS, Arrival(1e9 + now, now)
+        )
     assert misdeclared(metrics) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -117,8 +127,14 @@ def test_a_producer_restart_near_idle_after_s_is_counted_the_same_whether_a_swee
     silence_s, swept_while_idle
 ):
     metrics = Metrics()
-    hub = StreamHub(GEOMETRY, lambda window: None, metrics, max_streams=4,
-                    idle_after_s=IDLE_AFTER_S, evict_after_s=600)  # fmt: skip
+    hub = StreamHub(
+        GEOMETRY,
+        lambda window: None,
+        metrics,
+        max_streams=4,
+        idle_after_s=IDLE_AFTER_S,
+        evict_after_s=600,
+    )
     stream = hub.open("radio1", "input", pinned=True)
     now = send_live(stream, "s16le", "s16le", 3.0)
     hub.sweep(now)

@@ -43,8 +43,20 @@ def stream_audio(port: int, seconds: float, stop: threading.Event) -> None:
 def test_sigterm_stops_a_busy_daemon_with_exit_0_within_2_s(export_model):
     model = export_model("fcn4", **SHORT_FCN)
     port = free_port()
-    daemon = TagdProcess(["--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{port}",
-                    "--publish", "tcp://127.0.0.1:*", "--metrics", "127.0.0.1:0", "--hop", "0.05"])  # fmt: skip
+    daemon = TagdProcess(
+        [
+            "--engine",
+            str(model),
+            "--input",
+            f"zmq+pull://127.0.0.1:{port}",
+            "--publish",
+            "tcp://127.0.0.1:*",
+            "--metrics",
+            "127.0.0.1:0",
+            "--hop",
+            "0.05",
+        ]
+    )
     daemon.wait_ready()
     listen = subprocess.Popen(
         [*TAGD, "listen", daemon.publish_address, "--count", "3", "--timeout", "20"],
@@ -74,9 +86,13 @@ def test_sigterm_stops_a_busy_daemon_with_exit_0_within_2_s(export_model):
 
 def run_serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*TAGD, "serve", *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [*TAGD, "serve", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -97,19 +113,29 @@ def not_a_model(tmp_path) -> Path:
 
 STARTUP_FAILURES = {
     # case: (what to change in a good command line, the first line on stderr)
-    "missing engine": ({"--engine": "{missing}"},
-                       "tagd serve: cannot load the engine {missing}: model file not found: {missing}"),
-    "not a model": ({"--engine": "{not_a_model}"},
-                    "tagd serve: cannot load the engine {not_a_model}: {not_a_model}: "),
-    "publish port in use": ({"--publish": "tcp://127.0.0.1:{squatter}"},
-                            "tagd serve: cannot publish on tcp://127.0.0.1:{squatter}: Address already in use"),
-    "metrics port in use": ({"--metrics": "127.0.0.1:{squatter}"},
-                            "tagd serve: cannot serve metrics on 127.0.0.1:{squatter}: Address already in use"),
+    "missing engine": (
+        {"--engine": "{missing}"},
+        "tagd serve: cannot load the engine {missing}: model file not found: {missing}",
+    ),
+    "not a model": (
+        {"--engine": "{not_a_model}"},
+        "tagd serve: cannot load the engine {not_a_model}: {not_a_model}: ",
+    ),
+    "publish port in use": (
+        {"--publish": "tcp://127.0.0.1:{squatter}"},
+        "tagd serve: cannot publish on tcp://127.0.0.1:{squatter}: Address already in use",
+    ),
+    "metrics port in use": (
+        {"--metrics": "127.0.0.1:{squatter}"},
+        "tagd serve: cannot serve metrics on 127.0.0.1:{squatter}: Address already in use",
+    ),
     # The input binds before the model loads: with a missing engine too, the port is
     # what start-up fails on.
-    "input port in use": ({"--input": "zmq+pull://127.0.0.1:{squatter}", "--engine": "{missing}"},
-                          "tagd serve: input 127.0.0.1:{squatter}: cannot bind tcp://127.0.0.1:{squatter}: Address already in use"),
-}  # fmt: skip
+    "input port in use": (
+        {"--input": "zmq+pull://127.0.0.1:{squatter}", "--engine": "{missing}"},
+        "tagd serve: input 127.0.0.1:{squatter}: cannot bind tcp://127.0.0.1:{squatter}: Address already in use",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", STARTUP_FAILURES)
@@ -121,9 +147,12 @@ def test_every_startup_failure_exits_2_with_its_reason_first_on_stderr(
         "not_a_model": not_a_model,
         "squatter": squatter,
     }
-    options = {"--engine": str(export_model("fcn4", **SHORT_FCN)),
-               "--input": f"zmq+pull://127.0.0.1:{free_port()}",
-               "--metrics": "127.0.0.1:0", "--publish": "tcp://127.0.0.1:*"}  # fmt: skip
+    options = {
+        "--engine": str(export_model("fcn4", **SHORT_FCN)),
+        "--input": f"zmq+pull://127.0.0.1:{free_port()}",
+        "--metrics": "127.0.0.1:0",
+        "--publish": "tcp://127.0.0.1:*",
+    }
     changes, first_line = STARTUP_FAILURES[case]
     options.update({key: value.format(**places) for key, value in changes.items()})
     process = run_serve(*[part for option in options.items() for part in option])
@@ -136,20 +165,31 @@ def test_every_startup_failure_exits_2_with_its_reason_first_on_stderr(
 def test_check_config_reads_the_models_card_without_serving(export_model, squatter):
     model = export_model("fcn4", **SHORT_FCN)
     # The ports are in use (by a running tagd, say): checking must not need them.
-    good = run_serve("--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{squatter}",
-                     "--publish", f"tcp://127.0.0.1:{squatter}", "--check-config")  # fmt: skip
+    good = run_serve(
+        "--engine",
+        str(model),
+        "--input",
+        f"zmq+pull://127.0.0.1:{squatter}",
+        "--publish",
+        f"tcp://127.0.0.1:{squatter}",
+        "--check-config",
+    )
     assert good.returncode == 0, good.stderr
     assert good.stdout.startswith(f"config OK: engine {model} (fcn4, fcn4, 8 tags, 12000 Hz")
 
 
 @pytest.mark.parametrize("engine", ["missing", "not_a_model", "unknown_suffix"])
 def test_check_config_fails_on_a_model_that_would_not_load(engine, not_a_model, tmp_path):
-    path = {"missing": tmp_path / "missing.onnx", "not_a_model": not_a_model,
-            "unknown_suffix": not_a_model.with_suffix(".txt")}[engine]  # fmt: skip
+    path = {
+        "missing": tmp_path / "missing.onnx",
+        "not_a_model": not_a_model,
+        "unknown_suffix": not_a_model.with_suffix(".txt"),
+    }[engine]
     if engine == "unknown_suffix":
         not_a_model.rename(path)
-    process = run_serve("--engine", str(path), "--input", "zmq+pull://127.0.0.1:5571",
-                        "--check-config")  # fmt: skip
+    process = run_serve(
+        "--engine", str(path), "--input", "zmq+pull://127.0.0.1:5571", "--check-config"
+    )
     assert process.returncode == 2
     assert process.stdout == ""
     assert process.stderr.splitlines()[0].startswith(f"tagd serve: cannot load the engine {path}: ")
@@ -169,8 +209,20 @@ def test_check_config_warns_about_inputs_the_model_hears_poorly(export_model):
 @pytest.mark.parametrize("log_format", ["json", "text"])
 def test_logs_go_to_stderr_as_json_or_text(export_model, log_format):
     model = export_model("fcn4", **SHORT_FCN)
-    daemon = TagdProcess(["--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{free_port()}",
-                    "--publish", "tcp://127.0.0.1:*", "--metrics", "off", "--log-format", log_format])  # fmt: skip
+    daemon = TagdProcess(
+        [
+            "--engine",
+            str(model),
+            "--input",
+            f"zmq+pull://127.0.0.1:{free_port()}",
+            "--publish",
+            "tcp://127.0.0.1:*",
+            "--metrics",
+            "off",
+            "--log-format",
+            log_format,
+        ]
+    )
     daemon.wait_ready()
     code, _ = daemon.terminate_and_time()
     assert code == 0
@@ -188,9 +240,24 @@ def test_sigterm_during_a_batch_exits_within_2_s_leaving_only_whole_messages(exp
     # 12.5 ms, so the engine is never idle and SIGTERM lands while a batch is on it.
     model = export_model("fcn4", **SHORT_FCN, width=1.0)
     port = free_port()
-    daemon = TagdProcess(["--engine", str(model), "--input", f"zmq+pull://127.0.0.1:{port}",
-                    "--publish", "tcp://127.0.0.1:*", "--metrics", "127.0.0.1:0", "--hop", "0.05",
-                    "--max-batch", "2", "--max-wait-ms", "0"])  # fmt: skip
+    daemon = TagdProcess(
+        [
+            "--engine",
+            str(model),
+            "--input",
+            f"zmq+pull://127.0.0.1:{port}",
+            "--publish",
+            "tcp://127.0.0.1:*",
+            "--metrics",
+            "127.0.0.1:0",
+            "--hop",
+            "0.05",
+            "--max-batch",
+            "2",
+            "--max-wait-ms",
+            "0",
+        ]
+    )
     daemon.wait_ready()
     context = zmq.Context()
     subscriber = context.socket(zmq.SUB)
@@ -226,8 +293,16 @@ def test_check_config_fails_like_serve_on_a_missing_file_input(export_model, tmp
     model = str(export_model("fcn4", **SHORT_FCN))
     url = f"file://{tmp_path / 'gone.wav'}?stream=radio1"
     check = run_serve("--engine", model, "--input", url, "--check-config")
-    serve = run_serve("--engine", model, "--input", url, "--metrics", "127.0.0.1:0",
-                      "--publish", "tcp://127.0.0.1:*")  # fmt: skip
+    serve = run_serve(
+        "--engine",
+        model,
+        "--input",
+        url,
+        "--metrics",
+        "127.0.0.1:0",
+        "--publish",
+        "tcp://127.0.0.1:*",
+    )
     assert check.returncode == serve.returncode == 2
     reason = f"tagd serve: input radio1: no such file: {tmp_path / 'gone.wav'}"
     assert check.stderr.splitlines()[0] == serve.stderr.splitlines()[0] == reason

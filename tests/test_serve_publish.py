@@ -110,11 +110,20 @@ def test_metric_names_follow_prometheus_conventions():
         if metric.type == "histogram" and metric.name != "tagd_batch_size":
             assert metric.name.endswith("_seconds")
     assert {
-        "tagd_end_to_end_latency_seconds", "tagd_ingest_delay_seconds", "tagd_queue_wait_seconds", "tagd_inference_seconds",
-        "tagd_batch_size", "tagd_windows_published", "tagd_windows_dropped", "tagd_publish_dropped",
-        "tagd_audio_received_seconds", "tagd_stream_gaps", "tagd_malformed_messages",
-        "tagd_active_streams", "tagd_engine",
-    } <= names  # fmt: skip
+        "tagd_end_to_end_latency_seconds",
+        "tagd_ingest_delay_seconds",
+        "tagd_queue_wait_seconds",
+        "tagd_inference_seconds",
+        "tagd_batch_size",
+        "tagd_windows_published",
+        "tagd_windows_dropped",
+        "tagd_publish_dropped",
+        "tagd_audio_received_seconds",
+        "tagd_stream_gaps",
+        "tagd_malformed_messages",
+        "tagd_active_streams",
+        "tagd_engine",
+    } <= names
 
 
 TOPICS_DOC = Path(__file__).resolve().parents[1] / "docs" / "topics.md"
@@ -163,13 +172,29 @@ def paths(value, prefix: str = "") -> set[str]:
 
 
 def test_message_shapes_match_docs_topics():
-    card = ModelCard(name="m", architecture="fcn4", sample_rate=100, window_samples=100,
-                     hop_samples=50, tags=["rock", "jazz"], thresholds=[0.5, 0.5])  # fmt: skip
+    card = ModelCard(
+        name="m",
+        architecture="fcn4",
+        sample_rate=100,
+        window_samples=100,
+        hop_samples=50,
+        tags=["rock", "jazz"],
+        thresholds=[0.5, 0.5],
+    )
     tagger = Tagger(card, on_after=1)
     window = ReadyWindow("radio1", 4, 1, 200, np.zeros(100, np.float32), Arrival(1000.0, 0.0))
     prediction = tagger.update(window, [0.9, 0.1])
-    message = tags_message(prediction, card, captured_at=1000.0, published_at=1000.05, ingest_ms=8,
-                           queue_ms=10, inference_ms=30, total_ms=50, batch_size=2)  # fmt: skip
+    message = tags_message(
+        prediction,
+        card,
+        captured_at=1000.0,
+        published_at=1000.05,
+        ingest_ms=8,
+        queue_ms=10,
+        inference_ms=30,
+        total_ms=50,
+        batch_size=2,
+    )
     assert message == {
         "schema": 1,
         "stream": "radio1",
@@ -236,7 +261,9 @@ def test_the_publishers_monitor_thread_counts_a_subscriber_leaving_while_nothing
     subscriber.connect(publisher.address)
     wait_for(lambda: b"tags." in publisher.read_subscriptions(), "the subscription")
     subscriber.close(linger=0)
-    wait_for(lambda: metrics.sample("tagd_peer_disconnects_total", {"socket": "publish"}),
-             "the disconnect to be counted")  # fmt: skip
+    wait_for(
+        lambda: metrics.sample("tagd_peer_disconnects_total", {"socket": "publish"}),
+        "the disconnect to be counted",
+    )
     publisher.close()
     assert not any(t.name == "tagd-publish-monitor" for t in threading.enumerate())

@@ -93,8 +93,9 @@ def secured(fcn: Path, keys: Path, inputs: list[str]) -> ServeConfig:
 def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
     fcn = export_model("fcn4", **SHORT_FCN)
     with socket_port() as pull_port, socket_port() as pub_port:
-        config = secured(fcn, keys, [f"zmq+pull://127.0.0.1:{pull_port}",
-                                     f"zmq+sub://127.0.0.1:{pub_port}"])  # fmt: skip
+        config = secured(
+            fcn, keys, [f"zmq+pull://127.0.0.1:{pull_port}", f"zmq+sub://127.0.0.1:{pub_port}"]
+        )
     context = zmq.Context()
     # a producer that binds a PUB for tagd's zmq+sub input: a CURVE client all the same
     publisher = curve_client(context.socket(zmq.XPUB), keys, "producer")
@@ -120,30 +121,57 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
             producers[name or "plain"] = socket
         soundfile.write(keys / "example.wav", make_music(2.5, RATE, seed=9), RATE)
         example = subprocess.Popen(
-            [sys.executable, str(REPO / "examples" / "producer.py"),
-             f"tcp://127.0.0.1:{pull_port}", f"from_example={keys / 'example.wav'}"],
-            env={**os.environ, "TAGD_SERVER_KEY": str(keys / "server.key"),
-                 "TAGD_CLIENT_KEY": str(keys / "producer.key_secret")},
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(REPO / "examples" / "producer.py"),
+                f"tcp://127.0.0.1:{pull_port}",
+                f"from_example={keys / 'example.wav'}",
+            ],
+            env={
+                **os.environ,
+                "TAGD_SERVER_KEY": str(keys / "server.key"),
+                "TAGD_CLIENT_KEY": str(keys / "producer.key_secret"),
+            },
+        )
         listen = subprocess.Popen(
-            [sys.executable, "-m", "tagd.cli", "listen", server.publish_address, "--count", "1",
-             "--timeout", "30", "--server-key", str(keys / "server.key"),
-             "--key", str(keys / "subscriber.key_secret")],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tagd.cli",
+                "listen",
+                server.publish_address,
+                "--count",
+                "1",
+                "--timeout",
+                "30",
+                "--server-key",
+                str(keys / "server.key"),
+                "--key",
+                str(keys / "subscriber.key_secret"),
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert publisher.poll(5000) and publisher.recv() == b"\x01"  # tagd's SUB got in
         sample = server.metrics.sample
 
         def refused(socket_label: str, reasons: tuple[str, ...]) -> float:
-            return sum(sample("tagd_handshake_failures_total",
-                              {"socket": socket_label, "reason": r}) or 0 for r in reasons)  # fmt: skip
+            return sum(
+                sample("tagd_handshake_failures_total", {"socket": socket_label, "reason": r}) or 0
+                for r in reasons
+            )
 
         for socket_label in (
             f"127.0.0.1:{pull_port}",
             "publish",
         ):  # the intruder and the plain peer
-            wait_for(lambda label=socket_label: refused(label, ("auth",)) >= 1
-                     and refused(label, ("protocol", "other")) >= 1, f"refusals on {socket_label}")  # fmt: skip
+            wait_for(
+                lambda label=socket_label: (
+                    refused(label, ("auth",)) >= 1 and refused(label, ("protocol", "other")) >= 1
+                ),
+                f"refusals on {socket_label}",
+            )
         for name, socket in producers.items():
             try:  # a refused PUSH may have no connection to queue on: do not wait for one
                 socket.setsockopt(zmq.SNDTIMEO, 1000)
@@ -177,10 +205,12 @@ def test_only_allowed_producers_and_subscribers_get_through(export_model, keys):
         status, text = scrape(server)
         names = sorted(server.hub.names())
         failures = {
-            (labels, reason): sample("tagd_handshake_failures_total", {"socket": labels, "reason": reason})
+            (labels, reason): sample(
+                "tagd_handshake_failures_total", {"socket": labels, "reason": reason}
+            )
             for labels in (f"127.0.0.1:{pull_port}", "publish")
             for reason in ("auth", "protocol", "other")
-        }  # fmt: skip
+        }
         for socket in [*subscribers.values(), *producers.values(), publisher]:
             socket.close(linger=0)
     context.term()
@@ -205,9 +235,11 @@ def test_security_config_checks_keys_and_refuses_curve_for_ffmpeg_inputs(keys, t
     toml = tmp_path / "tagd.toml"
 
     def write(extra: str, url: str = raw) -> None:
-        toml.write_text(f'engine = "m.onnx"\ninputs = ["{url}"]\n[security]\n'
-                        f'curve_server_secret = "{keys}/server.key_secret"\n'
-                        f'curve_allowed_clients = "{keys}/clients"\n{extra}')  # fmt: skip
+        toml.write_text(
+            f'engine = "m.onnx"\ninputs = ["{url}"]\n[security]\n'
+            f'curve_server_secret = "{keys}/server.key_secret"\n'
+            f'curve_allowed_clients = "{keys}/clients"\n{extra}'
+        )
 
     write("")
     with pytest.raises(ConfigError, match=r"inputs\[0\].curve: .*ffmpeg's zmq output cannot"):
@@ -218,16 +250,22 @@ def test_security_config_checks_keys_and_refuses_curve_for_ffmpeg_inputs(keys, t
     write("", "zmq+pull://127.0.0.1:5571")
     config = load_config(toml)
     assert config.inputs[0].uses_curve(config.security)
-    toml.write_text('engine = "m.onnx"\ninputs = ["zmq+pull://127.0.0.1:1"]\n[security]\n'
-                    'curve_server_secret = "nowhere.key_secret"\n')  # fmt: skip
+    toml.write_text(
+        'engine = "m.onnx"\ninputs = ["zmq+pull://127.0.0.1:1"]\n[security]\n'
+        'curve_server_secret = "nowhere.key_secret"\n'
+    )
     with pytest.raises(ConfigError, match="needs both"):
         load_config(toml)
-    toml.write_text('engine = "m.onnx"\ninputs = ["zmq+pull://127.0.0.1:1"]\n[security]\n'
-                    'curve_server_secret = "nowhere.key_secret"\ncurve_allowed_clients = "none/"\n')  # fmt: skip
+    toml.write_text(
+        'engine = "m.onnx"\ninputs = ["zmq+pull://127.0.0.1:1"]\n[security]\n'
+        'curve_server_secret = "nowhere.key_secret"\ncurve_allowed_clients = "none/"\n'
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(toml)
     assert [p.split(":")[0] for p in caught.value.problems] == [
-        "security.curve_server_secret", "security.curve_allowed_clients"]  # fmt: skip
+        "security.curve_server_secret",
+        "security.curve_allowed_clients",
+    ]
 
 
 def test_a_public_key_given_as_the_server_secret_fails_start_with_one_line(export_model, keys):

@@ -133,10 +133,13 @@ def test_an_mp3_is_served_as_tagd_tag_decodes_it(tmp_path, channels):
     block reads garble granules at some block boundaries (by up to 1.2 on this file in
     20 ms blocks). The windows equal those of a whole-file read, channels averaged."""
     wav, mp3 = tmp_path / "in.wav", tmp_path / "jingle.mp3"
-    music = np.stack([drum_hits(6.0, 16_000, seed=c) / (1 + 2 * c) for c in range(channels)], axis=1)  # fmt: skip
+    music = np.stack(
+        [drum_hits(6.0, 16_000, seed=c) / (1 + 2 * c) for c in range(channels)], axis=1
+    )
     soundfile.write(wav, music, 16_000)
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), "-q:a", "4", str(mp3)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-i", str(wav), "-q:a", "4", str(mp3)], check=True
+    )
     whole, rate = soundfile.read(mp3, dtype="float32", always_2d=True)  # no block boundaries
     windows, _, _ = run_file_source(f"file://{mp3}?realtime=0&chunk_ms=20")
     want = expected(whole.mean(axis=1), rate)

@@ -158,12 +158,26 @@ def test_memory_deny_write_execute_is_a_one_line_startup_error_naming_the_drop_i
     raw.write_bytes(np.zeros(48_000 * 2, dtype="<i2").tobytes())
     asoundrc(tmp_path, raw)
     result = subprocess.run(
-        [sys.executable, "-c", UNDER_MDWE, "serve", "--engine", str(model), "--input",
-         "soundcard://tagdtest?rate=48000&channels=2&format=s16le&stream=studio",
-         "--metrics", "off", "--publish", "tcp://127.0.0.1:*"],
+        [
+            sys.executable,
+            "-c",
+            UNDER_MDWE,
+            "serve",
+            "--engine",
+            str(model),
+            "--input",
+            "soundcard://tagdtest?rate=48000&channels=2&format=s16le&stream=studio",
+            "--metrics",
+            "off",
+            "--publish",
+            "tcp://127.0.0.1:*",
+        ],
         env={**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if result.returncode == 77:
         pytest.skip("this kernel has no PR_SET_MDWE")
     assert result.returncode == 2, result.stderr

@@ -54,8 +54,14 @@ def context():
 def start_source(url: str, context: zmq.Context, **limits):
     collector, metrics = Collector(), Metrics()
     limits = LimitsConfig(**{"max_streams": 8, **limits})
-    hub = StreamHub(GEOMETRY, collector, metrics, max_streams=limits.max_streams,
-                    idle_after_s=limits.idle_after_s, evict_after_s=0)  # fmt: skip
+    hub = StreamHub(
+        GEOMETRY,
+        collector,
+        metrics,
+        max_streams=limits.max_streams,
+        idle_after_s=limits.idle_after_s,
+        evict_after_s=0,
+    )
     source = make_source(parse_input(url), hub, metrics, context, limits)
     source.open()
     source.start()
@@ -192,12 +198,12 @@ BAD_MESSAGES = {
         [b"s", header(rate=5), b"xx"],
         [b"s", header(rate=10**9), b"xx"],
         [b"s", header(rate="44100"), b"xx"],
-    ],  # fmt: skip
+    ],
     "channels": [
         [b"s", header(channels=True), b"xx"],
         [b"s", header(channels=0), b"xx"],
         [b"s", header(channels=65), b"xx"],
-    ],  # fmt: skip
+    ],
     "pcm": [[b"s", header(), b""], [b"s", header(), b"xxx"], [b"s", header(format="f32le"), b"xx"]],
 }
 

@@ -96,8 +96,13 @@ def test_a_window_records_when_its_last_sample_arrived_not_when_soxr_released_it
     payload = stereo_s16le(3.0)
     completed_by: list[int] = []  # for each window, the message that completed it
     for index, start in enumerate(range(0, len(payload), frames * 4)):
-        emitted = stream.push_pcm(payload[start : start + frames * 4], "s16le", SOURCE_RATE, 2,
-                                  Arrival(1000.0 + index, float(index)))  # fmt: skip
+        emitted = stream.push_pcm(
+            payload[start : start + frames * 4],
+            "s16le",
+            SOURCE_RATE,
+            2,
+            Arrival(1000.0 + index, float(index)),
+        )
         completed_by += [index] * emitted
     assert len(windows) >= 5
     for window, completing in zip(windows, completed_by, strict=True):
@@ -119,8 +124,13 @@ def test_capture_times_follow_the_stream_across_a_restart():
     payload = stereo_s16le(1.0, seed=3)
     step = int(SOURCE_RATE * seconds) * 4
     for index, start in enumerate(range(0, len(payload), step)):
-        stream.push_pcm(payload[start : start + step], "s16le", SOURCE_RATE, 2,
-                        Arrival(100.0 + index, 5.0 + index * seconds))  # fmt: skip
+        stream.push_pcm(
+            payload[start : start + step],
+            "s16le",
+            SOURCE_RATE,
+            2,
+            Arrival(100.0 + index, 5.0 + index * seconds),
+        )
     again = windows[first_epoch:]
     assert len(again) >= 2 and again[0].epoch != windows[0].epoch
     restart = again[0].end - GEOMETRY.window_samples  # the new epoch's first sample
@@ -199,7 +209,9 @@ def test_repeats_and_late_messages_are_refused_before_touching_the_stream():
 def test_seq_from_0_again_is_a_producer_restart_spliced_like_a_short_silence():
     stream, windows, metrics = collect(idle_after_s=5.0)
     for seq in range(5):
-        stream.push_pcm(stereo_s16le(0.2, seed=seq), "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=seq)  # fmt: skip
+        stream.push_pcm(
+            stereo_s16le(0.2, seed=seq), "s16le", SOURCE_RATE, 2, Arrival(0.0, 0.0), seq=seq
+        )
     epoch, emitted = stream.epoch, len(windows)
     stream.push_pcm(stereo_s16le(0.2, seed=9), "s16le", SOURCE_RATE, 2, Arrival(1.0, 1.0), seq=0)
     assert stream.epoch == epoch  # not refused as a repeat, and the window goes on
@@ -239,8 +251,10 @@ def test_nan_inf_and_out_of_range_float_samples_are_cleaned_and_counted():
     for got, expected in zip(windows, want, strict=True):
         assert np.all(np.isfinite(got.samples))
         np.testing.assert_array_equal(got.samples, expected.samples)
-    cleaned = {k: metrics.sample("tagd_samples_cleaned_total", {"stream": "s", "kind": k})
-               for k in ("nonfinite", "out_of_range")}  # fmt: skip
+    cleaned = {
+        k: metrics.sample("tagd_samples_cleaned_total", {"stream": "s", "kind": k})
+        for k in ("nonfinite", "out_of_range")
+    }
     assert cleaned == {"nonfinite": 4, "out_of_range": 3}
 
 
@@ -344,8 +358,15 @@ def simulate(
 
 
 def spread_hub(windows: list[ReadyWindow]) -> StreamHub:
-    return StreamHub(SPREAD, windows.append, Metrics(), max_streams=8, idle_after_s=5.0,
-                     evict_after_s=0, spread_phases=True)  # fmt: skip
+    return StreamHub(
+        SPREAD,
+        windows.append,
+        Metrics(),
+        max_streams=8,
+        idle_after_s=5.0,
+        evict_after_s=0,
+        spread_phases=True,
+    )
 
 
 def test_live_streams_in_step_are_spread_over_the_hop():

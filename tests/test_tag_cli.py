@@ -17,8 +17,10 @@ from tagd.windowing import clip_windows
 def run_tag(*args):
     return subprocess.run(
         [sys.executable, "-m", "tagd.cli", "tag", *map(str, args)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,20 +106,35 @@ def test_exported_full_size_fcn4_tags_a_song_an_mtt_clip_and_a_jingle(songs, tmp
     model = tmp_path / "fcn4.onnx"
     export = subprocess.run(
         [sys.executable, "-m", "trainer.cli", "export", "--model", "fcn4", "--out", str(model)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert export.returncode == 0, export.stderr
     long_song = tmp_path / "long.mp3"
     subprocess.run(
-        ["ffmpeg", "-v", "error", "-stream_loop", "4", "-i", str(songs["mp3"]), "-t", "35", str(long_song)],
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-stream_loop",
+            "4",
+            "-i",
+            str(songs["mp3"]),
+            "-t",
+            "35",
+            str(long_song),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     # a MagnaTagATune-length clip (29.1 s, 20 ms short of a window), a 10 s jingle, a 5 s sting
     clips = {}
     for name, seconds in (("mtt", 29.1), ("jingle", 10.0), ("sting", 5.0)):
         clips[name] = tmp_path / f"{name}.wav"
         soundfile.write(clips[name], music(seconds, 12_000, seed=3), 12_000)
-    result = run_tag(long_song, clips["mtt"], clips["jingle"], clips["sting"], "--engine", model, "--json")  # fmt: skip
+    result = run_tag(
+        long_song, clips["mtt"], clips["jingle"], clips["sting"], "--engine", model, "--json"
+    )
     assert result.returncode == 1  # the sting
     records = {Path(r["file"]).stem: r for r in map(json.loads, result.stdout.splitlines())}
     assert records["long"]["model"].startswith("fcn4")

@@ -279,9 +279,18 @@ def test_finetune_to_station_tags_keeps_frozen_blocks(trained, tmp_path):
 
 
 def test_every_recipe_override_reaches_the_resolved_run():
-    overrides = dict(optimizer="sgd", epochs=3, batch_size=5, lr=0.5, patience=7,
-                     max_lr_drops=9, schedule="plateau", crop="loop",
-                     crops_per_clip=3, min_epoch_examples=0)  # fmt: skip
+    overrides = dict(
+        optimizer="sgd",
+        epochs=3,
+        batch_size=5,
+        lr=0.5,
+        patience=7,
+        max_lr_drops=9,
+        schedule="plateau",
+        crop="loop",
+        crops_per_clip=3,
+        min_epoch_examples=0,
+    )
     resolved = TrainConfig(data="d", out="o", recipe="fcn", **overrides).resolved()
     assert {key: resolved[key] for key in overrides} == overrides
     assert TrainConfig(data="d", out="o", recipe="samplecnn").resolved()["schedule"] == "cosine"

@@ -112,8 +112,18 @@ def test_manifest_end_to_end_and_finetune(mtt_run, tmp_path):
     invoke(
         "synthetic", tmp_path / "station", "--layout", "manifest", "--clips", "40", "--seconds", "2"
     )
-    invoke("prepare", "--manifest", tmp_path / "station" / "manifest.csv", "--sample-rate", "22050",
-           "--out", tmp_path / "prepared", "--workers", "1", "--no-progress")  # fmt: skip
+    invoke(
+        "prepare",
+        "--manifest",
+        tmp_path / "station" / "manifest.csv",
+        "--sample-rate",
+        "22050",
+        "--out",
+        tmp_path / "prepared",
+        "--workers",
+        "1",
+        "--no-progress",
+    )
     invoke(
         "train",
         tmp_path / "prepared",
@@ -125,8 +135,20 @@ def test_manifest_end_to_end_and_finetune(mtt_run, tmp_path):
         tmp_path / "run",
     )
     invoke("evaluate", tmp_path / "run" / "best.pt", tmp_path / "prepared", "--no-progress")
-    invoke("finetune", mtt_root / "run" / "best.pt", tmp_path / "prepared", "--freeze", "stem",
-           "--lr-group", "blocks.0=1e-5", "--epochs", "1", "--no-progress", "--out", tmp_path / "tuned")  # fmt: skip
+    invoke(
+        "finetune",
+        mtt_root / "run" / "best.pt",
+        tmp_path / "prepared",
+        "--freeze",
+        "stem",
+        "--lr-group",
+        "blocks.0=1e-5",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--out",
+        tmp_path / "tuned",
+    )
     result = invoke(
         "export",
         tmp_path / "run" / "best.pt",
@@ -159,13 +181,41 @@ def test_prepare_msd_lists(tmp_path):
         for split in ("train", "valid", "test")
         for arg in ("--msd-split", f"{split}={tmp_path / split}.txt")
     ]
-    invoke("prepare", "--msd-audio", tmp_path / "audio.tsv", "--msd-tags", tmp_path / "tags.tsv", *splits,
-           "--sample-rate", "8000", "--workers", "1", "--out", tmp_path / "prepared", "--no-progress")  # fmt: skip
+    invoke(
+        "prepare",
+        "--msd-audio",
+        tmp_path / "audio.tsv",
+        "--msd-tags",
+        tmp_path / "tags.tsv",
+        *splits,
+        "--sample-rate",
+        "8000",
+        "--workers",
+        "1",
+        "--out",
+        tmp_path / "prepared",
+        "--no-progress",
+    )
     data = PreparedData(tmp_path / "prepared")
     assert data.sample_rate == 8000 and len(data.clips) == 6
     assert {clip.clip_id: clip.split for clip in data.clips}["TR4"] == "valid"
-    assert "expected SPLIT=FILE" in invoke("prepare", "--msd-audio", "a", "--msd-tags", "b", "--msd-split", "x",
-                                           "--sample-rate", "8000", "--out", tmp_path / "o", code=2).output  # fmt: skip
+    assert (
+        "expected SPLIT=FILE"
+        in invoke(
+            "prepare",
+            "--msd-audio",
+            "a",
+            "--msd-tags",
+            "b",
+            "--msd-split",
+            "x",
+            "--sample-rate",
+            "8000",
+            "--out",
+            tmp_path / "o",
+            code=2,
+        ).output
+    )
 
 
 def test_export_untrained_model_by_name(tmp_path):
@@ -249,19 +299,54 @@ def test_preparing_no_clip_fails_and_says_where_it_looked(tmp_path):
     (tmp_path / "csv-only").mkdir()
     csv = tmp_path / "csv-only" / "annotations_final.csv"
     csv.write_bytes((tmp_path / "mtt" / "annotations_final.csv").read_bytes())
-    result = invoke("prepare", "--mtt", csv, "--sample-rate", "16000", "--out", tmp_path / "p",
-                    "--no-progress", code=1)  # fmt: skip
+    result = invoke(
+        "prepare",
+        "--mtt",
+        csv,
+        "--sample-rate",
+        "16000",
+        "--out",
+        tmp_path / "p",
+        "--no-progress",
+        code=1,
+    )
     assert "prepared no clips: all 7 were skipped (7 unreadable)" in result.output
     assert f"under {tmp_path / 'csv-only'}" in result.output and "--audio-dir" in result.output
-    invoke("prepare", "--mtt", csv, "--audio-dir", tmp_path / "mtt", "--sample-rate", "16000",
-           "--out", tmp_path / "p", "--no-progress")  # fmt: skip
+    invoke(
+        "prepare",
+        "--mtt",
+        csv,
+        "--audio-dir",
+        tmp_path / "mtt",
+        "--sample-rate",
+        "16000",
+        "--out",
+        tmp_path / "p",
+        "--no-progress",
+    )
 
 
 def test_synthetic_rendered_clips_are_tagged_music_and_speech(tmp_path):
     pytest.importorskip("trainer.data.rendered").check_tools()
-    invoke("synthetic", tmp_path / "r", "--kind", "rendered", "--clips", "6", "--seconds", "3",
-           "--format", "wav", "--jobs", "2", "--no-progress", "--layout", "mtt",
-           "--recordings", "none")  # fmt: skip
+    invoke(
+        "synthetic",
+        tmp_path / "r",
+        "--kind",
+        "rendered",
+        "--clips",
+        "6",
+        "--seconds",
+        "3",
+        "--format",
+        "wav",
+        "--jobs",
+        "2",
+        "--no-progress",
+        "--layout",
+        "mtt",
+        "--recordings",
+        "none",
+    )
     rows = list(
         csv_module.reader((tmp_path / "r" / "annotations_final.csv").open(), delimiter="\t")
     )
@@ -271,9 +356,25 @@ def test_synthetic_rendered_clips_are_tagged_music_and_speech(tmp_path):
     audio, rate = soundfile.read(tmp_path / "r" / clips[0][-1])
     assert rate == 16_000 and len(audio) == 3 * 16_000 and np.abs(audio).max() > 0.01
     # the same seed renders the same clips with any number of jobs
-    invoke("synthetic", tmp_path / "again", "--kind", "rendered", "--clips", "6", "--seconds", "3",
-           "--format", "wav", "--jobs", "1", "--no-progress", "--layout", "mtt",
-           "--recordings", "none")  # fmt: skip
+    invoke(
+        "synthetic",
+        tmp_path / "again",
+        "--kind",
+        "rendered",
+        "--clips",
+        "6",
+        "--seconds",
+        "3",
+        "--format",
+        "wav",
+        "--jobs",
+        "1",
+        "--no-progress",
+        "--layout",
+        "mtt",
+        "--recordings",
+        "none",
+    )
     again = (tmp_path / "again" / "annotations_final.csv").read_text()
     assert again == (tmp_path / "r" / "annotations_final.csv").read_text()
     for row in clips:
@@ -298,9 +399,23 @@ def _rendering_with_recordings():
 def test_synthetic_rendered_with_real_recordings_writes_partial_labels_and_origins(tmp_path):
     rendered, recordings = _rendering_with_recordings()
     packages = f"{recordings.SMALL_TRAIN_SPEECH},{recordings.SMALL_TRAIN_MUSIC}"
-    result = invoke("synthetic", tmp_path / "r", "--kind", "rendered", "--clips", "24",
-                    "--seconds", "3", "--format", "wav", "--no-progress",
-                    "--soundfonts", "fluidr3", "--recordings", packages)  # fmt: skip
+    result = invoke(
+        "synthetic",
+        tmp_path / "r",
+        "--kind",
+        "rendered",
+        "--clips",
+        "24",
+        "--seconds",
+        "3",
+        "--format",
+        "wav",
+        "--no-progress",
+        "--soundfonts",
+        "fluidr3",
+        "--recordings",
+        packages,
+    )
     assert "real speech from " + recordings.SMALL_TRAIN_SPEECH in result.output
     rows = list(csv_module.DictReader((tmp_path / "r" / "manifest.csv").open()))
     assert len(rows) == 24
@@ -313,17 +428,36 @@ def test_synthetic_rendered_with_real_recordings_writes_partial_labels_and_origi
     assert all(r["known"] == "" for r in rows if r not in real_music)
     assert all("speech" in r["tags"].split(";") for r in real_voice)
     assert {r["soundfont"] for r in rows} <= {"", "fluidr3"} and all(r["chain"] for r in rows)
-    invoke("prepare", "--manifest", tmp_path / "r" / "manifest.csv", "--sample-rate", "16000",
-           "--out", tmp_path / "p", "--no-progress")  # fmt: skip
+    invoke(
+        "prepare",
+        "--manifest",
+        tmp_path / "r" / "manifest.csv",
+        "--sample-rate",
+        "16000",
+        "--out",
+        tmp_path / "p",
+        "--no-progress",
+    )
     index = json.loads((tmp_path / "p" / "index.json").read_text())
     assert sum(1 for clip in index["clips"] if clip.get("unknown")) == len(real_music)
 
 
 def test_mtt_layout_refuses_partial_labels(tmp_path):
     rendered, recordings = _rendering_with_recordings()
-    result = invoke("synthetic", tmp_path / "r", "--kind", "rendered", "--clips", "2",
-                    "--layout", "mtt", "--recordings", recordings.SMALL_TRAIN_MUSIC,
-                    "--no-progress", code=1)  # fmt: skip
+    result = invoke(
+        "synthetic",
+        tmp_path / "r",
+        "--kind",
+        "rendered",
+        "--clips",
+        "2",
+        "--layout",
+        "mtt",
+        "--recordings",
+        recordings.SMALL_TRAIN_MUSIC,
+        "--no-progress",
+        code=1,
+    )
     assert "only the manifest layout holds" in result.output
 
 
@@ -332,15 +466,32 @@ def test_recordings_writes_a_held_out_set_that_evaluate_matches_by_tag_name(mtt_
     if shutil.which("apt-get") is None:
         pytest.skip("real recordings come from Debian packages through apt-get")
     assert "| asterisk-prompt-es-co | speech | heldout |" in invoke("recordings", "--list").output
-    result = invoke("recordings", tmp_path / "real", "--packages", recordings.SMALL_HELDOUT_SPEECH,
-                    "--seconds", "5", "--max-clips-per-package", "3", "--no-progress")  # fmt: skip
+    result = invoke(
+        "recordings",
+        tmp_path / "real",
+        "--packages",
+        recordings.SMALL_HELDOUT_SPEECH,
+        "--seconds",
+        "5",
+        "--max-clips-per-package",
+        "3",
+        "--no-progress",
+    )
     assert "wrote 3 clips of 1 packages" in result.output
     rows = list(csv_module.DictReader((tmp_path / "real" / "manifest.csv").open()))
     assert [r["split"] for r in rows] == ["test"] * 3
     assert all(r["tags"] == "speech" and r["known"] == "speech;instrumental" for r in rows)
     assert all(r["package"] == recordings.SMALL_HELDOUT_SPEECH and r["version"] for r in rows)
-    invoke("prepare", "--manifest", tmp_path / "real" / "manifest.csv", "--model", "samplecnn",
-           "--out", tmp_path / "p", "--no-progress")  # fmt: skip
+    invoke(
+        "prepare",
+        "--manifest",
+        tmp_path / "real" / "manifest.csv",
+        "--model",
+        "samplecnn",
+        "--out",
+        tmp_path / "p",
+        "--no-progress",
+    )
     root, _, _ = mtt_run  # tones: bass, lead, … and no speech
     result = invoke("evaluate", root / "run" / "best.pt", tmp_path / "p", "--no-progress", code=1)
     assert "has none of the model's tags" in result.output

@@ -154,8 +154,23 @@ def main(verbose: bool, quiet: bool) -> None:
 )
 @click.option("--no-progress", is_flag=True)
 @friendly_errors
-def prepare(mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, manifest, out_dir,
-            model_name, sample_rate, n_tags, workers, clips_per_shard, min_seconds, no_progress):  # fmt: skip
+def prepare(
+    mtt,
+    audio_dir,
+    split_file,
+    msd_audio,
+    msd_tags,
+    msd_splits,
+    manifest,
+    out_dir,
+    model_name,
+    sample_rate,
+    n_tags,
+    workers,
+    clips_per_shard,
+    min_seconds,
+    no_progress,
+):
     """Decode a dataset once into int16 shards at the model's sample rate (resumable)."""
     from trainer.data.prepare import prepare as run_prepare
 
@@ -178,9 +193,14 @@ def prepare(mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, manifes
     )
     click.echo(labelled.summary(), err=True)
     report = run_prepare(
-        labelled, out_dir, sample_rate, workers=workers, clips_per_shard=clips_per_shard,
-        min_seconds=min_seconds, progress=not no_progress,
-    )  # fmt: skip
+        labelled,
+        out_dir,
+        sample_rate,
+        workers=workers,
+        clips_per_shard=clips_per_shard,
+        min_seconds=min_seconds,
+        progress=not no_progress,
+    )
     click.echo(report.summary())
     if report.skipped:
         click.echo(f"skipped files are listed in {out_dir / 'skipped.csv'}")
@@ -273,9 +293,20 @@ def _load_labelled(mtt, audio_dir, split_file, msd_audio, msd_tags, msd_splits, 
 @click.option("--no-progress", is_flag=True)
 @friendly_errors
 def synthetic(
-    out_dir, kind, layout, clips, seconds, sample_rate, seed, audio_format, jobs,
-    soundfonts, recordings, chain, no_progress,
-):  # fmt: skip
+    out_dir,
+    kind,
+    layout,
+    clips,
+    seconds,
+    sample_rate,
+    seed,
+    audio_format,
+    jobs,
+    soundfonts,
+    recordings,
+    chain,
+    no_progress,
+):
     """Write a labelled dataset the project makes itself: to try the pipeline, or to train on."""
     if kind == "rendered":
         from trainer.data import rendered
@@ -315,7 +346,9 @@ def synthetic(
     help="heldout (the packages no recipe trains on), train, or package names, comma-separated.",
 )
 @click.option("--list", "show", is_flag=True, help="Print the catalog of packages and exit.")
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=29.1, show_default=True)  # fmt: skip
+@click.option(
+    "--seconds", type=click.FloatRange(min=0, min_open=True), default=29.1, show_default=True
+)
 @click.option("--sample-rate", type=int, default=16_000, show_default=True)
 @click.option(
     "--max-clips-per-package",
@@ -331,7 +364,9 @@ def synthetic(
 )
 @click.option("--no-progress", is_flag=True)
 @friendly_errors
-def recordings(out_dir, packages, show, seconds, sample_rate, max_clips_per_package, split, no_progress):  # fmt: skip
+def recordings(
+    out_dir, packages, show, seconds, sample_rate, max_clips_per_package, split, no_progress
+):
     """Real speech and music from Debian packages as a labelled set (a CSV manifest).
 
     Packages are fetched with `apt-get download` into the cache ($TAGD_CACHE, else
@@ -346,7 +381,9 @@ def recordings(out_dir, packages, show, seconds, sample_rate, max_clips_per_pack
         click.echo("|---|---|---|---|---|---|")
         for name, p in catalog.PACKAGES.items():
             instrumental = {True: "yes", False: "no", None: "unknown"}[p.instrumental]
-            click.echo(f"| {name} | {p.kind} | {p.role} | {instrumental} | {p.licence} | {p.note} |")  # fmt: skip
+            click.echo(
+                f"| {name} | {p.kind} | {p.role} | {instrumental} | {p.licence} | {p.note} |"
+            )
         return
     if out_dir is None:
         raise click.UsageError("give the folder to write the set to (or --list)")
@@ -355,11 +392,17 @@ def recordings(out_dir, packages, show, seconds, sample_rate, max_clips_per_pack
     else:
         names = [name.strip() for name in packages.split(",") if name.strip()]
     manifest = catalog.write_recordings_set(
-        out_dir, names, seconds=seconds, sample_rate=sample_rate,
-        max_clips_per_package=max_clips_per_package, progress=not no_progress,
+        out_dir,
+        names,
+        seconds=seconds,
+        sample_rate=sample_rate,
+        max_clips_per_package=max_clips_per_package,
+        progress=not no_progress,
         split="" if split == "none" else split,
-    )  # fmt: skip
-    click.echo(f"wrote {sum(1 for _ in manifest.open()) - 1} clips of {len(names)} packages: {manifest}")  # fmt: skip
+    )
+    click.echo(
+        f"wrote {sum(1 for _ in manifest.open()) - 1} clips of {len(names)} packages: {manifest}"
+    )
 
 
 # -- training ----------------------------------------------------------------------------------------
@@ -557,10 +600,17 @@ def evaluate(
     from trainer.evaluate import evaluate_checkpoint
 
     evaluation, files, _ = evaluate_checkpoint(
-        checkpoint, data_dir, out_dir, split=split, update_checkpoint=not no_update,
-        roc_tags=list(roc_tags) or None, hop_samples=hop, batch_size=batch_size,
-        device=device, progress=not no_progress,
-    )  # fmt: skip
+        checkpoint,
+        data_dir,
+        out_dir,
+        split=split,
+        update_checkpoint=not no_update,
+        roc_tags=list(roc_tags) or None,
+        hop_samples=hop,
+        batch_size=batch_size,
+        device=device,
+        progress=not no_progress,
+    )
     s = evaluation.summary
     click.echo(
         f"{split}: macro ROC-AUC {s['roc_auc_macro']:.4f}, macro PR-AUC {s['pr_auc_macro']:.4f}, "
@@ -599,9 +649,18 @@ def evaluate(
 )
 @friendly_errors
 def export(
-    checkpoint, model_name, n_tags, tags_file, hparams, seed, out_path, name, opset, no_check,
+    checkpoint,
+    model_name,
+    n_tags,
+    tags_file,
+    hparams,
+    seed,
+    out_path,
+    name,
+    opset,
+    no_check,
     incremental_hops,
-):  # fmt: skip
+):
     """Write ONNX with the model card (tags, thresholds, scores) inside.
 
     For an FCN, the incremental graphs that `tagd serve` and `tagd tag` use to score each
@@ -626,8 +685,9 @@ def export(
         model = create_model(model_name, len(tags) if tags else n_tags, **parse_hparams(hparams))
         card = card_for_model(model, name=name, tags=tags)
     hops = tuple(round(seconds * model.sample_rate) for seconds in incremental_hops)
-    result = export_onnx(model, out_path, card=card, opset=opset, check=not no_check,
-                         incremental_hops=hops)  # fmt: skip
+    result = export_onnx(
+        model, out_path, card=card, opset=opset, check=not no_check, incremental_hops=hops
+    )
     parity = (
         "" if result.max_abs_diff is None else f"; ONNX Runtime parity {result.max_abs_diff:.1e}"
     )
@@ -636,10 +696,12 @@ def export(
         f"wrote {result.path}: {result.card.architecture}, {result.card.n_tags} tags, scores: {scored}{parity}"
     )
     for graph in result.card.incremental.get("graphs", []):
-        click.echo(f"  incremental at hop {graph['hop_samples'] / result.card.sample_rate:.3f} s: "
-                   f"{graph['prime']}, {graph['step']} ({graph['state_bytes'] / 1e6:.2f} MB of "
-                   f"state a stream, {graph['step_macs'] / graph['full_macs']:.0%} of a window's "
-                   f"MACs)")  # fmt: skip
+        click.echo(
+            f"  incremental at hop {graph['hop_samples'] / result.card.sample_rate:.3f} s: "
+            f"{graph['prime']}, {graph['step']} ({graph['state_bytes'] / 1e6:.2f} MB of "
+            f"state a stream, {graph['step_macs'] / graph['full_macs']:.0%} of a window's "
+            f"MACs)"
+        )
 
 
 def _read_tags(path: Path) -> list[str]:
@@ -677,9 +739,14 @@ def compile_command(onnx_path, plan_path, precision, min_batch, opt_batch, max_b
 
     try:
         result = compile_engine(
-            onnx_path, plan_path, precision=precision, min_batch=min_batch,
-            opt_batch=opt_batch, max_batch=max_batch, timing_cache=timing_cache,
-        )  # fmt: skip
+            onnx_path,
+            plan_path,
+            precision=precision,
+            min_batch=min_batch,
+            opt_batch=opt_batch,
+            max_batch=max_batch,
+            timing_cache=timing_cache,
+        )
     except RuntimeError as exc:  # CompileError, and CUDA failures
         raise click.ClickException(f"cannot compile {onnx_path}: {exc}") from exc
     click.echo(f"wrote {result} and its card {sidecar_path(result)}")

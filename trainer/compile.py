@@ -62,9 +62,11 @@ def in_fp32_scope(name: str, scopes: tuple[str, ...] = FP32_SCOPES) -> bool:
 
 
 def fp32_nodes(
-    names: list[str], inputs: list[list[str]], outputs: list[list[str]],
+    names: list[str],
+    inputs: list[list[str]],
+    outputs: list[list[str]],
     scopes: tuple[str, ...] = FP32_SCOPES,
-) -> set[int]:  # fmt: skip
+) -> set[int]:
     """Indices of the nodes in float32 scopes and of every node those are computed from.
 
     The nodes of a graph are given as their names and their input and output tensor
@@ -97,8 +99,12 @@ def convert_onnx_fp16(
     _inline_shared_initializers(model)
     _separate_consumed_outputs(model.graph)
     nodes = list(model.graph.node)
-    kept = fp32_nodes([n.name for n in nodes], [list(n.input) for n in nodes],
-                      [list(n.output) for n in nodes], keep_fp32_scopes)  # fmt: skip
+    kept = fp32_nodes(
+        [n.name for n in nodes],
+        [list(n.input) for n in nodes],
+        [list(n.output) for n in nodes],
+        keep_fp32_scopes,
+    )
     blocked = {nodes[i].name for i in kept}
     with warnings.catch_warnings():
         # it warns once per weight below float16's smallest normal; those become ±1e-7
@@ -106,8 +112,9 @@ def convert_onnx_fp16(
         converted = float16.convert_float_to_float16(
             model, keep_io_types=True, node_block_list=sorted(blocked), disable_shape_infer=False
         )
-    float32 = {tensor for node in converted.graph.node if node.name in blocked
-               for tensor in node.output}  # fmt: skip
+    float32 = {
+        tensor for node in converted.graph.node if node.name in blocked for tensor in node.output
+    }
     float32 |= {value.name for value in converted.graph.input}
     _drop_cast_round_trips(converted.graph, float32)
     del converted.metadata_props[:]
@@ -156,8 +163,9 @@ def _separate_consumed_outputs(graph: onnx.GraphProto) -> None:
             for i, tensor in enumerate(field):
                 field[i] = inner.get(tensor, tensor)
     for name in sorted(consumed):
-        graph.node.append(onnx.helper.make_node("Identity", [inner[name]], [name],
-                                                name=f"{name}.identity"))  # fmt: skip
+        graph.node.append(
+            onnx.helper.make_node("Identity", [inner[name]], [name], name=f"{name}.identity")
+        )
 
 
 def _drop_cast_round_trips(graph: onnx.GraphProto, float32: set[str]) -> None:
@@ -175,12 +183,19 @@ def _drop_cast_round_trips(graph: onnx.GraphProto, float32: set[str]) -> None:
             return None
         return next(a.i for a in node.attribute if a.name == "to")
 
-    to_half = {node.output[0]: node.input[0] for node in graph.node
-               if cast_to(node) == onnx.TensorProto.FLOAT16 and node.input[0] in float32}  # fmt: skip
+    to_half = {
+        node.output[0]: node.input[0]
+        for node in graph.node
+        if cast_to(node) == onnx.TensorProto.FLOAT16 and node.input[0] in float32
+    }
     outputs = {value.name for value in graph.output}
-    replaced = {node.output[0]: to_half[node.input[0]] for node in graph.node
-                if cast_to(node) == onnx.TensorProto.FLOAT and node.input[0] in to_half
-                and node.output[0] not in outputs}  # fmt: skip
+    replaced = {
+        node.output[0]: to_half[node.input[0]]
+        for node in graph.node
+        if cast_to(node) == onnx.TensorProto.FLOAT
+        and node.input[0] in to_half
+        and node.output[0] not in outputs
+    }
     if not replaced:
         return
     keep = [node for node in graph.node if node.output[0] not in replaced]
@@ -232,11 +247,14 @@ def compile_engine(
     builds = [(onnx_path, plan_path), *incremental_builds(card, onnx_path, plan_path)]
     for source, _ in builds:
         if not source.is_file():
-            raise CompileError(f"{onnx_path}: its card names {source.name}, which is not beside "
-                               f"it; export the model again")  # fmt: skip
+            raise CompileError(
+                f"{onnx_path}: its card names {source.name}, which is not beside "
+                f"it; export the model again"
+            )
 
-    builder = _PlanBuilder(trt, precision, (min_batch, opt_batch, max_batch), workspace_gb,
-                           timing_cache)  # fmt: skip
+    builder = _PlanBuilder(
+        trt, precision, (min_batch, opt_batch, max_batch), workspace_gb, timing_cache
+    )
     for source, target in builds:
         builder.build(source, target)
     if timing_cache is not None:
@@ -248,10 +266,14 @@ def compile_engine(
         "opt_batch": opt_batch,
         "max_batch": max_batch,
     }
-    plan_card(card, precision, profile_info, trt.__version__, builder.strongly_typed,
-              plan_path).save(sidecar_path(plan_path))  # fmt: skip
-    log.info("wrote %s and %s", ", ".join(str(target) for _, target in builds),
-             sidecar_path(plan_path).name)  # fmt: skip
+    plan_card(
+        card, precision, profile_info, trt.__version__, builder.strongly_typed, plan_path
+    ).save(sidecar_path(plan_path))
+    log.info(
+        "wrote %s and %s",
+        ", ".join(str(target) for _, target in builds),
+        sidecar_path(plan_path).name,
+    )
     return plan_path
 
 
@@ -270,8 +292,14 @@ def incremental_builds(
 class _PlanBuilder:
     """What every plan of one compile shares: the precision, the batches, the timing cache."""
 
-    def __init__(self, trt: Any, precision: str, batches: tuple[int, int, int],
-                 workspace_gb: float, timing_cache: str | Path | None):  # fmt: skip
+    def __init__(
+        self,
+        trt: Any,
+        precision: str,
+        batches: tuple[int, int, int],
+        workspace_gb: float,
+        timing_cache: str | Path | None,
+    ):
         self.trt = trt
         self.precision = precision
         self.batches = batches
@@ -304,8 +332,14 @@ class _PlanBuilder:
         config.add_optimization_profile(self._profile(network, onnx_path))
 
         low, _, high = self.batches
-        log.info("building %s (%s, batch %d..%d) with TensorRT %s", plan_path, self.precision,
-                 low, high, trt.__version__)  # fmt: skip
+        log.info(
+            "building %s (%s, batch %d..%d) with TensorRT %s",
+            plan_path,
+            self.precision,
+            low,
+            high,
+            trt.__version__,
+        )
         serialized = self.builder.build_serialized_network(network, config)
         if serialized is None:
             raise CompileError(f"TensorRT could not build {onnx_path}; see the TensorRT log above")
@@ -319,8 +353,10 @@ class _PlanBuilder:
             tensor = network.get_input(index)
             rest = tuple(tensor.shape)[1:]
             if any(dim < 0 for dim in rest):
-                raise CompileError(f"{onnx_path}: input {tensor.name} {list(tensor.shape)} has a "
-                                   f"dynamic axis besides the batch; export the model again")  # fmt: skip
+                raise CompileError(
+                    f"{onnx_path}: input {tensor.name} {list(tensor.shape)} has a "
+                    f"dynamic axis besides the batch; export the model again"
+                )
             low, opt, high = ((batch, *rest) for batch in self.batches)
             profile.set_shape(tensor.name, low, opt, high)
         return profile
@@ -377,9 +413,11 @@ def _pin_fp32_layers(trt: Any, network: Any, config: Any) -> None:
         tensors = (get(i) for i in range(count))
         return [tensor.name for tensor in tensors if tensor is not None]  # optional inputs
 
-    kept = fp32_nodes([layer.name for layer in layers],
-                      [tensor_names(layer.num_inputs, layer.get_input) for layer in layers],
-                      [tensor_names(layer.num_outputs, layer.get_output) for layer in layers])  # fmt: skip
+    kept = fp32_nodes(
+        [layer.name for layer in layers],
+        [tensor_names(layer.num_inputs, layer.get_input) for layer in layers],
+        [tensor_names(layer.num_outputs, layer.get_output) for layer in layers],
+    )
     pinned = 0
     for index in sorted(kept):
         layer = layers[index]

@@ -278,7 +278,9 @@ def evaluate_model(
         result.on_positives = float(on[y == 1].mean()) if (y == 1).any() else float("nan")
         result.on_negatives = float(on[y == 0].mean()) if (y == 0).any() else float("nan")
     summary = summarise(per_tag)
-    summary["f1_macro"] = float(np.mean([r.f1 for r in per_tag if not np.isnan(r.roc_auc)] or [np.nan]))  # fmt: skip
+    summary["f1_macro"] = float(
+        np.mean([r.f1 for r in per_tag if not np.isnan(r.roc_auc)] or [np.nan])
+    )
     summary["clips"] = len(indices)
     summary["tags_not_in_model"] = [tag for tag in data.tags if tag not in tags]
     summary["tags_not_in_data"] = [tag for tag in tags if tag not in data.tags]
@@ -303,13 +305,31 @@ def write_outputs(
     )
     with files["per_tag"].open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["tag", "positives", "roc_auc", "pr_auc", "threshold", "f1",
-                         "on_positives", "on_negatives"])  # fmt: skip
+        writer.writerow(
+            [
+                "tag",
+                "positives",
+                "roc_auc",
+                "pr_auc",
+                "threshold",
+                "f1",
+                "on_positives",
+                "on_negatives",
+            ]
+        )
         for r in evaluation.per_tag:
             writer.writerow(
-                [r.tag, r.positives, f"{r.roc_auc:.4f}", f"{r.pr_auc:.4f}", f"{r.threshold:.4f}",
-                 f"{r.f1:.4f}", f"{r.on_positives:.4f}", f"{r.on_negatives:.4f}"]
-            )  # fmt: skip
+                [
+                    r.tag,
+                    r.positives,
+                    f"{r.roc_auc:.4f}",
+                    f"{r.pr_auc:.4f}",
+                    f"{r.threshold:.4f}",
+                    f"{r.f1:.4f}",
+                    f"{r.on_positives:.4f}",
+                    f"{r.on_negatives:.4f}",
+                ]
+            )
 
     files["tag_auc_plot"] = plot_tag_auc(evaluation.per_tag, out_dir / "tag_roc_auc.png")
     chosen = roc_tags or _extreme_tags(evaluation.per_tag, ROC_PLOT_TAGS)
@@ -485,10 +505,13 @@ def evaluate_checkpoint(
     tags = list(checkpoint["tags"])
     skipped = [tag for tag in data.tags if tag not in tags]
     if skipped and set(tags) & set(data.tags):
-        log.warning("%s: tags the model does not have, skipped: %s", data.root, ", ".join(skipped))  # fmt: skip
+        log.warning("%s: tags the model does not have, skipped: %s", data.root, ", ".join(skipped))
     if set(tags) & set(data.tags) and set(tags) - set(data.tags):
-        log.warning("%s has no labels for the model's %s: not scored", data.root,
-                    ", ".join(tag for tag in tags if tag not in data.tags))  # fmt: skip
+        log.warning(
+            "%s has no labels for the model's %s: not scored",
+            data.root,
+            ", ".join(tag for tag in tags if tag not in data.tags),
+        )
     if data.sample_rate != model.sample_rate:
         raise DataError(
             f"{data.root} is prepared at {data.sample_rate} Hz but {model.arch} takes "
@@ -496,9 +519,16 @@ def evaluate_checkpoint(
         )
     card = card_from_checkpoint(checkpoint)
     evaluation = evaluate_model(
-        model, data, split=split, hop_samples=hop_samples, batch_size=batch_size,
-        device=device, progress=progress, tags=tags, fallback_thresholds=card.thresholds,
-    )  # fmt: skip
+        model,
+        data,
+        split=split,
+        hop_samples=hop_samples,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        tags=tags,
+        fallback_thresholds=card.thresholds,
+    )
     card.thresholds = evaluation.thresholds
     card.scores = {**card.scores, split: card_scores(evaluation)}
     card.training = {**card.training, "thresholds": "max F1 per tag on the valid split"}

@@ -201,8 +201,14 @@ def run_onnxruntime(path: str | Path, batch: np.ndarray, threads: int = 0) -> np
     ]
 
 
-def write_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path,
-               input_names: list[str], output_names: list[str], opset: int) -> None:  # fmt: skip
+def write_onnx(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+) -> None:
     """``module`` as an ONNX file with a dynamic batch axis on every input and output."""
     with warnings.catch_warnings():
         # the TorchScript exporter announces its own deprecation on every call
@@ -225,12 +231,15 @@ def write_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path:
 
 def incremental_paths(path: Path, hop_samples: int) -> tuple[Path, Path]:
     """Where the prime and step graphs of ``path`` at ``hop_samples`` go."""
-    return (path.with_name(f"{path.stem}.{hop_samples}.prime{path.suffix}"),
-            path.with_name(f"{path.stem}.{hop_samples}.step{path.suffix}"))  # fmt: skip
+    return (
+        path.with_name(f"{path.stem}.{hop_samples}.prime{path.suffix}"),
+        path.with_name(f"{path.stem}.{hop_samples}.step{path.suffix}"),
+    )
 
 
-def export_incremental(model: FCN, path: Path, hops: list[int], *, opset: int = DEFAULT_OPSET,
-                       check: bool = True) -> dict[str, Any]:  # fmt: skip
+def export_incremental(
+    model: FCN, path: Path, hops: list[int], *, opset: int = DEFAULT_OPSET, check: bool = True
+) -> dict[str, Any]:
     """Write the prime and step graphs for each hop that reuses a layer; the card's section."""
     levels = None
     graphs = []
@@ -243,16 +252,23 @@ def export_incremental(model: FCN, path: Path, hops: list[int], *, opset: int = 
         plan = prime.plan
         levels = plan.levels
         prime_path, step_path = incremental_paths(path, hop)
-        wave = torch.from_numpy(probe_audio(PARITY_BATCH, model.window_samples + PARITY_HOPS * hop,
-                                            model.sample_rate))  # fmt: skip
+        wave = torch.from_numpy(
+            probe_audio(PARITY_BATCH, model.window_samples + PARITY_HOPS * hop, model.sample_rate)
+        )
         first = wave[:, : model.window_samples]
         with torch.no_grad():
             states = prime(first)[1:]
         state_inputs = [STATE_INPUT_PREFIX + name for name in prime.state_names]
         state_outputs = [STATE_OUTPUT_PREFIX + name for name in prime.state_names]
         write_onnx(prime, (first,), prime_path, [INPUT_NAME], [OUTPUT_NAME, *state_outputs], opset)
-        write_onnx(step, (first, *states), step_path, [INPUT_NAME, *state_inputs],
-                   [OUTPUT_NAME, *state_outputs], opset)  # fmt: skip
+        write_onnx(
+            step,
+            (first, *states),
+            step_path,
+            [INPUT_NAME, *state_inputs],
+            [OUTPUT_NAME, *state_outputs],
+            opset,
+        )
         graph = {
             "hop_samples": hop,
             "prime": prime_path.name,
@@ -260,7 +276,7 @@ def export_incremental(model: FCN, path: Path, hops: list[int], *, opset: int = 
             "state": [
                 {"name": name, "shape": list(plan.state_shape(i))}
                 for name, i in zip(prime.state_names, plan.stored, strict=True)
-            ],  # fmt: skip
+            ],
             "state_bytes": plan.state_bytes,
             "reused_levels": plan.top + 1,
             "step_macs": plan.step_macs,
@@ -269,25 +285,32 @@ def export_incremental(model: FCN, path: Path, hops: list[int], *, opset: int = 
         if check:
             graph["max_abs_diff"] = check_incremental(model, prime_path, step_path, wave, hop)
         graphs.append(graph)
-        log.info("incremental graphs at hop %d: %s, %s (%.2f MB of state, %.0f %% of the MACs)",
-                 hop, prime_path.name, step_path.name, plan.state_bytes / 1e6,
-                 100 * plan.step_macs / plan.full_macs)  # fmt: skip
+        log.info(
+            "incremental graphs at hop %d: %s, %s (%.2f MB of state, %.0f %% of the MACs)",
+            hop,
+            prime_path.name,
+            step_path.name,
+            plan.state_bytes / 1e6,
+            100 * plan.step_macs / plan.full_macs,
+        )
     if levels is None:
         return {}
     hop_length = model.config.hop_length
     return {"time_strides": [lv.stride * hop_length for lv in levels], "graphs": graphs}
 
 
-def check_incremental(model: FCN, prime_path: Path, step_path: Path, wave: torch.Tensor,
-                      hop: int) -> float:  # fmt: skip
+def check_incremental(
+    model: FCN, prime_path: Path, step_path: Path, wave: torch.Tensor, hop: int
+) -> float:
     """Max abs difference of the ORT prime/step chain from PyTorch's full windows."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    prime, step = (ort.InferenceSession(str(p), sess_options=options,
-                                        providers=["CPUExecutionProvider"])
-                   for p in (prime_path, step_path))  # fmt: skip
+    prime, step = (
+        ort.InferenceSession(str(p), sess_options=options, providers=["CPUExecutionProvider"])
+        for p in (prime_path, step_path)
+    )
     names = [o.name for o in prime.get_outputs()][1:]
     size = model.window_samples
     worst = 0.0
@@ -298,8 +321,12 @@ def check_incremental(model: FCN, prime_path: Path, step_path: Path, wave: torch
             scores, *states = prime.run(None, {INPUT_NAME: window})
         else:
             feeds = {INPUT_NAME: window}
-            feeds.update({STATE_INPUT_PREFIX + n[len(STATE_OUTPUT_PREFIX):]: s
-                          for n, s in zip(names, states, strict=True)})  # fmt: skip
+            feeds.update(
+                {
+                    STATE_INPUT_PREFIX + n[len(STATE_OUTPUT_PREFIX) :]: s
+                    for n, s in zip(names, states, strict=True)
+                }
+            )
             scores, *states = step.run(None, feeds)
         with torch.no_grad():
             expected = model(torch.from_numpy(window)).numpy()

@@ -53,9 +53,15 @@ log = logging.getLogger(__name__)
 LAST_NAME, BEST_NAME, LOG_NAME, CONFIG_NAME = "last.pt", "best.pt", "log.csv", "config.json"
 MIN_LOSS_IMPROVEMENT = 1e-4  # a smaller drop in validation loss counts as a stall
 LOG_COLUMNS = (
-    "epoch", "lr", "train_loss", "valid_loss", "valid_roc_auc", "valid_pr_auc",
-    "seconds", "examples_per_second",
-)  # fmt: skip
+    "epoch",
+    "lr",
+    "train_loss",
+    "valid_loss",
+    "valid_roc_auc",
+    "valid_pr_auc",
+    "seconds",
+    "examples_per_second",
+)
 
 
 # -- recipes ---------------------------------------------------------------------------------------
@@ -102,7 +108,13 @@ RECIPES: dict[str, Recipe] = {
     # least 512 examples an epoch (32 batches): 280 clips shown once an epoch are 17 steps,
     # and 25 such epochs left the network still learning.
     "fcn": Recipe(
-        "adam", lr=1e-3, batch_size=16, epochs=100, patience=5, lr_factor=0.2, max_lr_drops=2,
+        "adam",
+        lr=1e-3,
+        batch_size=16,
+        epochs=100,
+        patience=5,
+        lr_factor=0.2,
+        max_lr_drops=2,
         min_epoch_examples=512,
     ),
     # Adam with a cosine decay: the paper's SGD at lr 0.01 barely moves a narrow SampleCNN
@@ -110,14 +122,27 @@ RECIPES: dict[str, Recipe] = {
     # 2.68 s a 29.1 s clip), as Lee et al. trained on every segment: one random window a
     # clip shows a tenth of the audio an epoch.
     "samplecnn": Recipe(
-        "adam", lr=3e-3, batch_size=23, epochs=100, patience=3, lr_factor=0.2, max_lr_drops=4,
-        schedule="cosine", crops_per_clip=COVER,
+        "adam",
+        lr=3e-3,
+        batch_size=23,
+        epochs=100,
+        patience=3,
+        lr_factor=0.2,
+        max_lr_drops=4,
+        schedule="cosine",
+        crops_per_clip=COVER,
     ),
     # Choi et al. 2016: Adam, binary cross-entropy, dropout 0.5 after every pool. The
     # paper gives no schedule; we stop once validation loss has stalled 5 epochs after
     # two drops.
     "choi2016": Recipe(
-        "adam", lr=1e-3, batch_size=16, epochs=100, patience=5, lr_factor=0.2, max_lr_drops=2,
+        "adam",
+        lr=1e-3,
+        batch_size=16,
+        epochs=100,
+        patience=5,
+        lr_factor=0.2,
+        max_lr_drops=2,
         model_hparams=(("dropout", 0.5), ("head_dropout", 0.0)),
     ),
     # Lee et al. 2017: SGD, Nesterov momentum 0.9, lr 0.01, x0.2 when validation loss
@@ -130,7 +155,7 @@ RECIPES: dict[str, Recipe] = {
     "finetune": Recipe(
         "adam", lr=1e-4, batch_size=16, epochs=50, patience=3, lr_factor=0.1, max_lr_drops=2
     ),
-}  # fmt: skip
+}
 
 
 def recipe_for(arch: str) -> str:
@@ -241,7 +266,9 @@ class CropDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch])
         lengths = np.tile(self.lengths, self.crops_per_clip)
         if self.loop:
-            self.starts = np.floor(rng.random(len(lengths)) * np.maximum(lengths, self.window_samples)).astype(np.int64)  # fmt: skip
+            self.starts = np.floor(
+                rng.random(len(lengths)) * np.maximum(lengths, self.window_samples)
+            ).astype(np.int64)
         else:
             self.starts = random_starts(lengths, self.window_samples, rng)
 
@@ -255,16 +282,24 @@ class CropDataset(Dataset):
         return torch.from_numpy(window), torch.from_numpy(self.data.labels(clip))
 
 
-def crops_per_clip(asked: int | str, data: PreparedData, indices: list[int],
-                   window_samples: int, min_examples: int = 0) -> int:  # fmt: skip
+def crops_per_clip(
+    asked: int | str,
+    data: PreparedData,
+    indices: list[int],
+    window_samples: int,
+    min_examples: int = 0,
+) -> int:
     """Windows per training clip an epoch: ``asked``, or for COVER the median training
     clip's length over the window, rounded (at least 1); raised until an epoch holds at
     least ``min_examples``."""
     if asked == COVER:
         median = float(np.median([data.clips[i].length for i in indices]))
         crops = max(1, round(median / window_samples))
-        log.info("%d crops a clip an epoch: the median clip (%.1f windows) covered once",
-                 crops, median / window_samples)  # fmt: skip
+        log.info(
+            "%d crops a clip an epoch: the median clip (%.1f windows) covered once",
+            crops,
+            median / window_samples,
+        )
     elif not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
         raise ValueError(f"crops_per_clip must be a whole number ≥ 1 or {COVER!r}, got {asked!r}")
     else:
@@ -273,8 +308,12 @@ def crops_per_clip(asked: int | str, data: PreparedData, indices: list[int],
         raise ValueError(f"min_epoch_examples must be a whole number ≥ 0, got {min_examples!r}")
     if indices and crops * len(indices) < min_examples:
         crops = -(-min_examples // len(indices))
-        log.info("%d crops a clip an epoch: %d training clips, at least %d examples an epoch",
-                 crops, len(indices), min_examples)  # fmt: skip
+        log.info(
+            "%d crops a clip an epoch: %d training clips, at least %d examples an epoch",
+            crops,
+            len(indices),
+            min_examples,
+        )
     return crops
 
 
@@ -435,8 +474,13 @@ def train(config: TrainConfig) -> TrainResult:
     # 5. Data: random crops, split across ranks by DistributedSampler.
     if recipe["crop"] not in ("plain", "loop"):
         raise ValueError(f"crop must be plain or loop, got {recipe['crop']!r}")
-    crops = crops_per_clip(recipe["crops_per_clip"], data, train_idx, model.window_samples,
-                           recipe["min_epoch_examples"])  # fmt: skip
+    crops = crops_per_clip(
+        recipe["crops_per_clip"],
+        data,
+        train_idx,
+        model.window_samples,
+        recipe["min_epoch_examples"],
+    )
     examples = CropDataset(
         data, train_idx, model.window_samples, crops, config.seed, loop=recipe["crop"] == "loop"
     )
@@ -450,8 +494,14 @@ def train(config: TrainConfig) -> TrainResult:
     batch_size = recipe["batch_size"]
     # A lone example in a batch breaks BatchNorm: drop the ragged end when we can afford to.
     drop_last = len(examples) // ranks.world_size >= batch_size
-    loader = DataLoader(examples, batch_size, sampler=sampler, num_workers=workers,
-                        drop_last=drop_last, pin_memory=device.type == "cuda")  # fmt: skip
+    loader = DataLoader(
+        examples,
+        batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=device.type == "cuda",
+    )
     net: nn.Module = LogitsOf(model)
     if ranks.distributed:
         net = DistributedDataParallel(net)
@@ -462,9 +512,16 @@ def train(config: TrainConfig) -> TrainResult:
             json.dumps({**dataclasses.asdict(config), "resolved": recipe}, indent=2) + "\n"
         )
         tensorboard = _tensorboard(run_dir) if config.tensorboard else None
-        log.info("training %s (%d parameters) on %s: %d train / %d valid clips, recipe %s %s",
-                 model.arch, sum(p.numel() for p in model.parameters()), device,
-                 len(train_idx), len(valid_idx), config.recipe, recipe)  # fmt: skip
+        log.info(
+            "training %s (%d parameters) on %s: %d train / %d valid clips, recipe %s %s",
+            model.arch,
+            sum(p.numel() for p in model.parameters()),
+            device,
+            len(train_idx),
+            len(valid_idx),
+            config.recipe,
+            recipe,
+        )
 
     # 6. Epochs: train on crops, validate on whole clips, adjust lr, checkpoint.
     while state["epoch"] < recipe["epochs"] and not state["stopped"]:
@@ -549,12 +606,15 @@ def train(config: TrainConfig) -> TrainResult:
                 )
 
         row = {
-            "epoch": epoch, "lr": lr_now, "train_loss": round(train_loss, 5),
-            "valid_loss": round(valid_loss, 5), "valid_roc_auc": round(valid_auc, 5),
+            "epoch": epoch,
+            "lr": lr_now,
+            "train_loss": round(train_loss, 5),
+            "valid_loss": round(valid_loss, 5),
+            "valid_roc_auc": round(valid_auc, 5),
             "valid_pr_auc": round(summary["pr_auc_macro"], 5) if summary else 0.0,
             "seconds": round(time.monotonic() - started, 2),
             "examples_per_second": round(seen * ranks.world_size / max(train_seconds, 1e-9), 2),
-        }  # fmt: skip
+        }
         state["history"].append(row)
         state["epoch"] = epoch
         # The first epoch always counts, so best.pt exists even if AUC is undefined (NaN).
@@ -568,17 +628,29 @@ def train(config: TrainConfig) -> TrainResult:
                 for key, value in row.items():
                     if key != "epoch":
                         tensorboard.add_scalar(key, value, epoch)
-            log.info("epoch %d: train loss %.4f, valid loss %.4f, valid ROC-AUC %.4f, PR-AUC %.4f (%.1f s)",
-                     epoch, train_loss, valid_loss, valid_auc, row["valid_pr_auc"], row["seconds"])  # fmt: skip
+            log.info(
+                "epoch %d: train loss %.4f, valid loss %.4f, valid ROC-AUC %.4f, PR-AUC %.4f (%.1f s)",
+                epoch,
+                train_loss,
+                valid_loss,
+                valid_auc,
+                row["valid_pr_auc"],
+                row["seconds"],
+            )
             payload = _payload(
                 model, data, config, recipe, state, summary, choose_thresholds(labels, scores)
             )
             if improved:
                 save_checkpoint(best_path, payload)
-            save_checkpoint(last_path, {**payload,
-                                        "optimizer": optimizer.state_dict(),
-                                        "scaler": scaler.state_dict(),
-                                        "torch_rng": torch.get_rng_state()})  # fmt: skip
+            save_checkpoint(
+                last_path,
+                {
+                    **payload,
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
 
     if ranks.main and tensorboard is not None:
         tensorboard.close()

@@ -76,8 +76,9 @@ class Engine(abc.ABC):
         """
         return None
 
-    def _incremental_files(self, hop_samples: int, what: str,
-                           remedy: str) -> tuple[dict, list[Path]] | None:  # fmt: skip
+    def _incremental_files(
+        self, hop_samples: int, what: str, remedy: str
+    ) -> tuple[dict, list[Path]] | None:
         """The card's graph entry for the hop and its prime and step files beside the
         model, or None; EngineError naming ``what`` (graph, plan) and ``remedy`` when one
         is missing."""
@@ -87,9 +88,11 @@ class Engine(abc.ABC):
         paths = [self.path.with_name(graph[role]) for role in ("prime", "step")]
         for role, path in zip(("prime", "step"), paths, strict=True):
             if not path.is_file():
-                raise EngineError(f"{self.path}: its card names the {role} {what} {path.name} "
-                                  f"for hop {hop_samples}, which is not beside it; {remedy}, "
-                                  f"or serve with full windows")  # fmt: skip
+                raise EngineError(
+                    f"{self.path}: its card names the {role} {what} {path.name} "
+                    f"for hop {hop_samples}, which is not beside it; {remedy}, "
+                    f"or serve with full windows"
+                )
         return graph, paths
 
     def describe(self) -> str:

@@ -70,8 +70,11 @@ class OnnxRuntimeConfig:
     def engine_options(self, instances: int = 1) -> dict[str, Any]:
         """Keyword arguments of ``OnnxEngine.load`` for each of ``instances`` instances."""
         threads = resolve_threads(self.threads, instances)
-        return {"intra_op_threads": threads, "spinning": self.spinning,
-                "memory_arena": self.memory_arena}  # fmt: skip
+        return {
+            "intra_op_threads": threads,
+            "spinning": self.spinning,
+            "memory_arena": self.memory_arena,
+        }
 
 
 class OnnxEngine(Engine):
@@ -158,8 +161,11 @@ class OnnxEngine(Engine):
         sessions = []
         for path in paths:
             try:
-                sessions.append(ort.InferenceSession(str(path), sess_options=self._options,
-                                                     providers=self._chosen))  # fmt: skip
+                sessions.append(
+                    ort.InferenceSession(
+                        str(path), sess_options=self._options, providers=self._chosen
+                    )
+                )
             except Exception as exc:  # onnxruntime raises its own untyped errors
                 raise EngineError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
         incremental = OnnxIncremental(self.card, graph, *sessions)
@@ -181,8 +187,9 @@ class OnnxIncremental(IncrementalEngine):
         expected = ["waveform", *(f"state.{n}" for n in self.state_names)]
         found = [i.name for i in step.get_inputs()]
         if found != expected:
-            raise EngineError(f"{graph['step']}: inputs {found}, the card says {expected}; "
-                              f"export the model again")  # fmt: skip
+            raise EngineError(
+                f"{graph['step']}: inputs {found}, the card says {expected}; export the model again"
+            )
         self._input = prime.get_inputs()[0].name
         self._step_inputs = found
 
@@ -193,7 +200,8 @@ class OnnxIncremental(IncrementalEngine):
     def step(
         self, batch: np.ndarray, states: list[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        feeds = dict(zip(self._step_inputs, [batch, *self.check_states(states, len(batch))],
-                         strict=True))  # fmt: skip
+        feeds = dict(
+            zip(self._step_inputs, [batch, *self.check_states(states, len(batch))], strict=True)
+        )
         scores, *states = self._step.run(None, feeds)
         return scores, states

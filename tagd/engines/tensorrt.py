@@ -99,11 +99,14 @@ class _Plan:
             self._context.set_input_shape(name, tuple(max_shape))
         self.max_batch = int(engine.get_tensor_profile_shape(self.inputs[0], 0)[2][0])
         # the shape of one batch row of each tensor
-        self.rows = {name: tuple(int(d) for d in self._context.get_tensor_shape(name))[1:]
-                     for name in names}  # fmt: skip
+        self.rows = {
+            name: tuple(int(d) for d in self._context.get_tensor_shape(name))[1:] for name in names
+        }
         if any(dim < 0 for row in self.rows.values() for dim in row):
-            raise EngineError(f"{path}: tensor shapes {self.rows} depend on more than the batch; "
-                              f"tagd's graphs have fixed shapes: compile the model again")  # fmt: skip
+            raise EngineError(
+                f"{path}: tensor shapes {self.rows} depend on more than the batch; "
+                f"tagd's graphs have fixed shapes: compile the model again"
+            )
         self._stream = _cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._buffers = {}
         for name in names:
@@ -126,18 +129,25 @@ class _Plan:
         for name in self.inputs:
             array = feeds[name]
             if array.shape != (size, *self.rows[name]):
-                raise EngineError(f"{self.path}: {name} must be {[size, *self.rows[name]]}, "
-                                  f"got {list(array.shape)}")  # fmt: skip
+                raise EngineError(
+                    f"{self.path}: {name} must be {[size, *self.rows[name]]}, "
+                    f"got {list(array.shape)}"
+                )
             if not self._context.set_input_shape(name, array.shape):
-                raise EngineError(f"{self.path}: {name} {list(array.shape)} is outside the "
-                                  f"plan's optimization profile")  # fmt: skip
+                raise EngineError(
+                    f"{self.path}: {name} {list(array.shape)} is outside the "
+                    f"plan's optimization profile"
+                )
             _cuda_check(
                 cudart.cudaMemcpyAsync(
-                    self._buffers[name], array.ctypes.data, array.nbytes,
-                    cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream,
+                    self._buffers[name],
+                    array.ctypes.data,
+                    array.nbytes,
+                    cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                    self._stream,
                 ),
                 "copy to device",
-            )  # fmt: skip
+            )
         if not self._context.execute_async_v3(int(self._stream)):
             raise EngineError(f"{self.path}: TensorRT execute_async_v3 failed")
         results = {}
@@ -145,11 +155,14 @@ class _Plan:
             results[name] = np.empty((size, *self.rows[name]), dtype=np.float32)
             _cuda_check(
                 cudart.cudaMemcpyAsync(
-                    results[name].ctypes.data, self._buffers[name], results[name].nbytes,
-                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream,
+                    results[name].ctypes.data,
+                    self._buffers[name],
+                    results[name].nbytes,
+                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                    self._stream,
                 ),
                 "copy to host",
-            )  # fmt: skip
+            )
         _cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         return results
 
@@ -244,8 +257,10 @@ class TensorRTIncremental(IncrementalEngine):
             expected = {name: rows[name] for name in inputs + outputs}
             if plan.rows != expected:
                 self.close()
-                raise EngineError(f"{plan.path}: tensors {plan.rows}, the card says {expected} "
-                                  f"(a row each); compile the model again")  # fmt: skip
+                raise EngineError(
+                    f"{plan.path}: tensors {plan.rows}, the card says {expected} "
+                    f"(a row each); compile the model again"
+                )
 
     def prime(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)

@@ -63,9 +63,15 @@ class Source(abc.ABC):
         """Problems particular to this kind of input, each with its key path."""
         return []
 
-    def __init__(self, spec: InputConfig, hub: StreamHub | None, metrics: Metrics,
-                 context: zmq.Context, limits: LimitsConfig,
-                 curve: CurveServer | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        spec: InputConfig,
+        hub: StreamHub | None,
+        metrics: Metrics,
+        context: zmq.Context,
+        limits: LimitsConfig,
+        curve: CurveServer | None = None,
+    ) -> None:
         self.spec = spec
         self.hub = hub
         self.metrics = metrics
@@ -115,8 +121,9 @@ class Source(abc.ABC):
     def count_malformed(self, reason: str, detail: object = "") -> None:
         """Count a refused message; log it, at most every few seconds per reason."""
         self.metrics.malformed.labels(self.label, reason).inc()
-        _limited.warning((self.label, reason), "input %s: dropped a message (%s): %s",
-                         self.label, reason, detail)  # fmt: skip
+        _limited.warning(
+            (self.label, reason), "input %s: dropped a message (%s): %s", self.label, reason, detail
+        )
 
 
 def source_classes() -> dict[str, type[Source]]:
@@ -129,8 +136,14 @@ def source_classes() -> dict[str, type[Source]]:
     return {scheme: cls for cls in classes for scheme in cls.schemes}
 
 
-def make_source(spec: InputConfig, hub: StreamHub | None, metrics: Metrics, context: zmq.Context,
-                limits: LimitsConfig, curve: CurveServer | None = None) -> Source:  # fmt: skip
+def make_source(
+    spec: InputConfig,
+    hub: StreamHub | None,
+    metrics: Metrics,
+    context: zmq.Context,
+    limits: LimitsConfig,
+    curve: CurveServer | None = None,
+) -> Source:
     return source_classes()[spec.scheme](spec, hub, metrics, context, limits, curve)
 
 

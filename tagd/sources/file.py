@@ -69,8 +69,13 @@ class FileSource(Source):
                 self._rate = self.hub.geometry.sample_rate
                 self._ffmpeg = ffmpeg_decode_command(self.path, self._rate)
         self._stream = self.hub.open(self.spec.stream_name(), self.label, pinned=True)
-        log.info("input %s: %s at %d Hz%s", self.label, self.path, self._rate,
-                 " (via ffmpeg)" if self._ffmpeg else "")  # fmt: skip
+        log.info(
+            "input %s: %s at %d Hz%s",
+            self.label,
+            self.path,
+            self._rate,
+            " (via ffmpeg)" if self._ffmpeg else "",
+        )
 
     def _read(self) -> None:
         chunk_frames = max(1, round(self._rate * self.spec.chunk_ms / 1000))

@@ -48,8 +48,9 @@ class SoundcardSource(Source):
         try:
             import sounddevice
         except OSError as exc:  # sounddevice raises OSError when libportaudio is missing
-            raise SourceError(f"input {self.label}: PortAudio is not available ({exc}); "
-                              f"install libportaudio2") from None  # fmt: skip
+            raise SourceError(
+                f"input {self.label}: PortAudio is not available ({exc}); install libportaudio2"
+            ) from None
         self._blocks: queue.Queue[tuple[np.ndarray, Arrival, bool]] = queue.Queue(MAX_QUEUED_BLOCKS)
         self._lost_blocks = False  # set by the callback when the queue was full
         self._format = pcm_format = self.spec.format or DEFAULT_FORMAT
@@ -79,8 +80,14 @@ class SoundcardSource(Source):
                 f"install deploy/systemd/soundcard.conf, which allows it"
             ) from None
         self._stream = self.hub.open(self.spec.stream_name(), self.label, pinned=True)
-        log.info("input %s: soundcard %r (%s) at %d Hz, %d channels", self.label, self.spec.device,
-                 info["name"], self._rate, self._channels)  # fmt: skip
+        log.info(
+            "input %s: soundcard %r (%s) at %d Hz, %d channels",
+            self.label,
+            self.spec.device,
+            info["name"],
+            self._rate,
+            self._channels,
+        )
 
     def _callback(self, indata: np.ndarray, frames: int, time_info, status) -> None:
         try:

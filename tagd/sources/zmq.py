@@ -201,8 +201,14 @@ class MultiStreamZmqSource(_ZmqSource):
             if self._allowed and name not in self._allowed:
                 raise MalformedMessage(MALFORMED_NOT_ALLOWED, f"stream {name!r} is not in streams=")
             stream = self.hub.open(name, self.label)
-            stream.push_pcm(pcm, header["format"], header["rate"], header["channels"], arrival,
-                            header.get("seq"))  # fmt: skip
+            stream.push_pcm(
+                pcm,
+                header["format"],
+                header["rate"],
+                header["channels"],
+                arrival,
+                header.get("seq"),
+            )
         except (MalformedMessage, StreamRefused) as exc:
             self.count_malformed(exc.reason, exc)
 

@@ -166,7 +166,9 @@ class Chain:
         if self.band in ("fm", "am"):
             parts.append(f"{self.band} {_hz(self.lowpass_hz)}")
         elif self.band == "telephone":
-            parts.append("telephone" + (f" {self.phone_codec}" if self.phone_codec != "none" else ""))  # fmt: skip
+            parts.append(
+                "telephone" + (f" {self.phone_codec}" if self.phone_codec != "none" else "")
+            )
         if self.codec != "none":
             parts.append(f"{self.codec} {self.bitrate_kbps}k")
         return ", ".join(parts) or "clean"
@@ -435,13 +437,21 @@ def _phone_round_trip(audio: np.ndarray, codec: str) -> np.ndarray:
     if codec == "none":
         return audio
     if shutil.which("ffmpeg") is None:
-        raise DataError(f"this clip's chain encodes with {codec} through ffmpeg, which is not installed")  # fmt: skip
+        raise DataError(
+            f"this clip's chain encodes with {codec} through ffmpeg, which is not installed"
+        )
     quiet = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y"]
     raw = ["-f", "f32le", "-ac", "1", "-ar", str(TELEPHONE_RATE)]
     encoder = {"gsm": ["-c:a", "libgsm"], "mulaw": [], "alaw": []}[codec]
     pcm = np.clip(audio, -1.0, 1.0).astype("<f4").tobytes()
-    encoded = _ffmpeg([*quiet, *raw, "-i", "-", *encoder, "-f", codec, "-"], pcm, f"{codec} encoding")  # fmt: skip
-    decoded = _ffmpeg([*quiet, "-f", codec, "-ar", str(TELEPHONE_RATE), "-ac", "1", "-i", "-", *raw, "-"], encoded, f"{codec} decoding")  # fmt: skip
+    encoded = _ffmpeg(
+        [*quiet, *raw, "-i", "-", *encoder, "-f", codec, "-"], pcm, f"{codec} encoding"
+    )
+    decoded = _ffmpeg(
+        [*quiet, "-f", codec, "-ar", str(TELEPHONE_RATE), "-ac", "1", "-i", "-", *raw, "-"],
+        encoded,
+        f"{codec} decoding",
+    )
     return fit_length(np.frombuffer(decoded, dtype="<f4").astype(np.float64), len(audio))
 
 

@@ -148,7 +148,7 @@ class PreparedData:
                 c["offset"],
                 c["length"],
                 tuple(c.get("unknown", ())),
-            )  # fmt: skip
+            )
             for c in index["clips"]
         ]
         self.skipped: list[dict] = index.get("skipped", [])

@@ -88,7 +88,9 @@ def load_manifest(path: str | Path, n_tags: int | None = None) -> LabelledSet:
     clips, no_tags = [], 0
     for clip_id, audio, names, split, known in entries:
         present = tuple(sorted(index_of[tag] for tag in names if tag in index_of))
-        unknown = () if known is None else tuple(i for i, tag in enumerate(tags) if tag not in known)  # fmt: skip
+        unknown = (
+            () if known is None else tuple(i for i, tag in enumerate(tags) if tag not in known)
+        )
         if not present and known is None:
             no_tags += 1  # a fully labelled clip with none of the kept tags says nothing
             continue

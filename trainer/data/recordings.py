@@ -452,8 +452,21 @@ def load(recording: Recording, sample_rate: int) -> np.ndarray:
 
 
 def _decode_raw(path: Path, codec: RawCodec) -> np.ndarray:
-    command = ["ffmpeg", "-nostdin", "-v", "error", "-f", codec.ffmpeg_format, "-i", str(path),
-               "-ac", "1", "-f", "f32le", "-"]  # fmt: skip
+    command = [
+        "ffmpeg",
+        "-nostdin",
+        "-v",
+        "error",
+        "-f",
+        codec.ffmpeg_format,
+        "-i",
+        str(path),
+        "-ac",
+        "1",
+        "-f",
+        "f32le",
+        "-",
+    ]
     try:
         result = subprocess.run(command, capture_output=True, check=False)
     except FileNotFoundError:

@@ -72,7 +72,7 @@ SOUNDFONTS: dict[str, tuple[str, str]] = {
     "musescore": (
         "/usr/share/sounds/sf2/MuseScore_General_Full.sf2",
         "musescore-general-soundfont-lossless",
-    ),  # fmt: skip
+    ),
     "timgm6mb": ("/usr/share/sounds/sf2/TimGM6mb.sf2", "timgm6mb-soundfont"),
     "opl3": ("/usr/share/sounds/sf2/OPL-3_FM_128M.sf2", "opl3-soundfont"),  # an FM chip's sound
     "csound": ("/usr/share/sounds/sf2/sf_GMbank.sf2", "csound-soundfont"),
@@ -92,7 +92,17 @@ FAMILIES: dict[str, tuple[int, ...]] = {
     "woodwind": tuple(range(64, 76)),  # saxes, reeds, flutes
     "synth": tuple(range(80, 96)),  # leads and pads
 }
-MELODY_FAMILIES = ("piano", "bells", "organ", "guitar", "strings", "brass", "woodwind", "synth", "choir")  # fmt: skip
+MELODY_FAMILIES = (
+    "piano",
+    "bells",
+    "organ",
+    "guitar",
+    "strings",
+    "brass",
+    "woodwind",
+    "synth",
+    "choir",
+)
 CHORD_FAMILIES = ("piano", "organ", "guitar", "strings", "brass", "synth", "choir", "bells")
 SOLO_FAMILIES = ("piano", "guitar", "strings", "brass", "woodwind", "organ", "bells")
 
@@ -115,7 +125,7 @@ GAP_SECONDS = (0.25, 0.9)  # between consecutive recorded prompts in a talk segm
 PARTIAL_KNOWN = ("speech", "instrumental", "loud", "quiet")  # what a real recording knows
 P_PHONE_IN = 0.25  # a talking clip's voice comes down a phone line (GSM or G.711), the bed not
 MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
-PROGRESSIONS = ((0, 4, 5, 3), (0, 3, 4, 4), (0, 5, 3, 4), (5, 3, 0, 4), (0, 3, 0, 4), (0, 1, 4, 0))  # fmt: skip
+PROGRESSIONS = ((0, 4, 5, 3), (0, 3, 4, 4), (0, 5, 3, 4), (5, 3, 0, 4), (0, 3, 0, 4), (0, 1, 4, 0))
 _RADIO_TALK = (
     "the morning show news weather traffic today tonight music station radio listen "
     "welcome back here with you next hour stay tuned call us now city road sunny rain "
@@ -211,7 +221,9 @@ def soundfont_path(name: str) -> Path:
         raise DataError(f"unknown soundfont {name!r}; known: {', '.join(SOUNDFONTS)}")
     path, package = SOUNDFONTS[name]
     if not Path(path).is_file():
-        raise DataError(f"soundfont {name} not found at {path}; install the Debian package {package}")  # fmt: skip
+        raise DataError(
+            f"soundfont {name} not found at {path}; install the Debian package {package}"
+        )
     return Path(path)
 
 
@@ -236,7 +248,9 @@ def check_tools(soundfonts: tuple[str, ...] = ("fluidr3",)) -> tuple[Path, ...]:
 # -- composing -------------------------------------------------------------------------------
 def compose(number: int, seed: int, seconds: float, sources: Sources | None = None) -> Piece:
     """The clip's piece; then, from a second generator, what it is played and heard through."""
-    piece = _compose_notes(number, seed, seconds, recordings=bool(sources and (sources.speech or sources.music)))  # fmt: skip
+    piece = _compose_notes(
+        number, seed, seconds, recordings=bool(sources and (sources.speech or sources.music))
+    )
     return piece if sources is None else _draw_sources(piece, number, seed, sources)
 
 
@@ -254,10 +268,18 @@ def _draw_sources(piece: Piece, number: int, seed: int, sources: Sources) -> Pie
     tags, known = list(piece.tags), None
     if piece.tracks and sources.music and rng.random() < P_RECORDED_MUSIC:
         package = str(rng.choice(sorted(sources.music)))
-        music = (package, int(rng.integers(len(sources.music[package]))), float(rng.uniform(0.1, 0.9)))  # fmt: skip
+        music = (
+            package,
+            int(rng.integers(len(sources.music[package]))),
+            float(rng.uniform(0.1, 0.9)),
+        )
         instrumental = sources.music[package][music[1]].instrumental
         # Only what the recording is known to be; its instruments and tempo nobody named.
-        known = tuple(t for t in PARTIAL_KNOWN if t != "instrumental" or instrumental is not None or piece.talking)  # fmt: skip
+        known = tuple(
+            t
+            for t in PARTIAL_KNOWN
+            if t != "instrumental" or instrumental is not None or piece.talking
+        )
         tags = [t for t in tags if t in ("speech", "loud", "quiet")]
         if instrumental and not piece.talking:
             tags.append("instrumental")
@@ -382,7 +404,14 @@ def _melody(rng, root, scale, degrees, beats_per_bar) -> list[Note]:
                 step = 7 + degree + 2 * int(rng.integers(3))
             if rng.random() > 0.12:  # the rest are rests
                 velocity = int(rng.integers(80, 112))
-                notes.append(Note(bar * beats_per_bar + beat, duration * 0.95, _pitch(root, scale, step), velocity))  # fmt: skip
+                notes.append(
+                    Note(
+                        bar * beats_per_bar + beat,
+                        duration * 0.95,
+                        _pitch(root, scale, step),
+                        velocity,
+                    )
+                )
             beat += duration
     return notes
 
@@ -406,7 +435,9 @@ def _chords(rng, root, scale, degrees, beats_per_bar) -> list[Note]:
                 notes += [Note(start + half, beats_per_bar / 2 * 0.9, k, velocity) for k in keys]
         else:
             for beat in range(beats_per_bar * 2):
-                notes.append(Note(start + beat / 2, 0.5, keys[beat % 3] + 12 * (beat // 3 % 2), velocity))  # fmt: skip
+                notes.append(
+                    Note(start + beat / 2, 0.5, keys[beat % 3] + 12 * (beat // 3 % 2), velocity)
+                )
     return notes
 
 
@@ -422,7 +453,9 @@ def _bass(rng, root, scale, degrees, beats_per_bar) -> list[Note]:
             notes += [Note(start + b, 0.9, low, velocity) for b in range(beats_per_bar)]
         else:
             notes.append(Note(start, beats_per_bar / 2 * 0.95, low, velocity))
-            notes.append(Note(start + beats_per_bar / 2, beats_per_bar / 2 * 0.95, low + 7, velocity))  # fmt: skip
+            notes.append(
+                Note(start + beats_per_bar / 2, beats_per_bar / 2 * 0.95, low + 7, velocity)
+            )
     return notes
 
 
@@ -442,7 +475,9 @@ def _drums(rng, bars, beats_per_bar, band) -> list[Note]:
             if beat in ((1, 3) if beats_per_bar == 4 else (1, 2)):
                 notes.append(Note(start + beat, 0.5, SNARE, int(rng.integers(85, 110))))
             for k in range(subdivision):
-                notes.append(Note(start + beat + k / subdivision, 0.25, hat, int(rng.integers(55, 85))))  # fmt: skip
+                notes.append(
+                    Note(start + beat + k / subdivision, 0.25, hat, int(rng.integers(55, 85)))
+                )
         if bar % 4 == 3:
             notes.append(Note(start + beats_per_bar - 0.5, 0.5, OPEN_HAT, 90))
     return notes
@@ -464,7 +499,9 @@ def _sentences(rng, seconds: float) -> str:
 def _run(command: list[str], what: str) -> None:
     result = subprocess.run(command, capture_output=True, check=False)
     if result.returncode != 0:
-        raise DataError(f"{what} failed ({result.returncode}): {result.stderr.decode(errors='replace')[-500:]}")  # fmt: skip
+        raise DataError(
+            f"{what} failed ({result.returncode}): {result.stderr.decode(errors='replace')[-500:]}"
+        )
 
 
 def _rms_db(audio: np.ndarray) -> float:
@@ -482,9 +519,28 @@ def render(
         if piece.tracks:
             midi, raw = Path(tmp, "piece.mid"), Path(tmp, "piece.raw")
             write_midi(midi, list(piece.tracks), piece.bpm, piece.beats_per_bar)
-            _run(["fluidsynth", "-ni", "-q", "-g", "0.6", "-r", str(sample_rate),
-                  "-O", "float", "-T", "raw", "-E", "little", "-F", str(raw),
-                  str(soundfont_path(piece.soundfont)), str(midi)], "fluidsynth")  # fmt: skip
+            _run(
+                [
+                    "fluidsynth",
+                    "-ni",
+                    "-q",
+                    "-g",
+                    "0.6",
+                    "-r",
+                    str(sample_rate),
+                    "-O",
+                    "float",
+                    "-T",
+                    "raw",
+                    "-E",
+                    "little",
+                    "-F",
+                    str(raw),
+                    str(soundfont_path(piece.soundfont)),
+                    str(midi),
+                ],
+                "fluidsynth",
+            )
             stereo = np.fromfile(raw, dtype="<f4").reshape(-1, 2)
             music = fit_length(stereo.mean(axis=1, dtype=np.float64), n)
         elif piece.recorded_music:
@@ -493,8 +549,21 @@ def render(
         voice = None
         if piece.speech:
             wav = Path(tmp, "speech.wav")
-            _run(["espeak-ng", "-v", piece.voice, "-s", str(piece.speech_rate),
-                  "-p", str(piece.speech_pitch), "-w", str(wav), piece.speech], "espeak-ng")  # fmt: skip
+            _run(
+                [
+                    "espeak-ng",
+                    "-v",
+                    piece.voice,
+                    "-s",
+                    str(piece.speech_rate),
+                    "-p",
+                    str(piece.speech_pitch),
+                    "-w",
+                    str(wav),
+                    piece.speech,
+                ],
+                "espeak-ng",
+            )
             voice, rate = soundfile.read(wav, dtype="float64")
             voice = fit_length(soxr.resample(voice, rate, sample_rate), n)
         elif piece.recorded_voice:
@@ -502,8 +571,16 @@ def render(
             voice = _talk(sources.speech[package], first, n, sample_rate)
     if voice is not None:
         if piece.phone_line != "none":  # the caller's line; the studio's bed stays wide
-            voice = transmit(voice.astype(np.float32), sample_rate, Chain(band="telephone",
-                             highpass_hz=300.0, lowpass_hz=3_400.0, phone_codec=piece.phone_line)).astype(np.float64)  # fmt: skip
+            voice = transmit(
+                voice.astype(np.float32),
+                sample_rate,
+                Chain(
+                    band="telephone",
+                    highpass_hz=300.0,
+                    lowpass_hz=3_400.0,
+                    phone_codec=piece.phone_line,
+                ),
+            ).astype(np.float64)
         voice *= 10 ** ((-20 - _rms_db(voice)) / 20)
         if music.any():
             music *= 10 ** ((-20 + piece.ducked_db - _rms_db(music)) / 20)
@@ -566,7 +643,9 @@ def generate(
         # map() keeps clip order; the bar counts clips as they are yielded
         numbers = range(clips) if isinstance(clips, int) else clips
         rendered = pool.map(one, numbers)
-        yield from tqdm(rendered, total=len(numbers), desc="render", unit="clip", disable=not progress)  # fmt: skip
+        yield from tqdm(
+            rendered, total=len(numbers), desc="render", unit="clip", disable=not progress
+        )
 
 
 def write_rendered(
@@ -598,14 +677,18 @@ def write_rendered(
     if audio_format not in ("mp3", "wav"):
         raise DataError(f"audio format must be mp3 or wav, got {audio_format!r}")
     if layout == "mtt" and sources and sources.music:
-        raise DataError("real recorded music has partial labels, which only the manifest layout holds; use layout manifest")  # fmt: skip
+        raise DataError(
+            "real recorded music has partial labels, which only the manifest layout holds; use layout manifest"
+        )
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     splits_of = assign_splits(n_clips, seed, SPLIT_FRACTIONS)
     folders = {s: [f for f, fs in FOLDER_SPLITS.items() if fs == s] for s in SPLIT_FRACTIONS}
     rows, known, origins = [], [], {"soundfont": [], "chain": [], "recordings": []}
     numbers = [n for n in range(n_clips) if splits is None or splits_of[n] in splits]
-    for number, piece, audio in generate(numbers, seed, seconds, sample_rate, jobs, progress, sources):  # fmt: skip
+    for number, piece, audio in generate(
+        numbers, seed, seconds, sample_rate, jobs, progress, sources
+    ):
         split = splits_of[number]
         folder = folders[split][number % len(folders[split])] if layout == "mtt" else "audio"
         (root / folder).mkdir(exist_ok=True)
@@ -623,8 +706,12 @@ def write_rendered(
 
     if layout == "manifest":
         manifest = root / "manifest.csv"
-        write_manifest(manifest, [(rel, list(tags), split) for _, tags, rel, split in rows],
-                       known=known, extra=origins)  # fmt: skip
+        write_manifest(
+            manifest,
+            [(rel, list(tags), split) for _, tags, rel, split in rows],
+            known=known,
+            extra=origins,
+        )
         return manifest
     annotations = write_annotations(root, TAGS, [row[:3] for row in rows])
     log.info("rendered %d clips in MagnaTagATune layout to %s", len(rows), root)

@@ -186,10 +186,25 @@ def write_mp3(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     if shutil.which("ffmpeg") is None:
         raise DataError("ffmpeg is needed to write mp3s; install it or ask for wavs only")
     command = [
-        "ffmpeg", "-nostdin", "-v", "error", "-y",
-        "-f", "f32le", "-ar", str(sample_rate), "-ac", "1", "-i", "-",
-        "-codec:a", "libmp3lame", "-q:a", "4", str(path),
-    ]  # fmt: skip
+        "ffmpeg",
+        "-nostdin",
+        "-v",
+        "error",
+        "-y",
+        "-f",
+        "f32le",
+        "-ar",
+        str(sample_rate),
+        "-ac",
+        "1",
+        "-i",
+        "-",
+        "-codec:a",
+        "libmp3lame",
+        "-q:a",
+        "4",
+        str(path),
+    ]
     result = subprocess.run(command, input=audio.astype("<f4").tobytes(), capture_output=True)
     if result.returncode != 0:
         raise DataError(f"ffmpeg could not write {path}: {result.stderr.decode(errors='replace')}")

@@ -101,7 +101,7 @@ def fcn_levels(config: FCNConfig, widths: list[int]) -> list[Level]:
                 first,
                 last,
                 macs,
-            )  # fmt: skip
+            )
         )
     return levels
 
@@ -208,8 +208,10 @@ class IncrementalPlan:
             computed = sum(hi - lo for lo, hi in spans)
             kept = "state" if lv.index in self.stored else "recomputed where needed"
             where = ", ".join(f"{lo}" if hi == lo + 1 else f"{lo}–{hi - 1}" for lo, hi in spans)
-            lines.append(f"{lv.name}: {lv.columns} columns, stride {lv.stride} frames, shift "
-                         f"{self.shift(lv.index)}; {kept}; computes {computed} ({where})")  # fmt: skip
+            lines.append(
+                f"{lv.name}: {lv.columns} columns, stride {lv.stride} frames, shift "
+                f"{self.shift(lv.index)}; {kept}; computes {computed} ({where})"
+            )
         for lv in self.levels[self.top + 1 :]:
             lines.append(f"{lv.name}: {lv.columns} columns, whole map every hop")
         return lines
@@ -259,8 +261,9 @@ def _head_macs(config: FCNConfig, widths: list[int]) -> int:
 
 
 def _planned(config, levels, hop_samples, hop_frames, top, stored, above) -> IncrementalPlan:
-    plan = IncrementalPlan(hop_samples, hop_frames, levels, top, tuple(sorted(stored)),
-                           above_macs=above)  # fmt: skip
+    plan = IncrementalPlan(
+        hop_samples, hop_frames, levels, top, tuple(sorted(stored)), above_macs=above
+    )
     need = [(0, levels[top].columns)]
     for index in range(top, -1, -1):
         if index in stored:
