@@ -22,8 +22,12 @@ hysteresis; docs/topics.md), the bridge sends one line,
 ``tagd_tags`` is a JSON array, so a tag name may hold a comma; in Liquidsoap,
 ``let json.parse (tags : [string]) = m["tagd_tags"]`` gives the list. What it guarantees:
 
-- every reply is read: "Done" is success; an ``ERROR`` is logged once (with the command)
-  and the insert is retried every RETRY_S until it succeeds;
+- every reply is read: "Done" is success; an ``ERROR`` is logged at ERROR level at once
+  (with the command and the reply), and the insert is retried every RETRY_S until it
+  succeeds. A bridge whose every insert is refused is misconfigured (a wrong source id, a
+  script without ``server.insert_metadata``), so while the refusals last the ERROR line
+  comes again every REFUSED_LOG_INTERVAL_S with the count since the last one; the first
+  insert accepted again is logged at INFO;
 - Liquidsoap restarted, or unreachable for a while: the bridge reconnects and sends each
   stream's current tags again, so a fresh Liquidsoap has them without waiting for a change;
 - changes that come faster than Liquidsoap applies them (it merges inserts that come
@@ -42,6 +46,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 
 import zmq
 
@@ -49,6 +54,7 @@ log = logging.getLogger("liquidsoap_bridge")
 
 REPLY_TIMEOUT_S = 5.0  # Liquidsoap answers a command in milliseconds
 RETRY_S = 2.0  # after an ERROR reply, or while Liquidsoap cannot be reached
+REFUSED_LOG_INTERVAL_S = 30.0  # while inserts are refused, the ERROR line again this often
 # Inserts closer together than a frame (0.04 s by default) may be merged; five frames
 # leave room for a busy Liquidsoap and are still far below a tag change's pace (a hop).
 MIN_INSERT_INTERVAL_S = 0.2
@@ -110,6 +116,16 @@ class Connection:
         self.sock = None
 
 
+@dataclass
+class Refusals:
+    """A stream's inserts refused since its last accepted one, and what was logged."""
+
+    error: str  # Liquidsoap's reply, as last logged
+    logged_at: float
+    total: int = 1
+    since_logged: int = 0
+
+
 class Bridge:
     """tags.<stream> in, ``SOURCE.insert`` out; the state that makes it reliable."""
 
@@ -120,7 +136,7 @@ class Bridge:
         self.applied: dict[str, dict[str, str]] = {}  # what this Liquidsoap acknowledged
         self.sent_at: dict[str, float] = {}
         self.retry_at: dict[str, float] = {}
-        self.refused: dict[str, str] = {}  # stream -> the error logged, until it succeeds
+        self.refused: dict[str, Refusals] = {}  # until the stream's next insert succeeds
         self.reconnect_at = 0.0
         self.unreachable: str | None = None  # the connection error logged
         self.last_command_at = 0.0
@@ -198,21 +214,47 @@ class Bridge:
             if reply == ["Done"]:
                 self.applied[stream] = fields
                 self.retry_at.pop(stream, None)
-                if self.refused.pop(stream, None) is not None:
-                    log.info("%s: Liquidsoap accepts the inserts again", stream)
+                if (refusals := self.refused.pop(stream, None)) is not None:
+                    log.info(
+                        "%s: Liquidsoap accepts the inserts again, after %d refused",
+                        stream,
+                        refusals.total,
+                    )
                 log.info("%s: %s", stream, line)
                 continue
-            error = " ".join(reply) or "(an empty reply)"
-            if self.refused.get(stream) != error:
-                log.warning(
-                    "%s: Liquidsoap refused %s: %s; retrying every %.0f s",
-                    stream,
-                    line,
-                    error,
-                    RETRY_S,
-                )
-            self.refused[stream] = error
+            self.on_refused(stream, line, " ".join(reply) or "(an empty reply)", now)
             self.retry_at[stream] = now + RETRY_S
+
+    def on_refused(self, stream: str, line: str, error: str, now: float) -> None:
+        """Log a refused insert at ERROR: a new error at once, the same one again every
+        REFUSED_LOG_INTERVAL_S while it lasts, with how many were refused in between."""
+        refusals = self.refused.get(stream)
+        if refusals is None or refusals.error != error:
+            log.error(
+                "%s: Liquidsoap refused %s: %s; retrying every %.0f s",
+                stream,
+                line,
+                error,
+                RETRY_S,
+            )
+            total = refusals.total + 1 if refusals else 1
+            self.refused[stream] = Refusals(error, logged_at=now, total=total)
+            return
+        refusals.total += 1
+        refusals.since_logged += 1
+        if now - refusals.logged_at < REFUSED_LOG_INTERVAL_S:
+            return
+        log.error(
+            "%s: Liquidsoap still refuses the inserts: %d refused in the last %.0f s, "
+            "%d since the first; the last: %s: %s",
+            stream,
+            refusals.since_logged,
+            now - refusals.logged_at,
+            refusals.total,
+            line,
+            error,
+        )
+        refusals.logged_at, refusals.since_logged = now, 0
 
     def keep_alive(self, now: float) -> None:
         if self.connected() and now - self.last_command_at >= KEEPALIVE_S:

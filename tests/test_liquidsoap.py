@@ -13,10 +13,13 @@ Every wait is on a condition with a generous timeout; Liquidsoap takes ~2 s to s
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +45,7 @@ from support import (
 from tagd.publish import TAGS_TOPIC, tags_message, topic
 from tagd.tagger import Prediction
 
+EXAMPLES_BRIDGE = Path(__file__).resolve().parents[1] / "examples" / "liquidsoap_bridge.py"
 START_TIMEOUT_S = 30.0
 ARRIVE_TIMEOUT_S = 20.0
 # A tag name with the characters a list format or a Liquidsoap string could trip on.
@@ -190,8 +194,8 @@ def publish(tagd: FakeTagd, seq: int, active: list[str], stream: str = "radio1")
     tagd.send(topic(TAGS_TOPIC, stream), message)
 
 
-def warnings(example: Example, containing: str = "") -> list[str]:
-    return [line for line in example.stderr if " WARNING " in line and containing in line]
+def logged(example: Example, level: str, containing: str = "") -> list[str]:
+    return [line for line in example.stderr if f" {level} " in line and containing in line]
 
 
 @pytest.mark.parametrize("server", ["telnet", "unix-socket"])
@@ -213,11 +217,11 @@ def test_bridge_inserts_tags_that_survive_a_liquidsoap_restart(liquidsoap, tagd,
 
     publish(tagd, 1, ["speech"])
     liquidsoap.wait_seen(["speech"], since=seen_before)
-    assert not warnings(example, "Liquidsoap refused"), example.stderr
+    assert not logged(example, "ERROR"), example.stderr
     assert example.interrupt() == 0
 
 
-def test_bridge_reports_a_rejected_command_once_and_retries_until_it_is_accepted(
+def test_bridge_reports_a_rejected_command_as_an_error_and_retries_until_it_is_accepted(
     liquidsoap, tagd, bridge
 ):
     # The mistake docs/deploy.md once made: insert_metadata without server. registers no
@@ -226,10 +230,10 @@ def test_bridge_reports_a_rejected_command_once_and_retries_until_it_is_accepted
     example = bridge(tagd, liquidsoap.telnet)
     publish(tagd, 0, ["rock"])
     deadline = time.monotonic() + ARRIVE_TIMEOUT_S
-    while not warnings(example, "Liquidsoap refused"):
-        assert time.monotonic() < deadline, f"no warning about the refusal: {example.stderr}"
+    while not logged(example, "ERROR", "Liquidsoap refused"):
+        assert time.monotonic() < deadline, f"no error about the refusal: {example.stderr}"
         time.sleep(0.05)
-    (refusal,) = warnings(example, "Liquidsoap refused")
+    (refusal,) = logged(example, "ERROR", "Liquidsoap refused")
     assert 'live.insert tagd_tags="[\\"rock\\"]"' in refusal  # the command, as sent
     assert "ERROR: unknown command" in refusal  # and Liquidsoap's reply
 
@@ -237,10 +241,51 @@ def test_bridge_reports_a_rejected_command_once_and_retries_until_it_is_accepted
     liquidsoap.stop()
     liquidsoap.start(insert=INSERT_WITH_SERVER_COMMAND)
     liquidsoap.wait_seen(["rock"])
-    assert len(warnings(example, "Liquidsoap refused")) == 1, (
-        example.stderr
-    )  # reported once, not per try
-    assert any("accepts the inserts again" in line for line in example.stderr)
+    # said once, not per try (every 2 s; it says it again after 30 s, see below)
+    assert len(logged(example, "ERROR")) == 1, example.stderr
+    assert logged(example, "INFO", "accepts the inserts again"), example.stderr
+
+
+class RefusingLiquidsoap:
+    """A connection to a Liquidsoap that answers every command as one without
+    ``server.insert_metadata`` does, until ``fixed``."""
+
+    server = "127.0.0.1:1234"
+    sock = object()  # connected
+    fixed = False
+
+    def command(self, line: str) -> list[str]:
+        return ["Done"] if self.fixed else ["ERROR: unknown command, type 'help' for help"]
+
+
+def test_bridge_repeats_the_refusal_error_every_30_s_while_it_lasts(caplog, monkeypatch):
+    spec = importlib.util.spec_from_file_location("liquidsoap_bridge", EXAMPLES_BRIDGE)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    bridge = module.Bridge("127.0.0.1:1234", {"radio1": "live"})
+    bridge.liquidsoap = liquidsoap = RefusingLiquidsoap()
+    bridge.on_tags([b"tags.radio1", json.dumps({"active": ["rock"], "model": "m"}).encode()])
+    caplog.set_level(logging.INFO, logger="liquidsoap_bridge")
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+    start = 1000.0
+    for now in np.arange(start, start + 65, 0.5):  # the loop wakes often; tries every 2 s
+        bridge.send_pending(now)
+    first, again, third = errors()  # at once, then after 30 s and 60 s
+    assert first.startswith("radio1: Liquidsoap refused live.insert")
+    assert "15 refused in the last 30 s, 16 since the first" in again
+    assert "15 refused in the last 30 s, 31 since the first" in third
+    assert "unknown command" in again and "live.insert" in again
+
+    liquidsoap.fixed = True
+    bridge.send_pending(start + 66)
+    assert len(errors()) == 3
+    assert caplog.records[-2].getMessage() == (
+        "radio1: Liquidsoap accepts the inserts again, after 33 refused"  # at 0, 2, ... 64 s
+    )
 
 
 def test_bridge_coalesces_changes_faster_than_liquidsoap_applies_them(liquidsoap, tagd, bridge):
