@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO / "tests"))  # support: the daemon process and free 
 
 from support import TagdProcess, connect_and_wait, free_port  # noqa: E402
 
-from tagd.incremental import PRIME, STEP  # noqa: E402
 from tagd.metrics import Metrics  # noqa: E402
+from tagd.scoring import FULL, INCREMENTAL  # noqa: E402
 from tagd.sources.zmq import parse_message  # noqa: E402
 from tagd.stream import (  # noqa: E402
     LIVE_CHECK_S,
@@ -445,10 +445,10 @@ def drain(sub: zmq.Socket, until: float) -> None:
 def settle_primes(daemon: Daemon, sub: zmq.Socket, hop_s: float, settle_s: float) -> bool:
     """Wait (draining) for a hop with no window primed, at most ``settle_s``; whether it came."""
     deadline = time.perf_counter() + settle_s
-    primes = window_updates(daemon)[PRIME]
+    primes = window_updates(daemon)[FULL]
     while time.perf_counter() < deadline:
         drain(sub, min(deadline, time.perf_counter() + hop_s))
-        now = window_updates(daemon)[PRIME]
+        now = window_updates(daemon)[FULL]
         if now == primes:
             return True
         primes = now
@@ -457,7 +457,9 @@ def settle_primes(daemon: Daemon, sub: zmq.Socket, hop_s: float, settle_s: float
 
 def window_updates(daemon: Daemon) -> dict[str, float]:
     """Windows the daemon has scored so far, by mode: from the last window's state or in full."""
-    return {mode: daemon.metric("tagd_window_updates_total", mode=mode) for mode in (STEP, PRIME)}
+    return {
+        mode: daemon.metric("tagd_window_updates_total", mode=mode) for mode in (INCREMENTAL, FULL)
+    }
 
 
 def percentile(values: list[float], q: float) -> float | None:

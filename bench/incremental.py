@@ -62,7 +62,7 @@ from harness import IDLE_STREAMS, MAX_STREAMS, RunResult, idle_rss, run_daemon, 
 from torch.utils.flop_counter import FlopCounterMode
 
 from tagd.engines import load_engine
-from tagd.incremental import PRIME, STEP
+from tagd.scoring import FULL, INCREMENTAL
 from trainer.export import export_onnx, probe_audio
 from trainer.models import create_model
 from trainer.models.fcn import FCN_PRESETS
@@ -73,10 +73,9 @@ SERVED_MODEL = "fcn4"  # what `tagd serve` is measured with, and the targets are
 THREADS = {"1 thread": 1, "default threads": 0}
 PER_CORE = "1 thread"
 SANITY_HOPS = 4  # hops of the step chain compared with full windows
-# The daemon's modes, as [engine] tables after the harness's own config: `incremental =
-# false` is what --full-windows sets.
-MODES = {"full windows": "[engine]\nincremental = false\n", "incremental": ""}
-FULL, INCREMENTAL = MODES
+# The daemon's modes (tagd.scoring's names), as top-level keys of the harness's config:
+# `incremental = false` is what --full-windows sets.
+MODES = {FULL: "incremental = false\n", INCREMENTAL: ""}
 SEARCH_START_SHARE = 0.8  # the daemon's ingest and publishing cost CPU the bare engine does not
 # Up by a quarter (0.8 × 1.25: the bare engine's own rate, which a daemon at batch 1 cannot
 # pass); down by halves, as a daemon can fall far short of it (ingest, resampling).
@@ -292,8 +291,8 @@ def sustained(result: RunResult) -> bool:
 def incremental_share(result: RunResult) -> float | None:
     """Of the windows the daemon scored while measured, the share from the last one's state."""
     updates = result.notes["updates"]
-    total = updates[STEP] + updates[PRIME]
-    return updates[STEP] / total if total else None
+    total = updates[INCREMENTAL] + updates[FULL]
+    return updates[INCREMENTAL] / total if total else None
 
 
 def check_mode(mode: str, result: RunResult) -> None:

@@ -99,7 +99,8 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
     from tagd.audio import AudioError
     from tagd.card import CardError
     from tagd.engines import EngineError, load_engine
-    from tagd.incremental import IncrementalRunner, missing_graph_hint
+    from tagd.incremental import choose_scorer
+    from tagd.scoring import resolve_hop
     from tagd.tagfile import DEFAULT_BATCH, audio_files, tag_file
 
     setup_logging(log_level)
@@ -115,17 +116,11 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
     except (EngineError, CardError) as exc:
         raise click.ClickException(str(exc)) from None
     card = engine.card
-    hop_samples = card.hop_from_seconds(hop) if hop else card.hop_samples
-    runner = None
-    if not full_windows:
-        try:
-            graphs = engine.incremental(hop_samples)
-        except EngineError as exc:
-            raise click.ClickException(str(exc)) from None
-        if graphs is not None:
-            runner = IncrementalRunner([graphs])
-        else:
-            log.info("full windows: %s", missing_graph_hint(card, hop_samples))
+    hop_samples = resolve_hop(card, hop)
+    try:
+        scorer = choose_scorer([engine], hop_samples, incremental=not full_windows)
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
     thresholds = dict(zip(card.tags, card.thresholds, strict=True))
     failed = 0
     show_progress = len(files) > 1 and sys.stderr.isatty()
@@ -134,7 +129,7 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
     ) as progress:
         for path in progress:
             try:
-                result = tag_file(engine, path, hop_samples, batch, runner)
+                result = tag_file(engine, path, hop_samples, batch, scorer)
             except AudioError as exc:
                 failed += 1
                 if as_json:
@@ -239,6 +234,7 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
     fails (a model that does not load, a port in use), with the reason on one line.
     """
     from tagd.config import ConfigError, ServeConfig, apply_overrides, load_config
+    from tagd.scoring import resolve_hop
     from tagd.server import (
         EXIT_STARTUP_FAILED,
         Server,
@@ -264,7 +260,7 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
         for warning in input_warnings(config, card):
             click.echo(f"tagd serve: warning: {warning}", err=True)
         names = ", ".join(spec.name for spec in config.inputs)
-        hop = card.hop_from_seconds(config.hop_seconds) if config.hop_seconds else card.hop_samples
+        hop = resolve_hop(card, config.hop_seconds)
         incremental = config.incremental and card.incremental_graph(hop) is not None
         click.echo(
             f"config OK: engine {config.engine} ({card.name}, {card.architecture}, "

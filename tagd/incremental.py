@@ -18,6 +18,9 @@ A stream's state is ``IncrementalEngine.state_bytes`` (FCN-4: 1.3 MB) while it i
 ``forget`` drops it when a stream is evicted, so the memory is bounded by the stream
 limit. Callers guarantee what the batcher does: a stream's windows are scored one at a
 time, in order.
+
+The runner is a ``tagd.scoring.Scorer``, as full windows are; ``choose_scorer`` picks one
+of the two for `tagd serve` and `tagd tag`.
 """
 
 from __future__ import annotations
@@ -25,25 +28,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from tagd.card import ModelCard
-from tagd.engines.base import IncrementalEngine
+from tagd.engines.base import Engine, IncrementalEngine
+from tagd.scoring import FULL, INCREMENTAL, FullWindows, Scorer, UpdateCounter, WindowKey
 
 log = logging.getLogger(__name__)
-
-STEP = "incremental"  # tagd_window_updates_total{mode}: from the last window's state
-PRIME = "full"  # the whole window
-
-
-class WindowKey(Protocol):
-    """What the runner needs of a window: whose it is and where it lies in the stream."""
-
-    stream: str
-    epoch: int
-    start: int
 
 
 @dataclass
@@ -54,14 +46,32 @@ class _Carried:
 
 
 class IncrementalRunner:
-    def __init__(self, engines: Sequence[IncrementalEngine], on_updates=None):
+    """The ``INCREMENTAL`` scorer (tagd.scoring.Scorer): steps where a window continues
+    its stream's chain, primes elsewhere."""
+
+    mode = INCREMENTAL
+    carries_state = True
+    max_consecutive = 1  # a stream's next window steps from the state its last one leaves
+
+    def __init__(
+        self, engines: Sequence[IncrementalEngine], on_updates: UpdateCounter | None = None
+    ):
         """One engine per instance, sharing the streams' states; ``on_updates(mode,
         count)`` is told how many windows each graph scored."""
         self.engines = list(engines)
         self.engine = self.engines[0]
         self.hop_samples = self.engine.hop_samples
+        self.state_bytes = self.engine.state_bytes
         self._carried: dict[str, _Carried] = {}
         self._on_updates = on_updates
+
+    def describe(self) -> str:
+        engine = self.engine
+        return (
+            f"incremental inference ({engine.reused_levels} levels reused, "
+            f"{engine.step_macs / engine.full_macs:.0%} of a window's MACs, "
+            f"{engine.state_bytes / 1e6:.2f} MB of state a stream)"
+        )
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Both graphs once per batch size on silence, on every instance."""
@@ -88,12 +98,12 @@ class IncrementalRunner:
                     np.stack([self._carried[keys[r].stream].states[i] for r in steps])
                     for i in range(len(engine.state_shapes))
                 ]
-                self._take(keys, steps, scores, *engine.step(batch[steps], states))
+                self._take(keys, steps, scores, *engine.step(_rows(batch, steps), states))
             if primes:
-                self._take(keys, primes, scores, *engine.prime(batch[primes]))
+                self._take(keys, primes, scores, *engine.prime(_rows(batch, primes)))
             if self._on_updates is not None:
-                self._on_updates(STEP, len(steps))
-                self._on_updates(PRIME, len(primes))
+                self._on_updates(INCREMENTAL, len(steps))
+                self._on_updates(FULL, len(primes))
         return scores
 
     def continues(self, key: WindowKey) -> bool:
@@ -136,13 +146,33 @@ def _rounds(keys: Sequence[WindowKey]) -> list[list[int]]:
     return rounds
 
 
-@dataclass(frozen=True)
-class WindowAt:
-    """A ``WindowKey`` of its own, for windows that are not a stream's (a file's, a test's)."""
+def _rows(batch: np.ndarray, rows: list[int]) -> np.ndarray:
+    """The batch's ``rows`` (increasing), without a copy when they are all of them."""
+    return batch if len(rows) == len(batch) else batch[rows]
 
-    stream: str
-    epoch: int
-    start: int
+
+def choose_scorer(
+    engines: Sequence[Engine],
+    hop_samples: int,
+    incremental: bool = True,
+    on_updates: UpdateCounter | None = None,
+) -> Scorer:
+    """How `tagd serve` and `tagd tag` score windows, one scorer over ``engines`` (one
+    per instance): incremental inference when ``incremental`` is wanted (config
+    ``incremental``, no ``--full-windows``) and the model has graphs for the hop, full
+    windows otherwise, with the reason logged. EngineError when the card names graphs
+    for the hop that do not load."""
+    if not incremental:
+        log.info(
+            "incremental inference off (incremental = false / --full-windows): "
+            "every window is computed in full"
+        )
+        return FullWindows(engines, hop_samples, on_updates)
+    graphs = [engine.incremental(hop_samples) for engine in engines]
+    if graphs[0] is None:
+        log.info("full windows: %s", missing_graph_hint(engines[0].card, hop_samples))
+        return FullWindows(engines, hop_samples, on_updates)
+    return IncrementalRunner(graphs, on_updates)
 
 
 def reuse_summary(card: ModelCard, hop_samples: int) -> str:

@@ -30,6 +30,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tagd.scoring import FULL
+
 log = logging.getLogger(__name__)
 
 # 1 ms to 30 s: a batch of CPU inference is tens of ms, a full queue is seconds.
@@ -270,7 +272,7 @@ class Metrics:
         self.engine_info = Info(
             "tagd_engine",
             "The model being served: card name, architecture, backend, card version, and "
-            "inference: incremental (from each stream's last window) or full_windows.",
+            "inference: incremental (from each stream's last window) or full.",
             registry=r,
         )
         self.window_updates = Counter(
@@ -293,7 +295,7 @@ class Metrics:
         window_samples: int,
         hop_samples: int,
         n_tags: int,
-        inference: str = "full_windows",
+        inference: str = FULL,
         state_bytes: int = 0,
     ) -> None:
         self.engine_info.info(

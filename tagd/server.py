@@ -25,7 +25,7 @@ from tagd.batcher import Batcher, BatchResult
 from tagd.card import CardError, ModelCard, read_card
 from tagd.config import ServeConfig
 from tagd.engines import BACKENDS, Engine, EngineError, backend_of, load_engine, option_sections
-from tagd.incremental import PRIME, IncrementalRunner, missing_graph_hint
+from tagd.incremental import choose_scorer
 from tagd.metrics import Metrics, MetricsServer, Series
 from tagd.publish import (
     EVENTS_TOPIC,
@@ -36,6 +36,7 @@ from tagd.publish import (
     tags_message,
     topic,
 )
+from tagd.scoring import Scorer, resolve_hop
 from tagd.sockets import CurveServer, SecurityError
 from tagd.sources import Source, SourceError, make_source
 from tagd.stream import StreamGeometry, StreamHub
@@ -67,7 +68,7 @@ class Server:
         self.batcher: Batcher | None = None
         self.hub: StreamHub | None = None
         self.tagger: Tagger | None = None
-        self.incremental: IncrementalRunner | None = None  # None: full windows
+        self.scorer: Scorer | None = None  # full windows or incremental (tagd.scoring)
         self.sources: list[Source] = []
         self._http: MetricsServer | None = None
         self._context = zmq.Context()
@@ -103,7 +104,7 @@ class Server:
             self.engine.describe(),
             f" ({len(self.engines)} instances)" if len(self.engines) > 1 else "",
             self.hub.geometry.hop_samples / self.hub.geometry.sample_rate,
-            self._inference_summary(),
+            self.scorer.describe(),
             self.publisher.address,
             f"; metrics on http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
             if self._http
@@ -209,16 +210,18 @@ class Server:
         try:
             options = self._engine_options(backend_of(path), instances)
             for _ in range(instances):
-                engine = load_engine(path, warmup=False, **options)
-                self.engines.append(engine)
-                self.engine = self.engines[0]  # what _max_batch() asks
-                engine.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
-            self._load_incremental()
+                self.engines.append(load_engine(path, warmup=False, **options))
+            self.engine = self.engines[0]
+            hop = resolve_hop(self.engine.card, self.config.hop_seconds)
+            self.scorer = choose_scorer(
+                self.engines, hop, self.config.incremental, on_updates=self._count_updates
+            )
+            # what the scorer runs, so the first live window pays nothing
+            self.scorer.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
         except (EngineError, CardError, OSError) as exc:
             reason = " ".join(str(exc).split())  # one line, whatever the runtime said
             raise StartupError(f"cannot load the engine {path}: {reason}") from None
         card = self.engine.card
-        runner = self.incremental
         self.metrics.describe_engine(
             model=card.name,
             architecture=card.architecture,
@@ -226,37 +229,10 @@ class Server:
             card_version=card.schema_version,
             sample_rate=card.sample_rate,
             window_samples=card.window_samples,
-            hop_samples=self._hop_samples(),
+            hop_samples=self.scorer.hop_samples,
             n_tags=card.n_tags,
-            inference="incremental" if runner else "full_windows",
-            state_bytes=runner.engine.state_bytes if runner else 0,
-        )
-
-    def _load_incremental(self) -> None:
-        """The incremental graphs for the hop, unless turned off or not exported for it."""
-        hop, card = self._hop_samples(), self.engine.card
-        if not self.config.incremental:
-            log.info(
-                "incremental inference off (incremental = false / --full-windows): "
-                "every window is computed in full"
-            )
-            return
-        graphs = [engine.incremental(hop) for engine in self.engines]
-        if graphs[0] is None:
-            log.info("full windows: %s", missing_graph_hint(card, hop))
-            return
-        self.incremental = IncrementalRunner(graphs, on_updates=self._count_updates)
-        self.incremental.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
-
-    def _inference_summary(self) -> str:
-        runner = self.incremental
-        if runner is None:
-            return "full windows"
-        engine = runner.engine
-        return (
-            f"incremental inference ({engine.reused_levels} levels reused, "
-            f"{engine.step_macs / engine.full_macs:.0%} of a window's MACs, "
-            f"{engine.state_bytes / 1e6:.2f} MB of state a stream)"
+            inference=self.scorer.mode,
+            state_bytes=self.scorer.state_bytes,
         )
 
     def _count_updates(self, mode: str, count: int) -> None:
@@ -282,11 +258,12 @@ class Server:
             max_wait_s=batching.max_wait_ms / 1000,
             max_pending_per_stream=batching.max_pending_per_stream,
             max_queue_age_s=batching.max_queue_age_s,
-            prefer=self.incremental.continues if self.incremental else None,  # steps first
+            # windows that continue their stream's state first (docs/serve.md)
+            prefer=self.scorer.continues if self.scorer.carries_state else None,
             unhealthy_after=limits.unhealthy_after_failed_batches,
             recycle=self.window_pool.give,
         )
-        geometry = StreamGeometry(card.sample_rate, card.window_samples, self._hop_samples())
+        geometry = StreamGeometry(card.sample_rate, card.window_samples, self.scorer.hop_samples)
         self.hub = StreamHub(
             geometry,
             self.batcher.submit,
@@ -350,12 +327,6 @@ class Server:
         limit = self.engine.max_batch
         return min(wanted, limit) if limit else wanted
 
-    def _hop_samples(self) -> int:
-        card = self.engine.card
-        if self.config.hop_seconds is None:
-            return card.hop_samples
-        return card.hop_from_seconds(self.config.hop_seconds)
-
     def _sweep(self) -> None:
         while not self._stopping.wait(SWEEP_INTERVAL_S):
             self._went_idle = False
@@ -366,22 +337,16 @@ class Server:
 
     def _stream_idle(self, name: str) -> None:
         self._went_idle = True  # the sweep ends by handing back what the stream freed
-        if self.incremental is not None:  # its next window is a restart: primed anyway
-            self.incremental.forget(name)
+        self.scorer.forget(name)  # its next window is a restart: scored in full anyway
 
     def _forget_stream(self, name: str) -> None:
         self.tagger.forget(name)
-        if self.incremental is not None:
-            self.incremental.forget(name)
+        self.scorer.forget(name)
         self._published.pop(name, None)
 
     # -- the inference workers' side ----------------------------------------------------------
     def _run_engine(self, instance: int, batch: np.ndarray, windows: list) -> np.ndarray:
-        if self.incremental is not None:
-            return self.incremental.run(windows, batch, instance)
-        scores = self.engines[instance].run(batch)
-        self._count_updates(PRIME, len(windows))
-        return scores
+        return self.scorer.run(windows, batch, instance)
 
     def _publish_batch(self, result: BatchResult) -> None:
         """Runs in the inference worker: tag, publish, measure. Never blocks."""
@@ -486,10 +451,10 @@ def check_startup(config: ServeConfig) -> ModelCard:
 def input_warnings(config: ServeConfig, card: ModelCard) -> list[str]:
     """Inputs that will work, but not as well as they could with this model."""
     warnings = []
-    hop_s = config.hop_seconds or card.hop_seconds
-    if hop_s > card.window_seconds:
+    hop = resolve_hop(card, config.hop_seconds)
+    if hop > card.window_samples:
         warnings.append(
-            f"the hop ({hop_s:.2f} s) is longer than the model's window "
+            f"the hop ({hop / card.sample_rate:.2f} s) is longer than the model's window "
             f"({card.window_seconds:.2f} s): audio between windows is never tagged"
         )
     for index, spec in enumerate(config.inputs):

@@ -1,8 +1,9 @@
 """Tagging whole files: decode, window by the clip rule of tagd.windowing, average the scores.
 
-With an ``IncrementalRunner`` (tagd.incremental) the windows go through it in order, each
-scored from the last one's state as `tagd serve` scores a stream: the same scores as
-full windows, for a fraction of the work, one window at a time.
+A file's windows go through a scorer (tagd.scoring) in order, as a stream's through
+`tagd serve`: full windows a batch at a time, or incremental inference (the default of
+`tagd tag`), each window from the last one's state, the same scores for a fraction of
+the work, one window at a time.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import numpy as np
 from tagd.audio import AudioError, decode_file
 from tagd.card import ModelCard
 from tagd.engines import Engine
-from tagd.incremental import IncrementalRunner, WindowAt
+from tagd.scoring import FullWindows, Scorer, WindowAt
 from tagd.windowing import ClipTooShortError, clip_windows
 
 # Windows per engine call. ONNX Runtime's arena keeps the activations of the largest
 # batch, and a full-size FCN-4 window's are tens of MB: docs/models.md has the peaks.
 DEFAULT_BATCH = 1
-FILE_STREAM = "file"  # the stream name a file's windows carry through an IncrementalRunner
+FILE_STREAM = "file"  # the stream name a file's windows carry through a scorer
 AUDIO_SUFFIXES = frozenset(
     (
         ".wav",
@@ -93,50 +94,37 @@ def tag_file(
     path: str | Path,
     hop_samples: int | None = None,
     batch_size: int = DEFAULT_BATCH,
-    incremental: IncrementalRunner | None = None,
+    scorer: Scorer | None = None,
 ) -> FileTags:
     """Mean scores over the windows of ``path``; raises AudioError when it cannot.
 
-    ``incremental`` must be the runner for ``hop_samples`` (or the card's hop).
+    ``scorer`` (full windows on ``engine`` by default) must be for ``hop_samples`` (or the
+    card's hop). A call takes ``batch_size`` windows at most, fewer where the scorer's
+    ``max_consecutive`` says more are not worth it.
     """
     card = engine.card
     path = Path(path)
     samples = decode_file(path, card.sample_rate)
     check_length(card, len(samples), path)
     hop_samples = hop_samples or card.hop_samples
-    if incremental is not None:
-        return _tag_incrementally(incremental, path, samples, card, hop_samples)
-    if engine.max_batch is not None:
-        batch_size = min(batch_size, engine.max_batch)
+    scorer = scorer or FullWindows([engine], hop_samples)
+    if scorer.hop_samples != hop_samples:
+        raise ValueError(f"a scorer for hop {scorer.hop_samples} asked to tag at {hop_samples}")
+    batch_size = min(batch_size, scorer.max_consecutive or batch_size)
     total = np.zeros(card.n_tags, dtype=np.float64)
-    count = 0
     batch = np.empty((batch_size, card.window_samples), dtype=np.float32)
-    filled = 0
-    for window in clip_windows(samples, card.window_samples, hop_samples):
-        batch[filled] = window.samples
-        filled += 1
-        if filled == batch_size:
-            total += engine.run(batch).sum(axis=0, dtype=np.float64)
-            count, filled = count + filled, 0
-    if filled:
-        total += engine.run(batch[:filled]).sum(axis=0, dtype=np.float64)
-        count += filled
-    duration = len(samples) / card.sample_rate
-    return FileTags(path, duration, count, (total / count).astype(np.float32))
-
-
-def _tag_incrementally(
-    runner: IncrementalRunner, path: Path, samples: np.ndarray, card: ModelCard, hop_samples: int
-) -> FileTags:
-    if runner.hop_samples != hop_samples:
-        raise ValueError(f"a runner for hop {runner.hop_samples} asked to tag at {hop_samples}")
-    total = np.zeros(card.n_tags, dtype=np.float64)
+    keys: list[WindowAt] = []
     count = 0
-    runner.forget(FILE_STREAM)  # the last file's chain
+    scorer.forget(FILE_STREAM)  # the last file's chain
     for window in clip_windows(samples, card.window_samples, hop_samples):
-        key = WindowAt(FILE_STREAM, 0, window.start)
-        total += runner.run([key], window.samples[None, :])[0]
-        count += 1
-    runner.forget(FILE_STREAM)
+        batch[len(keys)] = window.samples
+        keys.append(WindowAt(FILE_STREAM, 0, window.start))
+        if len(keys) == batch_size:
+            total += scorer.run(keys, batch).sum(axis=0, dtype=np.float64)
+            count, keys = count + len(keys), []
+    if keys:
+        total += scorer.run(keys, batch[: len(keys)]).sum(axis=0, dtype=np.float64)
+        count += len(keys)
+    scorer.forget(FILE_STREAM)
     duration = len(samples) / card.sample_rate
     return FileTags(path, duration, count, (total / count).astype(np.float32))

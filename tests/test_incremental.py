@@ -34,7 +34,9 @@ from support import (
 from tagd.card import read_card
 from tagd.config import ConfigError, load_config
 from tagd.engines import EngineError, load_engine
-from tagd.incremental import IncrementalRunner, WindowAt, reuse_summary
+from tagd.incremental import IncrementalRunner, choose_scorer, reuse_summary
+from tagd.scoring import FULL, INCREMENTAL, WindowAt, resolve_hop
+from tagd.server import input_warnings
 from tagd.tagfile import tag_file
 from tagd.windowing import Windower
 
@@ -290,6 +292,53 @@ def test_a_batch_catching_up_on_one_stream_steps_its_later_windows(engine):
     assert not runner.continues(WindowAt("a", 1, 3 * hop))  # a restart: primed
 
 
+# -- one scorer for both modes ------------------------------------------------------------------
+def test_the_mode_is_chosen_from_the_config_and_the_graphs_for_the_hop(engine, caplog):
+    hop = engine.card.hop_samples
+    incremental = choose_scorer([engine], hop)
+    assert incremental.mode == INCREMENTAL and incremental.carries_state
+    # a stream's state: its float32 tensors, as the start-up line says
+    state_bytes = sum(4 * int(np.prod(shape)) for shape in incremental.engine.state_shapes)
+    assert incremental.state_bytes == state_bytes > 0
+    assert f"{state_bytes / 1e6:.2f} MB of state a stream" in incremental.describe()
+    caplog.set_level("INFO", logger="tagd.incremental")
+    turned_off = choose_scorer([engine], hop, incremental=False)
+    assert "incremental inference off" in caplog.text
+    no_graphs = choose_scorer([engine], 20_480)
+    assert "export with `tagd-train export --incremental-hop 1.70667`" in caplog.text
+    for scorer in (turned_off, no_graphs):
+        assert (scorer.mode, scorer.state_bytes, scorer.describe()) == (FULL, 0, "full windows")
+        assert not scorer.carries_state
+    assert no_graphs.hop_samples == 20_480
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_either_scorer_gives_a_streams_full_window_scores_and_counts_them(engine, incremental):
+    """The same calls, in either mode: a stream's windows in order with one dropped, and a
+    second stream's first window batched with one of them."""
+    card = engine.card
+    hop = card.hop_samples
+    counts = {INCREMENTAL: 0, FULL: 0}
+    scorer = choose_scorer([engine], hop, incremental, on_updates=counter(counts))
+    scorer.warmup((1, 2))
+    audio = make_music((card.window_samples + 4 * hop) / RATE, RATE, seed=8)
+    window = windows_of(audio, card.window_samples, hop).numpy()
+    calls = [  # (keys, rows of window); window 2 of "a" is dropped
+        ([WindowAt("a", 0, 0)], [0]),
+        ([WindowAt("a", 0, hop), WindowAt("b", 0, 0)], [1, 0]),
+        ([WindowAt("a", 0, 3 * hop)], [3]),
+        ([WindowAt("a", 0, 4 * hop), WindowAt("b", 0, hop)], [4, 1]),
+    ]
+    for keys, rows in calls:
+        got = scorer.run(keys, window[rows])
+        assert np.abs(got - full_window_scores(engine, list(window[rows]))).max() <= TOLERANCE
+    assert scorer.continues(WindowAt("b", 0, 2 * hop)) == incremental
+    scorer.forget("b")
+    assert not scorer.continues(WindowAt("b", 0, 2 * hop))
+    # stepped: a's second and fifth windows, b's second
+    assert counts == ({INCREMENTAL: 3, FULL: 3} if incremental else {INCREMENTAL: 0, FULL: 6})
+
+
 def test_the_start_up_summary_says_what_a_hop_reuses(exported):
     card = read_card(exported)
     assert "conv blocks 1–3" in reuse_summary(card, 40_960)
@@ -304,6 +353,18 @@ def test_a_hop_in_seconds_near_a_whole_number_of_frames_is_that_number(exported)
     assert card.hop_from_seconds(3.0) == 36_000  # 140.6 frames: left as it is
 
 
+def test_the_hop_is_resolved_once_for_tag_serve_and_the_config_check(exported):
+    card = read_card(exported)
+    assert resolve_hop(card, None) == card.hop_samples
+    assert resolve_hop(card, 3.413) == 40_960
+    config = make_config(exported, ["zmq+pull://127.0.0.1:5999"])
+    config.hop_seconds = card.window_seconds + 1
+    (warning,) = input_warnings(config, card)
+    assert warning.startswith(f"the hop ({card.window_seconds + 1:.2f} s) is longer than")
+    config.hop_seconds = card.window_seconds
+    assert input_warnings(config, card) == []
+
+
 # -- tagd tag -----------------------------------------------------------------------------------
 def test_tag_gives_the_full_windows_scores_over_a_long_file(exported, engine, tmp_path):
     audio = make_music(75.0, 44_100, seed=9)
@@ -313,11 +374,18 @@ def test_tag_gives_the_full_windows_scores_over_a_long_file(exported, engine, tm
     runner = IncrementalRunner(
         [engine.incremental(engine.card.hop_samples)], on_updates=counter(counts)
     )
-    incremental = tag_file(engine, song, incremental=runner)
+    incremental = tag_file(engine, song, scorer=runner)
     full = tag_file(engine, song)
     assert incremental.windows == full.windows == 14  # (75 - 29.12) / 3.413 + 1
     assert counts == {"incremental": 13, "full": 1}
     assert np.abs(incremental.scores - full.scores).max() <= TOLERANCE
+    # --batch: full windows four to a call; the incremental scorer still steps each one
+    in_fours = tag_file(engine, song, batch_size=4)
+    assert np.abs(in_fours.scores - full.scores).max() <= 1e-6
+    assert tag_file(engine, song, batch_size=4, scorer=runner).scores.tolist() == (
+        incremental.scores.tolist()
+    )
+    assert counts == {"incremental": 26, "full": 2}
 
     def cli(*extra):
         result = subprocess.run(
@@ -382,7 +450,7 @@ def test_serve_publishes_the_full_windows_scores_and_says_it_is_incremental(shor
     assert metric_sample(metrics, "tagd_engine_info", inference="incremental") == 1
     updates = metric_sample(metrics, "tagd_window_updates_total", mode="incremental")
     assert updates == len(incremental) - 2  # each stream's first window is primed
-    assert metric_sample(full_metrics, "tagd_engine_info", inference="full_windows") == 1
+    assert metric_sample(full_metrics, "tagd_engine_info", inference="full") == 1
 
 
 def test_the_engine_table_and_the_flag_turn_it_off(tmp_path):

@@ -98,7 +98,7 @@ def test_an_engine_that_raises_loses_its_batches_counted_and_flips_healthz_until
         )
     caplog.set_level(logging.DEBUG, logger="tagd.batcher")
     with serving(config) as server:
-        engine = server.engines[0] = FailingEngine(server.engines[0])
+        engine = server.scorer.engines[0] = FailingEngine(server.scorer.engines[0])
         listener = Listener(server, "tags.")
         paced = Paced(port, ["one", "two"])
         paced.start()
