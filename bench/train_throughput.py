@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from trainer.models import create_model, list_models
-from trainer.train import RECIPES, autocast_dtype, check_precision, recipe_for
+from trainer.models.registry import default_recipe
+from trainer.recipes import RECIPES
+from trainer.train import autocast_dtype, check_precision
 
 
 def sync(device: torch.device) -> None:
@@ -51,7 +53,7 @@ def timed(step, steps: int, repeats: int, warmup: int, device: torch.device) -> 
 def measure(name: str, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = create_model(name, 50, width=args.width).to(device)
-    recipe = RECIPES[recipe_for(name)]
+    recipe = RECIPES[default_recipe(name)]
     waves = torch.randn(args.batch, model.window_samples, device=device) * 0.1
     targets = (torch.rand(args.batch, 50, device=device) < 0.1).float()
     amp = autocast_dtype(args.precision, device)

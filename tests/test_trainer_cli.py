@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -496,3 +497,92 @@ def test_recordings_writes_a_held_out_set_that_evaluate_matches_by_tag_name(mtt_
     result = invoke("evaluate", root / "run" / "best.pt", tmp_path / "p", "--no-progress", code=1)
     assert "has none of the model's tags" in result.output
     assert "give the folder to write the set to" in invoke("recordings", code=2).output
+
+
+def test_every_training_option_reaches_the_config_by_its_flag(tmp_path, monkeypatch):
+    import trainer.train
+    from trainer.recipes import TrainConfig
+
+    runs: list[TrainConfig] = []
+    finished = SimpleNamespace(
+        best_roc_auc=0.5, best_epoch=1, epochs_run=1, best_path="b", last_path="l"
+    )
+    monkeypatch.setattr(trainer.train, "train", lambda config: runs.append(config) or finished)
+    invoke("train", tmp_path, "--out", tmp_path / "run")
+    assert runs.pop() == TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"))
+    flags = {
+        "--name": ("name", "x", "x"),
+        "--recipe": ("recipe", "lee2017", "lee2017"),
+        "--optimizer": ("optimizer", "sgd", "sgd"),
+        "--epochs": ("epochs", "3", 3),
+        "--batch-size": ("batch_size", "5", 5),
+        "--lr": ("lr", "0.5", 0.5),
+        "--patience": ("patience", "7", 7),
+        "--max-lr-drops": ("max_lr_drops", "9", 9),
+        "--schedule": ("schedule", "cosine", "cosine"),
+        "--crops-per-clip": ("crops_per_clip", "cover", "cover"),
+        "--min-epoch-examples": ("min_epoch_examples", "0", 0),
+        "--crop": ("crop", "loop", "loop"),
+        "--seed": ("seed", "4", 4),
+        "--precision": ("precision", "bf16", "bf16"),
+        "--device": ("device", "cpu", "cpu"),
+        "--workers": ("workers", "2", 2),
+        "--freeze": ("freeze", "stem", ["stem"]),
+        "--lr-group": ("lr_groups", "blocks.0=1e-5", {"blocks.0": 1e-5}),
+    }
+    args = [arg for flag, (_, text, _) in flags.items() for arg in (flag, text)]
+    invoke(
+        "train",
+        tmp_path,
+        "--model",
+        "samplecnn",
+        "--hparam",
+        "width=0.25",
+        "--from-checkpoint",
+        tmp_path / "a.pt",
+        *args,
+        "--resume",
+        "--no-progress",
+        "--out",
+        tmp_path / "run",
+    )
+    config = runs.pop()
+    assert {field: getattr(config, field) for field, _, _ in flags.values()} == {
+        field: value for field, _, value in flags.values()
+    }
+    assert (config.model, config.hparams, config.init_from) == (
+        "samplecnn",
+        {"width": 0.25},
+        str(tmp_path / "a.pt"),
+    )
+    assert config.resume is True and config.progress is False
+    invoke("finetune", tmp_path / "a.pt", tmp_path, "--crops-per-clip", "2", "--out", tmp_path)
+    assert runs.pop().init_from == str(tmp_path / "a.pt")
+    assert (
+        "expected a whole number ≥ 1 or 'cover'"
+        in invoke("train", tmp_path, "--crops-per-clip", "0", "--out", tmp_path, code=2).output
+    )
+    help_text = invoke("train", "--help").output
+    assert all(flag in help_text for flag in (*flags, "--resume", "--no-progress", "--out"))
+
+
+def test_evaluate_hop_is_in_seconds_as_tagd_tag(mtt_run, tmp_path, monkeypatch):
+    import trainer.evaluate
+    from trainer.checkpoint import card_from_checkpoint, load_checkpoint
+
+    root, _, _ = mtt_run
+    hops = []
+    evaluate_model = trainer.evaluate.evaluate_model
+
+    def spy(*args, **kwargs):
+        hops.append(kwargs["hop_samples"])
+        return evaluate_model(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.evaluate, "evaluate_model", spy)
+    best, prepared = root / "run" / "best.pt", root / "prepared"
+    invoke("evaluate", best, prepared, "--hop", "0.5", "--no-update", "--out", tmp_path)
+    card = card_from_checkpoint(load_checkpoint(best))
+    assert hops == [card.hop_from_seconds(0.5)] == [11_025]  # 0.5 s at 22,050 Hz
+    for bad in ("0", "-1", "ten"):
+        result = invoke("evaluate", best, prepared, "--hop", bad, code=2)
+        assert "Invalid value for '--hop'" in result.output

@@ -7,9 +7,11 @@ Multi-GPU: ``torchrun --nproc-per-node N -m trainer.cli train ...``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -407,119 +409,53 @@ def recordings(
 
 # -- training ----------------------------------------------------------------------------------------
 def training_options(command):
+    """The options of `train` and `finetune`: one for each TrainConfig field made with
+    ``option()``, named, typed and explained there (trainer/recipes.py)."""
+    from trainer.recipes import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
     options = [
-        click.option(
-            "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run folder."
-        ),
-        click.option(
-            "--name",
-            help="Model card name (default: <arch>-<kind of data>, e.g. fcn4-magnatagatune).",
-        ),
-        click.option(
-            "--recipe",
-            type=click.Choice(["fcn", "samplecnn", "choi2016", "lee2017", "finetune"]),
-            help="Default: fcn or samplecnn by model family; choi2016 and lee2017 are the "
-            "papers' settings; finetune with --init-from (docs/training.md).",
-        ),
-        click.option(
-            "--optimizer", type=click.Choice(["adam", "sgd"]), help="Override the recipe's."
-        ),
-        click.option("--epochs", type=int),
-        click.option("--batch-size", type=int),
-        click.option("--lr", type=float),
-        click.option(
-            "--patience", type=int, help="Epochs of stalled validation loss before a lr drop."
-        ),
-        click.option(
-            "--max-lr-drops", type=int, help="Stop at the next stall after this many drops."
-        ),
-        click.option(
-            "--schedule",
-            type=click.Choice(["plateau", "cosine"]),
-            help="Learning-rate schedule; override the recipe's.",
-        ),
-        click.option(
-            "--crops-per-clip",
-            type=CropsPerClip(),
-            help="Random windows per training clip an epoch, or 'cover' (median clip over "
-            "the window: all the audio about once an epoch); default: the recipe's "
-            "(samplecnn covers, the rest take 1).",
-        ),
-        click.option(
-            "--min-epoch-examples",
-            type=click.IntRange(min=0),
-            metavar="N",
-            help="At least N examples an epoch: a smaller training set shows each clip more "
-            "than once an epoch; 0 for none; default: the recipe's (fcn 512, the rest 0).",
-        ),
-        click.option(
-            "--crop",
-            type=click.Choice(["plain", "loop"]),
-            help="Training windows: plain (inside the clip) or loop (anywhere, wrapping "
-            "around its end); override the recipe's.",
-        ),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option(
-            "--precision",
-            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-            default="auto",
-            show_default=True,
-        ),
-        click.option(
-            "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
-        ),
-        click.option("--workers", type=int, help="Data loader workers."),
-        click.option("--resume", is_flag=True, help="Continue from OUT/last.pt."),
-        click.option(
-            "--freeze", multiple=True, metavar="PREFIX", help="Keep these blocks fixed (repeat)."
-        ),
-        click.option(
-            "--lr-group",
-            "lr_groups",
-            multiple=True,
-            metavar="PREFIX=LR",
-            help="Learning rate per block (repeat).",
-        ),
-        click.option("--no-progress", is_flag=True),
+        _config_option(spec, hints[spec.name])
+        for spec in dataclasses.fields(TrainConfig)
+        if "help" in spec.metadata
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _run_training(
-    data_dir: Path, model_name: str | None, hparams: dict, init_from: Path | None, options: dict
-) -> None:
+def _config_option(spec: dataclasses.Field, hint: Any):
+    """The click option of one TrainConfig field; its value arrives as the field's type."""
+    meta = spec.metadata
+    flag = meta["flag"] or "--" + spec.name.replace("_", "-")
+    kwargs: dict[str, Any] = {"help": meta["help"], "metavar": meta["metavar"]}
+    if hint is bool:  # a flag that sets the opposite of the default
+        kwargs.update(is_flag=True, flag_value=not spec.default, default=spec.default)
+    elif hint == list[str]:
+        kwargs.update(multiple=True, callback=lambda ctx, param, values: list(values))
+    elif hint == dict[str, float]:
+        kwargs.update(multiple=True, callback=lambda ctx, param, values: parse_lr_groups(values))
+    elif meta["choices"]:
+        kwargs["type"] = click.Choice(meta["choices"])
+    elif hint == int | str | None:
+        kwargs["type"] = CropsPerClip()
+    elif meta["minimum"] is not None:
+        kwargs["type"] = click.IntRange(min=meta["minimum"])
+    else:
+        kwargs["type"] = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+    if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+        kwargs["required"] = True
+    elif hint is not bool:
+        kwargs["default"] = None if spec.default is dataclasses.MISSING else spec.default
+        kwargs["show_default"] = kwargs["default"] is not None
+    return click.option(flag, spec.name, **kwargs)
+
+
+def _run_training(data_dir: Path, options: dict[str, Any], **run: Any) -> None:
+    """Train with the options as parsed: they are TrainConfig's fields by name."""
     from trainer.train import TrainConfig, train
 
-    config = TrainConfig(
-        data=str(data_dir),
-        out=str(options["out_dir"]),
-        model=model_name or "fcn4",
-        hparams=hparams,
-        name=options["name"],
-        recipe=options["recipe"],
-        optimizer=options["optimizer"],
-        epochs=options["epochs"],
-        batch_size=options["batch_size"],
-        lr=options["lr"],
-        patience=options["patience"],
-        max_lr_drops=options["max_lr_drops"],
-        schedule=options["schedule"],
-        crops_per_clip=options["crops_per_clip"],
-        min_epoch_examples=options["min_epoch_examples"],
-        crop=options["crop"],
-        seed=options["seed"],
-        precision=options["precision"],
-        device=options["device"],
-        workers=options["workers"],
-        resume=options["resume"],
-        init_from=str(init_from) if init_from else None,
-        freeze=list(options["freeze"]),
-        lr_groups=parse_lr_groups(options["lr_groups"]),
-        progress=not options["no_progress"],
-    )
-    result = train(config)
+    result = train(TrainConfig(data=str(data_dir), **run, **options))
     click.echo(
         f"best validation ROC-AUC {result.best_roc_auc:.4f} at epoch {result.best_epoch} of "
         f"{result.epochs_run}; best model {result.best_path}, resume state {result.last_path}"
@@ -552,7 +488,13 @@ def _run_training(
 @friendly_errors
 def train_command(data_dir, model_name, hparams, init_from, **options):
     """Train a model on a prepared dataset; best.pt is the best by validation ROC-AUC."""
-    _run_training(data_dir, model_name, parse_hparams(hparams), init_from, options)
+    _run_training(
+        data_dir,
+        options,
+        model=model_name,
+        hparams=parse_hparams(hparams),
+        init_from=str(init_from) if init_from else None,
+    )
 
 
 @main.command()
@@ -562,7 +504,7 @@ def train_command(data_dir, model_name, hparams, init_from, **options):
 @friendly_errors
 def finetune(checkpoint, data_dir, **options):
     """Transfer a trained model to new tags (recipe finetune: Adam, lr 1e-4)."""
-    _run_training(data_dir, None, {}, checkpoint, options)
+    _run_training(data_dir, options, init_from=str(checkpoint))
 
 
 @main.command()
@@ -585,8 +527,9 @@ def finetune(checkpoint, data_dir, **options):
 )
 @click.option(
     "--hop",
-    type=int,
-    help="Hop between a clip's windows in samples (default: the model's, as `tagd tag`).",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Seconds between a clip's windows, as `tagd tag --hop` (default: the model card's hop).",
 )
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -606,7 +549,7 @@ def evaluate(
         split=split,
         update_checkpoint=not no_update,
         roc_tags=list(roc_tags) or None,
-        hop_samples=hop,
+        hop_seconds=hop,
         batch_size=batch_size,
         device=device,
         progress=not no_progress,
@@ -758,13 +701,14 @@ def compile_command(onnx_path, plan_path, precision, min_batch, opt_batch, max_b
     "--blocks", "show_blocks", is_flag=True, help="Also list block names for --freeze/--lr-group."
 )
 def models(show_blocks):
-    """List the models that train and export can build."""
+    """List the models that train and export can build, and the recipe each trains with."""
     from trainer.finetune import block_names
     from trainer.models import create_model, list_models
+    from trainer.models.registry import default_recipe
 
     for name in list_models():
         model = create_model(name)
-        line = f"{name:<20} {model.sample_rate:>6} Hz  window {model.window_samples:>7} samples ({model.window_samples / model.sample_rate:.2f} s)"
+        line = f"{name:<20} {model.sample_rate:>6} Hz  window {model.window_samples:>7} samples ({model.window_samples / model.sample_rate:.2f} s)  recipe {default_recipe(name)}"
         if show_blocks:
             line += "  blocks: " + ", ".join(block_names(model))
         click.echo(line)

@@ -486,17 +486,21 @@ def evaluate_checkpoint(
     split: str = "test",
     update_checkpoint: bool = True,
     roc_tags: list[str] | None = None,
-    hop_samples: int | None = None,
+    hop_seconds: float | None = None,
     batch_size: int = DEFAULT_BATCH,
     device: str = "auto",
     progress: bool = True,
 ) -> tuple[Evaluation, dict[str, Path], ModelCard]:
     """Evaluate a checkpoint, write the report, put thresholds and scores in its card.
 
-    The card (with validation thresholds and ``scores[split]``) is written beside the
-    report as ``card.json`` and, with ``update_checkpoint``, back into the checkpoint, so
-    that ``tagd-train export`` ships them.
+    ``hop_seconds``: the hop between a clip's windows, in seconds as ``tagd tag --hop``
+    takes it and converted the same way (``ModelCard.hop_from_seconds``); None: the
+    model's hop. The card (with validation thresholds and ``scores[split]``) is written
+    beside the report as ``card.json`` and, with ``update_checkpoint``, back into the
+    checkpoint, so that ``tagd-train export`` ships them.
     """
+    if hop_seconds is not None and not hop_seconds > 0:
+        raise ValueError(f"the hop must be a positive number of seconds, got {hop_seconds!r}")
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     device = resolve_device(device)
@@ -522,7 +526,7 @@ def evaluate_checkpoint(
         model,
         data,
         split=split,
-        hop_samples=hop_samples,
+        hop_samples=card.hop_from_seconds(hop_seconds) if hop_seconds else None,
         batch_size=batch_size,
         device=device,
         progress=progress,

@@ -1,7 +1,7 @@
 """The training loop: one function, ``train``, readable top to bottom.
 
-Recipes are the papers' settings (``RECIPES``); a ``TrainConfig`` picks one by the
-model's family and may override any value. One run writes to its folder:
+A ``TrainConfig`` (trainer.recipes) names a recipe, by default the one the model registry
+gives the model, and may override any of its values. One run writes to its folder:
 
     config.json   the resolved configuration
     log.csv       one row per epoch (losses, validation AUC, learning rate, speed)
@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,17 @@ from trainer.export import card_for_model
 from trainer.finetune import parameter_groups, replace_head, set_frozen_batchnorm_eval
 from trainer.models import TaggerModel, create_model
 from trainer.models.frontend import LogMel
+from trainer.models.registry import default_recipe
+from trainer.recipes import (
+    COVER,
+    CROPS,
+    FINETUNE,
+    OPTIMIZERS,
+    RECIPES,
+    SCHEDULES,
+    TrainConfig,
+    model_hparams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,163 +73,6 @@ LOG_COLUMNS = (
     "seconds",
     "examples_per_second",
 )
-
-
-# -- recipes ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Recipe:
-    optimizer: str  # "adam" or "sgd" (Nesterov momentum)
-    lr: float
-    batch_size: int
-    epochs: int  # at most
-    # The plateau rule: when validation loss has not improved for `patience` epochs,
-    # multiply the learning rate by `lr_factor`; after `max_lr_drops` drops, stop instead.
-    patience: int
-    lr_factor: float
-    max_lr_drops: int
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    # "plateau": the rule above. "cosine": a cosine decay to zero at the last epoch,
-    # every step; no early stop.
-    schedule: str = "plateau"
-    crop: str = "plain"  # training windows: "plain" inside the clip, "loop" wrapping around
-    # Random windows per clip an epoch; COVER: as many as the clips hold (median clip over
-    # window, rounded), so that an epoch shows about all of the audio once.
-    crops_per_clip: int | str = 1
-    # At least this many examples an epoch: a smaller training set shows each clip more
-    # than once an epoch (at a new random window each time), so that 25 epochs of a few
-    # hundred clips are enough optimiser steps. 0: no minimum.
-    min_epoch_examples: int = 0
-    # Values for the model's hyper-parameters that the recipe is measured with; what the
-    # user passes with --hparam wins.
-    model_hparams: tuple[tuple[str, Any], ...] = ()
-
-
-COVER = "cover"
-
-
-# The defaults ("fcn", "samplecnn") are chosen by measurement on rendered music with the
-# narrow networks a CPU user trains (docs/training.md has the table, bench/quality.py
-# reproduces it). The papers' settings stay as named recipes for reproducing them on MTT.
-RECIPES: dict[str, Recipe] = {
-    # Choi et al.'s optimiser and plateau rule with the model's own dropout: only before
-    # the output layer (FCNConfig). Dropout 0.5 after every pool, the paper's, leaves a
-    # narrow FCN on a few hundred clips at chance on timbre tags. A cosine decay over 25
-    # epochs learnt less than the plateau rule's constant rate (docs/training.md). At
-    # least 512 examples an epoch (32 batches): 280 clips shown once an epoch are 17 steps,
-    # and 25 such epochs left the network still learning.
-    "fcn": Recipe(
-        "adam",
-        lr=1e-3,
-        batch_size=16,
-        epochs=100,
-        patience=5,
-        lr_factor=0.2,
-        max_lr_drops=2,
-        min_epoch_examples=512,
-    ),
-    # Adam with a cosine decay: the paper's SGD at lr 0.01 barely moves a narrow SampleCNN
-    # in 25 epochs of a few hundred clips. Each epoch covers the clips (about 11 windows of
-    # 2.68 s a 29.1 s clip), as Lee et al. trained on every segment: one random window a
-    # clip shows a tenth of the audio an epoch.
-    "samplecnn": Recipe(
-        "adam",
-        lr=3e-3,
-        batch_size=23,
-        epochs=100,
-        patience=3,
-        lr_factor=0.2,
-        max_lr_drops=4,
-        schedule="cosine",
-        crops_per_clip=COVER,
-    ),
-    # Choi et al. 2016: Adam, binary cross-entropy, dropout 0.5 after every pool. The
-    # paper gives no schedule; we stop once validation loss has stalled 5 epochs after
-    # two drops.
-    "choi2016": Recipe(
-        "adam",
-        lr=1e-3,
-        batch_size=16,
-        epochs=100,
-        patience=5,
-        lr_factor=0.2,
-        max_lr_drops=2,
-        model_hparams=(("dropout", 0.5), ("head_dropout", 0.0)),
-    ),
-    # Lee et al. 2017: SGD, Nesterov momentum 0.9, lr 0.01, x0.2 when validation loss
-    # stalls 3 epochs, four times in all, batch 23.
-    "lee2017": Recipe(
-        "sgd", lr=0.01, batch_size=23, epochs=100, patience=3, lr_factor=0.2, max_lr_drops=4
-    ),
-    # Sankaran 2017, target task: Adam from trained weights, small learning rates (1e-4 for
-    # the top, 1e-5 for early blocks via lr_groups), dropped x0.1 on plateaus.
-    "finetune": Recipe(
-        "adam", lr=1e-4, batch_size=16, epochs=50, patience=3, lr_factor=0.1, max_lr_drops=2
-    ),
-}
-
-
-def recipe_for(arch: str) -> str:
-    return "fcn" if arch.startswith("fcn") else "samplecnn"
-
-
-def model_hparams(recipe: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's model settings (choi2016's dropout, say), overridden by the user's."""
-    return {**dict(RECIPES[recipe].model_hparams), **given}
-
-
-# -- configuration -----------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    data: str  # a prepared folder (tagd-train prepare)
-    out: str  # run folder
-    model: str = "fcn4"  # registry name; ignored when init_from gives the architecture
-    hparams: dict[str, Any] = field(default_factory=dict)  # e.g. {"width": 0.5}
-    name: str | None = None  # model card name; default "<arch>-<kind of data>"
-    recipe: str | None = None  # RECIPES key; default by family, "finetune" with init_from
-    # None: take the recipe's value
-    optimizer: str | None = None  # adam | sgd
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    patience: int | None = None
-    max_lr_drops: int | None = None
-    schedule: str | None = None  # plateau | cosine
-    crops_per_clip: int | str | None = None  # windows per training clip an epoch, or COVER
-    min_epoch_examples: int | None = None  # more crops a clip when the set is smaller
-    crop: str | None = None  # plain | loop (CropDataset); None: the recipe's
-    seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 on GPUs that have it
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    workers: int | None = None  # DataLoader workers; None: 0 on CPU, 4 on GPU
-    eval_hop: int | None = None  # validation window hop in samples; None: one window
-    resume: bool = False  # continue from out/last.pt
-    # transfer learning (Sankaran 2017): start from a trained checkpoint
-    init_from: str | None = None
-    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes to keep fixed
-    lr_groups: dict[str, float] = field(default_factory=dict)  # prefix → learning rate
-    progress: bool = True
-    tensorboard: bool = True  # when the tensorboard package is installed
-
-    def resolved(self) -> dict[str, Any]:
-        """The recipe's values with this config's overrides: what the run actually uses."""
-        base = RECIPES[self.recipe]
-        values = dataclasses.asdict(base)
-        for key in (
-            "optimizer",
-            "epochs",
-            "batch_size",
-            "lr",
-            "patience",
-            "max_lr_drops",
-            "schedule",
-            "crop",
-            "crops_per_clip",
-            "min_epoch_examples",
-        ):
-            if getattr(self, key) is not None:
-                values[key] = getattr(self, key)
-        return values
 
 
 @dataclass
@@ -382,21 +236,176 @@ def check_precision(model: nn.Module, amp_dtype: torch.dtype | None) -> None:
 
 # -- the loop --------------------------------------------------------------------------------------
 def train(config: TrainConfig) -> TrainResult:
+    """Train ``config``'s model until its epochs run out or the plateau rule stops it.
+
+    Set up (processes, model, optimizer, resumed state, data), then each epoch: train on
+    random windows, validate on whole clips, apply the schedule, write the log and the
+    checkpoints. ``config`` is completed in place: its recipe, model and hparams become
+    the ones the run used.
+    """
     from tqdm import tqdm
 
-    # 1. Processes, device, seeds. Every rank seeds alike so the models start identical
-    #    (DDP also broadcasts rank 0's weights, but data order must agree too).
+    # -- setup
+    # Every rank seeds alike so that the models start identical (DDP also broadcasts rank
+    # 0's weights, but the data order must agree too). The global generator then serves,
+    # in this order, the initial weights (or a new head), and each epoch's loader and
+    # dropout; a resumed run restores it where its last epoch left it. Windows and their
+    # order have generators of their own, seeded per epoch.
     ranks, started_group = start_distributed(config.device)
     device = pick_device(config.device, ranks)
     torch.manual_seed(config.seed)
     run_dir = Path(config.out)
     last_path, best_path = run_dir / LAST_NAME, run_dir / BEST_NAME
-
-    # 2. Model: fresh, or from a trained checkpoint with a new head for this data's tags.
     data = PreparedData(config.data)
+    model = build_model(config, data)
+    recipe = config.resolved()
+    check_recipe(recipe)
+    train_idx, valid_idx = training_splits(data, model)
+    model.to(device)
+    optimizer = make_optimizer(model, recipe, config.freeze, config.lr_groups)
+    amp_dtype = autocast_dtype(config.precision, device)
+    check_precision(model, amp_dtype)
+    # fp16 gradients underflow unless the loss is scaled up; with bf16 or fp32 it is a no-op
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    state = {  # what a resumed run takes over from last.pt
+        "epoch": 0,
+        "lr_drops": 0,
+        "stall": 0,
+        "best_loss": math.inf,
+        "best_roc_auc": -1.0,
+        "best_epoch": 0,
+        "stopped": False,  # the plateau rule ended the run
+        "history": [],
+    }
+    if config.resume and last_path.is_file():
+        resume(last_path, model, optimizer, scaler, state, data.tags)
+        log.info("resumed %s at epoch %d", run_dir, state["epoch"])
+    elif config.resume:
+        log.warning("nothing to resume in %s; starting fresh", run_dir)
+    examples, sampler, loader = training_loader(
+        data, train_idx, model.window_samples, recipe, config, ranks, device
+    )
+    net: nn.Module = LogitsOf(model)
+    if ranks.distributed:
+        net = DistributedDataParallel(net)
+    tensorboard = None
+    if ranks.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_NAME).write_text(
+            json.dumps({**dataclasses.asdict(config), "resolved": recipe}, indent=2) + "\n"
+        )
+        tensorboard = _tensorboard(run_dir) if config.tensorboard else None
+        log.info(
+            "training %s (%d parameters) on %s: %d train / %d valid clips, recipe %s %s",
+            model.arch,
+            sum(p.numel() for p in model.parameters()),
+            device,
+            len(train_idx),
+            len(valid_idx),
+            config.recipe,
+            recipe,
+        )
+
+    # -- epochs
+    while state["epoch"] < recipe["epochs"] and not state["stopped"]:
+        epoch = state["epoch"] + 1
+        started = time.monotonic()
+        # Windows and order are functions of (seed, epoch), not of how many epochs came
+        # before in this process, so that a resumed run sees what a straight one would.
+        examples.set_epoch(epoch)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        else:
+            sampler.generator.manual_seed(config.seed * 1_000_003 + epoch)
+        net.train()
+        set_frozen_batchnorm_eval(model, config.freeze)  # frozen blocks keep their statistics
+        total_loss, seen = 0.0, 0
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch}",
+            unit="batch",
+            disable=not (config.progress and ranks.main),
+            leave=False,
+        )
+        for step, (waves, targets) in enumerate(bar):
+            if recipe["schedule"] == "cosine":  # set every step: a smooth decay, no stairs
+                progress = (epoch - 1 + step / len(loader)) / recipe["epochs"]
+                factor = cosine_factor(progress)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+            waves = waves.to(device, non_blocking=True)  # (B, window_samples)
+            targets = targets.to(device, non_blocking=True)  # (B, n_tags), NaN: unknown
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = net(waves)  # (B, n_tags)
+                loss = masked_bce(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(waves)
+            seen += len(waves)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        train_loss = _mean_across_ranks(total_loss, seen, ranks, device)
+        train_seconds = time.monotonic() - started
+
+        # -- validation and the plateau rule
+        # BatchNorm statistics are per rank; rank 0's become everyone's, so that all
+        # ranks hold the same model and validation sees what the checkpoint stores.
+        _sync_buffers(model, ranks)
+        valid = validate(
+            model, data, valid_idx, config.eval_hop, recipe["batch_size"], device, ranks
+        )
+        lr_now = max(group["lr"] for group in optimizer.param_groups)  # what this epoch ran at
+        apply_plateau_rule(state, valid.loss, optimizer, recipe)
+        row = {
+            "epoch": epoch,
+            "lr": lr_now,
+            "train_loss": round(train_loss, 5),
+            "valid_loss": round(valid.loss, 5),
+            "valid_roc_auc": round(valid.roc_auc, 5),
+            "valid_pr_auc": round(valid.summary["pr_auc_macro"], 5) if valid.summary else 0.0,
+            "seconds": round(time.monotonic() - started, 2),
+            "examples_per_second": round(seen * ranks.world_size / max(train_seconds, 1e-9), 2),
+        }
+        state["history"].append(row)
+        state["epoch"] = epoch
+        # The first epoch always counts, so best.pt exists even if AUC is undefined (NaN).
+        improved = valid.roc_auc > state["best_roc_auc"] or state["best_epoch"] == 0
+        if improved:
+            state["best_roc_auc"], state["best_epoch"] = valid.roc_auc, epoch
+
+        # -- log and checkpoints (rank 0 writes for all)
+        if ranks.main:
+            report_epoch(run_dir, row, tensorboard)
+            payload = _payload(model, data, config, recipe, state, valid.summary, valid.thresholds)
+            save_checkpoints(payload, best_path if improved else None, last_path, optimizer, scaler)
+
+    if tensorboard is not None:
+        tensorboard.close()
+    if started_group:
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(
+        run_dir=run_dir,
+        best_path=best_path,
+        last_path=last_path,
+        best_epoch=state["best_epoch"],
+        best_roc_auc=state["best_roc_auc"],
+        epochs_run=state["epoch"],
+        examples_per_epoch=len(examples),
+        history=state["history"],
+        model=model,
+    )
+
+
+# -- setup ---------------------------------------------------------------------------------------
+def build_model(config: TrainConfig, data: PreparedData) -> TaggerModel:
+    """A fresh model of ``config.model``, or ``config.init_from``'s trained one with a new
+    head for the data's tags; fills in ``config``'s recipe (the model's by default,
+    ``finetune`` from a checkpoint), model and hparams."""
     source = load_checkpoint(config.init_from) if config.init_from else None
     arch = source["arch"] if source is not None else config.model
-    config.recipe = config.recipe or ("finetune" if source else recipe_for(arch))
+    config.recipe = config.recipe or (FINETUNE if source is not None else default_recipe(arch))
     if config.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {config.recipe!r}; known: {', '.join(RECIPES)}")
     if source is not None:
@@ -407,11 +416,17 @@ def train(config: TrainConfig) -> TrainResult:
         hparams = model_hparams(config.recipe, config.hparams)
         model = create_model(config.model, data.n_tags, **hparams)
     config.hparams = model.hparams
-    recipe = config.resolved()
-    if recipe["optimizer"] not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be adam or sgd, got {recipe['optimizer']!r}")
-    if recipe["schedule"] not in ("plateau", "cosine"):
-        raise ValueError(f"schedule must be plateau or cosine, got {recipe['schedule']!r}")
+    return model
+
+
+def check_recipe(recipe: dict[str, Any]) -> None:
+    for key, known in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("crop", CROPS)):
+        if recipe[key] not in known:
+            raise ValueError(f"{key} must be {' or '.join(known)}, got {recipe[key]!r}")
+
+
+def training_splits(data: PreparedData, model: TaggerModel) -> tuple[list[int], list[int]]:
+    """The train and valid clips, once the data is known to suit the model."""
     if data.sample_rate != model.sample_rate:
         raise DataError(
             f"{data.root} is prepared at {data.sample_rate} Hz but {model.arch} takes "
@@ -422,11 +437,16 @@ def train(config: TrainConfig) -> TrainResult:
         raise DataError(
             f"{data.root} needs train and valid clips; it has {len(train_idx)} and {len(valid_idx)}"
         )
-    model.to(device)
+    return train_idx, valid_idx
 
-    # 3. Optimizer over parameter groups: frozen prefixes get no gradient, lr_groups
-    #    their own learning rate (the thesis' per-block rates), the rest the recipe's.
-    groups = parameter_groups(model, recipe["lr"], config.freeze, config.lr_groups)
+
+def make_optimizer(
+    model: nn.Module, recipe: dict[str, Any], freeze: list[str], lr_groups: dict[str, float]
+) -> torch.optim.Optimizer:
+    """The recipe's optimizer over parameter groups: frozen prefixes get no gradient,
+    ``lr_groups`` their own learning rate (the thesis' per-block rates), the rest the
+    recipe's."""
+    groups = parameter_groups(model, recipe["lr"], freeze, lr_groups)
     if recipe["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(
             groups,
@@ -439,50 +459,46 @@ def train(config: TrainConfig) -> TrainResult:
         optimizer = torch.optim.Adam(groups, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]  # what the cosine schedule scales
-    amp_dtype = autocast_dtype(config.precision, device)
-    check_precision(model, amp_dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = masked_bce
+    return optimizer
 
-    # 4. State that a resumed run takes over from last.pt.
-    state = {
-        "epoch": 0,
-        "lr_drops": 0,
-        "stall": 0,
-        "best_loss": math.inf,
-        "best_roc_auc": -1.0,
-        "best_epoch": 0,
-        "stopped": False,  # the plateau rule ended the run
-        "history": [],
-    }
-    if config.resume and last_path.is_file():
-        last = load_checkpoint(last_path)
-        if (last["arch"], last["hparams"], last["tags"]) != (model.arch, model.hparams, data.tags):
-            raise ValueError(
-                f"{last_path} holds a {last['arch']} with other hyper-parameters or tags; "
-                f"resume with the options it was started with, or train into a new --out"
-            )
-        model.load_state_dict(last["state_dict"])
-        optimizer.load_state_dict(last["optimizer"])
-        scaler.load_state_dict(last["scaler"])
-        torch.set_rng_state(last["torch_rng"])
-        state.update(last["train_state"])
-        log.info("resumed %s at epoch %d", run_dir, state["epoch"])
-    elif config.resume:
-        log.warning("nothing to resume in %s; starting fresh", run_dir)
 
-    # 5. Data: random crops, split across ranks by DistributedSampler.
-    if recipe["crop"] not in ("plain", "loop"):
-        raise ValueError(f"crop must be plain or loop, got {recipe['crop']!r}")
+def resume(
+    last_path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    state: dict[str, Any],
+    tags: list[str],
+) -> None:
+    """Take over weights, optimizer, scaler, RNG and ``state`` from ``last.pt``."""
+    last = load_checkpoint(last_path)
+    if (last["arch"], last["hparams"], last["tags"]) != (model.arch, model.hparams, tags):
+        raise ValueError(
+            f"{last_path} holds a {last['arch']} with other hyper-parameters or tags; "
+            f"resume with the options it was started with, or train into a new --out"
+        )
+    model.load_state_dict(last["state_dict"])
+    optimizer.load_state_dict(last["optimizer"])
+    scaler.load_state_dict(last["scaler"])
+    torch.set_rng_state(last["torch_rng"])
+    state.update(last["train_state"])
+
+
+def training_loader(
+    data: PreparedData,
+    train_idx: list[int],
+    window_samples: int,
+    recipe: dict[str, Any],
+    config: TrainConfig,
+    ranks: Ranks,
+    device: torch.device,
+) -> tuple[CropDataset, RandomSampler | DistributedSampler, DataLoader]:
+    """Random windows of the training clips, split across ranks by DistributedSampler."""
     crops = crops_per_clip(
-        recipe["crops_per_clip"],
-        data,
-        train_idx,
-        model.window_samples,
-        recipe["min_epoch_examples"],
+        recipe["crops_per_clip"], data, train_idx, window_samples, recipe["min_epoch_examples"]
     )
     examples = CropDataset(
-        data, train_idx, model.window_samples, crops, config.seed, loop=recipe["crop"] == "loop"
+        data, train_idx, window_samples, crops, config.seed, loop=recipe["crop"] == "loop"
     )
     if ranks.distributed:
         sampler = DistributedSampler(
@@ -502,171 +518,101 @@ def train(config: TrainConfig) -> TrainResult:
         drop_last=drop_last,
         pin_memory=device.type == "cuda",
     )
-    net: nn.Module = LogitsOf(model)
-    if ranks.distributed:
-        net = DistributedDataParallel(net)
+    return examples, sampler, loader
 
-    if ranks.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_NAME).write_text(
-            json.dumps({**dataclasses.asdict(config), "resolved": recipe}, indent=2) + "\n"
-        )
-        tensorboard = _tensorboard(run_dir) if config.tensorboard else None
-        log.info(
-            "training %s (%d parameters) on %s: %d train / %d valid clips, recipe %s %s",
-            model.arch,
-            sum(p.numel() for p in model.parameters()),
-            device,
-            len(train_idx),
-            len(valid_idx),
-            config.recipe,
-            recipe,
-        )
 
-    # 6. Epochs: train on crops, validate on whole clips, adjust lr, checkpoint.
-    while state["epoch"] < recipe["epochs"] and not state["stopped"]:
-        epoch = state["epoch"] + 1
-        started = time.monotonic()
-        examples.set_epoch(epoch)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        else:
-            sampler.generator.manual_seed(config.seed * 1_000_003 + epoch)
-        net.train()
-        set_frozen_batchnorm_eval(model, config.freeze)
-        total_loss, seen = 0.0, 0
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch}",
-            unit="batch",
-            disable=not (config.progress and ranks.main),
-            leave=False,
-        )
-        for step, (waves, targets) in enumerate(bar):
-            if recipe["schedule"] == "cosine":
-                progress = (epoch - 1 + step / len(loader)) / recipe["epochs"]
-                factor = cosine_factor(progress)
-                for group in optimizer.param_groups:
-                    group["lr"] = group["initial_lr"] * factor
-            waves, targets = (
-                waves.to(device, non_blocking=True),
-                targets.to(device, non_blocking=True),
-            )
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = net(waves)  # (B, n_tags)
-                loss = loss_fn(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total_loss += loss.item() * len(waves)
-            seen += len(waves)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-        train_loss = _mean_across_ranks(total_loss, seen, ranks, device)
-        train_seconds = time.monotonic() - started
+# -- validation, schedule, checkpoints -------------------------------------------------------------
+@dataclass
+class Validation:
+    loss: float  # every rank has it
+    roc_auc: float  # every rank has it; NaN when no tag has both classes
+    summary: dict[str, Any] | None  # rank 0 only: macro and weighted AUCs
+    thresholds: list[float] | None  # rank 0 only: max-F1 threshold a tag
 
-        # BatchNorm statistics are per rank; rank 0's become everyone's, so that all
-        # ranks hold the same model and validation sees what the checkpoint stores.
-        _sync_buffers(model, ranks)
-        if ranks.main:
-            labels = data.label_matrix(valid_idx)
-            scores = predict_clips(
-                model,
-                data,
-                valid_idx,
-                hop_samples=config.eval_hop,
-                batch_size=batch_size,
-                device=device,
-            )
-            summary = summarise(tag_metrics(labels, scores, data.tags))
-            valid_loss, valid_auc = bce(labels, scores), summary["roc_auc_macro"]
-        else:
-            labels = scores = summary = None
-            valid_loss = valid_auc = 0.0
-        valid_loss, valid_auc = _broadcast_floats([valid_loss, valid_auc], ranks, device)
 
-        # Plateau schedule (Lee et al.): stall on validation loss → lr drop, or stop.
-        if valid_loss < state["best_loss"] - MIN_LOSS_IMPROVEMENT:
-            state["best_loss"], state["stall"] = valid_loss, 0
-        else:
-            state["stall"] += 1
-        lr_now = max(group["lr"] for group in optimizer.param_groups)
-        if recipe["schedule"] == "plateau" and state["stall"] >= recipe["patience"]:
-            if state["lr_drops"] >= recipe["max_lr_drops"]:
-                state["stopped"] = True
-            else:
-                for group in optimizer.param_groups:
-                    group["lr"] *= recipe["lr_factor"]
-                state["lr_drops"] += 1
-                state["stall"] = 0
-                log.info(
-                    "validation loss stalled %d epochs: lr x%g",
-                    recipe["patience"],
-                    recipe["lr_factor"],
-                )
+def validate(
+    model: TaggerModel,
+    data: PreparedData,
+    valid_idx: list[int],
+    hop_samples: int | None,
+    batch_size: int,
+    device: torch.device,
+    ranks: Ranks,
+) -> Validation:
+    """Score the valid clips whole, exactly as ``tagd tag`` would, on rank 0; the loss
+    and ROC-AUC reach every rank, since the plateau rule runs on each."""
+    if not ranks.main:
+        loss, roc_auc = _broadcast_floats([0.0, 0.0], ranks, device)
+        return Validation(loss, roc_auc, None, None)
+    labels = data.label_matrix(valid_idx)
+    scores = predict_clips(
+        model, data, valid_idx, hop_samples=hop_samples, batch_size=batch_size, device=device
+    )
+    summary = summarise(tag_metrics(labels, scores, data.tags))
+    loss, roc_auc = _broadcast_floats(
+        [bce(labels, scores), summary["roc_auc_macro"]], ranks, device
+    )
+    return Validation(loss, roc_auc, summary, choose_thresholds(labels, scores))
 
-        row = {
-            "epoch": epoch,
-            "lr": lr_now,
-            "train_loss": round(train_loss, 5),
-            "valid_loss": round(valid_loss, 5),
-            "valid_roc_auc": round(valid_auc, 5),
-            "valid_pr_auc": round(summary["pr_auc_macro"], 5) if summary else 0.0,
-            "seconds": round(time.monotonic() - started, 2),
-            "examples_per_second": round(seen * ranks.world_size / max(train_seconds, 1e-9), 2),
-        }
-        state["history"].append(row)
-        state["epoch"] = epoch
-        # The first epoch always counts, so best.pt exists even if AUC is undefined (NaN).
-        improved = valid_auc > state["best_roc_auc"] or state["best_epoch"] == 0
-        if improved:
-            state["best_roc_auc"], state["best_epoch"] = valid_auc, epoch
 
-        if ranks.main:
-            _append_log(run_dir / LOG_NAME, row)
-            if tensorboard is not None:
-                for key, value in row.items():
-                    if key != "epoch":
-                        tensorboard.add_scalar(key, value, epoch)
-            log.info(
-                "epoch %d: train loss %.4f, valid loss %.4f, valid ROC-AUC %.4f, PR-AUC %.4f (%.1f s)",
-                epoch,
-                train_loss,
-                valid_loss,
-                valid_auc,
-                row["valid_pr_auc"],
-                row["seconds"],
-            )
-            payload = _payload(
-                model, data, config, recipe, state, summary, choose_thresholds(labels, scores)
-            )
-            if improved:
-                save_checkpoint(best_path, payload)
-            save_checkpoint(
-                last_path,
-                {
-                    **payload,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                },
-            )
+def apply_plateau_rule(
+    state: dict[str, Any], valid_loss: float, optimizer: torch.optim.Optimizer, recipe: dict
+) -> None:
+    """Lee et al.'s schedule: validation loss that has stalled ``patience`` epochs drops
+    the rate by ``lr_factor``, or ends the run after ``max_lr_drops`` drops. The stall is
+    counted under any schedule (it is in the log); only "plateau" acts on it."""
+    if valid_loss < state["best_loss"] - MIN_LOSS_IMPROVEMENT:
+        state["best_loss"], state["stall"] = valid_loss, 0
+    else:
+        state["stall"] += 1
+    if recipe["schedule"] != "plateau" or state["stall"] < recipe["patience"]:
+        return
+    if state["lr_drops"] >= recipe["max_lr_drops"]:
+        state["stopped"] = True
+        return
+    for group in optimizer.param_groups:
+        group["lr"] *= recipe["lr_factor"]
+    state["lr_drops"] += 1
+    state["stall"] = 0
+    log.info("validation loss stalled %d epochs: lr x%g", recipe["patience"], recipe["lr_factor"])
 
-    if ranks.main and tensorboard is not None:
-        tensorboard.close()
-    if started_group:
-        dist.barrier()
-        dist.destroy_process_group()
-    return TrainResult(
-        run_dir=run_dir,
-        best_path=best_path,
-        last_path=last_path,
-        best_epoch=state["best_epoch"],
-        best_roc_auc=state["best_roc_auc"],
-        epochs_run=state["epoch"],
-        examples_per_epoch=len(examples),
-        history=state["history"],
-        model=model,
+
+def report_epoch(run_dir: Path, row: dict[str, Any], tensorboard) -> None:
+    """One epoch's row into log.csv, TensorBoard and the log."""
+    _append_log(run_dir / LOG_NAME, row)
+    if tensorboard is not None:
+        for key, value in row.items():
+            if key != "epoch":
+                tensorboard.add_scalar(key, value, row["epoch"])
+    log.info(
+        "epoch %d: train loss %.4f, valid loss %.4f, valid ROC-AUC %.4f, PR-AUC %.4f (%.1f s)",
+        row["epoch"],
+        row["train_loss"],
+        row["valid_loss"],
+        row["valid_roc_auc"],
+        row["valid_pr_auc"],
+        row["seconds"],
+    )
+
+
+def save_checkpoints(
+    payload: dict[str, Any],
+    best_path: Path | None,
+    last_path: Path,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """best.pt (when given) gets the model and card; last.pt also what resuming needs."""
+    if best_path is not None:
+        save_checkpoint(best_path, payload)
+    save_checkpoint(
+        last_path,
+        {
+            **payload,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
     )
 
 

@@ -1,6 +1,7 @@
 """The model zoo by name: ``create_model("fcn4")``, ``list_models()``.
 
-Each name is a model class, its config class and a preset of config values. A preset's
+Each name is a model class, its config class, a preset of config values and the recipe
+it trains with by default (a ``trainer.recipes.RECIPES`` name). A preset's
 *identity* keys (which block a SampleCNN uses, whether its head is multi-level) are what
 the name means, so hparams may repeat them but not change them; every other config field
 is a hyper-parameter and may be overridden.
@@ -22,13 +23,16 @@ class ZooEntry:
     model_class: type[TaggerModel]
     config_class: type
     preset: dict[str, Any]
+    recipe: str  # what `tagd-train train` trains it with unless --recipe says otherwise
     identity: frozenset[str] = field(default_factory=frozenset)
 
 
 _ZOO: dict[str, ZooEntry] = {
-    **{name: ZooEntry(FCN, FCNConfig, preset) for name, preset in FCN_PRESETS.items()},
+    **{name: ZooEntry(FCN, FCNConfig, preset, "fcn") for name, preset in FCN_PRESETS.items()},
     **{
-        name: ZooEntry(SampleCNN, SampleCNNConfig, preset, frozenset(("block", "multi_level")))
+        name: ZooEntry(
+            SampleCNN, SampleCNNConfig, preset, "samplecnn", frozenset(("block", "multi_level"))
+        )
         for name, preset in SAMPLECNN_PRESETS.items()
     },
 }
@@ -38,18 +42,27 @@ def list_models() -> list[str]:
     return sorted(_ZOO)
 
 
+def default_recipe(name: str) -> str:
+    """The recipe that trains model ``name`` unless one is asked for."""
+    return _entry(name).recipe
+
+
+def _entry(name: str) -> ZooEntry:
+    try:
+        return _ZOO[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(list_models())}"
+        ) from None
+
+
 def create_model(name: str, n_tags: int = 50, **hparams: Any) -> TaggerModel:
     """Build a fresh (untrained) model by registry name.
 
     ``hparams`` override the preset's config fields, e.g. ``width=0.25``;
     ``create_model(m.arch, m.n_tags, **m.hparams)`` rebuilds ``m``'s network.
     """
-    try:
-        entry = _ZOO[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; known models: {', '.join(list_models())}"
-        ) from None
+    entry = _entry(name)
     if not isinstance(n_tags, int) or n_tags < 1:
         raise ValueError(f"n_tags must be a positive integer, got {n_tags!r}")
     known = {f.name for f in dataclasses.fields(entry.config_class)} - {"n_tags"}
