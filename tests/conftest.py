@@ -3,7 +3,8 @@
 ``export_model("fcn4")`` gives the path of a small, randomly initialised (fixed seed)
 ONNX model with its card, exported once per test session and cached by arguments.
 FCN models default to ``width=0.125`` and SampleCNN models to ``width=0.25`` so that a
-window costs milliseconds; pass hyper-parameters to override.
+window costs milliseconds; pass hyper-parameters to override. ``short_fcn4`` is the one
+most daemon tests serve: that FCN-4 with a 2 s window (``support.SHORT_FCN``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def export_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
         return cache[key]
 
     return export
+
+
+@pytest.fixture(scope="session")
+def short_fcn4(export_model) -> Path:
+    """The tiny FCN-4 with a 2 s window (``support.SHORT_FCN``, 12 kHz, 8 tags), so that a
+    few seconds of audio give tags."""
+    from support import SHORT_FCN
+
+    return export_model("fcn4", **SHORT_FCN)
 
 
 @pytest.fixture(scope="session")

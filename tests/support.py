@@ -300,6 +300,19 @@ def serving(config: ServeConfig):
         server.stop()
 
 
+def wait_subscribed(publisher, *prefixes: str, timeout: float = 10.0) -> None:
+    """Wait until ``publisher`` (a ``tagd.publish.Publisher`` whose subscriptions nothing
+    else reads) has received a subscription to each of ``prefixes``. Its XPUB reports a
+    prefix once, however many subscribers share it: give each subscriber its own."""
+    pending = {prefix.encode() for prefix in prefixes}
+
+    def all_subscribed() -> bool:
+        pending.difference_update(publisher.read_subscriptions())
+        return not pending
+
+    wait_for(all_subscribed, f"subscriptions to {sorted(pending)}", timeout)
+
+
 def connect_and_wait(socket: zmq.Socket, address: str, timeout: float = 10.0) -> None:
     """Connect ``socket`` and wait for its handshake with the peer at ``address``.
 
@@ -613,13 +626,7 @@ class FakeTagd:
 
     def wait_subscribed(self, *prefixes: str) -> None:
         """Wait until a subscriber has subscribed to each of ``prefixes``."""
-        pending = {prefix.encode() for prefix in prefixes}
-
-        def all_subscribed() -> bool:
-            pending.difference_update(self.publisher.read_subscriptions())
-            return not pending
-
-        wait_for(all_subscribed, f"subscriptions to {sorted(pending)}", CLIENT_TIMEOUT_S)
+        wait_subscribed(self.publisher, *prefixes, timeout=CLIENT_TIMEOUT_S)
 
     def send(self, name: str, message: dict) -> None:
         self.publisher.send(name, message)

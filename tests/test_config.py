@@ -185,9 +185,9 @@ def test_flags_override_the_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model(export_model) -> str:
+def model(short_fcn4) -> str:
     """--check-config reads the model's card: a real one."""
-    return str(export_model("fcn4", n_frames=94, pools=((2, 2), (2, 2), (3, 2), (4, 2))))
+    return str(short_fcn4)
 
 
 def test_a_file_may_leave_to_the_flags_what_they_give(tmp_path, model):

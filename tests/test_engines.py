@@ -200,8 +200,8 @@ def test_tensorrt_needs_its_sdk_or_says_which_extra(tmp_path):
         pytest.skip("tensorrt is installed; tests/test_compile_tensorrt.py covers it")
 
 
-def test_each_backend_declares_where_it_runs_and_its_default_batch(export_model):
-    engine = load_engine(export_model("fcn4", n_frames=94, pools=((2, 2), (2, 2), (3, 2), (4, 2))))
+def test_each_backend_declares_where_it_runs_and_its_default_batch(short_fcn4):
+    engine = load_engine(short_fcn4)
     if engine.providers == ["CPUExecutionProvider"]:
         assert not engine.on_accelerator and engine.default_max_batch == 1
     else:

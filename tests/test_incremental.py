@@ -21,6 +21,7 @@ from audio_fixtures import make_music
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import (
+    SHORT_FCN,
     Listener,
     make_config,
     metric_sample,
@@ -52,9 +53,7 @@ HOPS = 50
 HEAD_GAIN = 30.0
 RATE = 12_000
 FCN_PRESETS = ("fcn3", "fcn4", "fcn5", "fcn6", "fcn7")
-# A 2 s FCN-4 (tests/support.py SHORT_FCN) and a hop of 16 frames: every block reusable.
-SHORT_FCN = {"n_frames": 94, "pools": ((2, 2), (2, 2), (3, 2), (4, 2))}
-SHORT_HOP = 16 * 256
+SHORT_HOP = 16 * 256  # 16 frames: every block of the 2 s FCN-4 (SHORT_FCN) reusable
 
 
 def trained_looking(model):

@@ -17,6 +17,7 @@ from support import (
     HOP_S,
     SHORT_FCN,
     Listener,
+    connect_and_wait,
     make_config,
     metric_value,
     s16le,
@@ -27,11 +28,6 @@ from support import (
 )
 
 RATE = 16_000
-
-
-@pytest.fixture(scope="module")
-def fcn(export_model):
-    return export_model("fcn4", **SHORT_FCN)
 
 
 class FailingEngine:
@@ -90,11 +86,13 @@ class Paced(threading.Thread):
 
 
 def test_an_engine_that_raises_loses_its_batches_counted_and_flips_healthz_until_it_recovers(
-    fcn, caplog
+    short_fcn4, caplog
 ):
     with socket_port() as port:
         config = make_config(
-            fcn, [f"zmq+pull://127.0.0.1:{port}"], limits={"unhealthy_after_failed_batches": 3}
+            short_fcn4,
+            [f"zmq+pull://127.0.0.1:{port}"],
+            limits={"unhealthy_after_failed_batches": 3},
         )
     caplog.set_level(logging.DEBUG, logger="tagd.batcher")
     with serving(config) as server:
@@ -140,10 +138,10 @@ def test_an_engine_that_raises_loses_its_batches_counted_and_flips_healthz_until
     assert any("engine recovered" in r.message for r in caplog.records)
 
 
-def test_a_producer_that_restarts_resumes_within_a_hop_and_an_idle_one_is_reported(fcn):
+def test_a_producer_that_restarts_resumes_within_a_hop_and_an_idle_one_is_reported(short_fcn4):
     with socket_port() as port:
         config = make_config(
-            fcn,
+            short_fcn4,
             [f"zmq+pull://127.0.0.1:{port}"],
             limits={"idle_after_s": 1.0},
             batching={"spread_phases": False},
@@ -221,12 +219,11 @@ def test_stalled_and_vanished_subscribers_cost_the_others_nothing(export_model):
         stuck.setsockopt(zmq.RCVHWM, 1)
         stuck.setsockopt(zmq.RCVBUF, 4096)
         stuck.setsockopt(zmq.SUBSCRIBE, b"")
-        stuck.connect(server.publish_address)
+        connect_and_wait(stuck, server.publish_address)
         gone = context.socket(zmq.SUB)  # reads a little, then vanishes without a word
         gone.setsockopt(zmq.SUBSCRIBE, b"")
-        gone.connect(server.publish_address)
-        healthy = Listener(server, "tags.")
-        time.sleep(0.5)  # all three subscriptions reach the publisher before the audio
+        connect_and_wait(gone, server.publish_address)
+        healthy = Listener(server, "tags.")  # connected the same way
         producer = Producer(port)
         audio = make_music(12.0, RATE, seed=2)
         sample = server.metrics.sample
@@ -254,10 +251,10 @@ def test_stalled_and_vanished_subscribers_cost_the_others_nothing(export_model):
     assert events > 0  # on_after=1: the stalled subscriber was sent events as well
 
 
-def test_a_flood_of_stream_ids_is_bounded_and_evicted_streams_leave_no_series(fcn):
+def test_a_flood_of_stream_ids_is_bounded_and_evicted_streams_leave_no_series(short_fcn4):
     with socket_port() as port:
         config = make_config(
-            fcn,
+            short_fcn4,
             [f"zmq+pull://127.0.0.1:{port}"],
             tagger={"on_after": 1},
             limits={"max_streams": 3, "idle_after_s": 1.0, "evict_after_s": 2.0},

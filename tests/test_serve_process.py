@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -20,17 +21,19 @@ from support import REPO, SHORT_FCN, TAGD_MODULE, TagdProcess, connect_and_wait,
 TAGD = list(TAGD_MODULE)
 
 
-def stream_audio(port: int, seconds: float, stop: threading.Event) -> None:
-    """A producer on the multi-stream protocol, paced at 4x real time until stopped."""
+def stream_audio(port: int, stop: threading.Event) -> None:
+    """A producer on the multi-stream protocol, paced at 4x real time, playing 10 s of
+    music over and over until stopped: whenever a subscriber comes, tags are flowing."""
     rate = 16_000
-    payload = (np.stack([make_music(seconds, rate)] * 2, axis=1) * 32767).astype("<i2").tobytes()
+    payload = (np.stack([make_music(10.0, rate)] * 2, axis=1) * 32767).astype("<i2").tobytes()
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     push.connect(f"tcp://127.0.0.1:{port}")
     chunk = 6400  # 0.1 s
-    for seq, offset in enumerate(range(0, len(payload), chunk)):
+    for seq in itertools.count():
         if stop.is_set():
             break
+        offset = seq * chunk % len(payload)
         header = {"format": "s16le", "rate": rate, "channels": 2, "seq": seq}
         push.send_multipart(
             [b"radio1", json.dumps(header).encode(), payload[offset : offset + chunk]]
@@ -40,8 +43,8 @@ def stream_audio(port: int, seconds: float, stop: threading.Event) -> None:
     context.term()
 
 
-def test_sigterm_stops_a_busy_daemon_with_exit_0_within_2_s(export_model):
-    model = export_model("fcn4", **SHORT_FCN)
+def test_sigterm_stops_a_busy_daemon_with_exit_0_within_2_s(short_fcn4):
+    model = short_fcn4
     port = free_port()
     daemon = TagdProcess(
         [
@@ -65,9 +68,10 @@ def test_sigterm_stops_a_busy_daemon_with_exit_0_within_2_s(export_model):
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)  # `tagd listen` subscribes before the audio starts
+    # No wait for `tagd listen` to subscribe: the audio flows until the daemon is stopped,
+    # so it prints the first three messages after it subscribed, whenever that is.
     stop = threading.Event()
-    producer = threading.Thread(target=stream_audio, args=(port, 30.0, stop))
+    producer = threading.Thread(target=stream_audio, args=(port, stop))
     producer.start()
     try:
         printed, _ = listen.communicate(timeout=30)
@@ -140,7 +144,7 @@ STARTUP_FAILURES = {
 
 @pytest.mark.parametrize("case", STARTUP_FAILURES)
 def test_every_startup_failure_exits_2_with_its_reason_first_on_stderr(
-    case, export_model, squatter, not_a_model, tmp_path
+    case, short_fcn4, squatter, not_a_model, tmp_path
 ):
     places = {
         "missing": tmp_path / "missing.onnx",
@@ -148,7 +152,7 @@ def test_every_startup_failure_exits_2_with_its_reason_first_on_stderr(
         "squatter": squatter,
     }
     options = {
-        "--engine": str(export_model("fcn4", **SHORT_FCN)),
+        "--engine": str(short_fcn4),
         "--input": f"zmq+pull://127.0.0.1:{free_port()}",
         "--metrics": "127.0.0.1:0",
         "--publish": "tcp://127.0.0.1:*",
@@ -162,8 +166,8 @@ def test_every_startup_failure_exits_2_with_its_reason_first_on_stderr(
     assert sum(line.startswith("tagd serve:") for line in lines) == 1, process.stderr
 
 
-def test_check_config_reads_the_models_card_without_serving(export_model, squatter):
-    model = export_model("fcn4", **SHORT_FCN)
+def test_check_config_reads_the_models_card_without_serving(short_fcn4, squatter):
+    model = short_fcn4
     # The ports are in use (by a running tagd, say): checking must not need them.
     good = run_serve(
         "--engine",
@@ -195,8 +199,8 @@ def test_check_config_fails_on_a_model_that_would_not_load(engine, not_a_model, 
     assert process.stderr.splitlines()[0].startswith(f"tagd serve: cannot load the engine {path}: ")
 
 
-def test_check_config_warns_about_inputs_the_model_hears_poorly(export_model):
-    model = export_model("fcn4", **SHORT_FCN)  # 12 kHz
+def test_check_config_warns_about_inputs_the_model_hears_poorly(short_fcn4):
+    model = short_fcn4  # 12 kHz
     raw = "zmq+raw://127.0.0.1:5555?format=s16le&rate=8000&channels=1&stream=phone"
     process = run_serve("--engine", str(model), "--input", raw, "--hop", "1", "--check-config")
     assert process.returncode == 0, process.stderr
@@ -207,8 +211,8 @@ def test_check_config_warns_about_inputs_the_model_hears_poorly(export_model):
 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
-def test_logs_go_to_stderr_as_json_or_text(export_model, log_format):
-    model = export_model("fcn4", **SHORT_FCN)
+def test_logs_go_to_stderr_as_json_or_text(short_fcn4, log_format):
+    model = short_fcn4
     daemon = TagdProcess(
         [
             "--engine",
@@ -264,7 +268,7 @@ def test_sigterm_during_a_batch_exits_within_2_s_leaving_only_whole_messages(exp
     subscriber.setsockopt(zmq.SUBSCRIBE, b"")
     connect_and_wait(subscriber, daemon.publish_address)
     stop = threading.Event()
-    producer = threading.Thread(target=stream_audio, args=(port, 30.0, stop))
+    producer = threading.Thread(target=stream_audio, args=(port, stop))
     producer.start()
     messages: list[list[bytes]] = []
     try:
@@ -289,8 +293,8 @@ def test_sigterm_during_a_batch_exits_within_2_s_leaving_only_whole_messages(exp
         assert topic == f"{topic.split('.', 1)[0]}.{body['stream']}"
 
 
-def test_check_config_fails_like_serve_on_a_missing_file_input(export_model, tmp_path):
-    model = str(export_model("fcn4", **SHORT_FCN))
+def test_check_config_fails_like_serve_on_a_missing_file_input(short_fcn4, tmp_path):
+    model = str(short_fcn4)
     url = f"file://{tmp_path / 'gone.wav'}?stream=radio1"
     check = run_serve("--engine", model, "--input", url, "--check-config")
     serve = run_serve(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zmq
 from prometheus_client import generate_latest
-from support import wait_for
+from support import wait_for, wait_subscribed
 
 from tagd.card import ModelCard
 from tagd.metrics import Metrics, MetricsServer
@@ -36,13 +36,13 @@ def test_a_stuck_subscriber_misses_messages_counted_and_the_others_get_them_all(
     stuck = context.socket(zmq.SUB)  # subscribes, then never reads
     stuck.setsockopt(zmq.RCVHWM, 1)
     stuck.setsockopt(zmq.RCVBUF, 4096)
-    stuck.setsockopt(zmq.SUBSCRIBE, b"")
+    stuck.setsockopt(zmq.SUBSCRIBE, b"tags.")
     stuck.connect(publisher.address)
     reader = context.socket(zmq.SUB)
     reader.setsockopt(zmq.RCVHWM, 100_000)
-    reader.setsockopt(zmq.SUBSCRIBE, b"")
+    reader.setsockopt(zmq.SUBSCRIBE, b"tags.radio1")
     reader.connect(publisher.address)
-    time.sleep(0.3)  # both subscriptions reach the publisher
+    wait_subscribed(publisher, "tags.", "tags.radio1")  # one prefix each: both are reported
 
     received: list[int] = []
     done = threading.Event()
@@ -259,7 +259,7 @@ def test_the_publishers_monitor_thread_counts_a_subscriber_leaving_while_nothing
     subscriber = context.socket(zmq.SUB)
     subscriber.setsockopt(zmq.SUBSCRIBE, b"tags.")
     subscriber.connect(publisher.address)
-    wait_for(lambda: b"tags." in publisher.read_subscriptions(), "the subscription")
+    wait_subscribed(publisher, "tags.")
     subscriber.close(linger=0)
     wait_for(
         lambda: metrics.sample("tagd_peer_disconnects_total", {"socket": "publish"}),

@@ -151,9 +151,9 @@ UNDER_MDWE = textwrap.dedent(
 
 
 def test_memory_deny_write_execute_is_a_one_line_startup_error_naming_the_drop_in(
-    tmp_path, export_model
+    tmp_path, short_fcn4
 ):
-    model = export_model("fcn4", n_frames=94, pools=((2, 2), (2, 2), (3, 2), (4, 2)))
+    model = short_fcn4
     raw = tmp_path / "capture.raw"
     raw.write_bytes(np.zeros(48_000 * 2, dtype="<i2").tobytes())
     asoundrc(tmp_path, raw)
