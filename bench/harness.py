@@ -273,8 +273,8 @@ class Daemon(TagdProcess):
         self.input_port, self.publish_port = free_port(), free_port()
         metrics_port = free_port()
         self._config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)  # noqa: SIM115
+        self._config.write(toml)  # top-level keys, then tables, e.g. [onnxruntime]
         self._config.write(f"[limits]\nmax_streams = {MAX_STREAMS}\n")  # more than the default 64
-        self._config.write(toml)  # more tables, e.g. [onnxruntime] for a comparison
         self._config.close()
         super().__init__(
             [

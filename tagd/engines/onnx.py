@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from tagd.card import CardError, ModelCard, onnx_card
 from tagd.engines.base import Engine, EngineError, IncrementalEngine
+from tagd.schema import Table
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +48,25 @@ def resolve_threads(configured: int | None = None, instances: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // instances)
 
 
-@dataclass
-class OnnxRuntimeConfig:
+class OnnxRuntimeConfig(Table):
     """Session options of the ONNX Runtime engine (.onnx models; other engines ignore them)."""
 
-    # Intra-op threads of each instance; 0: TAGD_ORT_THREADS if set, else one per core,
-    # shared out among [batching] instances.
-    threads: int = 0
-    # Pool threads spin "while_running" (stop when a run returns), "never", or "always"
-    # (ONNX Runtime's default: they spin on after each run, CPU taken from ingest).
-    spinning: str = "while_running"
-    memory_arena: bool = True  # reuse activation memory across runs (faster, keeps RSS)
-
-    def problems(self, path: str) -> list[str]:
-        found = []
-        if not 0 <= self.threads <= MAX_ENGINE_THREADS:
-            found.append(f"{path}.threads: must lie in 0..{MAX_ENGINE_THREADS}, got {self.threads}")
-        if self.spinning not in SPINNING:
-            found.append(f"{path}.spinning: {self.spinning!r} is not one of {', '.join(SPINNING)}")
-        return found
+    threads: int = Field(
+        0,
+        ge=0,
+        le=MAX_ENGINE_THREADS,
+        description="Intra-op threads of each instance; 0: TAGD_ORT_THREADS if set, else one "
+        "per core, shared out among `[batching]` instances.",
+    )
+    spinning: Literal[tuple(SPINNING)] = Field(
+        "while_running",
+        description="Pool threads spin while a run lasts and stop when it returns "
+        '("while_running"), never spin ("never"), or spin on after each run ("always", '
+        "ONNX Runtime's default: CPU taken from ingest).",
+    )
+    memory_arena: bool = Field(
+        True, description="Reuse activation memory across runs (faster; keeps the RSS)."
+    )
 
     def engine_options(self, instances: int = 1) -> dict[str, Any]:
         """Keyword arguments of ``OnnxEngine.load`` for each of ``instances`` instances."""
