@@ -267,16 +267,7 @@ def train(config: TrainConfig) -> TrainResult:
     check_precision(model, amp_dtype)
     # fp16 gradients underflow unless the loss is scaled up; with bf16 or fp32 it is a no-op
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = {  # what a resumed run takes over from last.pt
-        "epoch": 0,
-        "lr_drops": 0,
-        "stall": 0,
-        "best_loss": math.inf,
-        "best_roc_auc": -1.0,
-        "best_epoch": 0,
-        "stopped": False,  # the plateau rule ended the run
-        "history": [],
-    }
+    state = new_train_state()
     if config.resume and last_path.is_file():
         resume(last_path, model, optimizer, scaler, state, data.tags)
         log.info("resumed %s at epoch %d", run_dir, state["epoch"])
@@ -290,11 +281,7 @@ def train(config: TrainConfig) -> TrainResult:
         net = DistributedDataParallel(net)
     tensorboard = None
     if ranks.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_NAME).write_text(
-            json.dumps({**dataclasses.asdict(config), "resolved": recipe}, indent=2) + "\n"
-        )
-        tensorboard = _tensorboard(run_dir) if config.tensorboard else None
+        tensorboard = open_run(run_dir, config, recipe)
         log.info(
             "training %s (%d parameters) on %s: %d train / %d valid clips, recipe %s %s",
             model.arch,
@@ -462,6 +449,20 @@ def make_optimizer(
     return optimizer
 
 
+def new_train_state() -> dict[str, Any]:
+    """What a run keeps between epochs, and a resumed run takes over from last.pt."""
+    return {
+        "epoch": 0,
+        "lr_drops": 0,
+        "stall": 0,
+        "best_loss": math.inf,
+        "best_roc_auc": -1.0,
+        "best_epoch": 0,
+        "stopped": False,  # the plateau rule ended the run
+        "history": [],
+    }
+
+
 def resume(
     last_path: Path,
     model: nn.Module,
@@ -519,6 +520,16 @@ def training_loader(
         pin_memory=device.type == "cuda",
     )
     return examples, sampler, loader
+
+
+def open_run(run_dir: Path, config: TrainConfig, recipe: dict[str, Any]):
+    """The run folder with config.json (the options and the values they resolved to);
+    the TensorBoard writer, or None."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_NAME).write_text(
+        json.dumps({**dataclasses.asdict(config), "resolved": recipe}, indent=2) + "\n"
+    )
+    return _tensorboard(run_dir) if config.tensorboard else None
 
 
 # -- validation, schedule, checkpoints -------------------------------------------------------------
