@@ -6,8 +6,9 @@
 For each full-size model (random weights: cost does not depend on them) it prints the
 FLOPs of one window (2 × multiply-accumulates of every conv and matmul, counted by
 torch's FlopCounterMode, so the in-graph STFT and mel matmul are included), the median
-seconds per window in PyTorch eager and in ONNX Runtime (CPU) at each batch size, and
-the fraction of this machine's measured float32 matmul rate that this amounts to.
+seconds per window in PyTorch eager and in ONNX Runtime (CPU, with the daemon's session
+options) at each batch size, and the fraction of this machine's measured float32 matmul
+rate that this amounts to.
 Not a test: it takes minutes and its figures belong to the machine it ran on.
 """
 
@@ -26,7 +27,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from tagd.card import GRAPH_NAMES
+from tagd.engines.onnx import open_session
+from trainer.export import export_onnx
 from trainer.models import create_model
 
 DEFAULT_MODELS = ("fcn4", "fcn5", "samplecnn", "samplecnn-se", "samplecnn-rese-ml")
@@ -71,21 +74,14 @@ def window_flops(model: torch.nn.Module) -> int:
     return counter.get_total_flops()
 
 
-def onnx_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def bench_model(arch: str, batches: list[int], repeats: int, folder: Path) -> list[dict]:
     torch.manual_seed(0)
     model = create_model(arch).eval()
     flops = window_flops(model)
     params = sum(p.numel() for p in model.parameters())
     path = export_onnx(model, folder / f"{arch}.onnx", check=False).path
-    session = onnx_session(path)
+    session = open_session(path, providers=["CPUExecutionProvider"])
+    names = [GRAPH_NAMES.scores]
     rows = []
     for batch in batches:
         wave = np.random.default_rng(batch).standard_normal((batch, model.window_samples))
@@ -94,7 +90,7 @@ def bench_model(arch: str, batches: list[int], repeats: int, folder: Path) -> li
         with torch.no_grad():
             eager = median_seconds(lambda t=tensor: model(t), repeats) / batch
         ort = (
-            median_seconds(lambda w=wave: session.run([OUTPUT_NAME], {INPUT_NAME: w}), repeats)
+            median_seconds(lambda w=wave: session.run(names, {GRAPH_NAMES.waveform: w}), repeats)
             / batch
         )
         rows.append(

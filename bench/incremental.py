@@ -66,7 +66,6 @@ from tagd.scoring import FULL, INCREMENTAL
 from trainer.export import export_onnx, probe_audio
 from trainer.models import create_model
 from trainer.models.fcn import FCN_PRESETS
-from trainer.models.streaming import incremental_graphs
 
 SERVED_MODEL = "fcn4"  # what `tagd serve` is measured with, and the targets are for
 # label → intra-op threads; 0 lets ONNX Runtime take one per core
@@ -139,8 +138,9 @@ def bench_model(arch: str, folder: Path, repeats: int) -> dict:
     torch.manual_seed(0)
     model = create_model(arch).eval()
     hop = model.default_hop_samples
-    prime, step = incremental_graphs(model, hop)  # an FCN always reuses at its aligned hop
-    plan = step.plan
+    built = model.incremental_graphs(hop)  # an FCN always reuses at its aligned hop
+    prime, step = built.prime, built.step
+    plan = step.plan  # the FCN's IncrementalPlan: its picture and per-level description
     window = torch.from_numpy(probe_audio(1, model.window_samples, model.sample_rate))
     with torch.no_grad():
         states = prime(window)[1:]

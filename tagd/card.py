@@ -3,8 +3,11 @@
 A card says everything the daemon may assume about a model: which audio it takes
 (sample rate, window length, default hop), what it returns (tag names in output
 order, per-tag thresholds) and where it came from (architecture, training data,
-scores, export versions). It travels inside an ONNX file as metadata under
-``CARD_METADATA_KEY`` and beside a TensorRT plan as ``<plan>.json``.
+scores, export versions) and, for a model with incremental graphs, which graphs
+beside it carry a stream from one hop to the next (``IncrementalSection``). It travels
+inside an ONNX file as metadata under ``CARD_METADATA_KEY`` and beside a TensorRT plan
+as ``<plan>.json``. ``GRAPH_NAMES`` are the tensor names every graph has: export writes
+them, the engines and the TensorRT compiler read them.
 
 Cards are plain JSON, never pickle: they come off disk from users.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,163 @@ HOP_SNAP_S = 0.002  # a hop in seconds this close to a whole number of frames is
 
 class CardError(ValueError):
     """A model card is missing, malformed, or disagrees with its model."""
+
+
+@dataclass(frozen=True)
+class GraphNames:
+    """The tensor names of tagd's graphs, the contract between export and the engines.
+
+    The whole-window graph takes ``waveform`` float32 ``[batch, window_samples]`` and
+    returns ``scores`` float32 ``[batch, n_tags]`` (sigmoid). The incremental graphs of a
+    hop (tagd.incremental): the prime graph takes the waveform and returns the scores and
+    ``next_state.<level>`` for each state tensor; the step graph takes the waveform and
+    ``state.<level>``… and returns what the prime graph returns.
+    """
+
+    waveform: str = "waveform"
+    scores: str = "scores"
+    state_input_prefix: str = "state."
+    state_output_prefix: str = "next_state."
+
+    def state_inputs(self, levels: Sequence[str]) -> list[str]:
+        return [self.state_input_prefix + level for level in levels]
+
+    def state_outputs(self, levels: Sequence[str]) -> list[str]:
+        return [self.state_output_prefix + level for level in levels]
+
+
+GRAPH_NAMES = GraphNames()
+
+
+def _checked_keys(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """``data`` checked to be a JSON object with ``cls``'s fields: no unknown keys, none
+    of the required ones missing; CardError naming ``where`` otherwise."""
+    if not isinstance(data, dict):
+        raise CardError(f"{where} is a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CardError(f"unknown {where} keys: {', '.join(unknown)}")
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - set(data))
+    if missing:
+        raise CardError(f"{where} lacks: {', '.join(missing)}")
+    return data
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One tensor of the state a stream carries between hops, without its batch axis."""
+
+    name: str  # the level it keeps, e.g. "block2"; the graphs' tensors add GRAPH_NAMES' prefixes
+    shape: tuple[int, ...]  # FCN: channels, frequency rows, columns
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> StateTensor:
+        data = _checked_keys(cls, data, where)
+        return cls(name=data["name"], shape=tuple(data["shape"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class HopGraphs:
+    """The prime and step graphs exported for one hop, files beside the model."""
+
+    hop_samples: int
+    prime: str  # file name: a whole window → scores and state
+    step: str  # file name: a window and the last one's state → scores and the next state
+    state: tuple[StateTensor, ...]
+    state_bytes: int  # of one stream's state
+    reused_levels: int  # log-mel frames and conv blocks taken from the state
+    step_macs: int  # multiply-accumulates of one step
+    full_macs: int  # of one whole window
+    max_abs_diff: float | None = None  # export's parity check of the chain; None: not run
+
+    @property
+    def state_names(self) -> list[str]:
+        return [tensor.name for tensor in self.state]
+
+    @property
+    def state_shapes(self) -> list[tuple[int, ...]]:
+        return [tensor.shape for tensor in self.state]
+
+    @property
+    def prime_inputs(self) -> list[str]:
+        return [GRAPH_NAMES.waveform]
+
+    @property
+    def step_inputs(self) -> list[str]:
+        return [GRAPH_NAMES.waveform, *GRAPH_NAMES.state_inputs(self.state_names)]
+
+    @property
+    def outputs(self) -> list[str]:
+        """Of the prime and the step graph alike: the scores, then the next state."""
+        return [GRAPH_NAMES.scores, *GRAPH_NAMES.state_outputs(self.state_names)]
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> HopGraphs:
+        data = _checked_keys(cls, data, where)
+        state = data["state"]
+        if not isinstance(state, list):
+            raise CardError(f"{where}.state is a list, got {type(state).__name__}")
+        tensors = tuple(
+            StateTensor.from_dict(tensor, f"{where}.state[{i}]") for i, tensor in enumerate(state)
+        )
+        return cls(**{**data, "state": tensors})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["state"] = [tensor.to_dict() for tensor in self.state]
+        if self.max_abs_diff is None:
+            del data["max_abs_diff"]
+        return data
+
+
+@dataclass(frozen=True)
+class IncrementalSection:
+    """The card's ``incremental`` section: what incremental inference (tagd.incremental)
+    may reuse at a hop, and the graphs exported for some hops. Empty for a model family
+    without incremental graphs (written ``{}``)."""
+
+    # Samples per column of each level (log-mel frames, then each conv block): a hop
+    # that is a multiple of time_strides[i] can reuse levels 0..i.
+    time_strides: tuple[int, ...] = ()
+    graphs: tuple[HopGraphs, ...] = ()  # one per hop exported
+
+    def graph(self, hop_samples: int) -> HopGraphs | None:
+        return next((g for g in self.graphs if g.hop_samples == hop_samples), None)
+
+    @property
+    def hops(self) -> list[int]:
+        return [graph.hop_samples for graph in self.graphs]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> IncrementalSection:
+        data = _checked_keys(cls, data, "incremental")
+        graphs = data.get("graphs", [])
+        if not isinstance(graphs, list):
+            raise CardError(f"incremental.graphs is a list, got {type(graphs).__name__}")
+        return cls(
+            time_strides=tuple(data.get("time_strides", ())),
+            graphs=tuple(
+                HopGraphs.from_dict(graph, f"incremental.graphs[{i}]")
+                for i, graph in enumerate(graphs)
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.time_strides and not self.graphs:
+            return {}
+        return {
+            "time_strides": list(self.time_strides),
+            "graphs": [graph.to_dict() for graph in self.graphs],
+        }
 
 
 @dataclass
@@ -47,11 +208,10 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
-    # Incremental streaming inference (tagd.incremental): "time_strides", the samples per
-    # column of each level (a hop that is a multiple of strides[i] can reuse levels 0..i),
-    # and "graphs", one entry per hop exported: the prime and step files beside the model,
-    # the state tensors a stream carries between hops, and the multiply-accumulates per update.
-    incremental: dict[str, Any] = field(default_factory=dict)
+    # Incremental streaming inference (tagd.incremental): the strides of the levels a hop
+    # can reuse, and per hop exported the prime and step files beside the model, the
+    # state tensors a stream carries between hops and the multiply-accumulates per update.
+    incremental: IncrementalSection = field(default_factory=IncrementalSection)
     schema_version: int = CARD_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -87,12 +247,9 @@ class ModelCard:
         """The shortest file ``tagd tag`` and evaluation score (tagd.windowing's rule)."""
         return min_clip_samples(self.window_samples)
 
-    def incremental_graph(self, hop_samples: int) -> dict[str, Any] | None:
+    def incremental_graph(self, hop_samples: int) -> HopGraphs | None:
         """The incremental graphs exported for ``hop_samples``, if any (see ``incremental``)."""
-        for graph in self.incremental.get("graphs", []):
-            if graph.get("hop_samples") == hop_samples:
-                return graph
-        return None
+        return self.incremental.graph(hop_samples)
 
     def hop_from_seconds(self, seconds: float) -> int:
         """A hop given in seconds, in samples: one within HOP_SNAP_S of a whole number of
@@ -100,7 +257,7 @@ class ModelCard:
         FCN-4's aligned hop, not the 40,956 it rounds to), so incremental inference can
         reuse what the hop allows."""
         samples = max(1, round(seconds * self.sample_rate))
-        strides = self.incremental.get("time_strides", [])
+        strides = self.incremental.time_strides
         if strides:
             snapped = max(strides[0], round(samples / strides[0]) * strides[0])
             if abs(snapped - samples) <= HOP_SNAP_S * self.sample_rate:
@@ -110,7 +267,7 @@ class ModelCard:
     def reusable_levels(self, hop_samples: int) -> int:
         """How many levels (log-mel frames, then conv blocks) a hop lets a stream reuse."""
         count = 0
-        for stride in self.incremental.get("time_strides", []):
+        for stride in self.incremental.time_strides:
             if hop_samples % stride:
                 break
             count += 1
@@ -177,26 +334,18 @@ class ModelCard:
         return json.loads(self.to_json())
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["incremental"] = self.incremental.to_dict()
+        return json.dumps(data, indent=2, default=str)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCard:
         if not isinstance(data, dict):
             raise CardError(f"a model card is a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CardError(f"unknown model card keys: {', '.join(unknown)}")
-        required = {
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        }
-        missing = sorted(required - set(data))
-        if missing:
-            raise CardError(f"model card lacks: {', '.join(missing)}")
+        data = _checked_keys(cls, data, "model card")
         try:
-            return cls(**data)
+            incremental = IncrementalSection.from_dict(data.get("incremental", {}))
+            return cls(**{**data, "incremental": incremental})
         except TypeError as exc:
             raise CardError(f"malformed model card: {exc}") from exc
 
@@ -249,16 +398,14 @@ def onnx_card(model_path: Path, metadata: dict[str, str]) -> ModelCard:
 
 
 def _onnx_metadata(model_path: Path) -> dict[str, str]:
-    # onnxruntime reads metadata without loading the onnx package (a daemon dependency
-    # we avoid); building a session here is cheap next to running one.
-    import onnxruntime as ort
+    # onnxruntime reads metadata without loading the onnx package (a train-extra
+    # dependency the daemon goes without); a one-thread session on the CPU is cheap next
+    # to running one.
+    from tagd.engines import EngineError
+    from tagd.engines.onnx import open_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(
-            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise CardError(f"{model_path}: not a readable ONNX model: {exc}") from exc
+        session = open_session(model_path, threads=1, providers=["CPUExecutionProvider"])
+    except EngineError as exc:
+        raise CardError(f"not a readable ONNX model: {exc}") from exc
     return dict(session.get_modelmeta().custom_metadata_map)

@@ -2,7 +2,7 @@
 
 An FCN's consecutive windows share most of their audio, and every layer is local in
 time, so a window one hop after the last can be scored from the last window's state
-plus what the hop adds (trainer.models.streaming has the why and the plan; docs/models.md
+plus what the hop adds (trainer.models.incremental has the why and the plan; docs/models.md
 the picture). The exported model carries a *prime* graph (a whole window → scores and
 state) and a *step* graph (a window and its predecessor's state → scores and the next
 state) per hop (tagd.engines.base.IncrementalEngine).
@@ -177,7 +177,7 @@ def choose_scorer(
 
 def reuse_summary(card: ModelCard, hop_samples: int) -> str:
     """What a hop lets incremental inference reuse, for the start-up log."""
-    strides = card.incremental.get("time_strides", [])
+    strides = card.incremental.time_strides
     if not strides:
         return f"{card.architecture} has no incremental graphs (only FCNs do)"
     levels = card.reusable_levels(hop_samples)
@@ -197,7 +197,7 @@ def reuse_summary(card: ModelCard, hop_samples: int) -> str:
 
 def missing_graph_hint(card: ModelCard, hop_samples: int) -> str:
     """Why there is no incremental graph for a hop, and what to do."""
-    exported = [g["hop_samples"] for g in card.incremental.get("graphs", [])]
+    exported = card.incremental.hops
     have = ", ".join(str(h) for h in exported) or "none"
     return (
         f"{reuse_summary(card, hop_samples)}, but the model has incremental graphs for "

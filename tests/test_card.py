@@ -2,7 +2,49 @@ import json
 
 import pytest
 
-from tagd.card import CARD_SCHEMA_VERSION, CardError, ModelCard, read_card, sidecar_path
+from tagd.card import (
+    CARD_SCHEMA_VERSION,
+    GRAPH_NAMES,
+    CardError,
+    HopGraphs,
+    ModelCard,
+    StateTensor,
+    read_card,
+    sidecar_path,
+)
+
+# The incremental section of an FCN-4 (width 0.125) card as `tagd-train export` wrote it
+# before the section was typed: cards on disk carry it so, and must load and write back
+# unchanged. The second hop was exported without the parity check (no max_abs_diff).
+WRITTEN_INCREMENTAL = {
+    "time_strides": [256, 1024, 5120, 40960, 327680],
+    "graphs": [
+        {
+            "hop_samples": 40960,
+            "prime": "fcn4.40960.prime.onnx",
+            "step": "fcn4.40960.step.onnx",
+            "state": [
+                {"name": "block2", "shape": [48, 12, 67]},
+                {"name": "block3", "shape": [96, 4, 7]},
+            ],
+            "state_bytes": 165120,
+            "reused_levels": 4,
+            "step_macs": 88754208,
+            "full_macs": 563778368,
+            "max_abs_diff": 2.086162567138672e-07,
+        },
+        {
+            "hop_samples": 5120,
+            "prime": "fcn4.5120.prime.onnx",
+            "step": "fcn4.5120.step.onnx",
+            "state": [{"name": "block2", "shape": [48, 12, 67]}],
+            "state_bytes": 154368,
+            "reused_levels": 3,
+            "step_macs": 58796960,
+            "full_macs": 563778368,
+        },
+    ],
+}
 
 
 def make_card(**overrides) -> ModelCard:
@@ -92,3 +134,59 @@ def test_sidecar_card_beside_a_plan(tmp_path):
     assert sidecar_path(plan).name == "fcn4.plan.json"
     assert read_card(plan).tags == ["rock", "piano", "vocal"]
     assert json.loads(sidecar_path(plan).read_text())["architecture"] == "fcn4"
+
+
+def test_an_incremental_section_as_export_wrote_it_loads_typed_and_writes_back_unchanged():
+    data = make_card().to_dict()
+    assert data["incremental"] == {}  # a family without incremental graphs
+    data["incremental"] = WRITTEN_INCREMENTAL
+    card = ModelCard.from_dict(json.loads(json.dumps(data)))
+    assert card.to_dict() == data
+    assert card.to_json() == json.dumps(data, indent=2)
+    graph = card.incremental_graph(40_960)
+    assert graph == HopGraphs(
+        hop_samples=40_960,
+        prime="fcn4.40960.prime.onnx",
+        step="fcn4.40960.step.onnx",
+        state=(StateTensor("block2", (48, 12, 67)), StateTensor("block3", (96, 4, 7))),
+        state_bytes=165_120,
+        reused_levels=4,
+        step_macs=88_754_208,
+        full_macs=563_778_368,
+        max_abs_diff=2.086162567138672e-07,
+    )
+    assert card.incremental_graph(5_120).max_abs_diff is None
+    assert card.incremental_graph(20_480) is None
+    assert card.incremental.hops == [40_960, 5_120]
+    assert card.reusable_levels(40_960) == 4 and card.reusable_levels(5_120) == 3
+    assert card.hop_from_seconds(3.413) == 40_960
+
+
+def test_the_graphs_tensor_names_come_from_the_card_module():
+    (graph, _) = ModelCard.from_dict(
+        {**make_card().to_dict(), "incremental": WRITTEN_INCREMENTAL}
+    ).incremental.graphs
+    # the names every exported graph has; files on disk carry them, so they never change
+    assert (GRAPH_NAMES.waveform, GRAPH_NAMES.scores) == ("waveform", "scores")
+    assert graph.prime_inputs == ["waveform"]
+    assert graph.step_inputs == ["waveform", "state.block2", "state.block3"]
+    assert graph.outputs == ["scores", "next_state.block2", "next_state.block3"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s["graphs"][1].pop("step"), r"incremental.graphs\[1\] lacks: step"),
+        (
+            lambda s: s["graphs"][0]["state"][1].update(colour="blue"),
+            r"unknown incremental.graphs\[0\].state\[1\] keys: colour",
+        ),
+        (lambda s: s.update(graphs={}), "incremental.graphs is a list, got dict"),
+        (lambda s: s.update(extra=1), "unknown incremental keys: extra"),
+    ],
+)
+def test_a_malformed_incremental_section_is_refused_where_it_is_wrong(change, message):
+    section = json.loads(json.dumps(WRITTEN_INCREMENTAL))
+    change(section)
+    with pytest.raises(CardError, match=message):
+        ModelCard.from_dict({**make_card().to_dict(), "incremental": section})

@@ -163,10 +163,10 @@ def test_the_plan_card_names_the_incremental_plans(export_model, tmp_path):
     hop = card.hop_samples
     profile = {"input": "waveform", "min_batch": 1, "opt_batch": 2, "max_batch": 4}
     planned = plan_card(card, "fp16", profile, "10.3", False, tmp_path / "deploy" / "fcn4.plan")
-    (graph,) = planned.incremental["graphs"]
-    assert (graph["prime"], graph["step"]) == (f"fcn4.{hop}.prime.plan", f"fcn4.{hop}.step.plan")
-    assert graph["state"] == card.incremental["graphs"][0]["state"]
-    assert card.incremental["graphs"][0]["step"].endswith(".step.onnx")  # the ONNX card unchanged
+    (graph,) = planned.incremental.graphs
+    assert (graph.prime, graph.step) == (f"fcn4.{hop}.prime.plan", f"fcn4.{hop}.step.plan")
+    assert graph.state == card.incremental.graphs[0].state
+    assert card.incremental.graphs[0].step.endswith(".step.onnx")  # the ONNX card unchanged
     assert planned.export["tensorrt"]["profile"] == profile
 
 
@@ -297,7 +297,7 @@ def test_incremental_plans_give_the_full_windows_scores(
     hop = card.hop_samples
     for role in ("prime", "step"):
         assert (plan.parent / f"fcn4.{hop}.{role}.plan").stat().st_size > 0
-    assert card.incremental_graph(hop)["step"] == f"fcn4.{hop}.step.plan"
+    assert card.incremental_graph(hop).step == f"fcn4.{hop}.step.plan"
 
     engine = load_engine(plan)
     try:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 
 from tagd.card import CARD_METADATA_KEY, CardError, ModelCard, read_card
-from trainer.export import INPUT_NAME, OUTPUT_NAME, card_for_model, export_onnx, run_onnxruntime
+from tagd.engines import load_engine
+from trainer.export import card_for_model, export_onnx, run_onnxruntime
 from trainer.models import create_model
+from trainer.models.base import IncrementalGraphs, TaggerModel
 
 
 def tiny(arch: str, n_tags: int = 5):
@@ -53,7 +58,7 @@ def test_graph_io_names_and_dynamic_batch(tmp_path):
     path = export_onnx(model, tmp_path / "m.onnx", check=False).path
     proto = onnx.load(str(path))
     (inp,), (out,) = proto.graph.input, proto.graph.output
-    assert (inp.name, out.name) == (INPUT_NAME, OUTPUT_NAME)
+    assert (inp.name, out.name) == ("waveform", "scores")  # tagd.card.GRAPH_NAMES
     in_dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     out_dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
     assert in_dims == ["batch", model.window_samples]
@@ -95,3 +100,85 @@ def test_conftest_fixture_exports_once(export_model):
     assert export_model("fcn4") == first
     assert read_card(first).n_tags == 8
     assert export_model("samplecnn", n_tags=4) != export_model("samplecnn")
+
+
+# -- a model family of its own, with incremental graphs ----------------------------------
+BLOCK = 1_000  # samples per block, the toy family's hop
+BLOCKS = 4  # per window
+
+
+@dataclass
+class BlockEnergyConfig:
+    n_tags: int = 3
+    sample_rate: int = 8_000
+    window_samples: int = BLOCKS * BLOCK
+
+
+class BlockEnergy(TaggerModel):
+    """Scores from the energy of each block of the window: a window one block after the
+    last shares all its blocks but one, so a step computes only the newest."""
+
+    def __init__(self, config: BlockEnergyConfig):
+        super().__init__(config, "block-energy", hop_samples=BLOCK, clip_seconds=0.5)
+        self.head = nn.Linear(BLOCKS, config.n_tags)
+
+    def forward_logits(self, wave: torch.Tensor) -> torch.Tensor:
+        energies = wave.reshape(-1, BLOCKS, BLOCK).square().mean(-1)  # (B, BLOCKS)
+        return self.head(energies)
+
+    def incremental_graphs(self, hop_samples: int) -> IncrementalGraphs | None:
+        if hop_samples != BLOCK:
+            return None
+        return IncrementalGraphs(
+            prime=_BlockPrime(self),
+            step=_BlockStep(self),
+            state_names=("blocks",),
+            state_shapes=((BLOCKS - 1,),),
+            time_strides=(BLOCK,),
+            reused_levels=1,
+            state_bytes=4 * (BLOCKS - 1),
+            step_macs=BLOCK + BLOCKS * self.n_tags,
+            full_macs=BLOCKS * BLOCK + BLOCKS * self.n_tags,
+        )
+
+
+class _BlockPrime(nn.Module):
+    def __init__(self, model: BlockEnergy):
+        super().__init__()
+        self.model = model
+
+    def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        energies = wave.reshape(-1, BLOCKS, BLOCK).square().mean(-1)
+        return torch.sigmoid(self.model.head(energies)), energies[:, 1:]
+
+
+class _BlockStep(_BlockPrime):
+    def forward(self, wave: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        newest = wave[:, -BLOCK:].square().mean(-1, keepdim=True)  # (B, 1)
+        energies = torch.cat((blocks, newest), dim=-1)  # (B, BLOCKS)
+        return torch.sigmoid(self.model.head(energies)), energies[:, 1:]
+
+
+def test_a_new_family_declares_its_incremental_graphs_and_export_writes_them(tmp_path, music):
+    torch.manual_seed(0)
+    model = BlockEnergy(BlockEnergyConfig())
+    result = export_onnx(model, tmp_path / "energy.onnx", incremental_hops=(1_500,))
+    (graph,) = result.card.incremental.graphs  # 1,500 samples: no graphs, not an error
+    assert (graph.hop_samples, graph.prime, graph.step) == (
+        BLOCK,
+        "energy.1000.prime.onnx",
+        "energy.1000.step.onnx",
+    )
+    assert graph.state_names == ["blocks"] and graph.max_abs_diff <= 1e-6
+    assert read_card(result.path).incremental == result.card.incremental
+
+    engine = load_engine(result.path)
+    incremental = engine.incremental(BLOCK)
+    assert incremental.state_shapes == [(BLOCKS - 1,)]
+    audio = music(1.5, model.sample_rate)
+    starts = range(0, len(audio) - model.window_samples + 1, BLOCK)
+    windows = [audio[None, at : at + model.window_samples] for at in starts]
+    scores, states = incremental.prime(windows[0])
+    for window in windows[1:]:
+        scores, states = incremental.step(window, states)
+        np.testing.assert_allclose(scores, engine.run(window), atol=1e-6)

@@ -46,7 +46,7 @@ torch = pytest.importorskip("torch")
 from trainer.export import export_onnx  # noqa: E402
 from trainer.models import create_model  # noqa: E402
 from trainer.models.fcn import aligned_hop_samples  # noqa: E402
-from trainer.models.streaming import incremental_graphs, model_plan  # noqa: E402
+from trainer.models.incremental import model_plan  # noqa: E402
 
 TOLERANCE = 1e-4  # max abs difference of sigmoid scores, as the export parity check
 HOPS = 50
@@ -82,7 +82,8 @@ def full_scores(model, windows: torch.Tensor) -> np.ndarray:
 
 
 def stepped_scores(model, hop: int, windows: torch.Tensor) -> np.ndarray:
-    prime, step = incremental_graphs(model, hop)
+    graphs = model.incremental_graphs(hop)
+    prime, step = graphs.prime, graphs.step
     with torch.no_grad():
         scores, *states = prime(windows[:1])
         out = [scores]
@@ -140,7 +141,7 @@ def test_a_hop_off_the_deepest_stride_reuses_the_layers_it_can(hop_frames, deepe
 def test_a_hop_off_the_frame_grid_reuses_nothing():
     model = create_model("fcn4", 6, width=0.125)
     assert model_plan(model, 36_000) is None  # 3 s: 140.6 frames
-    assert incremental_graphs(model, 36_000) is None
+    assert model.incremental_graphs(36_000) is None
 
 
 def test_default_hops_are_the_aligned_hops_nearest_three_seconds():
@@ -167,16 +168,16 @@ def engine(exported):
 def test_export_writes_the_graphs_beside_the_model_and_the_card_names_them(exported):
     card = read_card(exported)
     assert card.hop_samples == 40_960
-    assert card.incremental["time_strides"] == [256, 1024, 5120, 40960, 327680]
-    graphs = {g["hop_samples"]: g for g in card.incremental["graphs"]}
-    assert set(graphs) == {5_120, 40_960}
-    for graph in graphs.values():
-        assert (exported.parent / graph["prime"]).is_file()
-        assert (exported.parent / graph["step"]).is_file()
-        assert graph["max_abs_diff"] <= TOLERANCE
-    assert [s["name"] for s in graphs[40_960]["state"]] == ["block2", "block3"]
-    assert [s["name"] for s in graphs[5_120]["state"]] == ["block2"]
-    assert graphs[40_960]["state"][0]["shape"] == [48, 12, 67]
+    assert card.incremental.time_strides == (256, 1024, 5120, 40960, 327680)
+    assert card.incremental.hops == [5_120, 40_960]
+    for hop in card.incremental.hops:
+        graph = card.incremental_graph(hop)
+        assert (exported.parent / graph.prime).is_file()
+        assert (exported.parent / graph.step).is_file()
+        assert graph.max_abs_diff <= TOLERANCE
+    assert card.incremental_graph(40_960).state_names == ["block2", "block3"]
+    assert card.incremental_graph(5_120).state_names == ["block2"]
+    assert card.incremental_graph(40_960).state_shapes[0] == (48, 12, 67)
 
 
 def test_a_graph_the_card_names_but_missing_is_a_clear_error(exported, tmp_path):

@@ -63,6 +63,27 @@ def test_audio_contract(arch):
         assert model.clip_seconds == pytest.approx(29.1)
 
 
+@pytest.mark.parametrize("arch", list_models())
+def test_each_family_declares_its_incremental_graphs_at_its_default_hop(arch):
+    model = tiny(arch).eval()
+    hop = model.default_hop_samples
+    graphs = model.incremental_graphs(hop)
+    if not arch.startswith("fcn"):  # SampleCNN's segments do not overlap: nothing to reuse
+        assert graphs is None
+        return
+    assert hop % graphs.time_strides[graphs.reused_levels - 1] == 0
+    assert 0 < graphs.step_macs < graphs.full_macs
+    wave = torch.randn(1, model.window_samples + hop) * 0.1
+    first, second = wave[:, : model.window_samples], wave[:, hop:]
+    with torch.no_grad():
+        scores, *states = graphs.prime(first)
+        assert [tuple(s.shape[1:]) for s in states] == list(graphs.state_shapes)
+        assert 4 * sum(s.numel() for s in states) == graphs.state_bytes
+        stepped, *_ = graphs.step(second, *states)
+        torch.testing.assert_close(scores, model(first), atol=1e-5, rtol=0)
+        torch.testing.assert_close(stepped, model(second), atol=1e-5, rtol=0)
+
+
 def test_fcn4_maps_shrink_to_one_by_one_as_the_papers_readme_says():
     model = tiny("fcn4").eval()
     with torch.no_grad():

@@ -638,11 +638,11 @@ def export(
     click.echo(
         f"wrote {result.path}: {result.card.architecture}, {result.card.n_tags} tags, scores: {scored}{parity}"
     )
-    for graph in result.card.incremental.get("graphs", []):
+    for graph in result.card.incremental.graphs:
         click.echo(
-            f"  incremental at hop {graph['hop_samples'] / result.card.sample_rate:.3f} s: "
-            f"{graph['prime']}, {graph['step']} ({graph['state_bytes'] / 1e6:.2f} MB of "
-            f"state a stream, {graph['step_macs'] / graph['full_macs']:.0%} of a window's "
+            f"  incremental at hop {graph.hop_samples / result.card.sample_rate:.3f} s: "
+            f"{graph.prime}, {graph.step} ({graph.state_bytes / 1e6:.2f} MB of "
+            f"state a stream, {graph.step_macs / graph.full_macs:.0%} of a window's "
             f"MACs)"
         )
 

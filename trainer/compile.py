@@ -27,6 +27,7 @@ TensorRT is imported inside the functions: this module loads without it, and
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import re
@@ -37,8 +38,8 @@ from typing import Any
 
 import onnx
 
-from tagd.card import ModelCard, read_card, sidecar_path
-from trainer.export import INPUT_NAME, incremental_paths
+from tagd.card import GRAPH_NAMES, ModelCard, read_card, sidecar_path
+from trainer.export import incremental_paths
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ PRECISIONS = ("fp32", "fp16")
 # log-mel frames at both edges) "/frontend_1/Conv".
 FP32_SCOPES = ("frontend", "input_bn")
 DEFAULT_WORKSPACE_GB = 4.0
-INCREMENTAL_ROLES = ("prime", "step")
 
 
 class CompileError(RuntimeError):
@@ -261,7 +261,7 @@ def compile_engine(
         Path(timing_cache).write_bytes(bytes(builder.cache.serialize()))
 
     profile_info = {
-        "input": INPUT_NAME,
+        "input": GRAPH_NAMES.waveform,
         "min_batch": min_batch,
         "opt_batch": opt_batch,
         "max_batch": max_batch,
@@ -282,10 +282,10 @@ def incremental_builds(
 ) -> list[tuple[Path, Path]]:
     """(ONNX graph, plan) of each prime and step graph the card names, prime first."""
     builds = []
-    for graph in card.incremental.get("graphs", []):
-        plans = incremental_paths(plan_path, graph["hop_samples"])
-        for role, plan in zip(INCREMENTAL_ROLES, plans, strict=True):
-            builds.append((onnx_path.with_name(graph[role]), plan))
+    for graph in card.incremental.graphs:
+        prime_plan, step_plan = incremental_paths(plan_path, graph.hop_samples)
+        builds.append((onnx_path.with_name(graph.prime), prime_plan))
+        builds.append((onnx_path.with_name(graph.step), step_plan))
     return builds
 
 
@@ -383,9 +383,11 @@ def plan_card(
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
     }
-    for graph in plan.incremental.get("graphs", []):
-        plans = incremental_paths(Path(plan_path), graph["hop_samples"])
-        graph.update({role: path.name for role, path in zip(INCREMENTAL_ROLES, plans, strict=True)})
+    graphs = []
+    for graph in plan.incremental.graphs:
+        prime_plan, step_plan = incremental_paths(Path(plan_path), graph.hop_samples)
+        graphs.append(dataclasses.replace(graph, prime=prime_plan.name, step=step_plan.name))
+    plan.incremental = dataclasses.replace(plan.incremental, graphs=tuple(graphs))
     return plan
 
 

@@ -1,16 +1,17 @@
 """Export a tagger model to ONNX with its model card inside, and check parity.
 
 The graph takes ``waveform`` float32 ``[batch, window_samples]`` and returns ``scores``
-float32 ``[batch, n_tags]`` (sigmoid), with a dynamic batch axis. The card (tagd.card)
-goes into the ONNX ``metadata_props`` under ``CARD_METADATA_KEY``, so the file alone is
-enough for the daemon. With ``check=True`` ONNX Runtime and PyTorch score the same audio
-and the export fails if they disagree by more than ``PARITY_TOLERANCE``.
+float32 ``[batch, n_tags]`` (sigmoid), with a dynamic batch axis: tagd.card's
+``GRAPH_NAMES``. The card (tagd.card) goes into the ONNX ``metadata_props`` under
+``CARD_METADATA_KEY``, so the file alone is enough for the daemon. With ``check=True``
+ONNX Runtime and PyTorch score the same audio and the export fails if they disagree by
+more than ``PARITY_TOLERANCE``.
 
-For an FCN, two more graphs per streaming hop go beside it (trainer.models.streaming):
-``<stem>.<hop>.prime.onnx`` (``waveform`` → ``scores``, ``next_state.<level>``…) and
-``<stem>.<hop>.step.onnx`` (``waveform``, ``state.<level>``… → the same), named in the
-card's ``incremental`` section; their parity check runs them over consecutive windows
-against the full network.
+For a model whose family has incremental graphs (``TaggerModel.incremental_graphs``:
+the FCNs), two more graphs per streaming hop go beside it: ``<stem>.<hop>.prime.onnx``
+(``waveform`` → ``scores``, ``next_state.<level>``…) and ``<stem>.<hop>.step.onnx``
+(``waveform``, ``state.<level>``… → the same), named in the card's ``incremental``
+section; their parity check runs them over consecutive windows against the full network.
 
 We use the TorchScript exporter (``dynamo=False``): in torch 2.13 it exports every model
 of the zoo with a dynamic batch axis in a second, to plain opset-17 ops.
@@ -18,6 +19,7 @@ of the zoo with a dynamic batch axis in a second, to plain opset-17 ops.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import warnings
@@ -29,20 +31,23 @@ import numpy as np
 import onnx
 import torch
 
-from tagd.card import CARD_METADATA_KEY, CardError, ModelCard
+from tagd.card import (
+    CARD_METADATA_KEY,
+    GRAPH_NAMES,
+    CardError,
+    HopGraphs,
+    IncrementalSection,
+    ModelCard,
+    StateTensor,
+)
+from tagd.engines.onnx import open_session
 from trainer.models.base import TaggerModel
-from trainer.models.fcn import FCN
-from trainer.models.streaming import incremental_graphs
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "waveform"
-OUTPUT_NAME = "scores"
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4  # max abs difference of sigmoid scores, ONNX Runtime vs PyTorch
 PARITY_BATCH = 2
-STATE_INPUT_PREFIX = "state."
-STATE_OUTPUT_PREFIX = "next_state."
 PARITY_HOPS = 4  # consecutive windows the incremental graphs are checked over
 
 
@@ -137,8 +142,8 @@ def export_onnx(
 ) -> ExportResult:
     """Write ``model`` as ONNX with its card in the metadata; check ORT parity if asked.
 
-    An FCN also gets its incremental graphs for the card's hop and ``incremental_hops``
-    (samples), at those of them where a layer can be reused.
+    A model with incremental graphs (an FCN) also gets them for the card's hop and
+    ``incremental_hops`` (samples), at those of them where a layer can be reused.
     """
     path = Path(path)
     if card is None:
@@ -155,11 +160,10 @@ def export_onnx(
             probe_audio(PARITY_BATCH, model.window_samples, model.sample_rate)
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(model, FCN):
-            card.incremental = export_incremental(
-                model, path, sorted({card.hop_samples, *incremental_hops}), opset=opset, check=check
-            )
-        write_onnx(model, (example,), path, [INPUT_NAME], [OUTPUT_NAME], opset)
+        card.incremental = export_incremental(
+            model, path, sorted({card.hop_samples, *incremental_hops}), opset=opset, check=check
+        )
+        write_onnx(model, (example,), path, [GRAPH_NAMES.waveform], [GRAPH_NAMES.scores], opset)
         proto = onnx.load(str(path))
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
@@ -187,18 +191,11 @@ def export_onnx(
 
 
 def run_onnxruntime(path: str | Path, batch: np.ndarray, threads: int = 0) -> np.ndarray:
-    """Scores from ONNX Runtime on CPU, for parity checks and benchmarks."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        str(path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
-    return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[
-        0
-    ]
+    """Scores from ONNX Runtime on CPU, for parity checks and benchmarks (``threads`` 0:
+    TAGD_ORT_THREADS, else one per core, as the daemon)."""
+    session = open_session(path, threads=threads, providers=["CPUExecutionProvider"])
+    feeds = {GRAPH_NAMES.waveform: np.ascontiguousarray(batch, dtype=np.float32)}
+    return session.run([GRAPH_NAMES.scores], feeds)[0]
 
 
 def write_onnx(
@@ -238,96 +235,77 @@ def incremental_paths(path: Path, hop_samples: int) -> tuple[Path, Path]:
 
 
 def export_incremental(
-    model: FCN, path: Path, hops: list[int], *, opset: int = DEFAULT_OPSET, check: bool = True
-) -> dict[str, Any]:
-    """Write the prime and step graphs for each hop that reuses a layer; the card's section."""
-    levels = None
+    model: TaggerModel,
+    path: Path,
+    hops: list[int],
+    *,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+) -> IncrementalSection:
+    """Write the prime and step graphs for each hop that reuses a layer; the card's section
+    (empty for a family without incremental graphs)."""
+    time_strides: tuple[int, ...] = ()
     graphs = []
     for hop in hops:
-        built = incremental_graphs(model, hop)
+        built = model.incremental_graphs(hop)
         if built is None:
             log.info("hop %d samples reuses no layer of %s: no incremental graphs", hop, model.arch)
             continue
-        prime, step = built
-        plan = prime.plan
-        levels = plan.levels
+        time_strides = built.time_strides
         prime_path, step_path = incremental_paths(path, hop)
+        graph = HopGraphs(
+            hop_samples=hop,
+            prime=prime_path.name,
+            step=step_path.name,
+            state=tuple(
+                StateTensor(name, shape)
+                for name, shape in zip(built.state_names, built.state_shapes, strict=True)
+            ),
+            state_bytes=built.state_bytes,
+            reused_levels=built.reused_levels,
+            step_macs=built.step_macs,
+            full_macs=built.full_macs,
+        )
         wave = torch.from_numpy(
             probe_audio(PARITY_BATCH, model.window_samples + PARITY_HOPS * hop, model.sample_rate)
         )
         first = wave[:, : model.window_samples]
         with torch.no_grad():
-            states = prime(first)[1:]
-        state_inputs = [STATE_INPUT_PREFIX + name for name in prime.state_names]
-        state_outputs = [STATE_OUTPUT_PREFIX + name for name in prime.state_names]
-        write_onnx(prime, (first,), prime_path, [INPUT_NAME], [OUTPUT_NAME, *state_outputs], opset)
-        write_onnx(
-            step,
-            (first, *states),
-            step_path,
-            [INPUT_NAME, *state_inputs],
-            [OUTPUT_NAME, *state_outputs],
-            opset,
-        )
-        graph = {
-            "hop_samples": hop,
-            "prime": prime_path.name,
-            "step": step_path.name,
-            "state": [
-                {"name": name, "shape": list(plan.state_shape(i))}
-                for name, i in zip(prime.state_names, plan.stored, strict=True)
-            ],
-            "state_bytes": plan.state_bytes,
-            "reused_levels": plan.top + 1,
-            "step_macs": plan.step_macs,
-            "full_macs": plan.full_macs,
-        }
+            states = built.prime(first)[1:]
+        write_onnx(built.prime, (first,), prime_path, graph.prime_inputs, graph.outputs, opset)
+        write_onnx(built.step, (first, *states), step_path, graph.step_inputs, graph.outputs, opset)
         if check:
-            graph["max_abs_diff"] = check_incremental(model, prime_path, step_path, wave, hop)
+            difference = check_incremental(model, graph, prime_path, step_path, wave)
+            graph = dataclasses.replace(graph, max_abs_diff=difference)
         graphs.append(graph)
         log.info(
             "incremental graphs at hop %d: %s, %s (%.2f MB of state, %.0f %% of the MACs)",
             hop,
             prime_path.name,
             step_path.name,
-            plan.state_bytes / 1e6,
-            100 * plan.step_macs / plan.full_macs,
+            graph.state_bytes / 1e6,
+            100 * graph.step_macs / graph.full_macs,
         )
-    if levels is None:
-        return {}
-    hop_length = model.config.hop_length
-    return {"time_strides": [lv.stride * hop_length for lv in levels], "graphs": graphs}
+    return IncrementalSection(time_strides=time_strides, graphs=tuple(graphs))
 
 
 def check_incremental(
-    model: FCN, prime_path: Path, step_path: Path, wave: torch.Tensor, hop: int
+    model: TaggerModel, graph: HopGraphs, prime_path: Path, step_path: Path, wave: torch.Tensor
 ) -> float:
     """Max abs difference of the ORT prime/step chain from PyTorch's full windows."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     prime, step = (
-        ort.InferenceSession(str(p), sess_options=options, providers=["CPUExecutionProvider"])
-        for p in (prime_path, step_path)
+        open_session(p, providers=["CPUExecutionProvider"]) for p in (prime_path, step_path)
     )
-    names = [o.name for o in prime.get_outputs()][1:]
-    size = model.window_samples
+    size, hop = model.window_samples, graph.hop_samples
     worst = 0.0
     states: list[np.ndarray] = []
     for k in range(PARITY_HOPS + 1):
         window = np.ascontiguousarray(wave[:, k * hop : k * hop + size].numpy())
         if k == 0:
-            scores, *states = prime.run(None, {INPUT_NAME: window})
+            scores, *states = prime.run(graph.outputs, {GRAPH_NAMES.waveform: window})
         else:
-            feeds = {INPUT_NAME: window}
-            feeds.update(
-                {
-                    STATE_INPUT_PREFIX + n[len(STATE_OUTPUT_PREFIX) :]: s
-                    for n, s in zip(names, states, strict=True)
-                }
-            )
-            scores, *states = step.run(None, feeds)
+            feeds = dict(zip(graph.step_inputs, [window, *states], strict=True))
+            scores, *states = step.run(graph.outputs, feeds)
         with torch.no_grad():
             expected = model(torch.from_numpy(window)).numpy()
         worst = max(worst, float(np.max(np.abs(scores - expected))))

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from tagd.card import ModelCard
+from tagd.card import HopGraphs, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,14 @@ class Engine(abc.ABC):
 
     def _incremental_files(
         self, hop_samples: int, what: str, remedy: str
-    ) -> tuple[dict, list[Path]] | None:
+    ) -> tuple[HopGraphs, list[Path]] | None:
         """The card's graph entry for the hop and its prime and step files beside the
         model, or None; EngineError naming ``what`` (graph, plan) and ``remedy`` when one
         is missing."""
         graph = self.card.incremental_graph(hop_samples)
         if graph is None:
             return None
-        paths = [self.path.with_name(graph[role]) for role in ("prime", "step")]
+        paths = [self.path.with_name(name) for name in (graph.prime, graph.step)]
         for role, path in zip(("prime", "step"), paths, strict=True):
             if not path.is_file():
                 raise EngineError(
@@ -110,7 +110,7 @@ class Engine(abc.ABC):
 
 
 class IncrementalEngine(abc.ABC):
-    """The two graphs of incremental inference at one hop (trainer.models.streaming).
+    """The two graphs of incremental inference at one hop (trainer.models.incremental).
 
     ``prime`` scores whole windows and returns the state each stream carries to its next
     window; ``step`` takes windows and the state of each one's previous window (exactly
@@ -118,15 +118,15 @@ class IncrementalEngine(abc.ABC):
     ``[batch, *shape]``, one per entry of ``state_shapes``, in that order.
     """
 
-    def __init__(self, card: ModelCard, graph: dict):
+    def __init__(self, card: ModelCard, graph: HopGraphs):
         self.card = card
-        self.hop_samples: int = graph["hop_samples"]
-        self.state_names: list[str] = [s["name"] for s in graph["state"]]
-        self.state_shapes: list[tuple[int, ...]] = [tuple(s["shape"]) for s in graph["state"]]
-        self.state_bytes: int = graph["state_bytes"]
-        self.reused_levels: int = graph["reused_levels"]
-        self.step_macs: int = graph["step_macs"]
-        self.full_macs: int = graph["full_macs"]
+        self.hop_samples: int = graph.hop_samples
+        self.state_names: list[str] = graph.state_names
+        self.state_shapes: list[tuple[int, ...]] = graph.state_shapes
+        self.state_bytes: int = graph.state_bytes
+        self.reused_levels: int = graph.reused_levels
+        self.step_macs: int = graph.step_macs
+        self.full_macs: int = graph.full_macs
 
     @abc.abstractmethod
     def prime(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

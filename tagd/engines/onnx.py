@@ -12,19 +12,23 @@ measurements), set in ``[onnxruntime]`` (``OnnxRuntimeConfig``, this backend's o
 - ``intra_op_threads``: 0 lets ONNX Runtime take one thread per core.
 - ``memory_arena``: the CPU arena keeps the activations of the largest batch run for
   the next; without it every run allocates afresh (slower).
+
+``open_session`` is the one place a session is set up: the engine, the card's metadata
+read, the export's parity checks and the benchmarks all open theirs through it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
-from tagd.card import CardError, ModelCard, onnx_card
+from tagd.card import GRAPH_NAMES, CardError, HopGraphs, ModelCard, onnx_card
 from tagd.engines.base import Engine, EngineError, IncrementalEngine
 from tagd.schema import Table
 
@@ -46,6 +50,49 @@ def resolve_threads(configured: int | None = None, instances: int = 1) -> int:
     if threads or instances <= 1:
         return threads
     return max(1, (os.cpu_count() or 1) // instances)
+
+
+def open_session(
+    path: str | Path,
+    *,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    spinning: str = "while_running",
+    memory_arena: bool = True,
+):
+    """An ONNX Runtime session of ``path``: the options above, graph optimisation on.
+
+    ``threads`` 0 or None: TAGD_ORT_THREADS, else one per core (``resolve_threads``);
+    ``providers`` None: CUDA where onnxruntime-gpu has it, else the CPU. EngineError when
+    onnxruntime is missing or cannot load the file.
+    """
+    if spinning not in SPINNING:
+        raise EngineError(f"spinning={spinning!r}: use one of {', '.join(SPINNING)}")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        from tagd.engines import missing_sdk
+
+        raise missing_sdk("onnxruntime", "onnxruntime") from None
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    resolved = resolve_threads(threads)
+    if resolved:
+        options.intra_op_num_threads = resolved
+    options.enable_cpu_mem_arena = memory_arena
+    allow_spinning, stop_after_run = SPINNING[spinning]
+    for pool in ("intra_op", "inter_op"):
+        options.add_session_config_entry(f"session.{pool}.allow_spinning", allow_spinning)
+    options.add_session_config_entry("session.force_spinning_stop", stop_after_run)
+    if providers is None:
+        available = ort.get_available_providers()
+        providers = [p for p in PREFERRED_PROVIDERS if p in available]
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise EngineError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
 
 
 class OnnxRuntimeConfig(Table):
@@ -82,11 +129,10 @@ class OnnxEngine(Engine):
     backend = "onnxruntime"
     options_section = "onnxruntime"
 
-    def __init__(self, path: Path, card: ModelCard, session, options=None, providers=None):
+    def __init__(self, path: Path, card: ModelCard, session, settings: dict[str, Any]):
         super().__init__(path, card)
         self._session = session
-        self._options = options  # what incremental() loads its graphs with
-        self._chosen = providers
+        self._settings = settings  # open_session's arguments, for the incremental graphs too
         self._input_name = session.get_inputs()[0].name
         self._output_name = session.get_outputs()[0].name
         self.providers = session.get_providers()
@@ -106,33 +152,14 @@ class OnnxEngine(Engine):
         memory_arena: bool = True,
     ) -> OnnxEngine:
         """Load ``path``; ``intra_op_threads`` 0 or None: TAGD_ORT_THREADS, else one per core."""
-        if spinning not in SPINNING:
-            raise EngineError(f"spinning={spinning!r}: use one of {', '.join(SPINNING)}")
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            from tagd.engines import missing_sdk
-
-            raise missing_sdk("onnxruntime", "onnxruntime") from None
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = resolve_threads(intra_op_threads)
-        if threads:
-            options.intra_op_num_threads = threads
-        options.enable_cpu_mem_arena = memory_arena
-        allow_spinning, stop_after_run = SPINNING[spinning]
-        for pool in ("intra_op", "inter_op"):
-            options.add_session_config_entry(f"session.{pool}.allow_spinning", allow_spinning)
-        options.add_session_config_entry("session.force_spinning_stop", stop_after_run)
-        available = ort.get_available_providers()
-        chosen = providers or [p for p in PREFERRED_PROVIDERS if p in available]
-        try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise EngineError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
-
+        settings = {
+            "threads": resolve_threads(intra_op_threads),
+            "providers": providers,
+            "spinning": spinning,
+            "memory_arena": memory_arena,
+        }
+        session = open_session(path, **settings)
+        settings["providers"] = session.get_providers()  # the graphs' sessions use the same
         card = onnx_card(path, dict(session.get_modelmeta().custom_metadata_map))
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
@@ -141,7 +168,7 @@ class OnnxEngine(Engine):
                 f"{[i.name for i in inputs]} → {[o.name for o in outputs]}"
             )
         card.check_io(list(inputs[0].shape), list(outputs[0].shape), source=str(path))
-        engine = cls(path, card, session, options, chosen)
+        engine = cls(path, card, session, settings)
         log.info("loaded %s with providers %s", engine.describe(), engine.providers)
         return engine
 
@@ -156,19 +183,8 @@ class OnnxEngine(Engine):
         if found is None:
             return None
         graph, paths = found
-        import onnxruntime as ort
-
         self._session = None  # before loading the graphs: never three copies of the weights
-        sessions = []
-        for path in paths:
-            try:
-                sessions.append(
-                    ort.InferenceSession(
-                        str(path), sess_options=self._options, providers=self._chosen
-                    )
-                )
-            except Exception as exc:  # onnxruntime raises its own untyped errors
-                raise EngineError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+        sessions = [open_session(path, **self._settings) for path in paths]
         incremental = OnnxIncremental(self.card, graph, *sessions)
         self._session = sessions[0]  # its first output is the scores, as the model's
         return incremental
@@ -182,20 +198,22 @@ class OnnxEngine(Engine):
 class OnnxIncremental(IncrementalEngine):
     """Prime and step graphs on ONNX Runtime, with the main model's session options."""
 
-    def __init__(self, card: ModelCard, graph: dict, prime, step):
+    def __init__(self, card: ModelCard, graph: HopGraphs, prime, step):
         super().__init__(card, graph)
         self._prime, self._step = prime, step
-        expected = ["waveform", *(f"state.{n}" for n in self.state_names)]
-        found = [i.name for i in step.get_inputs()]
-        if found != expected:
-            raise EngineError(
-                f"{graph['step']}: inputs {found}, the card says {expected}; export the model again"
-            )
-        self._input = prime.get_inputs()[0].name
-        self._step_inputs = found
+        for name, session, expected in (
+            (graph.prime, prime, graph.prime_inputs),
+            (graph.step, step, graph.step_inputs),
+        ):
+            found = [i.name for i in session.get_inputs()]
+            if found != expected:
+                raise EngineError(
+                    f"{name}: inputs {found}, the card says {expected}; export the model again"
+                )
+        self._step_inputs = graph.step_inputs
 
     def prime(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        scores, *states = self._prime.run(None, {self._input: batch})
+        scores, *states = self._prime.run(None, {GRAPH_NAMES.waveform: batch})
         return scores, states
 
     def step(

@@ -21,16 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tagd.card import ModelCard, read_card
+from tagd.card import GRAPH_NAMES, HopGraphs, ModelCard, read_card
 from tagd.engines.base import Engine, EngineError, IncrementalEngine
 
 log = logging.getLogger(__name__)
 
-# Tensor names of the incremental graphs (trainer.export)
-WAVEFORM = "waveform"
-SCORES = "scores"
-STATE_INPUT_PREFIX = "state."
-STATE_OUTPUT_PREFIX = "next_state."
 FLOAT32_BYTES = 4
 
 
@@ -244,17 +239,16 @@ class TensorRTEngine(Engine):
 class TensorRTIncremental(IncrementalEngine):
     """Prime and step plans, built with the main plan and deserialized by its runtime."""
 
-    def __init__(self, card: ModelCard, graph: dict, prime: _Plan, step: _Plan):
+    def __init__(self, card: ModelCard, graph: HopGraphs, prime: _Plan, step: _Plan):
         super().__init__(card, graph)
         self._prime, self._step = prime, step
-        self._state_inputs = [STATE_INPUT_PREFIX + name for name in self.state_names]
-        self._state_outputs = [STATE_OUTPUT_PREFIX + name for name in self.state_names]
-        rows = {WAVEFORM: (card.window_samples,), SCORES: (card.n_tags,)}
+        self._state_inputs = GRAPH_NAMES.state_inputs(self.state_names)
+        self._state_outputs = GRAPH_NAMES.state_outputs(self.state_names)
+        rows = {GRAPH_NAMES.waveform: (card.window_samples,), GRAPH_NAMES.scores: (card.n_tags,)}
         rows.update(zip(self._state_inputs, self.state_shapes, strict=True))
         rows.update(zip(self._state_outputs, self.state_shapes, strict=True))
-        outputs = [SCORES, *self._state_outputs]
-        for plan, inputs in ((prime, [WAVEFORM]), (step, [WAVEFORM, *self._state_inputs])):
-            expected = {name: rows[name] for name in inputs + outputs}
+        for plan, inputs in ((prime, graph.prime_inputs), (step, graph.step_inputs)):
+            expected = {name: rows[name] for name in inputs + graph.outputs}
             if plan.rows != expected:
                 self.close()
                 raise EngineError(
@@ -264,18 +258,18 @@ class TensorRTIncremental(IncrementalEngine):
 
     def prime(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return self._scores_and_states(self._prime.run({WAVEFORM: batch}))
+        return self._scores_and_states(self._prime.run({GRAPH_NAMES.waveform: batch}))
 
     def step(
         self, batch: np.ndarray, states: list[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        feeds = {WAVEFORM: batch}
+        feeds = {GRAPH_NAMES.waveform: batch}
         feeds.update(zip(self._state_inputs, self.check_states(states, len(batch)), strict=True))
         return self._scores_and_states(self._step.run(feeds))
 
     def _scores_and_states(self, outputs: dict[str, np.ndarray]):
-        return outputs[SCORES], [outputs[name] for name in self._state_outputs]
+        return outputs[GRAPH_NAMES.scores], [outputs[name] for name in self._state_outputs]
 
     def close(self) -> None:
         self._prime.close()

@@ -3,11 +3,14 @@
 A ``TaggerModel`` carries the facts the model card needs (sample rate, window, default
 hop, clip length) and the hyper-parameters that rebuild it:
 ``create_model(model.arch, model.n_tags, **model.hparams)`` gives the same network.
+A family that can score a window from the last one's state declares how in
+``incremental_graphs`` (FCN: trainer.models.incremental); export asks every model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +29,22 @@ def jsonable(value: Any) -> Any:
 def scaled(channels: int, width: float) -> int:
     """Channels after the width multiplier; never fewer than one."""
     return max(1, round(channels * width))
+
+
+@dataclass(frozen=True)
+class IncrementalGraphs:
+    """A model's incremental plan at one hop, as export writes it: the two modules and
+    what the card says of them (tagd.card's ``HopGraphs``, ``IncrementalSection``)."""
+
+    prime: nn.Module  # waveform (B, window) → (scores, *state)
+    step: nn.Module  # waveform (B, window), *state → (scores, *next state)
+    state_names: tuple[str, ...]  # one per state tensor, in order
+    state_shapes: tuple[tuple[int, ...], ...]  # of one stream, without the batch axis
+    time_strides: tuple[int, ...]  # samples per column of each level, hop or not
+    reused_levels: int
+    state_bytes: int  # of one stream's state
+    step_macs: int  # multiply-accumulates of one step
+    full_macs: int  # of one whole window
 
 
 class TaggerModel(nn.Module):
@@ -54,6 +73,12 @@ class TaggerModel(nn.Module):
         fields = dataclasses.asdict(self.config)
         fields.pop("n_tags")
         return jsonable(fields)
+
+    def incremental_graphs(self, hop_samples: int) -> IncrementalGraphs | None:
+        """The prime and step modules that score windows ``hop_samples`` apart from the
+        last window's state, exactly as ``forward``; None when this family has none or
+        the hop lets nothing be reused. The families that have them override this."""
+        return None
 
     def forward_logits(self, wave: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

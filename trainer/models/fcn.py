@@ -17,15 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.models.base import TaggerModel, scaled
+from trainer.models.base import IncrementalGraphs, TaggerModel, scaled
 from trainer.models.frontend import LogMel, LogMelConfig
+from trainer.models.incremental import incremental_graphs
 
 FCN_SAMPLE_RATE = 12_000
 FCN_FRAMES = 1_366  # 29.12 s of 256-sample hops, centred framing
 FCN_HOP_LENGTH = 256
 # Streaming hop: a fresh 29.12 s prediction about every 3 s, on a whole number of the
 # deepest time stride that is at most MAX_ALIGNED_STRIDE_S, so that incremental inference
-# (trainer.models.streaming) reuses every layer below it: FCN-4 160 frames, 3.413 s.
+# (trainer.models.incremental) reuses every layer below it: FCN-4 160 frames, 3.413 s.
 TARGET_HOP_S = 3.0
 MAX_ALIGNED_STRIDE_S = 4.5
 
@@ -139,6 +140,11 @@ class FCN(TaggerModel):
             x = block(x)  # (B, C_i, H_i, W_i)
             maps.append(x)
         return maps
+
+    def incremental_graphs(self, hop_samples: int) -> IncrementalGraphs | None:
+        """Every layer is local in time: the levels a hop shifts by whole columns are
+        reused (trainer.models.incremental has the plan)."""
+        return incremental_graphs(self, hop_samples)
 
     def forward_logits(self, wave: torch.Tensor) -> torch.Tensor:
         x = self.feature_maps(wave)[-1]  # (B, C, 1, 1) for the paper presets

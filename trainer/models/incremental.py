@@ -28,19 +28,24 @@ one's state:
 
 ``FCNPrime`` (a whole window → scores and state) and ``FCNStep`` (a window and the last
 window's state → scores and the next state) are the two graphs `tagd-train export`
-writes beside the model; their scores equal the full network's to float rounding
-(tests/test_incremental.py checks ≤ 1e-4 over many hops for every preset).
+writes beside the model (``FCN.incremental_graphs`` gives them with the plan's figures);
+their scores equal the full network's to float rounding (tests/test_incremental.py
+checks ≤ 1e-4 over many hops for every preset).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from trainer.models.fcn import FCN, FCNConfig
+from trainer.models.base import IncrementalGraphs, scaled
+
+if TYPE_CHECKING:  # fcn.py imports this module: its FCN declares the graphs below
+    from trainer.models.fcn import FCN, FCNConfig
 
 # A level below the deepest stored one is kept in the state only when storing it saves
 # this many multiply-accumulates per hop for each byte it adds to a stream's state.
@@ -253,8 +258,6 @@ def plan_incremental(
 
 
 def _head_macs(config: FCNConfig, widths: list[int]) -> int:
-    from trainer.models.base import scaled
-
     extra = [scaled(ch, config.width) for ch in config.extra_1x1]
     dims = [widths[-1], *extra]
     return sum(a * b for a, b in zip(dims, dims[1:], strict=False)) + dims[-1] * config.n_tags
@@ -381,13 +384,25 @@ class FCNStep(_Incremental):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def incremental_graphs(model: FCN, hop_samples: int) -> tuple[FCNPrime, FCNStep] | None:
-    """The prime and step modules of ``model`` at ``hop_samples``; None when nothing reuses."""
+def incremental_graphs(model: FCN, hop_samples: int) -> IncrementalGraphs | None:
+    """The prime and step modules of ``model`` at ``hop_samples`` with what the card says
+    of them; None when nothing reuses."""
     plan = model_plan(model, hop_samples)
     if plan is None:
         return None
     # in inference mode whatever the model's: BatchNorm must use its running statistics
-    return FCNPrime(model, plan).eval(), FCNStep(model, plan).eval()
+    prime, step = FCNPrime(model, plan).eval(), FCNStep(model, plan).eval()
+    return IncrementalGraphs(
+        prime=prime,
+        step=step,
+        state_names=tuple(prime.state_names),
+        state_shapes=tuple(plan.state_shape(i) for i in plan.stored),
+        time_strides=tuple(lv.stride * model.config.hop_length for lv in plan.levels),
+        reused_levels=plan.top + 1,
+        state_bytes=plan.state_bytes,
+        step_macs=plan.step_macs,
+        full_macs=plan.full_macs,
+    )
 
 
 def model_plan(model: FCN, hop_samples: int) -> IncrementalPlan | None:
