@@ -51,6 +51,18 @@ def test_onnx_session_options_change_how_it_runs_not_what_it_scores(
     np.testing.assert_allclose(tuned.run(batch), reference.run(batch), rtol=0, atol=1e-6)
 
 
+def test_incremental_graphs_open_with_the_engines_session_options(export_model):
+    path = export_model("fcn4")  # with its graphs at the card's hop
+    engine = load_engine(path, intra_op_threads=1, spinning="never", memory_arena=False)
+    incremental = engine.incremental(engine.card.hop_samples)
+    for session in (incremental._prime, incremental._step):
+        applied = session.get_session_options()
+        assert applied.intra_op_num_threads == 1
+        assert not applied.enable_cpu_mem_arena
+        assert applied.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert session.get_providers() == engine.providers
+
+
 def test_unknown_spinning_mode_is_refused(export_model):
     with pytest.raises(EngineError, match="spinning='sometimes': use one of while_running"):
         load_engine(export_model("samplecnn"), spinning="sometimes")
