@@ -60,6 +60,7 @@ def test_held_out_packages_are_neither_trained_on_nor_in_the_small_train_set():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # a hung-test guard only: about two minutes on two idle cores
 def test_speech_fires_on_real_speech_from_a_package_never_trained_on(sources, tmp_path):
     manifest = rendered.write_rendered(

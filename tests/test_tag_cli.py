@@ -100,6 +100,7 @@ def test_a_bad_engine_is_one_clear_line(tmp_path, songs):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_exported_full_size_fcn4_tags_a_song_an_mtt_clip_and_a_jingle(songs, tmp_path, music):
     """The issue's first-run path: `tagd-train export --model fcn4`, then `tagd tag`."""
     pytest.importorskip("torch")

@@ -219,6 +219,7 @@ def test_prepare_msd_lists(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_export_untrained_model_by_name(tmp_path):
     result = invoke("export", "--model", "fcn4", "--out", tmp_path / "fcn4.onnx")
     assert "50 tags" in result.output
