@@ -234,6 +234,7 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
     fails (a model that does not load, a port in use), with the reason on one line.
     """
     from tagd.config import ConfigError, ServeConfig, apply_overrides, load_config
+    from tagd.engines import backend_of
     from tagd.scoring import resolve_hop
     from tagd.server import (
         EXIT_STARTUP_FAILED,
@@ -261,7 +262,11 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
             click.echo(f"tagd serve: warning: {warning}", err=True)
         names = ", ".join(spec.name for spec in config.inputs)
         hop = resolve_hop(card, config.hop_seconds)
-        incremental = config.incremental and card.incremental_graph(hop) is not None
+        incremental = (
+            config.incremental
+            and backend_of(config.engine).has_incremental_graphs
+            and card.incremental_graph(hop) is not None
+        )
         click.echo(
             f"config OK: engine {config.engine} ({card.name}, {card.architecture}, "
             f"{card.n_tags} tags, {card.sample_rate} Hz, window {card.window_seconds:.2f} s, "

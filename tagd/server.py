@@ -22,7 +22,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from tagd.batcher import Batcher, BatchResult
-from tagd.card import CardError, ModelCard, read_card
+from tagd.card import CardError, ModelCard
 from tagd.config import ServeConfig
 from tagd.engines import BACKENDS, Engine, EngineError, backend_of, load_engine, option_sections
 from tagd.incremental import choose_scorer
@@ -436,7 +436,7 @@ def check_startup(config: ServeConfig) -> ModelCard:
     try:
         with path.open("rb") as model:
             model.read(1)
-        card = read_card(path)
+        card = backend_of(path).read_card(path)
     except OSError as exc:
         raise StartupError(f"cannot load the engine {path}: {exc.strerror}") from None
     except CardError as exc:

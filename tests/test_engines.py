@@ -225,3 +225,31 @@ def test_backend_options_come_from_the_section_each_backend_names():
     from tagd.engines import option_sections
 
     assert option_sections() == {"onnxruntime": [".onnx"]}
+
+
+def test_check_config_says_a_checkpoint_runs_full_windows_though_its_card_names_graphs(tmp_path):
+    torch = pytest.importorskip("torch")
+    from click.testing import CliRunner
+    from support import SHORT_FCN
+
+    from tagd.cli import main
+    from trainer.export import export_onnx
+    from trainer.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("fcn4", 8, width=0.125, sample_rate=12000, **SHORT_FCN).eval()
+    hop = 16 * 256  # 16 frames: every block of the 2 s FCN-4 reusable (as test_incremental)
+    tags = [f"t{i}" for i in range(8)]
+    result = export_onnx(model, tmp_path / "m.onnx", tags=tags, incremental_hops=(hop,))
+    assert result.card.incremental_graph(hop) is not None
+    save_checkpoint_of(model, result.card, tmp_path / "m.pt")  # the same card, graphs named
+
+    def mode(model_file):
+        args = ["serve", "--engine", str(model_file), "--hop", f"{hop / 12000}"]
+        args += ["--input", "zmq+pull://127.0.0.1:5571"]
+        checked = CliRunner().invoke(main, [*args, "--check-config"])
+        assert checked.exit_code == 0, checked.output
+        return checked.output.split("), ")[0].rsplit(", ", 1)[1]
+
+    assert mode(tmp_path / "m.onnx") == "incremental"
+    assert mode(tmp_path / "m.pt") == "full windows"  # the PyTorch engine has no graphs to run

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from tagd.card import HopGraphs, ModelCard
+from tagd.card import HopGraphs, ModelCard, read_card
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class Engine(abc.ABC):
     # The `tagd serve` config section holding this backend's options (a dataclass whose
     # ``engine_options(instances)`` gives the keyword arguments of ``load``); None: none.
     options_section: ClassVar[str | None] = None
+    # Whether ``incremental`` can return graphs (tagd.incremental), known before loading:
+    # `--check-config` says which mode a model will run in without opening it.
+    has_incremental_graphs: ClassVar[bool] = False
 
     def __init__(self, path: Path, card: ModelCard):
         self.path = Path(path)
@@ -67,6 +70,12 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory and handles."""
+
+    @classmethod
+    def read_card(cls, path: Path) -> ModelCard:
+        """The card of a model file without loading the model (`--check-config`);
+        CardError when it cannot be read. ONNX metadata or the ``.json`` beside the file."""
+        return read_card(path)
 
     def incremental(self, hop_samples: int) -> IncrementalEngine | None:
         """The incremental graphs exported for this hop (tagd.incremental), or None.

@@ -128,6 +128,7 @@ class OnnxRuntimeConfig(Table):
 class OnnxEngine(Engine):
     backend = "onnxruntime"
     options_section = "onnxruntime"
+    has_incremental_graphs = True
 
     def __init__(self, path: Path, card: ModelCard, session, settings: dict[str, Any]):
         super().__init__(path, card)

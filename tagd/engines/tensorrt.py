@@ -176,6 +176,7 @@ class _Plan:
 class TensorRTEngine(Engine):
     backend = "tensorrt"
     on_accelerator = True
+    has_incremental_graphs = True
 
     def __init__(self, path: Path, card: ModelCard, plan: _Plan):
         super().__init__(path, card)

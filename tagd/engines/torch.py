@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tagd.card import ModelCard
+from tagd.card import CardError, ModelCard
 from tagd.checkpoints import checkpoint_problem
 from tagd.engines.base import Engine, EngineError
 
@@ -34,17 +34,12 @@ class TorchEngine(Engine):
     @classmethod
     def load(cls, path: Path, *, device: str = "cpu") -> TorchEngine:
         try:
-            import torch
-
             from trainer.models import create_model
         except ImportError:
             from tagd.engines import missing_sdk
 
             raise missing_sdk("torch and the trainer", "tagd[train]") from None
-        try:
-            checkpoint = torch.load(str(path), map_location=device, weights_only=True)
-        except Exception as exc:  # torch raises many kinds on a bad file
-            raise EngineError(f"{path}: not a tagd checkpoint: {exc}") from exc
+        torch, checkpoint = _read_checkpoint(path, device)
         problem = checkpoint_problem(checkpoint)
         if problem:
             raise EngineError(f"{path}: {problem}")
@@ -55,9 +50,35 @@ class TorchEngine(Engine):
         card.check_io([None, model.window_samples], [None, model.n_tags], source=str(path))
         return cls(path, card, model, torch)
 
+    @classmethod
+    def read_card(cls, path: Path) -> ModelCard:
+        """The card the checkpoint carries (it has no file beside it)."""
+        try:
+            _, checkpoint = _read_checkpoint(path, "cpu")
+        except EngineError as exc:
+            raise CardError(str(exc)) from None
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            raise CardError(f"{path}: {problem}")
+        return ModelCard.from_dict(checkpoint["card"])
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = self._check_batch(batch)
         device = next(self._model.parameters()).device
         with self._torch.inference_mode():
             scores = self._model(self._torch.from_numpy(batch).to(device))
         return scores.float().cpu().numpy()
+
+
+def _read_checkpoint(path: Path, device: str):
+    """torch and the checkpoint's dict, read without unpickling objects."""
+    try:
+        import torch
+    except ImportError:
+        from tagd.engines import missing_sdk
+
+        raise missing_sdk("torch and the trainer", "tagd[train]") from None
+    try:
+        return torch, torch.load(str(path), map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many kinds on a bad file
+        raise EngineError(f"{path}: not a tagd checkpoint: {exc}") from exc
