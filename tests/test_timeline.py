@@ -1,0 +1,234 @@
+"""Segments from the Tagger's hysteresis, and the formats a timeline is written in."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+from tagd.card import ModelCard
+from tagd.stream import Arrival, ReadyWindow
+from tagd.tagger import Tagger
+from tagd.timeline import (
+    FORMATS,
+    Segment,
+    Segmenter,
+    clock,
+    in_start_order,
+    timeline_format,
+    write_timeline,
+)
+from tagd.windowing import Windower
+
+# 1 s windows, hop 0.5 s: window k covers [k/2, k/2 + 1) s and its centre is k/2 + 0.5 s
+CARD = ModelCard(
+    name="m",
+    architecture="fcn4",
+    sample_rate=100,
+    window_samples=100,
+    hop_samples=50,
+    tags=["speech", "music"],
+    thresholds=[0.5, 0.6],
+)
+
+
+def window(seq: int, stream: str = "s") -> ReadyWindow:
+    return ReadyWindow(stream, seq, 1, seq * 50, np.zeros(100, np.float32), Arrival(0, 0))
+
+
+def run(speech: list[float], music: list[float] | None = None, on_after=2, **segmenter_args):
+    """Feed windows with these scores through a Tagger and a Segmenter; (closed, open)."""
+    tagger = Tagger(CARD, on_after=on_after, off_margin=0.1)
+    segmenter = Segmenter(CARD.tags, CARD.sample_rate, **segmenter_args)
+    music = music or [0.0] * len(speech)
+    closed = []
+    for seq, scores in enumerate(zip(speech, music, strict=True)):
+        closed += segmenter.update(tagger.update(window(seq), scores))
+    return closed, segmenter
+
+
+def test_a_segment_spans_the_threshold_crossings_of_the_run_that_turned_the_tag_on():
+    speech = [0.1, 0.2, 0.7, 0.8, 0.9, 0.45, 0.3, 0.1]
+    closed, segmenter = run(speech)
+    # over from window 2 (centre 1.5 s; the last under, window 1, at 1.0 s): start 1.25 s.
+    # ON at window 3; window 5 (0.45) is in the band, window 6 (0.3) under 0.5 - 0.1: OFF.
+    # The last over is window 4 (2.5 s), the next centre 3.0 s: end 2.75 s.
+    assert closed == [Segment("s", "speech", 1.25, 2.75, pytest.approx(0.8), pytest.approx(0.9), 3)]
+    assert segmenter.close("s") == []
+
+
+def test_a_spike_shorter_than_on_after_is_no_segment():
+    closed, segmenter = run([0.1, 0.9, 0.1, 0.9, 0.1], on_after=2)
+    assert closed == [] and segmenter.close("s") == []
+    closed, segmenter = run([0.1, 0.9, 0.1], on_after=1)
+    assert [(s.start, s.end) for s in closed] == [(0.75, 1.25)]
+
+
+def test_a_tag_on_from_the_start_begins_at_zero_and_close_ends_it_where_the_audio_ends():
+    closed, segmenter = run([0.9, 0.8, 0.7, 0.8])
+    assert closed == [] and segmenter.segmented_tags == ["speech", "music"]
+    (now,) = segmenter.open_segments("s")
+    assert (now.start, now.end, now.open) == (0.0, 2.5, True)  # window 3 ends at 2.5 s
+    (last,) = segmenter.close("s", end=2.7)  # the file's unscored tail
+    assert (last.tag, last.start, last.end, last.open, last.predictions) == (
+        "speech",
+        0.0,
+        2.7,
+        True,
+        4,
+    )
+    assert last.mean == pytest.approx(0.8) and last.peak == pytest.approx(0.9)
+    assert segmenter.open_segments("s") == []  # closed streams are forgotten
+
+
+def test_a_dip_into_the_hysteresis_band_neither_ends_nor_shortens_the_segment():
+    speech = [0.9, 0.9, 0.45, 0.42, 0.8, 0.3]  # 0.45 and 0.42: under 0.5, not under 0.4
+    closed, _ = run(speech)
+    (segment,) = closed
+    assert (segment.start, segment.end) == (0.0, 2.75)  # the last over: window 4 at 2.5 s
+    assert segment.predictions == 5
+    assert segment.mean == pytest.approx((0.9 + 0.9 + 0.45 + 0.42 + 0.8) / 5)
+
+
+def test_a_tag_that_ends_in_the_band_is_cut_where_it_was_last_over_the_threshold():
+    closed, segmenter = run([0.9, 0.9, 0.9, 0.45])
+    (segment,) = segmenter.close("s", end=10.0)
+    assert (segment.end, segment.open, segment.predictions) == (1.75, True, 3)
+
+
+def test_tags_are_segmented_independently_and_only_those_asked_for():
+    speech = [0.9, 0.9, 0.1, 0.1, 0.1, 0.1]
+    music = [0.1, 0.1, 0.1, 0.9, 0.9, 0.9]
+    closed, segmenter = run(speech, music)
+    assert [(s.tag, s.start, s.end) for s in closed] == [("speech", 0.0, 1.25)]
+    assert [(s.tag, s.start, s.end) for s in segmenter.close_all()] == [("music", 1.75, 3.5)]
+    closed, segmenter = run(speech, music, only={"music"})
+    assert closed == [] and [s.tag for s in segmenter.close_all()] == ["music"]
+    with pytest.raises(ValueError, match="unknown tag.*jingle.*speech, music"):
+        Segmenter(CARD.tags, CARD.sample_rate, only={"jingle"})
+
+
+def test_streams_are_segmented_separately_and_forget_drops_one():
+    tagger = Tagger(CARD, on_after=1)
+    segmenter = Segmenter(CARD.tags, CARD.sample_rate)
+    for seq in range(3):
+        segmenter.update(tagger.update(window(seq, "a"), [0.9, 0.0]))
+        segmenter.update(tagger.update(window(seq, "b"), [0.0, 0.9]))
+    segmenter.forget("a")
+    assert [(s.stream, s.tag) for s in segmenter.close_all()] == [("b", "music")]
+
+
+def test_audio_in_any_chunking_gives_the_same_segments():
+    """Windower → scores → Tagger → Segmenter, as `tagd serve` runs it, in three chunkings."""
+    rng = np.random.default_rng(0)
+    loud = np.repeat(rng.random(40) > 0.5, 50)  # 20 s in 0.5 s blocks, loud or quiet
+    audio = np.where(loud, 0.8, 0.05).astype(np.float32) * rng.choice([-1, 1], len(loud))
+
+    def segments(chunk: int) -> list[Segment]:
+        windower = Windower(CARD.window_samples, CARD.hop_samples)
+        tagger = Tagger(CARD)
+        segmenter = Segmenter(CARD.tags, CARD.sample_rate)
+        found, seq = [], 0
+        for at in range(0, len(audio), chunk):
+            for w in windower.push(audio[at : at + chunk]):
+                level = float(np.abs(w.samples).mean())
+                ready = ReadyWindow("s", seq, 1, w.start, w.samples, Arrival(0, 0))
+                found += segmenter.update(tagger.update(ready, [level, 1 - level]))
+                seq += 1
+        return found + segmenter.close("s")
+
+    reference = segments(len(audio))
+    assert len(reference) >= 4  # both tags come and go
+    for chunk in (1, 37, 480):
+        assert segments(chunk) == reference
+
+
+# -- formats ------------------------------------------------------------------------------------
+EXAMPLE = [
+    Segment("a,b.wav", "speech", 0.0, 12.5, 0.81234, 0.95, 4),
+    Segment("a,b.wav", "music", 3725.25, 3790.0006, 0.7, 0.9, 20, open=True),
+]
+
+
+def written(name: str) -> str:
+    out = io.StringIO()
+    assert write_timeline(iter(EXAMPLE), out, name) == 2
+    return out.getvalue()
+
+
+def test_csv():
+    text = written("csv")
+    assert text == (
+        "stream,start,end,tag,mean,peak\n"
+        '"a,b.wav",0.000,12.500,speech,0.8123,0.9500\n'
+        '"a,b.wav",3725.250,3790.001,music,0.7000,0.9000\n'
+    )
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[0]["stream"] == "a,b.wav" and float(rows[1]["start"]) == 3725.25
+
+
+def test_json_lines():
+    records = [json.loads(line) for line in written("jsonl").splitlines()]
+    assert records[0] == {
+        "stream": "a,b.wav",
+        "tag": "speech",
+        "start": 0.0,
+        "end": 12.5,
+        "mean": 0.8123,
+        "peak": 0.95,
+        "predictions": 4,
+        "open": False,
+    }
+    assert (records[1]["start"], records[1]["end"], records[1]["open"]) == (3725.25, 3790.001, True)
+
+
+def test_audacity_labels():
+    assert written("audacity") == ("0.000000\t12.500000\tspeech\n3725.250000\t3790.000600\tmusic\n")
+
+
+def test_webvtt():
+    text = written("vtt")
+    assert text == (
+        "WEBVTT\n\n"
+        "1\n00:00:00.000 --> 00:00:12.500\nspeech\n\n"
+        "2\n01:02:05.250 --> 01:03:10.001\nmusic\n\n"
+    )
+    # the WebVTT timestamp grammar: hours (2+ digits), minutes and seconds under 60, ms
+    timing = re.compile(
+        r"^(\d{2,}):([0-5]\d):([0-5]\d)\.\d{3} --> (\d{2,}):([0-5]\d):([0-5]\d)\.\d{3}$"
+    )
+    cues = text.split("\n\n")[1:-1]
+    assert all(timing.match(cue.splitlines()[1]) for cue in cues)
+
+
+def test_srt():
+    text = written("srt")
+    assert text == (
+        "1\n00:00:00,000 --> 00:00:12,500\nspeech\n\n2\n01:02:05,250 --> 01:03:10,001\nmusic\n\n"
+    )
+    timing = re.compile(r"^\d{2}:[0-5]\d:[0-5]\d,\d{3} --> \d{2}:[0-5]\d:[0-5]\d,\d{3}$")
+    blocks = [b.splitlines() for b in text.strip("\n").split("\n\n")]
+    assert [b[0] for b in blocks] == ["1", "2"] and all(timing.match(b[1]) for b in blocks)
+
+
+def test_clock_carries_rounding_into_the_next_second_and_hour():
+    assert clock(59.9996) == "00:01:00.000"
+    assert clock(3599.9999, ",") == "01:00:00,000"
+    assert clock(100 * 3600 + 1.5) == "100:00:01.500"
+
+
+def test_formats_are_found_by_name_and_an_unknown_one_names_the_known():
+    assert set(FORMATS) == {"csv", "jsonl", "audacity", "vtt", "srt"}
+    assert timeline_format("vtt").suffix == ".vtt"
+    with pytest.raises(ValueError, match="unknown timeline format 'xml'; known: csv, jsonl"):
+        timeline_format("xml")
+
+
+def test_in_start_order_sorts_segments_closed_out_of_order():
+    late = Segment("s", "music", 0.0, 60.0, 0.9, 0.9)
+    early = Segment("s", "speech", 10.0, 20.0, 0.9, 0.9)
+    assert in_start_order([early, late]) == [late, early]
