@@ -145,30 +145,36 @@ class Segmenter:
             if track is None:
                 track = stream.tags[tag] = _TagTrack()
             score = float(prediction.scores[i])
-            if tag in over:
-                if track.run_start is None:
-                    track.run_start, track.run = crossing, _Scores()
-                track.run.add(score)
-            else:
-                if track.on and track.end is None:  # the first under the threshold
-                    track.end, track.band = crossing, _Scores()
-                if track.on:
-                    track.band.add(score)
+            is_over = tag in over
+            if not is_over:
                 track.run_start = None
-            if turned.get(tag) == ON:
+            elif track.run_start is None:
+                track.run_start, track.run = crossing, _Scores()
+            if is_over:
+                track.run.add(score)
+            event = turned.get(tag)
+            if event == ON:
                 track.on = True
                 track.start = crossing if track.run_start is None else track.run_start
                 track.kept = _Scores()
                 track.kept.merge(track.run)  # the run over threshold, this prediction included
-                track.end = None
-            elif track.on and tag in over:
+                track.end, track.band = (None, _Scores()) if is_over else (crossing, _Scores())
+                if not is_over:  # on once a tag excluding it went off (ModelCard.excludes)
+                    track.band.add(score)
+            elif event == OFF:
+                if track.on:
+                    end = crossing if track.end is None else track.end
+                    closed.append(self._segment(prediction.stream, tag, track, end))
+                track.on = False
+            elif track.on and is_over:
                 if track.end is not None:  # back over the threshold from within the band
                     track.kept.merge(track.band)
                     track.end = None
                 track.kept.add(score)
-            elif turned.get(tag) == OFF and track.on:
-                closed.append(self._segment(prediction.stream, tag, track, track.end))
-                track.on = False
+            elif track.on:  # under the threshold, still on: the hysteresis band
+                if track.end is None:
+                    track.end, track.band = crossing, _Scores()
+                track.band.add(score)
         stream.last_centre, stream.last_end = centre, end_s
         return closed
 
@@ -204,9 +210,8 @@ class Segmenter:
 
     @staticmethod
     def _segment(
-        stream: str, tag: str, track: _TagTrack, end: float | None, open: bool = False
+        stream: str, tag: str, track: _TagTrack, end: float, open: bool = False
     ) -> Segment:
-        assert end is not None  # an OFF event comes under the threshold, which set it
         return Segment(
             stream=stream,
             tag=tag,
