@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tagd.windowing import clip_window_starts, min_clip_samples
 
 log = logging.getLogger(__name__)
@@ -212,6 +214,10 @@ class ModelCard:
     # can reuse, and per hop exported the prime and step files beside the model, the
     # state tensors a stream carries between hops and the multiply-accumulates per update.
     incremental: IncrementalSection = field(default_factory=IncrementalSection)
+    # Tags that cannot hold together: a tag is off while any tag it names is on
+    # ("instrumental" means music with no voice: off while "speech" is on). Written only
+    # when not empty; applied by ``exclude`` wherever on/off is decided.
+    excludes: dict[str, list[str]] = field(default_factory=dict)
     schema_version: int = CARD_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -278,6 +284,22 @@ class ModelCard:
         return clip_window_starts(length, self.window_samples, hop_samples or self.hop_samples)
 
     # -- checks ------------------------------------------------------------------
+    def over(self, scores: np.ndarray) -> np.ndarray:
+        """Which tags ``scores`` (``[..., n_tags]``) put on: at or over their thresholds,
+        less the exclusions."""
+        return self.exclude(np.asarray(scores) >= np.asarray(self.thresholds, dtype=np.float32))
+
+    def exclude(self, on: np.ndarray) -> np.ndarray:
+        """``on`` (bool, ``[..., n_tags]``) with each tag turned off where a tag it is
+        excluded by (``excludes``) is on. Applied once: an excluded tag excludes nothing."""
+        if not self.excludes:
+            return on
+        out = on.copy()
+        for tag, by in self.excludes.items():
+            blocking = np.any(on[..., [self.tags.index(b) for b in by]], axis=-1)
+            out[..., self.tags.index(tag)] &= ~blocking
+        return out
+
     def validate(self) -> None:
         problems = []
         if self.schema_version > CARD_SCHEMA_VERSION:
@@ -299,6 +321,13 @@ class ModelCard:
             )
         elif not all(0.0 <= float(t) <= 1.0 for t in self.thresholds):
             problems.append("thresholds must lie in [0, 1]")
+        for tag, by in self.excludes.items():
+            unknown = [t for t in [tag, *by] if t not in self.tags]
+            if unknown or tag in by or not by:
+                problems.append(
+                    f"excludes[{tag!r}] must name other tags of the card, got {by!r}"
+                    + (f" (not tags: {', '.join(unknown)})" if unknown else "")
+                )
         if problems:
             raise CardError("invalid model card: " + "; ".join(problems))
 
@@ -336,6 +365,8 @@ class ModelCard:
     def to_json(self) -> str:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["incremental"] = self.incremental.to_dict()
+        if not self.excludes:  # a card without exclusions reads as it did before them
+            del data["excludes"]
         return json.dumps(data, indent=2, default=str)
 
     @classmethod

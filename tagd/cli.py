@@ -94,7 +94,8 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
 
     Each file is cut into windows exactly as `tagd serve` cuts a stream, and the scores
     are averaged over the windows; a file shorter than one window but at least a quarter
-    of one is zero-padded to a window. Tags over the model's thresholds are marked `*`.
+    of one is zero-padded to a window. Tags over the model's thresholds are marked `*`
+    (less those the card excludes while another is on: instrumental while speech is).
     """
     from tagd.audio import AudioError
     from tagd.card import CardError
@@ -121,7 +122,6 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
         scorer = choose_scorer([engine], hop_samples, incremental=not full_windows)
     except EngineError as exc:
         raise click.ClickException(str(exc)) from None
-    thresholds = dict(zip(card.tags, card.thresholds, strict=True))
     failed = 0
     show_progress = len(files) > 1 and sys.stderr.isatty()
     with click.progressbar(
@@ -137,7 +137,8 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
                 click.echo(f"error: {exc}", err=True)
                 continue
             ranked = result.ranked(card.tags)
-            over = [t for t, s in ranked if s >= thresholds[t]]
+            is_on = dict(zip(card.tags, card.over(result.scores), strict=True))
+            over = [t for t, _ in ranked if is_on[t]]
             if as_json:
                 record = {
                     "file": str(path),
@@ -153,7 +154,7 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
                 f"{path}  ({result.duration_s:.1f} s, {result.windows} windows, {card.name})"
             )
             for name, score in ranked[:top]:
-                mark = "*" if score >= thresholds[name] else " "
+                mark = "*" if is_on[name] else " "
                 click.echo(f"  {mark} {score:.3f}  {name}")
     if failed:
         click.echo(f"{failed} of {len(files)} files could not be tagged", err=True)

@@ -8,7 +8,9 @@ stream restart (a new epoch) starts the average afresh.
 
 Events are what playout automation acts on, so they are damped: a tag turns on after
 ``on_after`` consecutive predictions at or over its threshold and off when a prediction
-falls under its threshold minus ``off_margin``.
+falls under its threshold minus ``off_margin``. A tag the card excludes while another is
+on (``ModelCard.excludes``: ``instrumental`` while ``speech`` is) is neither over nor
+active then; its score is published unchanged.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class _StreamState:
     epoch: int
     segments: deque  # of (start, end, scores)
     over_count: np.ndarray  # int [n_tags]: consecutive predictions at/over threshold
-    on: np.ndarray  # bool [n_tags]
+    on: np.ndarray  # bool [n_tags]: each tag's hysteresis on its own
+    active: np.ndarray  # bool [n_tags]: published, ``on`` less the card's exclusions
     total: np.ndarray  # float64 [n_tags]: sum of the segments' scores
     updates: int = 0
 
@@ -112,7 +115,7 @@ class Tagger:
 
         events = self._hysteresis(state, mean)
         order = np.argsort(-mean, kind="stable")
-        over = mean >= self.thresholds
+        over = self.card.over(mean)
         return Prediction(
             stream=window.stream,
             seq=window.seq,
@@ -121,7 +124,7 @@ class Tagger:
             segments=len(state.segments),
             scores=mean,
             over=[self.tags[i] for i in order if over[i]],
-            active=[self.tags[i] for i in order if state.on[i]],
+            active=[self.tags[i] for i in order if state.active[i]],
             events=events,
         )
 
@@ -135,6 +138,7 @@ class Tagger:
             deque(),
             np.zeros(n, dtype=np.int64),
             np.zeros(n, dtype=bool),
+            np.zeros(n, dtype=bool),
             np.zeros(n, dtype=np.float64),
         )
 
@@ -144,10 +148,15 @@ class Tagger:
         turn_on = ~state.on & (state.over_count >= self.on_after)
         turn_off = state.on & (scores < self.thresholds - self.off_margin)
         state.on = (state.on | turn_on) & ~turn_off
+        # What is published: each tag's own hysteresis, less the tags the card says
+        # cannot hold beside one that is on (instrumental while speech is).
+        active = self.card.exclude(state.on)
+        changed = active != state.active
+        state.active = active
         events = [
             TagEvent(
-                self.tags[i], ON if turn_on[i] else OFF, float(scores[i]), float(self.thresholds[i])
+                self.tags[i], ON if active[i] else OFF, float(scores[i]), float(self.thresholds[i])
             )
-            for i in np.flatnonzero(turn_on | turn_off)
+            for i in np.flatnonzero(changed)
         ]
         return sorted(events, key=lambda e: (e.state != OFF, -e.score))

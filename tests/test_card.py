@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from tagd.card import (
@@ -190,3 +191,34 @@ def test_a_malformed_incremental_section_is_refused_where_it_is_wrong(change, me
     change(section)
     with pytest.raises(CardError, match=message):
         ModelCard.from_dict({**make_card().to_dict(), "incremental": section})
+
+
+def test_excludes_turn_a_tag_off_beside_another_and_are_written_only_when_set():
+    from tagd.card import ModelCard
+
+    settings = {
+        "name": "m",
+        "architecture": "fcn4",
+        "sample_rate": 12000,
+        "window_samples": 1000,
+        "hop_samples": 500,
+        "tags": ["instrumental", "speech", "choir"],
+        "thresholds": [0.5, 0.5, 0.5],
+    }
+    plain = ModelCard(**settings)
+    assert "excludes" not in plain.to_dict()  # cards without them read as before
+    voiced = ModelCard(**settings, excludes={"instrumental": ["speech", "choir"]})
+    assert ModelCard.from_json(voiced.to_json()) == voiced
+    scores = np.float32([[0.9, 0.1, 0.1], [0.9, 0.7, 0.1], [0.9, 0.1, 0.6], [0.2, 0.9, 0.9]])
+    np.testing.assert_array_equal(
+        voiced.over(scores),
+        [[True, False, False], [False, True, False], [False, False, True], [False, True, True]],
+    )
+    np.testing.assert_array_equal(plain.over(scores[1]), [True, True, False])
+    for excludes, problem in [
+        ({"instrumental": ["vocal"]}, "not tags: vocal"),
+        ({"instrumental": ["instrumental"]}, "must name other tags"),
+        ({"instrumental": []}, "must name other tags"),
+    ]:
+        with pytest.raises(CardError, match=problem):
+            ModelCard(**settings, excludes=excludes)

@@ -182,3 +182,14 @@ def test_a_new_family_declares_its_incremental_graphs_and_export_writes_them(tmp
     for window in windows[1:]:
         scores, states = incremental.step(window, states)
         np.testing.assert_allclose(scores, engine.run(window), atol=1e-6)
+
+
+def test_a_card_lets_voice_tags_turn_off_the_no_voice_tags():
+    from trainer.models import create_model
+
+    model = create_model("fcn4", 4, width=0.125)
+    rendered = card_for_model(model, tags=["piano", "speech", "choir", "instrumental"])
+    assert rendered.excludes == {"instrumental": ["speech", "choir"]}
+    mtt = card_for_model(model, tags=["rock", "no vocals", "male vocal", "vocal"])
+    assert mtt.excludes == {"no vocals": ["male vocal", "vocal"]}
+    assert card_for_model(model, tags=["rock", "instrumental", "jazz", "piano"]).excludes == {}

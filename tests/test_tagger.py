@@ -114,3 +114,27 @@ def test_the_clip_mean_stays_numpys_mean_over_many_windows(hop):
         if prediction.segments <= 16:
             np.testing.assert_array_equal(prediction.scores, expected)
         np.testing.assert_allclose(prediction.scores, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_a_tag_the_card_excludes_is_off_while_the_excluding_tag_is_on():
+    voiced = card(tags=["instrumental", "speech", "rock"], excludes={"instrumental": ["speech"]})
+    tagger = Tagger(voiced, on_after=1, off_margin=0.1)
+    steps = [  # instrumental, speech, rock
+        [0.9, 0.1, 0.9],  # music alone: instrumental on
+        [0.9, 0.8, 0.9],  # a voice starts: instrumental turns off, its score still 0.9
+        [0.9, 0.8, 0.1],  # rock falls, so it goes off; instrumental stays off under speech
+        [0.9, 0.1, 0.1],  # the voice stops: instrumental comes back at once
+    ]
+    seen = []
+    for seq, scores in enumerate(steps):
+        prediction = tagger.update(window(seq), scores)
+        assert prediction.scores[0] == pytest.approx(0.9)  # scores are never gated
+        seen.append(
+            (prediction.over, prediction.active, [(e.tag, e.state) for e in prediction.events])
+        )
+    assert seen == [
+        (["instrumental", "rock"], ["instrumental", "rock"], [("instrumental", ON), ("rock", ON)]),
+        (["rock", "speech"], ["rock", "speech"], [("instrumental", OFF), ("speech", ON)]),
+        (["speech"], ["speech"], [("rock", OFF)]),
+        (["instrumental"], ["instrumental"], [("speech", OFF), ("instrumental", ON)]),
+    ]

@@ -41,6 +41,7 @@ from tagd.card import (
     StateTensor,
 )
 from tagd.engines.onnx import open_session
+from trainer.data.tags import exclusions
 from trainer.models.base import TaggerModel
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def card_for_model(
         tags=tags,
         clip_seconds=model.clip_seconds,
         hyperparameters={**model.hparams, "n_tags": model.n_tags},
+        excludes=exclusions(tags),
     )
 
 
