@@ -228,6 +228,9 @@ def keys_generate(directory: Path, name: str) -> None:
     "--log-format", type=click.Choice(LOG_FORMATS), help="Logs on stderr as text or JSON."
 )
 @click.option("--log-level", type=click.Choice(LOG_LEVELS))
+@click.option(
+    "--asrun", metavar="PATH", help="Keep an as-run log of tag segments in this SQLite file."
+)
 def serve(config_path: Path | None, check_config: bool, **flags) -> None:
     """Tag live streams and publish tags.<stream> and events.<stream> on ZeroMQ.
 
@@ -300,6 +303,74 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
     server.stop()
     with contextlib.suppress(Exception):
         sys.stderr.flush()
+
+
+@main.command("log")
+@click.argument("stream")
+@click.option("--from", "since", metavar="TIME", help="ISO 8601 (UTC unless it says): from when.")
+@click.option("--to", "until", metavar="TIME", help="ISO 8601 (UTC unless it says): until when.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl", "audacity", "vtt", "srt"]),
+    default="csv",
+    show_default=True,
+    help="csv, jsonl: ISO 8601 UTC times; audacity, vtt, srt: seconds from --from.",
+)
+@click.option("--db", type=click.Path(path_type=Path), help="The as-run SQLite file.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="tagd serve's TOML config: its [asrun] path.",
+)
+def log_command(stream, since, until, fmt, db, config_path) -> None:
+    """Print what was on air: the tag segments of STREAM in `tagd serve`'s as-run log.
+
+    Segments that overlap --from..--to are printed cut at those bounds, in order of
+    start; the file is opened read-only, so this works while the daemon writes.
+    """
+    from tagd.asrun import AsRunError, read_records, write_log
+
+    if (db is None) == (config_path is None):
+        raise click.UsageError("give the as-run file with --db PATH or --config tagd.toml")
+    if db is None:
+        from tagd.config import ConfigError, load_config
+
+        try:
+            db = load_config(config_path, validate=False).asrun.path
+        except ConfigError as exc:
+            raise click.ClickException("; ".join(exc.problems)) from None
+        if not db:
+            raise click.ClickException(f"{config_path} sets no [asrun] path")
+    start = _utc_seconds(since, "--from")
+    end = _utc_seconds(until, "--to")
+    if start is not None and end is not None and end <= start:
+        raise click.BadParameter("must be after --from", param_hint="--to")
+    try:
+        records = read_records(db, stream, start, end)
+    except AsRunError as exc:
+        raise click.ClickException(str(exc)) from None
+    origin = start if start is not None else (records[0].start if records else 0.0)
+    write_log(records, sys.stdout, fmt, origin)
+
+
+def _utc_seconds(text: str | None, option: str) -> float | None:
+    """Unix seconds of an ISO 8601 time; one without a zone is UTC."""
+    if text is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not an ISO 8601 time (2026-12-06T14:00, 2026-12-06T14:00:00+01:00)",
+            param_hint=option,
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 if __name__ == "__main__":

@@ -424,6 +424,24 @@ class LogConfig(Table):
     level: Literal[LOG_LEVELS] = Field("info", description="The least severe level written.")
 
 
+class AsRunConfig(Table):
+    """The as-run log: every tag segment that ends, in an SQLite file that `tagd log`
+    reads (docs/deploy.md, "The as-run log")."""
+
+    path: FilePath = Field(
+        "",
+        description='SQLite file (created with its folder; restarts append to it); "": no '
+        "as-run log. Relative to the config file. Also --asrun PATH.",
+    )
+    retention_days: float = Field(
+        90.0, ge=0, description="Segments that ended longer ago are deleted (hourly); 0: never."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.path)
+
+
 # [engine] spelt the top-level keys engine and incremental a second way, as path and
 # incremental; a file still using it is refused with what to write instead (0.1 only).
 ENGINE_TABLE_KEYS = {"path": "engine", "incremental": "incremental"}
@@ -457,6 +475,7 @@ class ServeConfig(Table):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    asrun: AsRunConfig = Field(default_factory=AsRunConfig)
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -546,6 +565,7 @@ def apply_overrides(config: ServeConfig, **flags: Any) -> ServeConfig:
         "max_wait_ms": (config.batching, "max_wait_ms"),
         "log_format": (config.log, "format"),
         "log_level": (config.log, "level"),
+        "asrun": (config.asrun, "path"),
     }
     for flag, (target, attribute) in simple.items():
         if flags.get(flag) is not None:

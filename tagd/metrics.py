@@ -102,6 +102,16 @@ HANDSHAKE_PROTOCOL = "protocol"  # wrong mechanism (no CURVE where CURVE is requ
 HANDSHAKE_OTHER = "other"
 PUBLISH_SOCKET = "publish"  # the `socket` label of the publisher's connection metrics
 
+# Why the as-run log (tagd/asrun.py) could not write (tagd_asrun_write_errors_total{reason}).
+ASRUN_ERROR_DISK_FULL = "disk_full"
+ASRUN_ERROR_LOCKED = "locked"  # another process held the file past the busy timeout
+ASRUN_ERROR_UNWRITABLE = "unwritable"  # the path or its folder cannot be created or written
+ASRUN_ERROR_NOT_A_DATABASE = "not_a_database"  # not SQLite, damaged, or a newer schema
+ASRUN_ERROR_OTHER = "other"
+# Why segments never reached it (tagd_asrun_segments_dropped_total{reason}).
+ASRUN_DROP_QUEUE_FULL = "queue_full"  # the writer thread fell behind
+ASRUN_DROP_WRITE_FAILED = "write_failed"  # over asrun.MAX_HELD while writes failed, or at exit
+
 
 class Series:
     """One labelled series of a metric, looked up on first use and kept: the hot path
@@ -281,6 +291,66 @@ class Metrics:
             "full (the whole window: a stream's first, after a gap or a dropped window, or "
             "with incremental inference off).",
             ["mode"],
+            registry=r,
+        )
+        # engine triton:// (tagd.engines.triton); `server` is one of the URL's HOST:PORT
+        self.triton_requests = Counter(
+            "tagd_triton_requests_total",
+            "Requests sent to a Triton server (windows, and the ENDs of forgotten streams).",
+            ["server"],
+            registry=r,
+        )
+        self.triton_failures = Counter(
+            "tagd_triton_failures_total",
+            "Requests a Triton server did not answer (unreachable) or refused (refused).",
+            ["server", "reason"],
+            registry=r,
+        )
+        self.triton_round_trip = Histogram(
+            "tagd_triton_round_trip_seconds",
+            "From sending a window to a Triton server to its scores coming back.",
+            ["server"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.triton_sent = Counter(
+            "tagd_triton_sent_bytes_total",
+            "Audio bytes sent to a Triton server.",
+            ["server"],
+            registry=r,
+        )
+        self.triton_starts = Counter(
+            "tagd_triton_sequence_starts_total",
+            "Sequences (a stream's chain of windows) started on a Triton server, by reason.",
+            ["server", "reason"],
+            registry=r,
+        )
+        self.triton_up = Gauge(
+            "tagd_triton_server_up",
+            "1 while a Triton server answers, 0 while its streams are on the others.",
+            ["server"],
+            registry=r,
+        )
+        self.asrun_written = Counter(
+            "tagd_asrun_segments_written_total",
+            "Tag segments committed to the as-run log.",
+            registry=r,
+        )
+        self.asrun_dropped = Counter(
+            "tagd_asrun_segments_dropped_total",
+            "Tag segments the as-run log lost, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.asrun_errors = Counter(
+            "tagd_asrun_write_errors_total",
+            "Failed attempts to open or write the as-run log, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.asrun_pending = Gauge(
+            "tagd_asrun_pending_segments",
+            "Tag segments ended but not yet committed to the as-run log.",
             registry=r,
         )
 

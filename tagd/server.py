@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from tagd.asrun import ENDED_IDLE, ENDED_OFF, ENDED_STOP, AsRunLog, Record, StreamClock
 from tagd.batcher import Batcher, BatchResult
 from tagd.card import CardError, ModelCard
 from tagd.config import ServeConfig
@@ -40,7 +41,8 @@ from tagd.scoring import Scorer, resolve_hop
 from tagd.sockets import CurveServer, SecurityError
 from tagd.sources import Source, SourceError, make_source
 from tagd.stream import StreamGeometry, StreamHub
-from tagd.tagger import Tagger
+from tagd.tagger import Prediction, Tagger
+from tagd.timeline import Segmenter
 from tagd.windowing import WindowPool
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,10 @@ class Server:
         self.tagger: Tagger | None = None
         self.scorer: Scorer | None = None  # full windows or incremental (tagd.scoring)
         self.sources: list[Source] = []
+        self.asrun: AsRunLog | None = None  # the as-run log, when [asrun] path is set
+        self.segmenter: Segmenter | None = None  # its segments, fed by the workers
+        self._segments_lock = threading.Lock()  # workers update, the sweeper and stop close
+        self._stream_clock = StreamClock()  # segments' stream seconds to unix time
         self._http: MetricsServer | None = None
         self._context = zmq.Context()
         self._ready = threading.Event()
@@ -130,6 +136,9 @@ class Server:
         if self._sweeper is not None:
             self._sweeper.join(timeout=SWEEP_INTERVAL_S * 2)
             self.metrics.ready.set(0)
+        if self.asrun is not None:  # 2b. the segments still open, to the as-run log
+            self._end_segments(None, ENDED_STOP)
+            self.asrun.close(timeout=max(0.2, deadline - time.perf_counter()))
         if self.batcher is not None and self.batcher.busy():
             # The worker is inside an engine call that outlasted the budget: its socket
             # and engine are still in use, so leave them to the process exit.
@@ -277,6 +286,13 @@ class Server:
             on_idle=self._stream_idle,
             pool=self.window_pool,
         )
+        if self.config.asrun.enabled:
+            self.segmenter = Segmenter(card.tags, card.sample_rate)
+            self.asrun = AsRunLog(
+                self.config.asrun.path,
+                self.metrics,
+                retention_days=self.config.asrun.retention_days,
+            )
 
     def _reserve_inputs(self) -> None:
         for spec in self.config.inputs:
@@ -297,6 +313,8 @@ class Server:
                 raise StartupError(str(exc)) from None
 
     def _start_threads(self) -> None:
+        if self.asrun is not None:
+            self.asrun.start()
         self.batcher.start()
         self._sweeper = threading.Thread(target=self._sweep, name="tagd-sweeper", daemon=True)
         self._sweeper.start()
@@ -338,11 +356,14 @@ class Server:
     def _stream_idle(self, name: str) -> None:
         self._went_idle = True  # the sweep ends by handing back what the stream freed
         self.scorer.forget(name)  # its next window is a restart: scored in full anyway
+        self._end_segments(name, ENDED_IDLE)  # they end where its audio did
 
     def _forget_stream(self, name: str) -> None:
         self.tagger.forget(name)
         self.scorer.forget(name)
         self._published.pop(name, None)
+        self._end_segments(name, ENDED_IDLE)
+        self._stream_clock.forget(name)
 
     # -- the inference workers' side ----------------------------------------------------------
     def _run_engine(self, instance: int, batch: np.ndarray, windows: list) -> np.ndarray:
@@ -381,6 +402,32 @@ class Server:
             for event in event_messages(prediction, card, published_at=published_at):
                 self.publisher.send(topic(EVENTS_TOPIC, window.stream), event)
                 events_published.inc()
+            if self.asrun is not None:
+                self._log_segments(window, prediction)
+
+    def _log_segments(self, window, prediction: Prediction) -> None:
+        """The segments this prediction ended, placed on the wall clock, to the as-run
+        log's queue (which never waits)."""
+        rate = self.engine.card.sample_rate
+        self._stream_clock.note(
+            window.stream,
+            window.epoch,
+            window.start / rate,
+            window.end / rate,
+            window.captured.unix,
+        )
+        with self._segments_lock:
+            ended = self.segmenter.update(prediction)
+        if ended:
+            self.asrun.put([Record.placed(s, self._stream_clock, ENDED_OFF) for s in ended])
+
+    def _end_segments(self, stream: str | None, why: str) -> None:
+        """End the open segments of ``stream`` (None: every stream's) in the as-run log."""
+        if self.asrun is None:
+            return
+        with self._segments_lock:
+            ended = self.segmenter.close_all() if stream is None else self.segmenter.close(stream)
+        self.asrun.put([Record.placed(s, self._stream_clock, why) for s in ended])
 
     def _published_series(self, stream: str) -> tuple[Series, Series]:
         series = self._published.get(stream)

@@ -1,0 +1,406 @@
+"""The as-run log: tagd/asrun.py's store, `tagd log`, and `tagd serve` writing it for
+real (a SIGKILL loses only the segments still open)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
+from support import TagdProcess, free_port, wait_for
+
+from tagd.asrun import (
+    ENDED_IDLE,
+    ENDED_OFF,
+    ENDED_STOP,
+    SCHEMA_VERSION,
+    AsRunLog,
+    Record,
+    StreamClock,
+    read_records,
+)
+from tagd.card import CARD_METADATA_KEY, IncrementalSection, ModelCard
+from tagd.cli import main
+from tagd.metrics import Metrics
+
+DAY = 86_400.0
+NOON = 1_765_022_400.0  # 2025-12-06T12:00:00Z
+
+
+def record(stream: str, tag: str, start: float, end: float, ended: str = ENDED_OFF) -> Record:
+    return Record(stream, tag, start, end, mean=0.8, peak=0.95, predictions=4, ended=ended)
+
+
+def written(path: Path, records: list[Record], **options) -> Metrics:
+    """Records through a started AsRunLog, closed: what the daemon does."""
+    metrics = Metrics(CollectorRegistry())
+    asrun = AsRunLog(path, metrics, **options)
+    asrun.start()
+    asrun.put(records)
+    assert asrun.close(timeout=10)
+    return metrics
+
+
+def rows(path: Path) -> list[tuple]:
+    with closing(sqlite3.connect(path)) as connection:
+        return connection.execute(
+            'SELECT stream, tag, start, "end", ended FROM segments ORDER BY rowid'
+        ).fetchall()
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+def test_records_are_read_back_by_stream_and_time_cut_at_the_bounds(tmp_path):
+    path = tmp_path / "state" / "asrun.db"  # the folder is created
+    metrics = written(
+        path,
+        [
+            record("radio1", "speech", NOON, NOON + 60),
+            record("radio1", "music", NOON + 50, NOON + 300),
+            record("radio2", "speech", NOON, NOON + 600),
+            record("radio1", "speech", NOON + 400, NOON + 500),
+        ],
+    )
+    assert metrics.sample("tagd_asrun_segments_written_total") == 4
+    every = read_records(path, "radio1")
+    assert [(r.tag, r.start, r.end) for r in every] == [
+        ("speech", NOON, NOON + 60),
+        ("music", NOON + 50, NOON + 300),
+        ("speech", NOON + 400, NOON + 500),
+    ]
+    window = read_records(path, "radio1", NOON + 55, NOON + 450)
+    assert [(r.tag, r.start, r.end) for r in window] == [
+        ("speech", NOON + 55, NOON + 60),
+        ("music", NOON + 55, NOON + 300),
+        ("speech", NOON + 400, NOON + 450),
+    ]
+    assert read_records(path, "radio1", NOON + 600, NOON + 700) == []
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        plan = connection.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM segments WHERE stream = 'radio1' AND start < 5"
+        ).fetchall()
+    assert any("segments_stream_start" in step[-1] for step in plan), plan
+
+
+def test_a_restart_appends_and_retention_deletes_what_ended_long_ago(tmp_path):
+    path = tmp_path / "asrun.db"
+    written(path, [record("radio1", "speech", NOON - 3 * DAY, NOON - 3 * DAY + 60)])
+    written(path, [record("radio1", "music", NOON - DAY / 2, NOON - DAY / 2 + 60)])
+    assert len(rows(path)) == 2  # appended, nothing deleted: retention is off by default
+    # a daemon with a 2-day retention, started at NOON: the 3-day-old segment goes
+    written(
+        path, [record("radio1", "speech", NOON, NOON + 1)], retention_days=2, clock=lambda: NOON
+    )
+    assert [(r[1], r[2]) for r in rows(path)] == [
+        ("music", NOON - DAY / 2),
+        ("speech", NOON),
+    ]
+
+
+def test_a_full_queue_drops_and_counts_without_waiting(tmp_path):
+    metrics = Metrics(CollectorRegistry())
+    asrun = AsRunLog(tmp_path / "asrun.db", metrics, queue_size=1)  # writer not started
+    asrun.put([record("radio1", "speech", NOON, NOON + 1)])
+    asrun.put([record("radio1", "music", NOON, NOON + 1), record("radio1", "x", NOON, NOON + 2)])
+    dropped = {"reason": "queue_full"}
+    assert metrics.sample("tagd_asrun_segments_dropped_total", dropped) == 2
+
+
+def test_a_locked_file_is_counted_logged_once_and_written_when_released(tmp_path, caplog):
+    path = tmp_path / "asrun.db"
+    written(path, [])  # the file exists, with its schema
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holding the file: a backup, a tool
+    metrics = Metrics(CollectorRegistry())
+    asrun = AsRunLog(path, metrics)
+    with caplog.at_level(logging.INFO, logger="tagd.asrun"):
+        asrun.start()
+        for minute in range(3):
+            asrun.put([record("radio1", "speech", NOON + 60 * minute, NOON + 60 * minute + 30)])
+        wait_for(lambda: metrics.sample("tagd_asrun_write_errors_total", {"reason": "locked"}))
+        wait_for(lambda: metrics.sample("tagd_asrun_write_errors_total", {"reason": "locked"}) >= 2)
+        assert metrics.sample("tagd_asrun_pending_segments") == 3
+        holder.execute("ROLLBACK")
+        holder.close()
+        wait_for(lambda: metrics.sample("tagd_asrun_segments_written_total") == 3, timeout=40)
+        assert asrun.close(timeout=10)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(path) in errors[0] and "locked" in errors[0], errors
+    assert any("writing again" in r.getMessage() for r in caplog.records)
+    assert len(rows(path)) == 3
+
+
+def test_an_unwritable_path_is_counted_and_the_caller_goes_on(tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log's folder should be\n")
+    metrics = Metrics(CollectorRegistry())
+    asrun = AsRunLog(blocker / "asrun.db", metrics)
+    with caplog.at_level(logging.ERROR, logger="tagd.asrun"):
+        asrun.start()
+        wait_for(lambda: metrics.sample("tagd_asrun_write_errors_total", {"reason": "unwritable"}))
+        asrun.put([record("radio1", "speech", NOON, NOON + 1)])  # neither raises nor waits
+        assert asrun.close(timeout=10)
+    assert str(blocker / "asrun.db") in caplog.records[0].getMessage()
+    lost = {"reason": "write_failed"}
+    assert metrics.sample("tagd_asrun_segments_dropped_total", lost) == 1
+
+
+def test_a_file_of_a_newer_schema_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "asrun.db"
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    metrics = written(path, [record("radio1", "speech", NOON, NOON + 1)])
+    assert metrics.sample("tagd_asrun_write_errors_total", {"reason": "not_a_database"}) >= 1
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("SELECT name FROM sqlite_master").fetchall() == []
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A 256 kB tmpfs: a disk that fills up for real (needs the right to mount)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_counted_and_what_fits_is_kept(small_disk):
+    metrics = Metrics(CollectorRegistry())
+    asrun = AsRunLog(small_disk / "asrun.db", metrics)
+    asrun.start()
+    for hour in range(200):  # about 2 MB of segments: far more than the disk holds
+        asrun.put([record(f"radio{hour}", f"tag{i}", NOON, NOON + 1) for i in range(100)])
+        time.sleep(0.005)
+    wait_for(lambda: metrics.sample("tagd_asrun_write_errors_total", {"reason": "disk_full"}))
+    asrun.close(timeout=10)
+    kept = len(rows(small_disk / "asrun.db"))
+    assert 0 < kept == metrics.sample("tagd_asrun_segments_written_total") < 20_000
+
+
+def test_stream_seconds_are_placed_by_the_capture_time_of_their_epoch():
+    clock = StreamClock()
+    clock.note("radio1", epoch=1, start_s=0.0, end_s=2.0, captured_unix=NOON + 2)
+    clock.note("radio1", epoch=1, start_s=0.5, end_s=2.5, captured_unix=NOON + 9)  # jitter
+    # the stream was silent for 100 s, then restarted: stream time 10 s is NOON + 110
+    clock.note("radio1", epoch=2, start_s=10.0, end_s=12.0, captured_unix=NOON + 112)
+    assert clock.unix("radio1", 1.0) == NOON + 1
+    assert clock.unix("radio1", 9.0) == NOON + 9
+    assert clock.unix("radio1", 11.0) == NOON + 111
+
+
+# -- tagd log ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def asrun_file(tmp_path) -> Path:
+    path = tmp_path / "asrun.db"
+    written(
+        path,
+        [
+            record("radio1", "speech", NOON + 10, NOON + 70.5),
+            record("radio1", "music", NOON + 60, NOON + 3600 + 0.25, ENDED_STOP),
+            record("radio2", "speech", NOON, NOON + 5),
+        ],
+    )
+    return path
+
+
+def tagd_log(*args: str) -> str:
+    result = CliRunner().invoke(main, ["log", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_tagd_log_prints_csv_and_json_lines_in_utc(asrun_file):
+    printed = tagd_log("radio1", "--db", str(asrun_file))
+    assert printed.splitlines() == [
+        "stream,start,end,tag,mean,peak,predictions,ended",
+        "radio1,2025-12-06T12:00:10.000Z,2025-12-06T12:01:10.500Z,speech,0.8,0.95,4,off",
+        "radio1,2025-12-06T12:01:00.000Z,2025-12-06T13:00:00.250Z,music,0.8,0.95,4,stop",
+    ]
+    # a time with its zone is honoured; the segments are cut at the bounds
+    lines = tagd_log(
+        "radio1",
+        "--db",
+        str(asrun_file),
+        "--from",
+        "2025-12-06T13:01:05+01:00",
+        "--to",
+        "2025-12-06T12:02",
+        "--format",
+        "jsonl",
+    ).splitlines()
+    first, second = (json.loads(line) for line in lines)
+    assert (first["tag"], first["start"], first["end"]) == (
+        "speech",
+        "2025-12-06T12:01:05.000Z",
+        "2025-12-06T12:01:10.500Z",
+    )
+    assert first["duration_s"] == 5.5
+    assert (second["start"], second["end"], second["ended"]) == (
+        "2025-12-06T12:01:05.000Z",
+        "2025-12-06T12:02:00.000Z",
+        "stop",
+    )
+
+
+def test_tagd_log_prints_labels_and_subtitles_from_the_start_of_the_period(asrun_file):
+    common = ["radio1", "--db", str(asrun_file), "--from", "2025-12-06T12:00:00Z"]
+    audacity = tagd_log(*common, "--format", "audacity").splitlines()
+    assert audacity == ["10.000000\t70.500000\tspeech", "60.000000\t3600.250000\tmusic"]
+    srt = tagd_log(*common, "--format", "srt")
+    assert srt.startswith("1\n00:00:10,000 --> 00:01:10,500\nspeech\n\n2\n00:01:00,000 -->")
+    vtt = tagd_log(*common, "--format", "vtt")
+    assert vtt.startswith("WEBVTT\n\n1\n00:00:10.000 --> 00:01:10.500\nspeech\n")
+    # without --from, the first segment's start is 0
+    assert tagd_log("radio1", "--db", str(asrun_file), "--format", "audacity").startswith(
+        "0.000000\t60.500000\tspeech"
+    )
+
+
+def test_tagd_log_says_what_is_wrong(asrun_file, tmp_path):
+    result = CliRunner().invoke(main, ["log", "radio9", "--db", str(asrun_file)])
+    assert result.exit_code == 1
+    assert "no segments of stream 'radio9'; streams: radio1, radio2" in result.output
+    result = CliRunner().invoke(main, ["log", "radio1", "--db", str(tmp_path / "none.db")])
+    assert result.exit_code == 1 and "no as-run log at" in result.output
+    result = CliRunner().invoke(
+        main, ["log", "radio1", "--db", str(asrun_file), "--from", "yesterday"]
+    )
+    assert result.exit_code == 2 and "not an ISO 8601 time" in result.output
+    config = tmp_path / "tagd.toml"
+    config.write_text('[asrun]\npath = "asrun.db"\n')  # beside the config file
+    assert "speech" in tagd_log("radio1", "--config", str(config))
+
+
+# -- tagd serve writing it ---------------------------------------------------------------------
+
+RATE = 16_000
+CHUNK_S = 0.1
+
+
+@pytest.fixture(scope="module")
+def always_on_model(short_fcn4, tmp_path_factory) -> Path:
+    """The tiny FCN-4 with every threshold at 0: each tag turns on after `on_after`
+    predictions and stays on, so segments end only when the stream goes idle or tagd
+    stops, at times the test knows."""
+    model = onnx.load(str(short_fcn4))
+    entry = next(p for p in model.metadata_props if p.key == CARD_METADATA_KEY)
+    card = ModelCard.from_json(entry.value)
+    card.thresholds = [0.0] * card.n_tags
+    card.incremental = IncrementalSection()  # the graphs beside it are not copied
+    entry.value = card.to_json()
+    path = tmp_path_factory.mktemp("asrun") / "always-on.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+class Producer:
+    """The multi-stream protocol into a zmq+pull input, at real time, while ``playing``."""
+
+    def __init__(self, port: int) -> None:
+        import zmq
+
+        self.context = zmq.Context()
+        self.push = self.context.socket(zmq.PUSH)
+        self.push.connect(f"tcp://127.0.0.1:{port}")
+        self.seq = itertools.count()
+        rng = np.random.default_rng(0)
+        self.chunk = (rng.normal(0, 0.1, (int(RATE * CHUNK_S), 1)) * 32767).astype("<i2").tobytes()
+
+    def play(self, seconds: float) -> tuple[float, float]:
+        """Send ``seconds`` of audio at real time; the wall-clock span it covered."""
+        started = time.time()
+        for index in range(round(seconds / CHUNK_S)):
+            header = {"format": "s16le", "rate": RATE, "channels": 1, "seq": next(self.seq)}
+            self.push.send_multipart([b"radio1", json.dumps(header).encode(), self.chunk])
+            time.sleep(max(0.0, started + (index + 1) * CHUNK_S - time.time()))
+        return started, time.time()
+
+    def close(self) -> None:
+        self.push.close(linger=1000)
+        self.context.term()
+
+
+def start_daemon(model: Path, port: int, db: Path, tmp_path: Path) -> TagdProcess:
+    config = tmp_path / "tagd.toml"
+    config.write_text(
+        f'engine = "{model}"\ninputs = ["zmq+pull://127.0.0.1:{port}"]\nhop_seconds = 0.5\n'
+        'incremental = false\n[publish]\naddress = "tcp://127.0.0.1:*"\n'
+        "[limits]\nidle_after_s = 1.0\n"
+    )
+    metrics_port = free_port()
+    daemon = TagdProcess(
+        ["--config", str(config), "--metrics", f"127.0.0.1:{metrics_port}", "--asrun", str(db)],
+        metrics_port,
+    )
+    daemon.wait_ready()
+    return daemon
+
+
+def wait_published(daemon: TagdProcess, count: float) -> None:
+    daemon.wait_for_metric("tagd_windows_published_total", above=count - 1, stream="radio1")
+
+
+def test_serve_logs_segments_that_survive_sigkill_and_a_clean_stop(always_on_model, tmp_path):
+    db = tmp_path / "asrun.db"
+    port = free_port()
+    producer = Producer(port)
+    daemon = start_daemon(always_on_model, port, db, tmp_path)
+    try:
+        first = producer.play(4.0)
+        # the stream goes idle after 1 s: every tag's segment ends where its audio did
+        daemon.wait_for_metric("tagd_asrun_segments_written_total", above=7, timeout=20)
+        while_running = read_records(db, "radio1")  # read-only, beside the writer
+        assert len(while_running) == 8 and {r.ended for r in while_running} == {ENDED_IDLE}
+        for r in while_running:  # the audio's wall-clock span, to within a hop and jitter
+            assert abs(r.start - first[0]) < 1.0 and abs(r.end - first[1]) < 1.0, (r, first)
+        # audio again: the tags turn on again (on_after 2: the second prediction of the
+        # new epoch); killed while they are on and the audio flows
+        published = daemon.metric("tagd_windows_published_total", stream="radio1")
+        player = threading.Thread(target=producer.play, args=(5.0,))
+        player.start()
+        wait_published(daemon, published + 3)
+        daemon.process.send_signal(signal.SIGKILL)
+        player.join()
+    finally:
+        daemon.stop()
+    survived = read_records(db, "radio1")
+    assert survived == while_running  # all that was committed; only the open ones lost
+
+    # a restart appends; SIGTERM writes the segments still open
+    daemon = start_daemon(always_on_model, port, db, tmp_path)
+    try:
+        player = threading.Thread(target=producer.play, args=(5.0,))
+        player.start()
+        wait_published(daemon, 3)
+        code, _ = daemon.terminate_and_time()
+        player.join()
+    finally:
+        daemon.stop()
+        producer.close()
+    assert code == 0, daemon.log()
+    after = read_records(db, "radio1")
+    assert after[:8] == while_running
+    assert len(after) == 16 and {r.ended for r in after[8:]} == {ENDED_STOP}
+    assert all(r.start > while_running[0].end for r in after[8:])
