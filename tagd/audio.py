@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +239,119 @@ class StreamResampler:
     def reset(self) -> None:
         if self._stream is not None:
             self._stream.clear()
+
+
+# -- long files, a block at a time -------------------------------------------------------------
+STREAM_BLOCK_FRAMES = 1 << 17  # frames read from the decoder at a time (~3 s at 44.1 kHz)
+
+
+def decode_blocks(
+    path: str | Path, sample_rate: int, block_frames: int = STREAM_BLOCK_FRAMES
+) -> Iterator[np.ndarray]:
+    """``decode_file``'s audio a block at a time, for files too long to hold whole.
+
+    The decoder is chosen as ``decode_file`` chooses it (ffmpeg for MPEG, libsndfile
+    else, ffmpeg when libsndfile cannot), and resampled by soxr's streaming resampler,
+    so memory stays a few blocks whatever the length. Raises AudioError, before the first
+    block when the file cannot be opened, or where its decoding fails.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
+    mpeg = mpeg_layout(path)
+    have_ffmpeg = shutil.which("ffmpeg") is not None
+    if mpeg is not None and have_ffmpeg:
+        channels, rate = mpeg
+        command = ffmpeg_decode_command(path, rate, mean_of=channels)
+        return _resampled(_ffmpeg_blocks(path, command, block_frames), rate, sample_rate)
+    import soundfile
+
+    try:  # the first block read here: a file libsndfile opens but cannot read goes to ffmpeg
+        handle = soundfile.SoundFile(str(path))
+        blocks = handle.blocks(block_frames, dtype="float32", always_2d=True)
+        first = next(blocks, None)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        # ValueError: a raw stream libsndfile opens but cannot seek in (Asterisk's .gsm)
+        if not have_ffmpeg:
+            raise AudioError(f"{path}: {exc} (and ffmpeg is not installed to try)") from None
+        log.debug("soundfile could not read %s (%s); trying ffmpeg", path, exc)
+        command = ffmpeg_decode_command(path, sample_rate)
+        return _ffmpeg_blocks(path, command, block_frames)
+    if first is None:
+        handle.close()
+        raise AudioError(f"{path}: no audio in the file")
+    mono = _soundfile_blocks(path, handle, first, blocks)
+    return _resampled(mono, handle.samplerate, sample_rate)
+
+
+def audio_duration(path: str | Path) -> float | None:
+    """Seconds of audio in ``path`` from its header (libsndfile, else ffprobe); None when
+    neither says."""
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+        if info.frames > 0 and info.samplerate > 0:
+            return info.frames / info.samplerate
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):
+        pass
+    if shutil.which("ffprobe") is None:
+        return None
+    probe = ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0"]
+    result = subprocess.run([*probe, str(path)], capture_output=True, text=True, check=False)
+    try:
+        return float(result.stdout.strip())
+    except ValueError:
+        return None
+
+
+def _resampled(blocks: Iterator[np.ndarray], from_rate: int, to_rate: int) -> Iterator[np.ndarray]:
+    resampler = StreamResampler(from_rate, to_rate)
+    for block in blocks:
+        out = resampler.process(block)
+        if len(out):
+            yield out
+    tail = resampler.process(np.zeros(0, dtype=np.float32), last=True)
+    if len(tail):
+        yield tail
+
+
+def _soundfile_blocks(path: Path, handle, first: np.ndarray, rest) -> Iterator[np.ndarray]:
+    import soundfile
+
+    with handle:
+        yield downmix(first)
+        try:
+            for block in rest:
+                yield downmix(block)
+        except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:
+            raise AudioError(f"{path}: {exc}") from exc
+
+
+def _ffmpeg_blocks(path: Path, command: list[str], block_frames: int) -> Iterator[np.ndarray]:
+    """ffmpeg's f32le stdout as blocks; its stderr goes to a file (a pipe nobody reads
+    could fill and stall it). The process is ended if the reader stops early."""
+    sample_bytes = 4
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors)
+        assert process.stdout is not None
+        carry, samples = b"", 0
+        try:
+            while chunk := process.stdout.read(block_frames * sample_bytes):
+                data = carry + chunk if carry else chunk
+                usable = len(data) - len(data) % sample_bytes
+                carry = data[usable:]
+                samples += usable // sample_bytes
+                yield np.frombuffer(data, dtype="<f4", count=usable // sample_bytes).copy()
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+        if returncode != 0:
+            errors.seek(0)
+            reason = errors.read().decode(errors="replace").strip().splitlines()
+            raise AudioError(f"{path}: ffmpeg could not decode it: {reason[-1] if reason else '?'}")
+        if samples == 0:
+            raise AudioError(f"{path}: no audio in the file")

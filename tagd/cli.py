@@ -83,20 +83,83 @@ def main() -> None:
     help="Compute every window in full, not from the last one (same scores, slower).",
 )
 @click.option(
+    "--timeline",
+    is_flag=True,
+    help="Write each file's segments (start, end, tag, mean, peak; docs/timeline.md), "
+    "not its average.",
+)
+@click.option(
+    "--format",
+    "timeline_format",
+    type=click.Choice(["csv", "jsonl", "audacity", "vtt", "srt"]),
+    default="csv",
+    show_default=True,
+    help="With --timeline: CSV, JSON Lines, Audacity labels, WebVTT or SRT.",
+)
+@click.option(
+    "--tags",
+    "only_tags",
+    metavar="TAG,TAG",
+    help="With --timeline: only these tags' segments [all].",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="With --timeline: a file (one input), or a folder for one file per input "
+    "[standard output].",
+)
+@click.option(
+    "--on-after",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="With --timeline: as tagd serve's [tagger] on_after.",
+)
+@click.option(
+    "--off-margin",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="With --timeline: as tagd serve's [tagger] off_margin.",
+)
+@click.option(
     "--log-level",
     default="warning",
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
-def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -> None:
+def tag(
+    files,
+    engine_path,
+    hop,
+    top,
+    as_json,
+    batch,
+    full_windows,
+    timeline,
+    timeline_format,
+    only_tags,
+    out,
+    on_after,
+    off_margin,
+    log_level,
+) -> None:
     """Tag audio FILES (wav, flac, mp3, ogg, …; a folder: the audio files in it) and print
-    their top tags.
+    their top tags, or with --timeline their segments.
 
     Each file is cut into windows exactly as `tagd serve` cuts a stream, and the scores
     are averaged over the windows; a file shorter than one window but at least a quarter
     of one is zero-padded to a window. Tags over the model's thresholds are marked `*`
     (less those the card excludes while another is on: instrumental while speech is).
+
+    --timeline follows each file as `tagd serve` follows a stream (the same thresholds
+    and hysteresis) and writes a segment for each stretch a tag was on, its edges placed
+    between windows (docs/timeline.md); hours-long files are decoded a block at a time.
     """
+    if not timeline and (only_tags or out):
+        raise click.UsageError("--tags and --out go with --timeline")
+    if timeline and as_json:
+        raise click.UsageError("--timeline writes JSON Lines with --format jsonl, not --json")
     from tagd.audio import AudioError
     from tagd.card import CardError
     from tagd.engines import EngineError, load_engine
@@ -122,6 +185,18 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
         scorer = choose_scorer([engine], hop_samples, incremental=not full_windows)
     except EngineError as exc:
         raise click.ClickException(str(exc)) from None
+    if timeline:
+        from tagd.tagger import Tagger
+        from tagd.timeline import Segmenter
+
+        only = [t.strip() for t in only_tags.split(",") if t.strip()] if only_tags else None
+        try:
+            segmenter = Segmenter(card.tags, card.sample_rate, only=only)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--tags") from None
+        tagger = Tagger(card, on_after=on_after, off_margin=off_margin)
+        _write_timelines(files, out, timeline_format, engine, tagger, segmenter, scorer, batch)
+        return
     failed = 0
     show_progress = len(files) > 1 and sys.stderr.isatty()
     with click.progressbar(
@@ -156,6 +231,47 @@ def tag(files, engine_path, hop, top, as_json, batch, full_windows, log_level) -
             for name, score in ranked[:top]:
                 mark = "*" if is_on[name] else " "
                 click.echo(f"  {mark} {score:.3f}  {name}")
+    if failed:
+        click.echo(f"{failed} of {len(files)} files could not be tagged", err=True)
+        sys.exit(1)
+
+
+def _write_timelines(files, out, fmt_name, engine, tagger, segmenter, scorer, batch) -> None:
+    """`tagd tag --timeline`: each file's segments to its output, a progress bar per file
+    on a terminal; a file that fails is reported and leaves no output; exit 1 if any did."""
+    from tagd.audio import AudioError, audio_duration
+    from tagd.tagfile import TimelineOutputError, open_outputs, timeline_file
+    from tagd.timeline import timeline_format
+
+    fmt = timeline_format(fmt_name)
+    hop_samples = scorer.hop_samples
+    try:
+        outputs = open_outputs(files, out, fmt)
+    except TimelineOutputError as exc:
+        raise click.UsageError(str(exc)) from None
+    failed = 0
+    for path in files:
+        duration = audio_duration(path) if sys.stderr.isatty() else None
+        with click.progressbar(
+            length=max(1, round(duration or 1)),
+            label=path.name,
+            file=sys.stderr,
+            hidden=duration is None,
+            show_pos=True,
+        ) as bar:
+
+            def advance(seconds: float, bar=bar) -> None:
+                bar.update(min(round(seconds), bar.length) - bar.pos)
+
+            try:
+                result = timeline_file(
+                    engine, path, tagger, segmenter, hop_samples, batch, scorer, advance
+                )
+            except AudioError as exc:
+                failed += 1
+                click.echo(f"error: {exc}", err=True)
+                continue
+        outputs.write(path, result.segments)
     if failed:
         click.echo(f"{failed} of {len(files)} files could not be tagged", err=True)
         sys.exit(1)

@@ -192,12 +192,13 @@ class Segmenter:
         ]
 
     def close(self, stream: str, end: float | None = None) -> list[Segment]:
-        """End the stream: its open segments (open=True), ended at ``end`` seconds (the
-        end of the audio the last prediction covered by default) or where their tag last
-        was over the threshold; the stream is forgotten."""
+        """End the stream: its open segments (open=True), ended where their tag last was
+        over the threshold, or at ``end`` seconds (where the audio ended: a file's length;
+        by default the end of the audio the last prediction covered) if it still was then;
+        the stream is forgotten."""
         track = self._streams.get(stream)
         if track is not None and end is not None:
-            track.last_end = max(track.last_end, end)
+            track.last_end = end
         segments = self.open_segments(stream)
         self.forget(stream)
         return segments

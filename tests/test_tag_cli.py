@@ -1,5 +1,7 @@
 """`tagd tag` end to end: a real subprocess, real mp3/wav files, a real exported model."""
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -164,3 +166,118 @@ def test_a_folder_is_tagged_file_by_file_in_sorted_order(export_model, songs, tm
     result = run_tag(empty, "--engine", model)
     assert result.returncode == 1
     assert "a folder with no audio files in it" in result.stderr
+
+
+# -- tagd tag --timeline ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shows(tmp_path_factory, music):
+    """Two 20 s programmes at 44.1 kHz stereo: turns of music and near silence."""
+    folder = tmp_path_factory.mktemp("shows")
+    (folder / "late").mkdir()
+    rng = np.random.default_rng(5)
+    paths = []
+    for name in ("morning.wav", "late/night.flac"):
+        parts = [
+            music(4.0, 44100, seed=turn) if turn % 2 else 0.01 * rng.standard_normal(4 * 44100)
+            for turn in range(5)
+        ]
+        audio = np.concatenate(parts).astype(np.float32)
+        soundfile.write(folder / name, np.stack([audio, audio], axis=1), 44100)
+        paths.append(folder / name)
+    return folder, paths
+
+
+def library_timeline(model, path, **segmenter_args):
+    from tagd.tagfile import timeline_file
+    from tagd.tagger import Tagger
+    from tagd.timeline import Segmenter
+
+    engine = load_engine(model)
+    segmenter = Segmenter(engine.card.tags, engine.card.sample_rate, **segmenter_args)
+    return timeline_file(engine, path, Tagger(engine.card), segmenter).segments
+
+
+def test_timeline_csv_on_standard_output_is_the_librarys_segments(short_fcn4, shows):
+    folder, paths = shows
+    result = run_tag(folder, "--engine", short_fcn4, "--timeline")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))  # one header for both files
+    expected = [s for path in sorted(paths) for s in library_timeline(short_fcn4, path)]
+    assert len(expected) >= 2
+    assert [(r["stream"], r["tag"], float(r["start"]), float(r["end"])) for r in rows] == [
+        (s.stream, s.tag, round(s.start, 3), round(s.end, 3)) for s in expected
+    ]
+    assert all(float(r["start"]) < float(r["end"]) <= 20.0 for r in rows)
+    assert all(0.0 <= float(r["mean"]) <= float(r["peak"]) <= 1.0 for r in rows)
+
+
+def test_timeline_formats_to_a_folder_one_file_each_and_only_the_tags_asked_for(
+    short_fcn4, shows, tmp_path
+):
+    folder, paths = shows
+    expected = library_timeline(short_fcn4, paths[0])
+    wanted = sorted({s.tag for s in expected})[:1]
+    out = tmp_path / "timelines"
+    result = run_tag(
+        folder,
+        "--engine",
+        short_fcn4,
+        "--timeline",
+        "--format",
+        "vtt",
+        "--tags",
+        wanted[0],
+        "--out",
+        out,
+    )
+    assert result.returncode == 0, result.stderr
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["late/night.vtt", "morning.vtt"]
+    vtt = (out / "morning.vtt").read_text()
+    cues = vtt.split("\n\n")[1:-1]
+    assert vtt.startswith("WEBVTT\n\n") and cues
+    assert {cue.splitlines()[2] for cue in cues} == set(wanted)
+    assert len(cues) == sum(s.tag == wanted[0] for s in expected)
+
+    labels = tmp_path / "morning.txt"
+    result = run_tag(
+        paths[0], "--engine", short_fcn4, "--timeline", "--format", "audacity", "--out", labels
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in labels.read_text().splitlines()]
+    assert [(float(a), float(b), c) for a, b, c in rows] == [
+        (pytest.approx(s.start, abs=1e-6), pytest.approx(s.end, abs=1e-6), s.tag) for s in expected
+    ]
+
+
+def test_timeline_mistakes_are_clear_and_a_bad_file_leaves_the_others(
+    short_fcn4, shows, songs, tmp_path
+):
+    folder, paths = shows
+    result = run_tag(folder, "--engine", short_fcn4, "--timeline", "--format", "srt")
+    assert result.returncode == 2 and "give --out FOLDER for 2 files" in result.stderr
+    result = run_tag(paths[0], "--engine", short_fcn4, "--timeline", "--tags", "speech")
+    assert result.returncode == 2 and "unknown tag(s) speech; the model's: " in result.stderr
+    result = run_tag(paths[0], "--engine", short_fcn4, "--out", tmp_path / "x.csv")
+    assert result.returncode == 2 and "go with --timeline" in result.stderr
+    out = tmp_path / "out"
+    result = run_tag(
+        songs["garbage"],
+        paths[0],
+        "--engine",
+        short_fcn4,
+        "--timeline",
+        "--format",
+        "jsonl",
+        "--out",
+        out,
+    )
+    assert result.returncode == 1
+    assert "garbage.mp3" in result.stderr and "1 of 2 files could not be tagged" in result.stderr
+    # under their common folder's tree, nothing half-written for the bad file
+    (written,) = [p for p in out.rglob("*") if p.is_file()]
+    assert written.relative_to(out) == paths[0].relative_to(paths[0].parents[1]).with_suffix(
+        ".jsonl"
+    )
+    records = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [r["start"] for r in records] == sorted(r["start"] for r in records)

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
+import subprocess
 
 import numpy as np
 import pytest
+import soundfile
 
+from tagd.arrivals import Arrival
+from tagd.audio import AudioError, decode_blocks, decode_file
 from tagd.card import ModelCard
-from tagd.stream import Arrival, ReadyWindow
+from tagd.engines import load_engine
+from tagd.incremental import choose_scorer
+from tagd.scoring import INCREMENTAL, FullWindows
+from tagd.stream import ReadyWindow
+from tagd.tagfile import TooShortError, timeline_file
 from tagd.tagger import Tagger
 from tagd.timeline import (
     FORMATS,
@@ -22,7 +31,7 @@ from tagd.timeline import (
     timeline_format,
     write_timeline,
 )
-from tagd.windowing import Windower
+from tagd.windowing import Windower, clip_windows
 
 # 1 s windows, hop 0.5 s: window k covers [k/2, k/2 + 1) s and its centre is k/2 + 0.5 s
 CARD = ModelCard(
@@ -232,3 +241,154 @@ def test_in_start_order_sorts_segments_closed_out_of_order():
     late = Segment("s", "music", 0.0, 60.0, 0.9, 0.9)
     early = Segment("s", "speech", 10.0, 20.0, 0.9, 0.9)
     assert in_start_order([early, late]) == [late, early]
+
+
+# -- whole files: tagd.tagfile.timeline_file ----------------------------------------------------
+@pytest.fixture(scope="module")
+def programme(tmp_path_factory, music):
+    """40 s at the model's rate in 4-6 s turns of music and near silence: scores that vary."""
+    rng = np.random.default_rng(3)
+    parts = []
+    for turn in range(8):
+        seconds = float(rng.uniform(4, 6))
+        quiet = 0.01 * rng.standard_normal(round(seconds * 12000)).astype(np.float32)
+        parts.append(music(seconds, 12000, seed=turn) if turn % 2 == 0 else quiet)
+    path = tmp_path_factory.mktemp("programme") / "programme.wav"
+    soundfile.write(path, np.concatenate(parts), 12000, subtype="FLOAT")
+    return path
+
+
+def tuned(card: ModelCard, scores: np.ndarray) -> ModelCard:
+    """The card with each tag's threshold at the median of its scores: segments appear."""
+    return dataclasses.replace(card, thresholds=[float(t) for t in np.median(scores, axis=0)])
+
+
+def test_a_files_timeline_is_the_daemons_segments_of_its_windows(short_fcn4, programme):
+    engine = load_engine(short_fcn4)
+    card = engine.card
+    samples = soundfile.read(programme, dtype="float32")[0]
+    cut = list(clip_windows(samples, card.window_samples, card.hop_samples))
+    starts, windows = [w.start for w in cut], [w.samples for w in cut]
+    scores = engine.run(np.stack(windows))
+    card = tuned(card, scores)
+    # the daemon's rule, window by window
+    tagger, segmenter = Tagger(card), Segmenter(card.tags, card.sample_rate)
+    expected = []
+    for seq, (start, row) in enumerate(zip(starts, scores, strict=True)):
+        ready = ReadyWindow(str(programme), seq, 0, start, windows[seq], Arrival(0, 0))
+        expected += segmenter.update(tagger.update(ready, row))
+    expected = in_start_order(expected + segmenter.close(str(programme), len(samples) / 12000))
+    assert len(expected) >= 8
+
+    progress = []
+    result = timeline_file(
+        engine,
+        programme,
+        Tagger(card),
+        Segmenter(card.tags, card.sample_rate),
+        on_progress=progress.append,
+        block_frames=5000,
+    )
+    assert (result.windows, result.duration_s) == (len(windows), len(samples) / 12000)
+    assert progress == sorted(progress) and progress[-1] == result.duration_s
+    assert len(result.segments) == len(expected)
+    for got, want in zip(result.segments, expected, strict=True):
+        assert (got.stream, got.tag, got.start, got.end, got.open) == (
+            want.stream,
+            want.tag,
+            want.start,
+            want.end,
+            want.open,
+        )
+        assert got.mean == pytest.approx(want.mean, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def incremental_fcn4(tmp_path_factory):
+    """The tiny 2 s FCN-4 with incremental graphs for a 16-frame hop."""
+    torch = pytest.importorskip("torch")
+    from support import SHORT_FCN
+
+    from trainer.export import export_onnx
+    from trainer.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("incremental") / "fcn4.onnx"
+    export_onnx(create_model("fcn4", 8, width=0.125, **SHORT_FCN), path, incremental_hops=(HOP,))
+    return path
+
+
+HOP = 16 * 256  # samples: 0.34 s at 12 kHz
+
+
+def test_a_files_timeline_does_not_depend_on_the_decoders_blocks_or_the_scorer(
+    incremental_fcn4, programme, tmp_path
+):
+    engine = load_engine(incremental_fcn4)
+    mp3 = tmp_path / "programme.mp3"  # resampled and decoded by ffmpeg, a block at a time
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(programme), "-ar", "44100", str(mp3)], check=True
+    )
+    samples = soundfile.read(programme, dtype="float32")[0]
+    windows = [w.samples for w in clip_windows(samples, engine.card.window_samples, HOP)]
+    card = tuned(engine.card, engine.run(np.stack(windows)))
+
+    def segments(block_frames: int, scorer) -> list[Segment]:
+        tagger = Tagger(card)
+        segmenter = Segmenter(card.tags, card.sample_rate, only=card.tags[:3])
+        return timeline_file(
+            engine, mp3, tagger, segmenter, HOP, scorer=scorer, block_frames=block_frames
+        ).segments
+
+    reference = segments(1 << 17, FullWindows([engine], HOP))
+    assert len(reference) >= 3 and {s.tag for s in reference} <= set(card.tags[:3])
+    incremental = choose_scorer([engine], HOP, incremental=True)
+    assert incremental.mode == INCREMENTAL
+    for found in (segments(4096, FullWindows([engine], HOP)), segments(12345, incremental)):
+        assert [(s.tag, s.start, s.end) for s in found] == [
+            (s.tag, s.start, s.end) for s in reference
+        ]
+        assert [s.mean for s in found] == pytest.approx([s.mean for s in reference], abs=1e-4)
+
+
+def test_a_file_shorter_than_a_window_is_one_padded_window_and_too_short_an_error(
+    short_fcn4, music, tmp_path
+):
+    engine = load_engine(short_fcn4)
+    card = dataclasses.replace(engine.card, thresholds=[0.0] * engine.card.n_tags)
+    short = tmp_path / "short.wav"
+    soundfile.write(short, music(1.0, 12000), 12000)  # half the 2 s window
+    result = timeline_file(engine, short, Tagger(card, on_after=1), Segmenter(card.tags, 12000))
+    assert result.windows == 1
+    assert {(s.start, s.end, s.open) for s in result.segments} == {(0.0, 1.0, True)}
+    assert len(result.segments) == card.n_tags  # every tag over a threshold of 0
+    soundfile.write(short, music(0.2, 12000), 12000)
+    with pytest.raises(TooShortError, match="shorter than"):
+        timeline_file(engine, short, Tagger(card), Segmenter(card.tags, 12000))
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".mp3", ".m4a"])  # libsndfile, ffmpeg, fallback
+def test_decoding_a_block_at_a_time_gives_the_whole_files_samples(music, tmp_path, suffix):
+    source = tmp_path / "source.wav"
+    soundfile.write(source, np.stack([music(6.0, 44100, seed=2)] * 2, axis=1), 44100)
+    path = tmp_path / f"clip{suffix}"
+    if suffix != ".wav":
+        subprocess.run(["ffmpeg", "-v", "error", "-i", str(source), str(path)], check=True)
+    else:
+        path = source
+    whole = decode_file(path, 12000)
+    blocks = list(decode_blocks(path, 12000, block_frames=10_000))
+    assert len(blocks) > 3
+    joined = np.concatenate(blocks)
+    assert abs(len(joined) - len(whole)) <= 2  # streaming and one-shot soxr: the same length
+    n = min(len(joined), len(whole))
+    assert np.max(np.abs(joined[:n] - whole[:n])) < 1e-3
+
+
+def test_a_file_that_cannot_be_decoded_fails_before_its_first_block(tmp_path):
+    garbage = tmp_path / "garbage.ogg"
+    garbage.write_bytes(b"OggS" + b"junk" * 300)
+    with pytest.raises(AudioError, match="garbage.ogg"):
+        list(decode_blocks(garbage, 12000))
+    with pytest.raises(AudioError, match="no such file"):
+        decode_blocks(tmp_path / "missing.wav", 12000)
