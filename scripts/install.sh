@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(ffmpeg libportaudio2 libsndfile1 sox alsa-utils prometheus systemd liquidsoap icecast2
               fluidsynth fluid-soundfont-gm timgm6mb-soundfont musescore-general-soundfont-lossless
-              opl3-soundfont csound-soundfont espeak-ng)
+              opl3-soundfont csound-soundfont espeak-ng sqlite3)
 
 if [ "${TAGD_SKIP_APT:-0}" != 1 ]; then
   sudo=""

@@ -19,7 +19,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
-from support import TagdProcess, free_port, wait_for
+from support import Example, TagdProcess, fcn4_card, free_port, tool, wait_for
 
 from tagd.asrun import (
     ENDED_IDLE,
@@ -34,6 +34,8 @@ from tagd.asrun import (
 from tagd.card import CARD_METADATA_KEY, IncrementalSection, ModelCard
 from tagd.cli import main
 from tagd.metrics import Metrics
+from tagd.publish import TAGS_TOPIC, tags_message, topic
+from tagd.tagger import Prediction
 
 DAY = 86_400.0
 NOON = 1_765_022_400.0  # 2025-12-06T12:00:00Z
@@ -195,6 +197,40 @@ def test_a_full_disk_is_counted_and_what_fits_is_kept(small_disk):
     asrun.close(timeout=10)
     kept = len(rows(small_disk / "asrun.db"))
     assert 0 < kept == metrics.sample("tagd_asrun_segments_written_total") < 20_000
+
+
+def test_a_backup_while_the_log_is_written_has_what_was_committed(tmp_path):
+    sqlite3_cli = tool("sqlite3", "apt-get install sqlite3")
+    path, backup = tmp_path / "asrun.db", tmp_path / "backups" / "asrun.db"
+    backup.parent.mkdir()
+    metrics = Metrics(CollectorRegistry())
+    asrun = AsRunLog(path, metrics)
+    asrun.start()
+    asrun.put([record("radio1", "speech", NOON + i, NOON + i + 1) for i in range(1000)])
+    wait_for(lambda: metrics.sample("tagd_asrun_segments_written_total") == 1000)
+    writing = threading.Event()
+
+    def keep_writing() -> None:
+        for i in itertools.count(1000):
+            if writing.is_set():
+                break
+            asrun.put([record("radio1", "music", NOON + i, NOON + i + 1)])
+            time.sleep(0.001)
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:  # the guide's command (docs/deploy.md, "Backups"), while segments keep coming
+        done = subprocess.run(
+            [sqlite3_cli, str(path), f".backup {backup}"], capture_output=True, text=True
+        )
+    finally:
+        writing.set()
+        writer.join()
+        asrun.close(timeout=10)
+    assert done.returncode == 0, done.stderr
+    copied = read_records(backup, "radio1")
+    assert 1000 <= len(copied) <= metrics.sample("tagd_asrun_segments_written_total")
+    assert copied[:1000] == read_records(path, "radio1")[:1000]
 
 
 def test_stream_seconds_are_placed_by_the_capture_time_of_their_epoch():
@@ -404,3 +440,64 @@ def test_serve_logs_segments_that_survive_sigkill_and_a_clean_stop(always_on_mod
     assert after[:8] == while_running
     assert len(after) == 16 and {r.ended for r in after[8:]} == {ENDED_STOP}
     assert all(r.start > while_running[0].end for r in after[8:])
+
+
+# -- examples/asrun_collector.py ---------------------------------------------------------------
+
+
+def collector_card() -> ModelCard:
+    card = fcn4_card(["rock", "speech", "jazz"])
+    card.window_samples, card.hop_samples = 2 * card.sample_rate, card.sample_rate // 2
+    return card
+
+
+def tags_at(card: ModelCard, stream: str, k: int, on: list[str], captured_origin: float) -> dict:
+    """Prediction ``k`` of a stream with a 2 s window and a 0.5 s hop, ``on`` over its
+    threshold and on, its last sample captured at ``captured_origin`` + its end."""
+    start = k * card.hop_samples
+    prediction = Prediction(
+        stream,
+        k,
+        start,
+        start + card.window_samples,
+        1,
+        np.array([0.9 if tag in on else 0.1 for tag in card.tags], dtype=np.float32),
+        over=list(on),
+        active=list(on),
+    )
+    end_s = prediction.end / card.sample_rate
+    return tags_message(
+        prediction,
+        card,
+        captured_at=captured_origin + end_s,
+        published_at=time.time(),
+        ingest_ms=1.0,
+        queue_ms=1.0,
+        inference_ms=1.0,
+        total_ms=3.0,
+        batch_size=1,
+    )
+
+
+def test_the_collector_example_keeps_the_daemons_segments_in_one_database(tagd, tmp_path):
+    card = collector_card()
+    db = tmp_path / "collected.db"
+    collector = Example("asrun_collector.py", str(db), tagd.endpoint, "--idle-after", "1")
+    try:
+        tagd.wait_subscribed("tags.")
+        speech = [[], [], ["speech"], ["speech"], ["speech"], ["speech"], [], []]
+        for k, on in enumerate(speech):
+            tagd.send(topic(TAGS_TOPIC, "radio1"), tags_at(card, "radio1", k, on, NOON))
+        tagd.send(topic(TAGS_TOPIC, "radio2"), tags_at(card, "radio2", 0, ["jazz"], NOON + 60))
+        # speech on from the crossing between predictions 1 and 2 (window centres 1.5 s
+        # and 2 s) to the one between 5 and 6 (3.5 s, 4 s); radio2 falls silent: idle
+        assert collector.lines(2) == [
+            "radio1 speech 2025-12-06T12:00:01.750Z 2025-12-06T12:00:03.750Z off",
+            "radio2 jazz 2025-12-06T12:01:00.000Z 2025-12-06T12:01:02.000Z idle",
+        ]
+        assert collector.interrupt() == 0, collector.stderr
+    finally:
+        collector.kill()
+    assert tagd_log("radio1", "--db", str(db)).splitlines()[1:] == [
+        "radio1,2025-12-06T12:00:01.750Z,2025-12-06T12:00:03.750Z,speech,0.9,0.9,4,off"
+    ]

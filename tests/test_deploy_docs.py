@@ -93,6 +93,18 @@ COVERAGE: list[tuple[str, str]] = [
         r"\.venv/bin/python examples/liquidsoap_bridge\.py .*",
         "tests/test_liquidsoap.py::test_bridge_inserts_tags_that_survive_a_liquidsoap_restart",
     ),
+    (
+        r"/opt/tagd/bin/tagd log .*",
+        "tests/test_asrun.py::test_tagd_log_prints_csv_and_json_lines_in_utc",
+    ),
+    (
+        r"sqlite3 \S+ \".backup \S+\"",
+        "tests/test_asrun.py::test_a_backup_while_the_log_is_written_has_what_was_committed",
+    ),
+    (
+        r"\.venv/bin/python examples/asrun_collector\.py .*",
+        "tests/test_asrun.py::test_the_collector_example_keeps_the_daemons_segments_in_one_database",
+    ),
 ]
 
 
