@@ -290,15 +290,8 @@ class ModelCard:
         return self.exclude(np.asarray(scores) >= np.asarray(self.thresholds, dtype=np.float32))
 
     def exclude(self, on: np.ndarray) -> np.ndarray:
-        """``on`` (bool, ``[..., n_tags]``) with each tag turned off where a tag it is
-        excluded by (``excludes``) is on. Applied once: an excluded tag excludes nothing."""
-        if not self.excludes:
-            return on
-        out = on.copy()
-        for tag, by in self.excludes.items():
-            blocking = np.any(on[..., [self.tags.index(b) for b in by]], axis=-1)
-            out[..., self.tags.index(tag)] &= ~blocking
-        return out
+        """``on`` (bool, ``[..., n_tags]``) less the card's exclusions (``exclusions_applied``)."""
+        return exclusions_applied(on, self.tags, self.excludes)
 
     def validate(self) -> None:
         problems = []
@@ -390,6 +383,21 @@ class ModelCard:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
+
+
+def exclusions_applied(
+    on: np.ndarray, tags: Sequence[str], excludes: dict[str, list[str]]
+) -> np.ndarray:
+    """``on`` (bool, ``[..., len(tags)]``) with each tag of ``excludes`` turned off where a
+    tag it names is on. Applied once: a tag turned off excludes nothing."""
+    if not excludes:
+        return on
+    tags = list(tags)
+    out = on.copy()
+    for tag, by in excludes.items():
+        blocking = np.any(on[..., [tags.index(b) for b in by]], axis=-1)
+        out[..., tags.index(tag)] &= ~blocking
+    return out
 
 
 def sidecar_path(model_path: str | Path) -> Path:

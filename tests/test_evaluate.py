@@ -238,3 +238,30 @@ def test_evaluation_scores_each_clip_as_tagd_tag_prints_it(tmp_path, music):
         np.testing.assert_allclose(printed.scores, scores[row], atol=1e-4)
     windows = [tag_file(engine, tmp_path / f"clip{n}.wav").windows for n in range(3)]
     assert windows == [1, 1, 3]
+
+
+class Constant(nn.Module):
+    """Scores 0.9 for both tags of every window."""
+
+    window_samples = 4
+    default_hop_samples = 4
+    n_tags = 2
+
+    def forward(self, x):
+        return torch.full((x.shape[0], 2), 0.9)
+
+
+def test_the_shares_a_tag_is_on_for_count_the_cards_exclusions(tiny_data):
+    def shares(excludes):
+        evaluation = evaluate_model(
+            Constant(),
+            tiny_data,
+            threshold_split="none",
+            fallback_thresholds=[0.5, 0.5],
+            excludes=excludes,
+        )
+        return [(r.tag, r.on_positives, r.on_negatives) for r in evaluation.per_tag]
+
+    assert shares(None) == [("x", 1.0, 1.0), ("y", 1.0, 1.0)]
+    # "y" is off while "x" is on, as tagd publishes it: never on here
+    assert shares({"y": ["x"]}) == [("x", 1.0, 1.0), ("y", 0.0, 0.0)]

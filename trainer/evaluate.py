@@ -40,7 +40,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from tagd.card import ModelCard
+from tagd.card import ModelCard, exclusions_applied
 from tagd.windowing import ClipTooShortError, clip_windows
 from trainer.checkpoint import (
     card_from_checkpoint,
@@ -234,12 +234,15 @@ def evaluate_model(
     progress: bool = False,
     tags: list[str] | None = None,
     fallback_thresholds: list[float] | None = None,
+    excludes: dict[str, list[str]] | None = None,
 ) -> Evaluation:
     """Thresholds from ``threshold_split``, metrics and F1 on ``split``.
 
     ``tags``: the model's tags, in its output order (default: the set's own). The set's
     labels are matched to them by name; a tag the set lacks has no labels, and keeps its
-    ``fallback_thresholds`` entry (the card's) where there is one.
+    ``fallback_thresholds`` entry (the card's) where there is one. ``excludes`` (the
+    card's): the shares of clips a tag is on for count it as tagd publishes it, off while
+    a tag that excludes it is on; F1 is each tag's own at its threshold.
     """
     tags = list(tags or data.tags)
     if model.n_tags != len(tags):
@@ -269,12 +272,13 @@ def evaluate_model(
         log.warning("no %s clips: thresholds chosen on %s itself", threshold_split, split)
         thresholds = choose_thresholds(labels, scores)
     per_tag = tag_metrics(labels, scores, tags)
+    published = exclusions_applied(scores >= np.asarray(thresholds), tags, excludes or {})
     for i, (result, threshold, f1) in enumerate(
         zip(per_tag, thresholds, f1_at(labels, scores, thresholds), strict=True)
     ):
         result.threshold, result.f1 = threshold, float(f1)
-        y, s = _known(labels[:, i], scores[:, i])
-        on = s >= threshold
+        known = ~np.isnan(labels[:, i])
+        y, on = labels[known, i], published[known, i]
         result.on_positives = float(on[y == 1].mean()) if (y == 1).any() else float("nan")
         result.on_negatives = float(on[y == 0].mean()) if (y == 0).any() else float("nan")
     summary = summarise(per_tag)
@@ -532,6 +536,7 @@ def evaluate_checkpoint(
         progress=progress,
         tags=tags,
         fallback_thresholds=card.thresholds,
+        excludes=card.excludes,
     )
     card.thresholds = evaluation.thresholds
     card.scores = {**card.scores, split: card_scores(evaluation)}
