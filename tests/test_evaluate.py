@@ -265,3 +265,23 @@ def test_the_shares_a_tag_is_on_for_count_the_cards_exclusions(tiny_data):
     assert shares(None) == [("x", 1.0, 1.0), ("y", 1.0, 1.0)]
     # "y" is off while "x" is on, as tagd publishes it: never on here
     assert shares({"y": ["x"]}) == [("x", 1.0, 1.0), ("y", 0.0, 0.0)]
+
+
+def test_evaluate_gives_a_card_written_before_exclusions_its_exclusions(tmp_path):
+    rng = np.random.default_rng(2)
+    clips = [
+        ((rng.standard_normal(300) * 4000).astype(np.int16), (i % 2,), ["valid", "test"][i % 2])
+        for i in range(12)
+    ]
+    data = make_prepared(tmp_path / "data", clips, tags=("speech", "instrumental"))
+    model = create_model("samplecnn", 2, width=0.125, n=3)
+    card = card_for_model(model, name="older", tags=data.tags)
+    card.excludes = {}  # as cards were written before exclusions
+    checkpoint = tmp_path / "best.pt"
+    entries = {"arch": model.arch, "hparams": model.hparams, "n_tags": 2, "tags": data.tags}
+    save_checkpoint(
+        checkpoint, {**entries, "state_dict": model.state_dict(), "card": card.to_dict()}
+    )
+    _, _, new_card = evaluate_checkpoint(checkpoint, data.root, progress=False)
+    assert new_card.excludes == {"instrumental": ["speech"]}
+    assert load_checkpoint(checkpoint)["card"]["excludes"] == {"instrumental": ["speech"]}

@@ -49,6 +49,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.data.dataset import DataError, PreparedData, to_float
+from trainer.data.tags import exclusions
 
 log = logging.getLogger(__name__)
 
@@ -526,6 +527,8 @@ def evaluate_checkpoint(
             f"{model.sample_rate} Hz; prepare the data again for this model"
         )
     card = card_from_checkpoint(checkpoint)
+    # a card written before exclusions gets them, as it gets the thresholds chosen here
+    card.excludes = card.excludes or exclusions(card.tags)
     evaluation = evaluate_model(
         model,
         data,
