@@ -32,4 +32,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints/ci.txt -e '.[train,dev]'
+# A real Triton server for tests/test_triton.py: tritonserver from the nvidia-pytriton
+# wheel, unpacked under ~/.cache/tagd/tritonserver (not installed: it pins numpy < 2)
+.venv/bin/python -m trainer.triton_local
 echo "installed: $(.venv/bin/python -c 'import tagd, torch, onnxruntime; print("tagd", tagd.__version__, "torch", torch.__version__, "onnxruntime", onnxruntime.__version__)')"

@@ -71,6 +71,8 @@ def _stream_name(name: str) -> str:
 def _beside_the_file(value: str, info: ValidationInfo) -> str:
     """A relative path in a config file is relative to that file's folder."""
     folder = (info.context or {}).get("config_folder")
+    if "://" in value:  # an engine URL (triton://HOST:PORT/MODEL), not a path
+        return value
     if value and folder is not None and not Path(value).is_absolute():
         return str(folder / value)
     return value
@@ -453,7 +455,8 @@ class ServeConfig(Table):
     engine: FilePath = Field(
         "",
         description="Model file: .onnx (ONNX Runtime), .plan or .engine (TensorRT), .pt "
-        "(PyTorch, for debugging); relative to the config file. Required, here or as --engine.",
+        "(PyTorch, for debugging); relative to the config file. Or Triton Inference Server: "
+        "`triton://HOST:PORT[,HOST:PORT…]/MODEL` (docs/triton.md). Required, here or as --engine.",
     )
     inputs: list[InputConfig] = Field(
         default_factory=list,

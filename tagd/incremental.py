@@ -28,12 +28,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tagd.card import ModelCard
 from tagd.engines.base import Engine, IncrementalEngine
 from tagd.scoring import FULL, INCREMENTAL, FullWindows, Scorer, UpdateCounter, WindowKey
+
+if TYPE_CHECKING:
+    from tagd.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +93,7 @@ class IncrementalRunner:
         state its first leaves instead of being primed."""
         engine = self.engines[instance]
         scores = np.empty((len(keys), engine.card.n_tags), dtype=np.float32)
-        for rows in _rounds(keys):
+        for rows in rounds(keys):
             follows = [self.continues(keys[row]) for row in rows]
             steps = [row for row, step in zip(rows, follows, strict=True) if step]
             primes = [row for row, step in zip(rows, follows, strict=True) if not step]
@@ -133,7 +137,7 @@ class IncrementalRunner:
         return len(self._carried)
 
 
-def _rounds(keys: Sequence[WindowKey]) -> list[list[int]]:
+def rounds(keys: Sequence[WindowKey]) -> list[list[int]]:
     """Rows of a batch in rounds: each stream's first window, then each one's second, …"""
     rounds: list[list[int]] = []
     seen: dict[str, int] = {}
@@ -156,12 +160,17 @@ def choose_scorer(
     hop_samples: int,
     incremental: bool = True,
     on_updates: UpdateCounter | None = None,
+    metrics: Metrics | None = None,
 ) -> Scorer:
     """How `tagd serve` and `tagd tag` score windows, one scorer over ``engines`` (one
     per instance): incremental inference when ``incremental`` is wanted (config
     ``incremental``, no ``--full-windows``) and the model has graphs for the hop, full
     windows otherwise, with the reason logged. EngineError when the card names graphs
-    for the hop that do not load."""
+    for the hop that do not load. A remote engine (``triton://``) keeps the streams'
+    state on its servers and brings its own scorer, which counts into ``metrics``."""
+    own_scorer = getattr(engines[0], "own_scorer", None)
+    if own_scorer is not None:
+        return own_scorer(hop_samples, incremental, on_updates, metrics)
     if not incremental:
         log.info(
             "incremental inference off (incremental = false / --full-windows): "

@@ -25,7 +25,15 @@ from tagd.asrun import ENDED_IDLE, ENDED_OFF, ENDED_STOP, AsRunLog, Record, Stre
 from tagd.batcher import Batcher, BatchResult
 from tagd.card import CardError, ModelCard
 from tagd.config import ServeConfig
-from tagd.engines import BACKENDS, Engine, EngineError, backend_of, load_engine, option_sections
+from tagd.engines import (
+    BACKENDS,
+    Engine,
+    EngineError,
+    backend_of,
+    engine_url_scheme,
+    load_engine,
+    option_sections,
+)
 from tagd.incremental import choose_scorer
 from tagd.metrics import Metrics, MetricsServer, Series
 from tagd.publish import (
@@ -214,7 +222,7 @@ class Server:
             raise StartupError(str(exc)) from None
 
     def _load_engine(self) -> None:
-        path = Path(self.config.engine)
+        path = self.config.engine  # a file, or a URL (triton://) that Path would mangle
         instances = self.config.batching.instances
         try:
             options = self._engine_options(backend_of(path), instances)
@@ -223,7 +231,11 @@ class Server:
             self.engine = self.engines[0]
             hop = resolve_hop(self.engine.card, self.config.hop_seconds)
             self.scorer = choose_scorer(
-                self.engines, hop, self.config.incremental, on_updates=self._count_updates
+                self.engines,
+                hop,
+                self.config.incremental,
+                on_updates=self._count_updates,
+                metrics=self.metrics,
             )
             # what the scorer runs, so the first live window pays nothing
             self.scorer.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
@@ -470,9 +482,24 @@ def trim_freed_memory() -> None:
 
 def check_startup(config: ServeConfig) -> ModelCard:
     """What --check-config knows without loading the model or binding a port: the model
-    file opens, its suffix names a backend, its card reads and is valid, and file inputs
-    exist. Raises StartupError with what `tagd serve` would fail on."""
-    path = Path(config.engine)
+    file opens, its suffix names a backend, its card reads and is valid (an engine URL's
+    card: from its servers), and file inputs exist. Raises StartupError with what `tagd
+    serve` would fail on."""
+    if engine_url_scheme(config.engine):
+        try:
+            card = backend_of(config.engine).read_card(config.engine)
+        except (EngineError, CardError) as exc:
+            reason = " ".join(str(exc).split())
+            raise StartupError(f"cannot load the engine {config.engine}: {reason}") from None
+    else:
+        card = _model_file_card(Path(config.engine))
+    for spec in config.inputs:
+        if spec.scheme == "file" and not Path(spec.address).is_file():
+            raise StartupError(f"input {spec.name}: no such file: {spec.address}")
+    return card
+
+
+def _model_file_card(path: Path) -> ModelCard:
     if not path.exists():
         raise StartupError(f"cannot load the engine {path}: model file not found: {path}")
     if path.suffix not in BACKENDS:
@@ -483,16 +510,12 @@ def check_startup(config: ServeConfig) -> ModelCard:
     try:
         with path.open("rb") as model:
             model.read(1)
-        card = backend_of(path).read_card(path)
+        return backend_of(path).read_card(path)
     except OSError as exc:
         raise StartupError(f"cannot load the engine {path}: {exc.strerror}") from None
     except CardError as exc:
         reason = " ".join(str(exc).split())
         raise StartupError(f"cannot load the engine {path}: {reason}") from None
-    for spec in config.inputs:
-        if spec.scheme == "file" and not Path(spec.address).is_file():
-            raise StartupError(f"input {spec.name}: no such file: {spec.address}")
-    return card
 
 
 def input_warnings(config: ServeConfig, card: ModelCard) -> list[str]:

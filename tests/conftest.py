@@ -69,3 +69,25 @@ def tagd():
     fake = FakeTagd()
     yield fake
     fake.close()
+
+
+@pytest.fixture(scope="module")
+def start_triton(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: ``start_triton(repository, models=None) -> LocalTriton``, a real
+    ``tritonserver`` (the nvidia-pytriton wheel's, trainer/triton_local.py) on loopback
+    with free ports, ready; killed when the test module ends."""
+    pytest.importorskip("tritonclient.grpc")
+    from trainer.triton_local import LocalTriton
+
+    folder = tmp_path_factory.mktemp("triton-logs")
+    started = []
+
+    def start(repository: Path, models: list[str] | None = None):
+        log = folder / f"tritonserver-{len(started)}.log"
+        server = LocalTriton(repository, models, log_path=log)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.kill()

@@ -656,6 +656,72 @@ def _read_tags(path: Path) -> list[str]:
     return tags
 
 
+@main.command("triton-repo")
+@click.argument("onnx_path", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--name", help="Triton model name (default: the card's); the incremental one adds _seq."
+)
+@click.option(
+    "--hop",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="The hop the incremental model steps by (default: the card's); the model needs "
+    "incremental graphs for it (`export --incremental-hop`).",
+)
+@click.option(
+    "--max-sequences",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Streams one server takes at once (the sequence batcher's candidates).",
+)
+@click.option(
+    "--idle-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="A stream silent this long is dropped by the server (at least 4 hops).",
+)
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--cpu", is_flag=True, help="The whole-window model on the CPU (KIND_CPU), not a GPU."
+)
+@friendly_errors
+def triton_repo(
+    onnx_path, out_dir, name, hop, max_sequences, idle_seconds, max_batch, instances, cpu
+):
+    """Write a Triton Inference Server model repository for an exported model.
+
+    Two models: NAME (whole windows, onnxruntime backend, dynamic batching) and NAME_seq
+    (incremental inference behind the sequence batcher, python backend); serve them with
+    `tritonserver --model-repository OUT_DIR` and `tagd serve --engine
+    triton://HOST:8001/NAME` (docs/triton.md).
+    """
+    from tagd.card import read_card
+    from trainer.triton_repo import write_repository
+
+    if not onnx_path.is_file():
+        raise click.ClickException(f"{onnx_path}: no such ONNX file; run `tagd-train export` first")
+    hop_samples = round(hop * read_card(onnx_path).sample_rate) if hop else None
+    written = write_repository(
+        onnx_path,
+        out_dir,
+        name=name,
+        hop_samples=hop_samples,
+        max_sequences=max_sequences,
+        idle_seconds=idle_seconds,
+        max_batch=max_batch,
+        instances=instances,
+        gpu=not cpu,
+    )
+    click.echo(
+        f"wrote {written.folder}: {written.full_model} (whole windows) and "
+        f"{written.sequence_model} (incremental, hop {written.hop_samples} samples)"
+    )
+
+
 @main.command("compile")
 @click.argument("onnx_path", type=click.Path(path_type=Path))
 @click.option(

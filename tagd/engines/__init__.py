@@ -1,7 +1,8 @@
 """Inference backends, chosen by model file suffix.
 
 ``load_engine("fcn4.onnx")`` → ONNX Runtime, ``.plan``/``.engine`` → TensorRT,
-``.pt`` → PyTorch (debugging). Each backend module imports its SDK lazily.
+``.pt`` → PyTorch (debugging); a URL by its scheme: ``triton://HOST:PORT/MODEL`` →
+Triton Inference Server. Each backend module imports its SDK lazily.
 """
 
 from __future__ import annotations
@@ -18,10 +19,28 @@ BACKENDS: dict[str, tuple[str, str]] = {
     ".engine": ("tagd.engines.tensorrt", "TensorRTEngine"),
     ".pt": ("tagd.engines.torch", "TorchEngine"),
 }
+# URL scheme → (module, class): engines on servers, not files
+URL_BACKENDS: dict[str, tuple[str, str]] = {
+    "triton": ("tagd.engines.triton", "TritonEngine"),
+}
+
+
+def engine_url_scheme(engine: str | Path) -> str | None:
+    """The scheme of an engine given as a URL (``triton://…``); None for a file."""
+    scheme, sep, _ = str(engine).partition("://")
+    return scheme if sep and scheme.isidentifier() else None
 
 
 def backend_of(path: str | Path) -> type[Engine]:
-    """The backend class for a model file; EngineError when it is missing or of no known type."""
+    """The backend class for a model file or URL; EngineError when it is missing or of no
+    known type."""
+    scheme = engine_url_scheme(path)
+    if scheme is not None:
+        if scheme not in URL_BACKENDS:
+            known = ", ".join(f"{s}://" for s in sorted(URL_BACKENDS))
+            raise EngineError(f"{path}: unknown engine URL scheme {scheme!r}; known: {known}")
+        module_name, class_name = URL_BACKENDS[scheme]
+        return getattr(importlib.import_module(module_name), class_name)
     path = Path(path)
     if not path.exists():
         raise EngineError(f"model file not found: {path}")
@@ -44,8 +63,10 @@ def option_sections() -> dict[str, list[str]]:
 
 
 def load_engine(path: str | Path, *, warmup: bool = True, **options) -> Engine:
-    """Load a model file with the backend its suffix names, check its card, warm it up."""
-    engine: Engine = backend_of(path).load(Path(path), **options)
+    """Load a model file with the backend its suffix names (or the engine a URL names),
+    check its card, warm it up."""
+    where = path if engine_url_scheme(path) else Path(path)
+    engine: Engine = backend_of(path).load(where, **options)
     if warmup:
         engine.warmup()
     return engine
@@ -57,9 +78,11 @@ def missing_sdk(package: str, extra: str) -> EngineError:
 
 __all__ = [
     "BACKENDS",
+    "URL_BACKENDS",
     "Engine",
     "EngineError",
     "backend_of",
+    "engine_url_scheme",
     "load_engine",
     "missing_sdk",
     "option_sections",

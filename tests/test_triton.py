@@ -1,0 +1,329 @@
+"""Triton Inference Server: the repository `tagd-train triton-repo` writes, served by a real
+``tritonserver`` (the nvidia-pytriton wheel's, CPU only), and tagd's ``triton://`` engine
+against it: scores equal to full windows, streams spread over servers, failover, END.
+
+The wheel has only the python backend: these tests serve the incremental model
+(``<name>_seq``); the whole-window model's onnxruntime config is checked as text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from audio_fixtures import make_music
+from prometheus_client import CollectorRegistry
+from support import (
+    SHORT_FCN,
+    Listener,
+    free_port,
+    make_config,
+    metric_sample,
+    s16le,
+    scrape,
+    send_chunked,
+    serving,
+)
+
+pytest.importorskip("tritonclient.grpc")
+torch = pytest.importorskip("torch")
+
+from tagd.card import read_card  # noqa: E402
+from tagd.engines import EngineError, backend_of, load_engine  # noqa: E402
+from tagd.engines.triton import TritonEngine, TritonURL  # noqa: E402
+from tagd.incremental import choose_scorer  # noqa: E402
+from tagd.metrics import Metrics  # noqa: E402
+from tagd.scoring import FULL, INCREMENTAL, WindowAt  # noqa: E402
+from tagd.server import check_startup  # noqa: E402
+from trainer.export import export_onnx, run_onnxruntime  # noqa: E402
+from trainer.models import create_model  # noqa: E402
+from trainer.triton_repo import write_repository  # noqa: E402
+
+TOLERANCE = 1e-4  # the export's parity tolerance
+HOP = 16 * 256  # every block of the 2 s FCN-4 reusable (tests/test_incremental.py's SHORT_HOP)
+STREAMS = 8
+HOPS = 10
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    net = create_model("fcn4", 6, width=0.125, **SHORT_FCN)
+    path = tmp_path_factory.mktemp("triton-model") / "short.onnx"
+    export_onnx(net, path, name="short", incremental_hops=(HOP,))
+    return path
+
+
+@pytest.fixture(scope="module")
+def repository(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("triton-repo")
+    write_repository(model, folder, hop_samples=HOP, max_sequences=64, gpu=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(repository, start_triton):
+    return start_triton(repository, ["short_seq"])
+
+
+@pytest.fixture(scope="module")
+def audio(model):
+    card = read_card(model)
+    rng = np.random.default_rng(3)
+    length = card.window_samples + HOPS * HOP
+    return 0.1 * rng.standard_normal((STREAMS, length)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def expected(model, audio):
+    """Full windows' scores [stream, hop, tag] from ONNX Runtime on the exported model."""
+    window = read_card(model).window_samples
+    return np.stack(
+        [
+            run_onnxruntime(model, np.stack([a[k * HOP : k * HOP + window] for k in range(HOPS)]))
+            for a in audio
+        ]
+    )
+
+
+def scorer_on(url: str, metrics: Metrics | None = None, incremental: bool = True):
+    engine = load_engine(url, warmup=False)
+    counts = {INCREMENTAL: 0, FULL: 0}
+
+    def count(mode: str, n: int) -> None:
+        counts[mode] += n
+
+    scorer = choose_scorer([engine], HOP, incremental, on_updates=count, metrics=metrics)
+    scorer.warmup()
+    return scorer, counts
+
+
+def stream_hops(scorer, audio, hops, names, epoch=0):
+    """Each stream's windows at ``hops``, all streams in one batch a hop: scores
+    [stream, hop, tag]."""
+    window = scorer.card.window_samples
+    out = np.zeros((len(names), len(hops), scorer.card.n_tags), np.float32)
+    for j, k in enumerate(hops):
+        keys = [WindowAt(name, epoch, k * HOP) for name in names]
+        batch = np.stack([audio[i, k * HOP : k * HOP + window] for i in range(len(names))])
+        out[:, j] = scorer.run(keys, batch)
+    return out
+
+
+def sample(metrics: Metrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+# -- the repository ---------------------------------------------------------------------------
+def test_repository_has_both_models_with_the_sequence_batcher_settings(repository, model):
+    card = read_card(model)
+    full = (repository / "short" / "config.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in full and "dynamic_batching" in full
+    assert f"dims: [ {card.window_samples} ]" in full and "KIND_CPU" in full
+    assert (repository / "short" / "1" / "model.onnx").read_bytes() == model.read_bytes()
+    sequence = (repository / "short_seq" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in sequence and "oldest {" in sequence
+    assert "max_candidate_sequences: 64" in sequence
+    for control in ("START", "END", "CORRID"):
+        assert f"CONTROL_SEQUENCE_{control}" in sequence
+    idle_us = int(re.search(r"max_sequence_idle_microseconds: (\d+)", sequence).group(1))
+    assert idle_us >= 4 * HOP / card.sample_rate * 1e6  # not Triton's 1 s default
+    for name in ("short", "short_seq"):
+        assert json.loads((repository / name / "card.json").read_text()) == card.to_dict()
+    files = sorted(p.name for p in (repository / "short_seq" / "1").iterdir())
+    assert files == ["model.py", "prime.onnx", "step.onnx"]
+
+
+def test_triton_repo_command_needs_graphs_for_the_hop(model, tmp_path):
+    command = [sys.executable, "-m", "trainer.cli", "triton-repo", str(model), str(tmp_path)]
+    wrong = subprocess.run([*command, "--hop", "0.3"], capture_output=True, text=True)
+    assert wrong.returncode == 1 and "--incremental-hop 0.3" in wrong.stderr
+    right = subprocess.run(
+        [*command, "--hop", str(HOP / 12_000)], capture_output=True, text=True, check=True
+    )
+    assert "short_seq (incremental, hop 4096 samples)" in right.stdout
+
+
+# -- scores -----------------------------------------------------------------------------------
+def test_scores_through_the_sequence_batcher_equal_full_windows(server, audio, expected):
+    metrics = Metrics(CollectorRegistry())
+    scorer, counts = scorer_on(f"triton://{server.grpc_url}/short", metrics)
+    assert scorer.mode == INCREMENTAL and "Triton" in scorer.describe()
+    names = [f"s{i}" for i in range(STREAMS)]
+    got = stream_hops(scorer, audio, range(HOPS), names)
+    assert np.max(np.abs(got - expected)) <= TOLERANCE
+    assert counts == {FULL: STREAMS, INCREMENTAL: STREAMS * (HOPS - 1)}
+    # the wire: a whole window to start, then the hop's samples only
+    window = scorer.card.window_samples
+    sent = sample(metrics, "tagd_triton_sent_bytes_total", server=server.grpc_url)
+    warmup = window * 4
+    assert sent - warmup == 4 * STREAMS * (window + (HOPS - 1) * HOP)
+    assert HOP / window <= 1 / 5
+    assert (
+        sample(metrics, "tagd_triton_sequence_starts_total", server=server.grpc_url, reason="first")
+        == STREAMS
+    )
+    assert (
+        sample(metrics, "tagd_triton_round_trip_seconds_count", server=server.grpc_url)
+        >= STREAMS * HOPS
+    )
+
+
+def test_a_break_in_the_chain_starts_again_and_stays_exact(server, audio, expected):
+    metrics = Metrics(CollectorRegistry())
+    scorer, counts = scorer_on(f"triton://{server.grpc_url}/short_seq", metrics)
+    got = stream_hops(scorer, audio, [0, 1, 2, 5, 6, 7], ["gap"])  # windows 3, 4 dropped
+    assert np.max(np.abs(got[0] - expected[0, [0, 1, 2, 5, 6, 7]])) <= TOLERANCE
+    assert counts == {FULL: 2, INCREMENTAL: 4}
+    assert (
+        sample(metrics, "tagd_triton_sequence_starts_total", server=server.grpc_url, reason="break")
+        == 1
+    )
+
+
+def test_two_front_ends_share_one_server(server, audio, expected):
+    one, _ = scorer_on(f"triton://{server.grpc_url}/short")
+    two, _ = scorer_on(f"triton://{server.grpc_url}/short")
+    names = ["radio1", "radio2"]  # the same stream names on both: different sequences
+    for k in range(4):
+        for scorer in (one, two):
+            got = stream_hops(scorer, audio, [k], names)
+            assert np.max(np.abs(got[:, 0] - expected[:2, k])) <= TOLERANCE
+
+
+def test_full_windows_when_incremental_is_off(server, audio, expected):
+    scorer, counts = scorer_on(f"triton://{server.grpc_url}/short", incremental=False)
+    assert scorer.mode == FULL and not scorer.continues(WindowAt("s0", 0, 0))
+    got = stream_hops(scorer, audio, range(3), ["s0", "s1"])
+    assert np.max(np.abs(got - expected[:2, :3])) <= TOLERANCE
+    assert counts == {FULL: 6, INCREMENTAL: 0}
+
+
+def test_eviction_ends_the_sequence_on_the_server(server, audio):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    scorer, _ = scorer_on(f"triton://{server.grpc_url}/short")
+    stream_hops(scorer, audio, [0, 1], ["evicted"])
+    sequence = scorer._ids["evicted"]
+    scorer.forget("evicted")
+    assert scorer.streams_held == 0 and "evicted" not in scorer._ids
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    hop = grpcclient.InferInput("audio", [1, HOP], "FP32")
+    hop.set_data_from_numpy(audio[:1, :HOP])
+    refusal = None
+    for _ in range(50):  # the END goes without waiting for its answer: allow it a moment
+        try:
+            client.infer("short_seq", [hop], sequence_id=sequence)  # still held
+        except InferenceServerException as exc:
+            refusal = str(exc)
+            break
+        time.sleep(0.05)
+    assert refusal is not None and "must specify the START flag" in refusal
+
+
+def test_a_server_absent_at_start_gets_no_streams(server, audio, expected):
+    absent = f"127.0.0.1:{free_port()}"
+    metrics = Metrics(CollectorRegistry())
+    scorer, _ = scorer_on(f"triton://{absent},{server.grpc_url}/short?retry=60", metrics)
+    names = [f"s{i}" for i in range(STREAMS)]
+    got = stream_hops(scorer, audio, range(3), names)
+    assert np.max(np.abs(got - expected[:, :3])) <= TOLERANCE
+    assert sample(metrics, "tagd_triton_server_up", server=absent) == 0
+    assert sample(metrics, "tagd_triton_requests_total", server=absent) == 1  # the warm-up
+
+
+def test_no_server_at_all_is_a_clear_error():
+    with pytest.raises(EngineError, match="no Triton server serves short"):
+        load_engine(f"triton://127.0.0.1:{free_port()}/short", warmup=False)
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("triton://a:8001", "not a Triton URL"),
+        ("triton://a/fcn4", "not HOST:PORT"),
+        ("triton://a:1,a:1/fcn4", "named twice"),
+        ("triton://a:1/fcn4?wait=3", "unknown options wait"),
+        ("triton://a:1/fcn4?timeout=-1", "must be positive"),
+    ],
+)
+def test_bad_urls_say_what_is_wrong(url, message):
+    with pytest.raises(EngineError, match=message):
+        TritonURL.parse(url)
+
+
+def test_the_registry_knows_the_scheme():
+    assert backend_of("triton://a:8001/fcn4") is TritonEngine
+    with pytest.raises(EngineError, match="unknown engine URL scheme 'grpc'"):
+        backend_of("grpc://a:8001/fcn4")
+
+
+# -- failover ---------------------------------------------------------------------------------
+def test_a_killed_server_streams_move_and_stay_exact(repository, start_triton, audio, expected):
+    first = start_triton(repository, ["short_seq"])
+    second = start_triton(repository, ["short_seq"])
+    metrics = Metrics(CollectorRegistry())
+    scorer, counts = scorer_on(f"triton://{first.grpc_url},{second.grpc_url}/short", metrics)
+    names = [f"s{i}" for i in range(STREAMS)]
+    before = stream_hops(scorer, audio, range(3), names)
+    owners = {name: scorer._chains[name].server.address for name in names}
+    on_first = [n for n in names if owners[n] == first.grpc_url]
+    assert on_first and len(on_first) < STREAMS  # the ring spreads the streams
+    first.kill()
+    after = stream_hops(scorer, audio, range(3, HOPS), names)
+    got = np.concatenate([before, after], axis=1)
+    assert np.max(np.abs(got - expected)) <= TOLERANCE  # no window lost, none wrong
+    assert all(scorer._chains[n].server.address == second.grpc_url for n in names)
+    moved = sample(
+        metrics, "tagd_triton_sequence_starts_total", server=second.grpc_url, reason="moved"
+    )
+    assert moved == len(on_first)  # the others went on stepping: not started again
+    assert counts[FULL] == STREAMS + len(on_first)
+    assert (
+        sample(metrics, "tagd_triton_failures_total", server=first.grpc_url, reason="unreachable")
+        >= 1
+    )
+    assert sample(metrics, "tagd_triton_server_up", server=first.grpc_url) == 0
+
+
+# -- tagd serve -------------------------------------------------------------------------------
+def serve_scores(engine: str, payload: bytes) -> tuple[dict, str]:
+    port = free_port()
+    config = make_config(engine, [f"zmq+pull://127.0.0.1:{port}"])
+    config.batching.max_pending_per_stream = 1000
+    config.hop_seconds = HOP / 12_000
+    with serving(config) as daemon:
+        listener = Listener(daemon, "tags.")
+        send_chunked(
+            f"tcp://127.0.0.1:{port}", {"a": (payload, 4000), "b": (payload, 1684)}, 12_000
+        )
+        listener.collect(until_quiet=1.0)
+        listener.close()
+        _, metrics = scrape(daemon)
+    scores = {(name, m["seq"]): m["scores"] for name in "ab" for m in listener.on(f"tags.{name}")}
+    return scores, metrics
+
+
+def test_tagd_serve_through_triton_publishes_the_local_engines_scores(server, model):
+    url = f"triton://{server.grpc_url}/short"
+    assert check_startup(make_config(url, ["zmq+pull://127.0.0.1:5999"])) == read_card(model)
+    audio = make_music(5.0, 12_000, seed=4)
+    payload = s16le(np.stack([audio, audio], axis=1))
+    remote, metrics = serve_scores(url, payload)
+    local, _ = serve_scores(str(model), payload)
+    assert len(remote) >= 2 * 8 and remote.keys() == local.keys()
+    for key, scores in local.items():
+        assert max(abs(scores[t] - remote[key][t]) for t in scores) <= TOLERANCE + 1e-6, key
+    assert (
+        metric_sample(metrics, "tagd_engine_info", inference="incremental", backend="triton") == 1
+    )
+    assert (
+        metric_sample(metrics, "tagd_window_updates_total", mode="incremental") == len(remote) - 2
+    )
+    assert metric_sample(metrics, "tagd_triton_server_up", server=server.grpc_url) == 1
