@@ -1,0 +1,244 @@
+"""How close timeline boundaries are: `tagd tag --timeline` and `tagd serve` on a broadcast.
+
+    .venv/bin/python bench/timeline.py --engine demo/fcn5.onnx [--minutes 10] [--long-minutes 30]
+
+1. Builds a broadcast-like programme whose true timeline is known: music rendered by the
+   trainer (trainer/data/rendered.py: General MIDI through FluidSynth) for 20-90 s,
+   taking turns with espeak-ng speech for 10-40 s, every other speech turn over a music
+   bed (ducked, as a presenter over a bed). Speech, with or without a bed, is "speech";
+   the rest "music".
+2. Runs `tagd tag --timeline --tags speech` on it, and `tagd serve` fed by ffmpeg in real
+   time (``-re``) into its as-run log (``--asrun``), read back with `tagd log`; the
+   serve times are placed on the file's clock from when ffmpeg was started.
+3. Prints, for both: each true speech/music boundary's distance to the nearest speech
+   boundary found (median, p90), the frame accuracy (0.1 s frames, speech or not), and
+   how far the two timelines agree with each other.
+4. Loops the programme to ``--long-minutes`` (an mp3) and prints peak RSS and wall time
+   of `tagd tag --timeline` against plain `tagd tag` on that file, in the same run.
+
+It needs a model with a ``speech`` tag that hears speech: README's first steps make one
+(demo/fcn5.onnx). The CPU is printed (lscpu's model name); only figures of one run compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # support: free ports
+
+from support import free_port  # noqa: E402
+
+from trainer.data import rendered  # noqa: E402
+
+RATE = 22_050  # the programme's rate; ffmpeg and tagd resample it as a station's audio
+MUSIC_S = (20.0, 90.0)
+SPEECH_S = (10.0, 40.0)
+FRAME_S = 0.1  # frame accuracy's resolution
+TAGD = [sys.executable, "-m", "tagd.cli"]
+
+
+# -- the programme ------------------------------------------------------------------------------
+def music_piece(number: int, seed: int, seconds: float) -> rendered.Piece:
+    """A composed piece with notes and no voice (the next number that has notes)."""
+    while True:
+        piece = rendered.compose(number, seed, seconds)
+        if piece.tracks:
+            return dataclasses.replace(piece, speech="", recorded_voice=None, recorded_music=None)
+        number += 1
+
+
+def build_programme(minutes: float, seed: int, path: Path) -> list[tuple[float, float]]:
+    """Write the programme to ``path``; return its true speech intervals (seconds)."""
+    rng = np.random.default_rng(seed)
+    parts, speech, at, turn = [], [], 0.0, 0
+    while at < minutes * 60:
+        talking = turn % 2 == 1
+        seconds = float(rng.uniform(*(SPEECH_S if talking else MUSIC_S)))
+        piece = music_piece(1000 * seed + turn, seed, seconds)
+        if talking:
+            words = rendered._sentences(rng, seconds)
+            bed = turn % 4 == 3  # every other speech turn over a music bed
+            piece = dataclasses.replace(piece, speech=words, tracks=piece.tracks if bed else ())
+            speech.append((at, at + seconds))
+        audio = rendered.render(piece, seconds, RATE)
+        parts.append(audio.astype(np.float32))
+        at += seconds
+        turn += 1
+        print(f"  rendered {at / 60:5.1f} of {minutes:.1f} min", end="\r", file=sys.stderr)
+    print(file=sys.stderr)
+    soundfile.write(path, np.concatenate(parts), RATE)
+    return speech
+
+
+# -- measuring ----------------------------------------------------------------------------------
+def boundaries(intervals: list[tuple[float, float]], duration: float) -> list[float]:
+    """The edges of ``intervals`` that lie inside the file (not its start or end)."""
+    return [t for interval in intervals for t in interval if 0.0 < t < duration - 1e-6]
+
+
+def boundary_errors(truth: list[tuple[float, float]], found, duration: float) -> list[float]:
+    found_edges = boundaries(found, duration)
+    if not found_edges:
+        return [float("inf")] * len(boundaries(truth, duration))
+    edges = np.asarray(found_edges)
+    return [float(np.min(np.abs(edges - t))) for t in boundaries(truth, duration)]
+
+
+def frames(intervals, duration: float) -> np.ndarray:
+    marks = np.zeros(int(duration / FRAME_S), dtype=bool)
+    centres = (np.arange(len(marks)) + 0.5) * FRAME_S
+    for start, end in intervals:
+        marks |= (centres >= start) & (centres < end)
+    return marks
+
+
+def figures(truth, found, duration: float) -> dict:
+    errors = boundary_errors(truth, found, duration)
+    accuracy = float(np.mean(frames(truth, duration) == frames(found, duration)))
+    return {
+        "segments": len(found),
+        "true_segments": len(truth),
+        "boundary_median_s": float(np.median(errors)) if errors else None,
+        "boundary_p90_s": float(np.percentile(errors, 90)) if errors else None,
+        "frame_accuracy": accuracy,
+    }
+
+
+# -- the two commands ---------------------------------------------------------------------------
+def tag_timeline(engine: Path, path: Path, hop: str | None) -> list[tuple[float, float]]:
+    command = [*TAGD, "tag", str(path), "--engine", str(engine), "--timeline"]
+    command += ["--format", "jsonl", "--tags", "speech", *(["--hop", hop] if hop else [])]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
+    return [(r["start"], r["end"]) for r in map(json.loads, result.stdout.splitlines())]
+
+
+def serve_timeline(engine: Path, path: Path, hop: str | None, folder: Path) -> list:
+    """`tagd serve` with an as-run log, fed by ffmpeg -re; the speech segments on the
+    file's clock (the log's wall-clock times less when ffmpeg started)."""
+    port = free_port()
+    asrun = folder / "asrun.db"
+    url = f"zmq+raw://127.0.0.1:{port}?format=s16le&rate=44100&channels=2&stream=radio1"
+    serve = [*TAGD, "serve", "--engine", str(engine), "--input", url, "--asrun", str(asrun)]
+    serve += ["--publish", f"tcp://127.0.0.1:{free_port()}", "--metrics", "off"]
+    serve += ["--log-level", "info", *(["--hop", hop] if hop else [])]
+    daemon = subprocess.Popen(serve, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    assert daemon.stderr is not None
+    for line in daemon.stderr:  # its SUB connects before ffmpeg's PUB sends
+        if "ready" in line:
+            break
+    else:
+        raise RuntimeError("tagd serve did not start")
+    started = time.time()
+    feed = ["ffmpeg", "-v", "error", "-re", "-i", str(path), "-f", "s16le", "-ar", "44100"]
+    subprocess.run([*feed, "-ac", "2", f"zmq:tcp://127.0.0.1:{port}"], check=True)
+    time.sleep(1.0)
+    daemon.terminate()  # SIGTERM: open segments are written, ended "stop"
+    daemon.wait(timeout=60)
+    log = [*TAGD, "log", "radio1", "--db", str(asrun), "--format", "jsonl"]
+    result = subprocess.run(log, capture_output=True, text=True, check=True, cwd=REPO)
+    found = []
+    for record in map(json.loads, result.stdout.splitlines()):
+        if record["tag"] == "speech":
+            found.append((unix(record["start"]) - started, unix(record["end"]) - started))
+    return found
+
+
+def unix(value) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def agreement(a, b, duration: float) -> dict:
+    errors = boundary_errors(a, b, duration)
+    return {
+        "same_count": len(a) == len(b),
+        "boundary_median_s": float(np.median(errors)) if errors else None,
+        "boundary_max_s": float(np.max(errors)) if errors else None,
+        "frame_agreement": float(np.mean(frames(a, duration) == frames(b, duration))),
+    }
+
+
+def peak_rss_and_time(command: list[str]) -> tuple[float, float]:
+    """MB and seconds of ``command`` run in a fresh wrapper (its own children's peak)."""
+    wrapper = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, *command], capture_output=True, text=True, check=True
+    )
+    seconds, rss_kb = out.stdout.split()
+    return float(rss_kb) / 1024, float(seconds)
+
+
+def cpu_name() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")]
+        return f"{names[0]}, {os.cpu_count()} CPUs" if names else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", type=Path, required=True, help="a model with a speech tag")
+    parser.add_argument("--minutes", type=float, default=10.0, help="the programme's length")
+    parser.add_argument("--long-minutes", type=float, default=180.0, help="0: skip")
+    parser.add_argument("--hop", default=None, help="seconds between windows [the card's]")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--no-serve", action="store_true", help="skip the real-time run")
+    args = parser.parse_args()
+
+    print(f"CPU: {cpu_name()}; model {args.engine}; hop {args.hop or 'the card'}'s")
+    with tempfile.TemporaryDirectory(prefix="tagd-timeline-") as tmp:
+        folder = Path(tmp)
+        programme = folder / "programme.wav"
+        truth = build_programme(args.minutes, args.seed, programme)
+        duration = soundfile.info(programme).duration
+        print(f"programme: {duration / 60:.1f} min, {len(truth)} speech turns")
+        tagged = tag_timeline(args.engine, programme, args.hop)
+        print("tagd tag --timeline:", json.dumps(figures(truth, tagged, duration)))
+        if not args.no_serve:
+            served = serve_timeline(args.engine, programme, args.hop, folder)
+            print("tagd serve (as-run):", json.dumps(figures(truth, served, duration)))
+            print("serve vs tag:", json.dumps(agreement(tagged, served, duration)))
+        if args.long_minutes:
+            long_file = folder / "long.mp3"
+            loops = int(args.long_minutes * 60 // duration) + 1
+            subprocess.run(
+                ["ffmpeg", "-v", "error", "-stream_loop", str(loops), "-i", str(programme)]
+                + ["-t", str(args.long_minutes * 60), "-b:a", "128k", str(long_file)],
+                check=True,
+            )
+            base = [*TAGD, "tag", str(long_file), "--engine", str(args.engine)]
+            base += ["--hop", args.hop] if args.hop else []
+            plain_mb, plain_s = peak_rss_and_time(base)
+            timeline_mb, timeline_s = peak_rss_and_time([*base, "--timeline"])
+            print(
+                f"{args.long_minutes:.0f} min mp3: tagd tag {plain_s:.1f} s, {plain_mb:.0f} MB peak; "
+                f"--timeline {timeline_s:.1f} s ({timeline_s / plain_s - 1:+.1%}), "
+                f"{timeline_mb:.0f} MB peak"
+            )
+
+
+if __name__ == "__main__":
+    main()
