@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -366,3 +367,28 @@ def test_the_triton_compose_override_wires_two_front_ends_to_the_server():
     dockerfile = DEPLOY / "docker" / "Dockerfile.triton"
     result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_hung_server_streams_move_after_the_timeout(repository, start_triton, audio, expected):
+    first = start_triton(repository, ["short_seq"])
+    second = start_triton(repository, ["short_seq"])
+    metrics = Metrics(CollectorRegistry())
+    url = f"triton://{first.grpc_url},{second.grpc_url}/short?timeout=1&retry=60"
+    scorer, _ = scorer_on(url, metrics)
+    names = [f"s{i}" for i in range(STREAMS)]
+    before = stream_hops(scorer, audio, range(2), names)
+    first.process.send_signal(signal.SIGSTOP)  # alive, silent: no connection refused
+    try:
+        started = time.monotonic()
+        after = stream_hops(scorer, audio, range(2, 4), names)
+        waited = time.monotonic() - started
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+    got = np.concatenate([before, after], axis=1)
+    assert np.max(np.abs(got - expected[:, :4])) <= TOLERANCE
+    assert all(scorer._chains[n].server.address == second.grpc_url for n in names)
+    assert waited >= 1.0  # the hung server was given its timeout before its streams moved
+    assert (
+        sample(metrics, "tagd_triton_failures_total", server=first.grpc_url, reason="unreachable")
+        >= 1
+    )
