@@ -145,9 +145,30 @@ def test_triton_repo_command_needs_graphs_for_the_hop(model, tmp_path):
     wrong = subprocess.run([*command, "--hop", "0.3"], capture_output=True, text=True)
     assert wrong.returncode == 1 and "--incremental-hop 0.3" in wrong.stderr
     right = subprocess.run(
-        [*command, "--hop", str(HOP / 12_000)], capture_output=True, text=True, check=True
+        [*command, "--hop", str(HOP / 12_000), "--implicit-state"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "short_seq (incremental, hop 4096 samples)" in right.stdout
+    assert "short_state (implicit state; max abs diff from full windows" in right.stdout
+
+
+def test_the_implicit_state_model_equals_full_windows_on_onnx_runtime(model, tmp_path, audio):
+    from trainer.triton_state import check_implicit_state, state_specs
+
+    written = write_repository(model, tmp_path, hop_samples=HOP, implicit_state=True)
+    assert written.state_model == "short_state" and written.state_max_abs_diff <= TOLERANCE
+    card = read_card(model)
+    specs = state_specs(card, card.incremental_graph(HOP))
+    graph = tmp_path / "short_state" / "1" / "model.onnx"
+    # 8 streams over every hop, a restart half-way on stale state: as Triton would run it
+    assert check_implicit_state(graph, model, card, specs, HOP, audio) <= TOLERANCE
+    config = (tmp_path / "short_state" / "config.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in config and "sequence_batching" in config
+    for spec in specs:
+        assert f'input_name: "{spec.input_name}" output_name: "{spec.output_name}"' in config
+    assert "zero_data: true" in config and "CONTROL_SEQUENCE" not in config
 
 
 # -- scores -----------------------------------------------------------------------------------

@@ -688,9 +688,24 @@ def _read_tags(path: Path) -> list[str]:
 @click.option(
     "--cpu", is_flag=True, help="The whole-window model on the CPU (KIND_CPU), not a GPU."
 )
+@click.option(
+    "--implicit-state",
+    is_flag=True,
+    help="Also NAME_state: incremental on Triton's implicit state, for the onnxruntime "
+    "backend (checked against full windows as it is written).",
+)
 @friendly_errors
 def triton_repo(
-    onnx_path, out_dir, name, hop, max_sequences, idle_seconds, max_batch, instances, cpu
+    onnx_path,
+    out_dir,
+    name,
+    hop,
+    max_sequences,
+    idle_seconds,
+    max_batch,
+    instances,
+    cpu,
+    implicit_state,
 ):
     """Write a Triton Inference Server model repository for an exported model.
 
@@ -715,11 +730,17 @@ def triton_repo(
         max_batch=max_batch,
         instances=instances,
         gpu=not cpu,
+        implicit_state=implicit_state,
     )
     click.echo(
         f"wrote {written.folder}: {written.full_model} (whole windows) and "
         f"{written.sequence_model} (incremental, hop {written.hop_samples} samples)"
     )
+    if written.state_model:
+        click.echo(
+            f"  and {written.state_model} (implicit state; max abs diff from full windows "
+            f"{written.state_max_abs_diff:.1e})"
+        )
 
 
 @main.command("compile")

@@ -13,6 +13,10 @@ loads as it is, two models named from the card (or ``name``):
   sequences of different streams batch together, one request of each in flight), the
   START / END / CORRID controls, an idle timeout well above the hop, and room for
   ``max_sequences`` streams at once. Runs anywhere, CPU included.
+- ``<name>_state`` (``implicit_state=True``): the same behind Triton's implicit state, for
+  the onnxruntime (and tensorrt) backends: one graph that primes a START batch and steps
+  the others (trainer/triton_state.py), checked against full windows with ONNX Runtime as
+  it is written. The wheel the tests run cannot serve it (no onnxruntime backend).
 
 Each model's card is ``card.json`` in its folder and, for the clients, the config
 parameter ``tagd.card`` (tagd.engines.triton reads it with the model's config).
@@ -26,12 +30,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tagd.card import GRAPH_NAMES, CardError, ModelCard, read_card
+from tagd.card import GRAPH_NAMES, CardError, HopGraphs, ModelCard, read_card
 
 log = logging.getLogger(__name__)
 
 CARD_PARAMETER = "tagd.card"  # the config parameter holding the model card's JSON
 SEQUENCE_SUFFIX = "_seq"  # <name>_seq: the incremental model
+STATE_SUFFIX = "_state"  # <name>_state: the incremental model on implicit state
+IMPLICIT_STATE_TOLERANCE = 1e-4  # the export's parity tolerance
+IMPLICIT_STATE_CHECK_HOPS = 6
 MODEL_SOURCE = Path(__file__).with_name("triton_model.py")
 
 # Streams one server takes at once. A radio stream never ENDs: one past this many waits
@@ -51,6 +58,8 @@ class TritonRepository:
     full_model: str  # whole windows, onnxruntime backend
     sequence_model: str  # incremental, python backend
     hop_samples: int
+    state_model: str | None = None  # incremental, implicit state (onnxruntime backend)
+    state_max_abs_diff: float | None = None  # its check against full windows
 
 
 def write_repository(
@@ -65,6 +74,7 @@ def write_repository(
     instances: int = 1,
     gpu: bool = True,
     threads: int = 0,
+    implicit_state: bool = False,
 ) -> TritonRepository:
     """Write the two models of an exported ONNX model (with its incremental graphs for
     ``hop_samples``, the card's hop by default) into ``folder``.
@@ -126,7 +136,92 @@ def write_repository(
         )
     )
     log.info("wrote Triton models %s and %s into %s", name, sequence_name, folder)
-    return TritonRepository(folder, name, sequence_name, hop)
+    written = TritonRepository(folder, name, sequence_name, hop)
+    if implicit_state:
+        written.state_model = name + STATE_SUFFIX
+        written.state_max_abs_diff = write_state_model(
+            model_path,
+            folder / written.state_model,
+            card,
+            graph,
+            parameters={k: parameters[k] for k in ("window_samples", "hop_samples", "n_tags")},
+            max_sequences=max_sequences,
+            idle_seconds=idle_seconds,
+            max_batch=max_batch,
+            instances=instances,
+            gpu=gpu,
+        )
+    return written
+
+
+def write_state_model(
+    model_path: Path,
+    folder: Path,
+    card: ModelCard,
+    graph: HopGraphs,
+    *,
+    parameters: dict[str, str],
+    max_sequences: int,
+    idle_seconds: float,
+    max_batch: int,
+    instances: int,
+    gpu: bool,
+) -> float:
+    """The implicit-state model: its graph, checked against full windows (ExportError
+    beyond the tolerance), card and config; the check's max abs difference."""
+    from trainer.export import ExportError, probe_audio
+    from trainer.triton_state import check_implicit_state, implicit_state_graph
+
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    combined = folder / "1" / "model.onnx"
+    specs = implicit_state_graph(
+        card,
+        graph,
+        model_path.with_name(graph.prime),
+        model_path.with_name(graph.step),
+        combined,
+    )
+    audio = probe_audio(
+        2, card.window_samples + IMPLICIT_STATE_CHECK_HOPS * graph.hop_samples, card.sample_rate
+    )
+    worst = check_implicit_state(combined, model_path, card, specs, graph.hop_samples, audio)
+    if not worst <= IMPLICIT_STATE_TOLERANCE:
+        raise ExportError(
+            f"{combined}: the implicit-state graph disagrees with full windows by {worst:.3g}"
+        )
+    log.info("implicit-state graph vs full windows (ONNX Runtime): max abs diff %.2e", worst)
+    card.save(folder / "card.json")
+    states = ",\n".join(
+        f'    {{ input_name: "{s.input_name}" output_name: "{s.output_name}" '
+        f"data_type: TYPE_FP32 dims: [ {', '.join(map(str, s.dims))} ] "
+        f"initial_state: [ {{ data_type: TYPE_FP32 dims: [ {', '.join(map(str, s.dims))} ] "
+        f'zero_data: true name: "zeros" }} ] }}'
+        for s in specs
+    )
+    kind = "KIND_GPU" if gpu else "KIND_CPU"
+    (folder / "config.pbtxt").write_text(f"""name: "{folder.name}"
+backend: "onnxruntime"
+max_batch_size: {max_batch}
+input [
+  {{ name: "audio" data_type: TYPE_FP32 dims: [ -1 ] }}
+]
+output [
+  {{ name: "{GRAPH_NAMES.scores}" data_type: TYPE_FP32 dims: [ {card.n_tags} ] }}
+]
+sequence_batching {{
+  max_sequence_idle_microseconds: {round(idle_seconds * 1e6)}
+  oldest {{
+    max_candidate_sequences: {max_sequences}
+    max_queue_delay_microseconds: {QUEUE_DELAY_US}
+  }}
+  state [
+{states}
+  ]
+}}
+instance_group [ {{ kind: {kind} count: {instances} }} ]
+{_parameters({**parameters, CARD_PARAMETER: card.to_json()})}
+""")
+    return worst
 
 
 def full_window_config(

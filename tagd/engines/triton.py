@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 SCHEME = "triton"
 CARD_PARAMETER = "tagd.card"  # trainer.triton_repo writes the card there
 SEQUENCE_SUFFIX = "_seq"
+STATE_SUFFIX = "_state"  # the incremental model on Triton's implicit state
 SEQUENCE_INPUT = "audio"
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_RETRY_S = 5.0
@@ -164,11 +165,14 @@ class _Models:
     full: str | None  # whole windows, `waveform` → `scores`
     sequence: str | None  # incremental, `audio` (+ controls) → `scores`
     sequence_hop: int | None  # the hop the sequence model steps by
+    # the server keeps the state (sequence_batching.state): an END must carry a window
+    implicit_state: bool = False
 
 
 def _find_models(servers: list[_Server], model: str) -> _Models:
     """The model's card and variants from the first server that answers; EngineError."""
-    names = [model] if model.endswith(SEQUENCE_SUFFIX) else [model, model + SEQUENCE_SUFFIX]
+    named_one = model.endswith((SEQUENCE_SUFFIX, STATE_SUFFIX))
+    names = [model] if named_one else [model, model + SEQUENCE_SUFFIX]
     problems = []
     for server in servers:
         configs = {}
@@ -189,6 +193,7 @@ def _find_models(servers: list[_Server], model: str) -> _Models:
 def _models_of(configs: dict[str, dict[str, Any]]) -> _Models:
     full = sequence = hop = None
     card = None
+    implicit = False
     for name, config in configs.items():
         parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         if CARD_PARAMETER not in parameters:
@@ -199,9 +204,10 @@ def _models_of(configs: dict[str, dict[str, Any]]) -> _Models:
         card = ModelCard.from_json(parameters[CARD_PARAMETER], source=f"Triton model {name}")
         if "sequence_batching" in config:
             sequence, hop = name, int(parameters["hop_samples"])
+            implicit = bool(config["sequence_batching"].get("state"))
         else:
             full = name
-    return _Models(card, full, sequence, hop)
+    return _Models(card, full, sequence, hop, implicit)
 
 
 @dataclass
@@ -530,14 +536,17 @@ class TritonScorer:
     def _send_end(self, server: _Server, sequence: int) -> None:
         # START and END together: it ends the sequence whether or not the server still
         # holds it (continuing one it has timed out is refused)
+        # (the python model takes an empty one; an implicit-state graph needs a window)
         grpcclient = _client_module()
-        empty = grpcclient.InferInput(SEQUENCE_INPUT, [1, 0], "FP32")
-        empty.set_data_from_numpy(np.zeros((1, 0), dtype=np.float32))
-        self._count_sent(server, np.zeros(0, np.float32))
+        samples = self.card.window_samples if self.engine.models.implicit_state else 0
+        audio = np.zeros((1, samples), dtype=np.float32)
+        ending = grpcclient.InferInput(SEQUENCE_INPUT, list(audio.shape), "FP32")
+        ending.set_data_from_numpy(audio)
+        self._count_sent(server, audio)
         try:
             server.client.async_infer(
                 self.engine.models.sequence,
-                [empty],
+                [ending],
                 lambda result, error: None,
                 sequence_id=sequence,
                 sequence_start=True,
