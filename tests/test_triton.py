@@ -413,3 +413,31 @@ def test_a_hung_server_streams_move_after_the_timeout(repository, start_triton, 
         sample(metrics, "tagd_triton_failures_total", server=first.grpc_url, reason="unreachable")
         >= 1
     )
+
+
+def test_a_server_that_answers_again_takes_its_streams_back(
+    repository, start_triton, audio, expected
+):
+    first = start_triton(repository, ["short_seq"])
+    second = start_triton(repository, ["short_seq"])
+    metrics = Metrics(CollectorRegistry())
+    url = f"triton://{first.grpc_url},{second.grpc_url}/short?retry=0.5"
+    scorer, _ = scorer_on(url, metrics)
+    names = [f"s{i}" for i in range(STREAMS)]
+    before = stream_hops(scorer, audio, range(2), names)
+    home = [n for n in names if scorer._chains[n].server.address == first.grpc_url]
+    first.kill()
+    during = stream_hops(scorer, audio, range(2, 4), names)
+    first.start()  # the same ports again, a fresh process that holds no sequence
+    # past `retry` and gRPC's reconnect backoff (RECONNECT_BACKOFF_MS): the next call's
+    # probe finds it
+    time.sleep(3.5)
+    after = stream_hops(scorer, audio, range(4, HOPS), names)
+    got = np.concatenate([before, during, after], axis=1)
+    assert np.max(np.abs(got - expected)) <= TOLERANCE
+    assert [n for n in names if scorer._chains[n].server.address == first.grpc_url] == home
+    assert sample(metrics, "tagd_triton_server_up", server=first.grpc_url) == 1
+    back = sample(
+        metrics, "tagd_triton_sequence_starts_total", server=first.grpc_url, reason="moved"
+    )
+    assert back == len(home)
