@@ -287,11 +287,18 @@ def test_the_registry_knows_the_scheme():
 
 
 # -- failover ---------------------------------------------------------------------------------
-def test_a_killed_server_streams_move_and_stay_exact(repository, start_triton, audio, expected):
+def two_servers(repository, start_triton, options: str = ""):
+    """Two fresh servers and a scorer over both: (first, second, scorer, counts, metrics)."""
     first = start_triton(repository, ["short_seq"])
     second = start_triton(repository, ["short_seq"])
     metrics = Metrics(CollectorRegistry())
-    scorer, counts = scorer_on(f"triton://{first.grpc_url},{second.grpc_url}/short", metrics)
+    url = f"triton://{first.grpc_url},{second.grpc_url}/short{options}"
+    scorer, counts = scorer_on(url, metrics)
+    return first, second, scorer, counts, metrics
+
+
+def test_a_killed_server_streams_move_and_stay_exact(repository, start_triton, audio, expected):
+    first, second, scorer, counts, metrics = two_servers(repository, start_triton)
     names = [f"s{i}" for i in range(STREAMS)]
     before = stream_hops(scorer, audio, range(3), names)
     owners = {name: scorer._chains[name].server.address for name in names}
@@ -391,11 +398,7 @@ def test_the_triton_compose_override_wires_two_front_ends_to_the_server():
 
 
 def test_a_hung_server_streams_move_after_the_timeout(repository, start_triton, audio, expected):
-    first = start_triton(repository, ["short_seq"])
-    second = start_triton(repository, ["short_seq"])
-    metrics = Metrics(CollectorRegistry())
-    url = f"triton://{first.grpc_url},{second.grpc_url}/short?timeout=1&retry=60"
-    scorer, _ = scorer_on(url, metrics)
+    first, second, scorer, _, metrics = two_servers(repository, start_triton, "?timeout=1&retry=60")
     names = [f"s{i}" for i in range(STREAMS)]
     before = stream_hops(scorer, audio, range(2), names)
     first.process.send_signal(signal.SIGSTOP)  # alive, silent: no connection refused
@@ -418,11 +421,7 @@ def test_a_hung_server_streams_move_after_the_timeout(repository, start_triton, 
 def test_a_server_that_answers_again_takes_its_streams_back(
     repository, start_triton, audio, expected
 ):
-    first = start_triton(repository, ["short_seq"])
-    second = start_triton(repository, ["short_seq"])
-    metrics = Metrics(CollectorRegistry())
-    url = f"triton://{first.grpc_url},{second.grpc_url}/short?retry=0.5"
-    scorer, _ = scorer_on(url, metrics)
+    first, second, scorer, _, metrics = two_servers(repository, start_triton, "?retry=0.5")
     names = [f"s{i}" for i in range(STREAMS)]
     before = stream_hops(scorer, audio, range(2), names)
     home = [n for n in names if scorer._chains[n].server.address == first.grpc_url]

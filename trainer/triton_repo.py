@@ -198,29 +198,20 @@ def write_state_model(
         f'zero_data: true name: "zeros" }} ] }}'
         for s in specs
     )
-    kind = "KIND_GPU" if gpu else "KIND_CPU"
-    (folder / "config.pbtxt").write_text(f"""name: "{folder.name}"
-backend: "onnxruntime"
-max_batch_size: {max_batch}
-input [
-  {{ name: "audio" data_type: TYPE_FP32 dims: [ -1 ] }}
-]
-output [
-  {{ name: "{GRAPH_NAMES.scores}" data_type: TYPE_FP32 dims: [ {card.n_tags} ] }}
-]
-sequence_batching {{
-  max_sequence_idle_microseconds: {round(idle_seconds * 1e6)}
-  oldest {{
-    max_candidate_sequences: {max_sequences}
-    max_queue_delay_microseconds: {QUEUE_DELAY_US}
-  }}
-  state [
-{states}
-  ]
-}}
-instance_group [ {{ kind: {kind} count: {instances} }} ]
-{_parameters({**parameters, CARD_PARAMETER: card.to_json()})}
-""")
+    (folder / "config.pbtxt").write_text(
+        _sequence_model_config(
+            folder.name,
+            "onnxruntime",
+            card,
+            f"  state [\n{states}\n  ]",
+            parameters,
+            max_sequences=max_sequences,
+            idle_seconds=idle_seconds,
+            max_batch=max_batch,
+            kind="KIND_GPU" if gpu else "KIND_CPU",
+            instances=instances,
+        )
+    )
     return worst
 
 
@@ -261,8 +252,37 @@ def sequence_config(
         + ("," if control != "CORRID" else "")
         for control in ("START", "END", "CORRID")
     )
+    return _sequence_model_config(
+        name,
+        "python",
+        card,
+        f"  control_input [\n{controls}\n  ]",
+        parameters,
+        max_sequences=max_sequences,
+        idle_seconds=idle_seconds,
+        max_batch=max_batch,
+        kind="KIND_CPU",  # the model picks its device through ONNX Runtime's providers
+        instances=instances,
+    )
+
+
+def _sequence_model_config(
+    name: str,
+    backend: str,
+    card: ModelCard,
+    sequence_extra: str,
+    parameters: dict[str, str],
+    *,
+    max_sequences: int,
+    idle_seconds: float,
+    max_batch: int,
+    kind: str,
+    instances: int,
+) -> str:
+    """config.pbtxt of an incremental model: ``audio`` (a window or a hop) → ``scores``,
+    behind the sequence batcher (oldest), with ``sequence_extra`` (controls or state)."""
     return f"""name: "{name}"
-backend: "python"
+backend: "{backend}"
 max_batch_size: {max_batch}
 input [
   {{ name: "audio" data_type: TYPE_FP32 dims: [ -1 ] }}
@@ -276,11 +296,9 @@ sequence_batching {{
     max_candidate_sequences: {max_sequences}
     max_queue_delay_microseconds: {QUEUE_DELAY_US}
   }}
-  control_input [
-{controls}
-  ]
+{sequence_extra}
 }}
-instance_group [ {{ kind: KIND_CPU count: {instances} }} ]
+instance_group [ {{ kind: {kind} count: {instances} }} ]
 {_parameters({**parameters, CARD_PARAMETER: card.to_json()})}
 """
 

@@ -129,26 +129,20 @@ def _branch(model: onnx.ModelProto, prefix: str, outer: dict[str, str], name: st
     def rename(value: str) -> str:
         return value if value == "" else outer.get(value, prefix + value)
 
+    def copied(proto, name: str):
+        copy = type(proto)()
+        copy.CopyFrom(proto)
+        copy.name = name
+        return copy
+
     nodes = []
     for node in model.graph.node:
-        copied = onnx.NodeProto()
-        copied.CopyFrom(node)
-        copied.name = prefix + node.name
-        copied.input[:] = [rename(v) for v in node.input]
-        copied.output[:] = [rename(v) for v in node.output]
-        nodes.append(copied)
-    initializers = []
-    for tensor in model.graph.initializer:
-        copied = onnx.TensorProto()
-        copied.CopyFrom(tensor)
-        copied.name = prefix + tensor.name
-        initializers.append(copied)
-    outputs = []
-    for output in model.graph.output:
-        copied = onnx.ValueInfoProto()
-        copied.CopyFrom(output)
-        copied.name = prefix + output.name
-        outputs.append(copied)
+        copy = copied(node, prefix + node.name)
+        copy.input[:] = [rename(v) for v in node.input]
+        copy.output[:] = [rename(v) for v in node.output]
+        nodes.append(copy)
+    initializers = [copied(t, prefix + t.name) for t in model.graph.initializer]
+    outputs = [copied(o, prefix + o.name) for o in model.graph.output]
     return helper.make_graph(nodes, name, [], outputs, initializer=initializers)
 
 
