@@ -7,9 +7,11 @@
    taking turns with espeak-ng speech for 10-40 s, every other speech turn over a music
    bed (ducked, as a presenter over a bed). Speech, with or without a bed, is "speech";
    the rest "music".
-2. Runs `tagd tag --timeline --tags speech` on it, and `tagd serve` fed by ffmpeg in real
-   time (``-re``) into its as-run log (``--asrun``), read back with `tagd log`; the
-   serve times are placed on the file's clock from when ffmpeg was started.
+2. Runs `tagd tag --timeline --tags speech` on it, and `tagd serve` fed the file's own
+   samples in real time (zmq+pull, ``--serve-speed`` times real time) into its as-run
+   log (``--asrun``), read back with `tagd log`; the log's wall-clock times are put back
+   on the stream's clock by the offset of its first window (its tags message carries
+   the window's position and its capture time).
 3. Prints, for both: each true speech/music boundary's distance to the nearest speech
    boundary found (median, p90), the frame accuracy (0.1 s frames, speech or not), and
    how far the two timelines agree with each other.
@@ -30,8 +32,11 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
+from subprocess import PIPE
 
 import numpy as np
 import soundfile
@@ -49,6 +54,8 @@ MUSIC_S = (20.0, 90.0)
 SPEECH_S = (10.0, 40.0)
 FRAME_S = 0.1  # frame accuracy's resolution
 TAGD = [sys.executable, "-m", "tagd.cli"]
+STREAM = "radio1"
+FEED_CHUNK_S = 0.1  # audio per message into tagd serve
 
 
 # -- the programme ------------------------------------------------------------------------------
@@ -126,42 +133,81 @@ def tag_timeline(engine: Path, path: Path, hop: str | None) -> list[tuple[float,
     return [(r["start"], r["end"]) for r in map(json.loads, result.stdout.splitlines())]
 
 
-def serve_timeline(engine: Path, path: Path, hop: str | None, folder: Path) -> list:
-    """`tagd serve` with an as-run log, fed by ffmpeg -re; the speech segments on the
-    file's clock (the log's wall-clock times less when ffmpeg started)."""
-    port = free_port()
-    asrun = folder / "asrun.db"
-    url = f"zmq+raw://127.0.0.1:{port}?format=s16le&rate=44100&channels=2&stream=radio1"
-    serve = [*TAGD, "serve", "--engine", str(engine), "--input", url, "--asrun", str(asrun)]
-    serve += ["--publish", f"tcp://127.0.0.1:{free_port()}", "--metrics", "off"]
-    serve += ["--log-level", "info", *(["--hop", hop] if hop else [])]
-    daemon = subprocess.Popen(serve, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    assert daemon.stderr is not None
-    for line in daemon.stderr:  # its SUB connects before ffmpeg's PUB sends
-        if "ready" in line:
-            break
-    else:
-        raise RuntimeError("tagd serve did not start")
-    started = time.time()
-    feed = ["ffmpeg", "-v", "error", "-re", "-i", str(path), "-f", "s16le", "-ar", "44100"]
-    subprocess.run([*feed, "-ac", "2", f"zmq:tcp://127.0.0.1:{port}"], check=True)
-    time.sleep(1.0)
-    daemon.terminate()  # SIGTERM: open segments are written, ended "stop"
-    daemon.wait(timeout=60)
-    log = [*TAGD, "log", "radio1", "--db", str(asrun), "--format", "jsonl"]
-    result = subprocess.run(log, capture_output=True, text=True, check=True, cwd=REPO)
+def serve_timeline(
+    engine: Path, path: Path, hop: str | None, speed: float, duration: float
+) -> list:
+    """`tagd serve` with an as-run log, fed the file's own samples over zmq+pull at
+    ``speed`` times real time; its speech records on the stream's own clock.
+
+    The log places stream time on the wall clock by the capture time of the epoch's first
+    window (tagd.asrun.StreamClock); the tags message of that window carries both, so
+    the offset is taken off exactly. Fed this way the daemon gets the file's samples from
+    the first (a PUSH socket queues until tagd connects), as `tagd tag` decodes them."""
+    port, publish = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="tagd-timeline-serve-") as tmp:
+        asrun = Path(tmp) / "asrun.db"
+        serve = [*TAGD, "serve", "--engine", str(engine), "--asrun", str(asrun)]
+        serve += ["--input", f"zmq+pull://127.0.0.1:{port}", "--metrics", "off"]
+        serve += ["--publish", f"tcp://127.0.0.1:{publish}", "--log-level", "info"]
+        daemon = subprocess.Popen(serve + (["--hop", hop] if hop else []), cwd=REPO, stderr=PIPE)
+        try:
+            wait_ready(daemon)
+            first = feed(path, port, publish, speed)
+        finally:
+            daemon.terminate()  # SIGTERM: open segments are written, ended "stop"
+            daemon.wait(timeout=60)
+        log = [*TAGD, "log", STREAM, "--db", str(asrun), "--format", "jsonl"]
+        result = subprocess.run(log, capture_output=True, text=True, check=True, cwd=REPO)
+    offset = first["captured_at"] - first["window"]["end_s"]
     found = []
     for record in map(json.loads, result.stdout.splitlines()):
-        if record["tag"] == "speech":
-            found.append((unix(record["start"]) - started, unix(record["end"]) - started))
+        if record["tag"] != "speech":
+            continue
+        start, end = unix(record["start"]) - offset, unix(record["end"]) - offset
+        if record["ended"] == "stop":  # on at the end: the daemon ends it at its last
+            end = duration  # window's end, `tagd tag` at the file's (docs/timeline.md)
+        found.append((start, end))
     return found
 
 
-def unix(value) -> float:
-    if isinstance(value, int | float):
-        return float(value)
-    from datetime import datetime
+def wait_ready(daemon: subprocess.Popen) -> None:
+    assert daemon.stderr is not None
+    for line in daemon.stderr:
+        if b"ready" in line:
+            threading.Thread(target=daemon.stderr.read, daemon=True).start()  # drained
+            return
+    raise RuntimeError("tagd serve did not start")
 
+
+def feed(path: Path, port: int, publish: int, speed: float) -> dict:
+    """Send ``path``'s 16-bit samples as stream STREAM at ``speed`` times real time (the
+    multi-stream protocol, docs/inputs.md); return the tags message of its first window."""
+    import zmq
+
+    context = zmq.Context()
+    push, sub = context.socket(zmq.PUSH), context.socket(zmq.SUB)
+    sub.connect(f"tcp://127.0.0.1:{publish}")
+    sub.setsockopt(zmq.SUBSCRIBE, f"tags.{STREAM}".encode())
+    push.connect(f"tcp://127.0.0.1:{port}")
+    time.sleep(0.5)  # the SUB's subscription reaches tagd before the first window
+    samples, rate = soundfile.read(path, dtype="int16")
+    chunk = round(rate * FEED_CHUNK_S)
+    started = time.monotonic()
+    for seq, at in enumerate(range(0, len(samples), chunk)):
+        header = {"format": "s16le", "rate": rate, "channels": 1, "seq": seq}
+        push.send_multipart(
+            [STREAM.encode(), json.dumps(header).encode(), samples[at : at + chunk]]
+        )
+        time.sleep(max(0.0, started + (seq + 1) * FEED_CHUNK_S / speed - time.monotonic()))
+    first = json.loads(sub.recv_multipart()[-1])  # the first window's, long since sent
+    time.sleep(2.0)  # the last windows' inference
+    push.close(linger=2000)
+    sub.close(linger=0)
+    context.term()
+    return first
+
+
+def unix(value) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
@@ -205,7 +251,10 @@ def main() -> None:
     parser.add_argument("--long-minutes", type=float, default=180.0, help="0: skip")
     parser.add_argument("--hop", default=None, help="seconds between windows [the card's]")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--no-serve", action="store_true", help="skip the real-time run")
+    parser.add_argument("--no-serve", action="store_true", help="skip the tagd serve run")
+    parser.add_argument(
+        "--serve-speed", type=float, default=1.0, help="tagd serve's feed, times real time"
+    )
     args = parser.parse_args()
 
     print(f"CPU: {cpu_name()}; model {args.engine}; hop {args.hop or 'the card'}'s")
@@ -218,7 +267,7 @@ def main() -> None:
         tagged = tag_timeline(args.engine, programme, args.hop)
         print("tagd tag --timeline:", json.dumps(figures(truth, tagged, duration)))
         if not args.no_serve:
-            served = serve_timeline(args.engine, programme, args.hop, folder)
+            served = serve_timeline(args.engine, programme, args.hop, args.serve_speed, duration)
             print("tagd serve (as-run):", json.dumps(figures(truth, served, duration)))
             print("serve vs tag:", json.dumps(agreement(tagged, served, duration)))
         if args.long_minutes:

@@ -501,3 +501,118 @@ def test_the_collector_example_keeps_the_daemons_segments_in_one_database(tagd, 
     assert tagd_log("radio1", "--db", str(db)).splitlines()[1:] == [
         "radio1,2025-12-06T12:00:01.750Z,2025-12-06T12:00:03.750Z,speech,0.9,0.9,4,off"
     ]
+
+
+# -- the same audio through tagd serve and tagd tag --timeline ---------------------------------
+
+PROGRAMME_HOPS = 40  # hops after the first window: the audio ends where a window does
+
+
+def programme(card: ModelCard, hop: int, music) -> np.ndarray:
+    """Music at changing levels with quiet gaps, a whole number of hops past one window
+    (so the audio's end is a window's end on both paths), as 16-bit values."""
+    rate = card.sample_rate
+    length = card.window_samples + PROGRAMME_HOPS * hop
+    parts = [
+        music(5.0, rate, seed=1, level=0.5),
+        np.zeros(3 * rate, dtype=np.float32),
+        music(4.0, rate, seed=2, level=0.1),
+        music(5.0, rate, seed=3, level=0.6),
+        np.zeros(2 * rate, dtype=np.float32),
+    ]
+    audio = np.concatenate(parts)
+    audio = np.resize(audio, length) if len(audio) < length else audio[:length]
+    return np.round(np.clip(audio, -1, 1) * 32767).astype("<i2")
+
+
+def crossing_thresholds(engine, audio: np.ndarray, hop: int) -> list[float]:
+    """Per tag, a threshold that its scores over ``audio``'s windows cross several times:
+    the middle of the widest gap between consecutive scores in their middle half, so the
+    two paths' scores (batched differently) fall on the same side of it."""
+    card = engine.card
+    samples = audio.astype(np.float32) / 32768
+    starts = range(0, len(samples) - card.window_samples + 1, hop)
+    windows = np.stack([samples[s : s + card.window_samples] for s in starts])
+    scores = np.sort(engine.run(windows), axis=0)  # (windows, tags)
+    middle = scores[len(scores) // 4 : 3 * len(scores) // 4]
+    widest = np.argmax(np.diff(middle, axis=0), axis=0)
+    return [float((middle[i, t] + middle[i + 1, t]) / 2) for t, i in enumerate(widest)]
+
+
+def test_serve_and_tag_timeline_cut_the_same_audio_into_the_same_segments(
+    short_fcn4, music, tmp_path
+):
+    """A file tagged with --timeline, and its samples fed to a real `tagd serve` faster
+    than real time: the same segments (tags, mean, peak, prediction count), every edge
+    on the wall clock the file's edge plus one offset, the stream's start."""
+    import soundfile
+    import zmq
+
+    from tagd.engines import load_engine
+
+    engine = load_engine(short_fcn4, warmup=False)
+    card = engine.card
+    hop = card.sample_rate // 2  # the daemon's hop_seconds = 0.5
+    audio = programme(card, hop, music)
+    model = onnx.load(str(short_fcn4))
+    entry = next(p for p in model.metadata_props if p.key == CARD_METADATA_KEY)
+    card.thresholds = crossing_thresholds(engine, audio, hop)
+    entry.value = card.to_json()
+    onnx.save(model, str(tmp_path / "crossing.onnx"))
+    wav = tmp_path / "programme.wav"
+    soundfile.write(wav, audio, card.sample_rate, subtype="PCM_16")
+
+    tagged = CliRunner().invoke(
+        main,
+        ["tag", str(wav), "--engine", str(tmp_path / "crossing.onnx"), "--timeline"]
+        + ["--format", "jsonl", "--hop", "0.5", "--off-margin", "0"],
+    )
+    assert tagged.exit_code == 0, tagged.output
+    by_tag = lambda s: (s["tag"], s["start"])  # noqa: E731
+    expected = sorted(map(json.loads, tagged.stdout.splitlines()), key=by_tag)
+    assert sum(not s["open"] for s in expected) >= 3, expected  # tags turned off, not one span
+
+    port, db = free_port(), tmp_path / "asrun.db"
+    config = tmp_path / "tagd.toml"
+    config.write_text(
+        f'engine = "{tmp_path / "crossing.onnx"}"\ninputs = ["zmq+pull://127.0.0.1:{port}"]\n'
+        'hop_seconds = 0.5\n[publish]\naddress = "tcp://127.0.0.1:*"\n'
+        "[tagger]\noff_margin = 0.0\n[batching]\nmax_pending_per_stream = 1000\n"
+        "[limits]\nidle_after_s = 1.0\n"
+    )
+    metrics_port = free_port()
+    daemon = TagdProcess(
+        ["--config", str(config), "--metrics", f"127.0.0.1:{metrics_port}", "--asrun", str(db)],
+        metrics_port,
+    )
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    try:
+        daemon.wait_ready()
+        push.connect(f"tcp://127.0.0.1:{port}")
+        chunk = round(card.sample_rate * CHUNK_S)
+        started = time.time()
+        for seq, at in enumerate(range(0, len(audio), chunk)):  # about 10x real time
+            header = {"format": "s16le", "rate": card.sample_rate, "channels": 1, "seq": seq}
+            push.send_multipart([b"radio1", json.dumps(header).encode(), audio[at : at + chunk]])
+            time.sleep(CHUNK_S / 10)
+        # idle after 1 s: the segments still on end where the audio did
+        daemon.wait_for_metric(
+            "tagd_asrun_segments_written_total", above=len(expected) - 1, timeout=30
+        )
+    finally:
+        push.close(linger=1000)
+        context.term()
+        daemon.stop()
+    served = sorted(read_records(db, "radio1"), key=lambda r: (r.tag, r.start))
+    assert [r.tag for r in served] == [s["tag"] for s in expected]
+    offset = served[0].start - expected[0]["start"]
+    assert started - card.window_seconds - 1.0 < offset < started + 5.0
+    for record, segment in zip(served, expected, strict=True):
+        assert record.start - offset == pytest.approx(segment["start"], abs=1e-3)
+        assert record.end - offset == pytest.approx(segment["end"], abs=1e-3)
+        assert (record.mean, record.peak) == pytest.approx(
+            (segment["mean"], segment["peak"]), abs=1e-4
+        )
+        assert record.predictions == segment["predictions"]
+        assert (record.ended == ENDED_OFF) == (not segment["open"])
