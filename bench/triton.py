@@ -36,8 +36,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +159,7 @@ def throughput(model: Path, repository: Path, args) -> dict:
                 scores[name].append(got)
             if k == args.hops:
                 sent = _sent(metrics, server.grpc_url) - sent_before
+        requests, executions = triton_counts(server, f"{card.name}_seq")
     expected = full_windows(model, audio, 2 * args.hops + 1, window, hop)
     steps = args.streams * args.hops
     result = {"hop_s": hop / card.sample_rate, "window_bytes": window * 4}
@@ -169,7 +172,20 @@ def throughput(model: Path, repository: Path, args) -> dict:
             "max_abs_diff": float(np.max(np.abs(np.stack(scores[name]) - expected))),
         }
     result["bytes_per_hop_stream"] = sent / steps
+    result["triton_mean_batch"] = requests / executions if executions else 0.0
     return result
+
+
+def triton_counts(server: LocalTriton, model: str) -> tuple[float, float]:
+    """Triton's own count of the model's requests and of its executions (batches)."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    found = {}
+    for name in ("nv_inference_request_success", "nv_inference_exec_count"):
+        pattern = rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$'
+        found[name] = sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+    return found["nv_inference_request_success"], found["nv_inference_exec_count"]
 
 
 def _sent(metrics: Metrics, server: str) -> float:
@@ -240,6 +256,10 @@ def main() -> None:
             f"(target ≥ 0.6 on shared cores); added latency a window p50 "
             f"{(remote['p50_s'] - local['p50_s']) * 1e3:+.1f} ms, p99 "
             f"{(remote['p99_s'] - local['p99_s']) * 1e3:+.1f} ms"
+        )
+        print(
+            f"Triton's sequence batcher ran {measured['triton_mean_batch']:.2f} requests "
+            f"(windows of different streams) a model execution on average"
         )
         wire = measured["bytes_per_hop_stream"]
         print(
