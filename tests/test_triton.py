@@ -249,6 +249,31 @@ def test_eviction_ends_the_sequence_on_the_server(server, audio):
     assert refusal is not None and "must specify the START flag" in refusal
 
 
+def test_a_sequence_the_server_lost_starts_again_and_stays_exact(server, audio, expected):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    metrics = Metrics(CollectorRegistry())
+    scorer, counts = scorer_on(f"triton://{server.grpc_url}/short", metrics)
+    before = stream_hops(scorer, audio, range(2), ["lost"])
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    wrong = grpcclient.InferInput("audio", [1, 5], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 5), np.float32))
+    with pytest.raises(InferenceServerException, match="the hop's 4096 new samples"):
+        # the model refuses a continuing request of the wrong length, and drops the sequence
+        client.infer("short_seq", [wrong], sequence_id=scorer._ids["lost"])
+    after = stream_hops(scorer, audio, range(2, 4), ["lost"])  # the scorer does not know
+    assert np.max(np.abs(np.concatenate([before, after], axis=1) - expected[:1, :4])) <= TOLERANCE
+    assert (
+        sample(metrics, "tagd_triton_failures_total", server=server.grpc_url, reason="refused") == 1
+    )
+    assert (
+        sample(metrics, "tagd_triton_sequence_starts_total", server=server.grpc_url, reason="lost")
+        == 1
+    )
+    assert counts == {FULL: 2, INCREMENTAL: 2}
+
+
 def test_a_server_absent_at_start_gets_no_streams(server, audio, expected):
     absent = f"127.0.0.1:{free_port()}"
     metrics = Metrics(CollectorRegistry())
