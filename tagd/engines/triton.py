@@ -22,8 +22,9 @@ model's config parameter ``tagd.card``).
   ``forget`` sends END.
 - **Failover.** A request that gets no answer (connection refused, ``timeout`` seconds)
   marks its server down: that batch's windows go at once, with START, to the servers
-  left, and so do the stream's next windows; a down server is probed again every
-  ``retry`` seconds and takes its streams back when it answers. A server that refuses
+  left, and so do the stream's next windows; a thread of its own probes a down server
+  every ``retry`` seconds (never a window's call) and it takes its streams back when
+  it answers. A server that refuses
   a continuing window (it lost the sequence: restarted, idle timeout) gets it again
   with START. Scores are the full windows' either way. Without any server answering, a
   batch fails (``tagd_engine_errors_total``) and the next is tried again.
@@ -148,7 +149,7 @@ class _Server:
                 ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
             ],
         )
-        self.down_until = 0.0  # monotonic time of the next probe; 0: up
+        self.up = True  # False: skipped, and probed every `retry` seconds off the data path
 
     def probe(self) -> bool:
         try:
@@ -292,6 +293,8 @@ class TritonEngine(Engine):
         return scorer.run(keys, batch)
 
     def close(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
         for server in self.servers:
             server.client.close()
 
@@ -339,7 +342,9 @@ class TritonScorer:
         self._ring_keys = [point for point, _ in self._ring]
         self._chains: dict[str, _Chain] = {}
         self._ids: dict[str, int] = {}
-        self._lock = threading.Lock()  # the servers' up/down state
+        self._lock = threading.Lock()  # starting the prober
+        self._prober: threading.Thread | None = None
+        self._stopping = threading.Event()
         for server in self._servers:
             self._set_up(server, True)
 
@@ -383,7 +388,7 @@ class TritonScorer:
         """END the stream's sequence, without waiting for the answer."""
         chain = self._chains.pop(stream, None)
         sequence = self._ids.pop(stream, None)
-        if chain is None or sequence is None or chain.server.down_until:
+        if chain is None or sequence is None or not chain.server.up:
             return
         self._send_end(chain.server, sequence)
 
@@ -567,29 +572,20 @@ class TritonScorer:
                 continue
             seen.add(index)
             server = self._servers[index]
-            if server.address not in avoid and self._usable(server):
+            if server.address not in avoid and server.up:
                 return server
             if len(seen) == len(self._servers):
                 break
         return None
 
-    def _usable(self, server: _Server) -> bool:
-        if not server.down_until:
-            return True
-        with self._lock:
-            if not server.down_until or time.monotonic() < server.down_until:
-                return not server.down_until
-            server.down_until = time.monotonic() + self.engine.url.retry_s  # one probe
-        if server.probe():
-            self._set_up(server, True)
-            log.info("Triton server %s answers again: its streams go back to it", server.address)
-            return True
-        return False
-
     def _set_down(self, server: _Server) -> None:
         with self._lock:
-            was_up = not server.down_until
-            server.down_until = time.monotonic() + self.engine.url.retry_s
+            was_up, server.up = server.up, False
+            if self._prober is None:
+                self._prober = threading.Thread(
+                    target=self._probe_down_servers, name="tagd-triton-probe", daemon=True
+                )
+                self._prober.start()
         if was_up:
             log.warning(
                 "Triton server %s does not answer: its streams go to the others; "
@@ -599,9 +595,24 @@ class TritonScorer:
             )
             self._set_up(server, False)
 
+    def _probe_down_servers(self) -> None:
+        """Every `retry` seconds, ask the servers that stopped answering whether they are
+        ready; one that is takes its streams back. A thread of its own: a probe of a hung
+        server waits PROBE_TIMEOUT_S, which no window should."""
+        while not self._stopping.wait(self.engine.url.retry_s):
+            for server in self._servers:
+                if not server.up and server.probe():
+                    self._set_up(server, True)
+                    log.info(
+                        "Triton server %s answers again: its streams go back to it",
+                        server.address,
+                    )
+
+    def close(self) -> None:
+        self._stopping.set()
+
     def _set_up(self, server: _Server, up: bool) -> None:
-        if up:
-            server.down_until = 0.0
+        server.up = up
         if self._metrics is not None:
             self._metrics.triton_up.labels(server.address).set(1 if up else 0)
 
