@@ -305,6 +305,12 @@ def test_bad_urls_say_what_is_wrong(url, message):
         TritonURL.parse(url)
 
 
+def test_without_the_client_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)  # as if not installed
+    with pytest.raises(EngineError, match=r"pip install 'tagd\[triton\]'"):
+        load_engine("triton://127.0.0.1:8001/fcn4", warmup=False)
+
+
 def test_the_registry_knows_the_scheme():
     assert backend_of("triton://a:8001/fcn4") is TritonEngine
     with pytest.raises(EngineError, match="unknown engine URL scheme 'grpc'"):
