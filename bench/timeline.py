@@ -7,16 +7,19 @@
    taking turns with espeak-ng speech for 10-40 s, every other speech turn over a music
    bed (ducked, as a presenter over a bed). Speech, with or without a bed, is "speech";
    the rest "music".
-2. Runs `tagd tag --timeline --tags speech` on it, and `tagd serve` fed the file's own
-   samples in real time (zmq+pull, ``--serve-speed`` times real time) into its as-run
-   log (``--asrun``), read back with `tagd log`; the log's wall-clock times are put back
-   on the stream's clock by the offset of its first window (its tags message carries
-   the window's position and its capture time).
+2. Runs `tagd tag --timeline --tags speech` on it, and `tagd serve` into its as-run log
+   (``--asrun``), read back with `tagd log`: fed the file's own samples over zmq+pull
+   (``--serve-speed`` times real time), or by ffmpeg ``-re`` into zmq+raw (``--feed
+   ffmpeg``). The log's wall-clock times are put back on the stream's clock by the
+   offset of its first window (its tags message carries the window's position and its
+   capture time).
 3. Prints, for both: each true speech/music boundary's distance to the nearest speech
    boundary found (median, p90), the frame accuracy (0.1 s frames, speech or not), and
-   how far the two timelines agree with each other.
+   how far the two timelines agree; for `tagd tag`, each boundary's signed error and the
+   share of the window speech filled where the score crossed the threshold.
 4. Loops the programme to ``--long-minutes`` (an mp3) and prints peak RSS and wall time
-   of `tagd tag --timeline` against plain `tagd tag` on that file, in the same run.
+   of `tagd tag --timeline` against plain `tagd tag` on that file, in the same run,
+   taking turns ``--repeats`` times (``--long-only``: this part alone).
 
 It needs a model with a ``speech`` tag that hears speech: README's first steps make one
 (demo/fcn5.onnx). The CPU is printed (lscpu's model name); only figures of one run compare.
@@ -47,12 +50,14 @@ sys.path.insert(0, str(REPO / "tests"))  # support: free ports
 
 from support import free_port  # noqa: E402
 
+from tagd.engines import backend_of  # noqa: E402
 from trainer.data import rendered  # noqa: E402
 
 RATE = 22_050  # the programme's rate; ffmpeg and tagd resample it as a station's audio
 MUSIC_S = (20.0, 90.0)
 SPEECH_S = (10.0, 40.0)
 FRAME_S = 0.1  # frame accuracy's resolution
+FILE_EDGE_S = 0.5  # an edge this near the file's start or end is the file's, no boundary
 TAGD = [sys.executable, "-m", "tagd.cli"]
 STREAM = "radio1"
 FEED_CHUNK_S = 0.1  # audio per message into tagd serve
@@ -68,10 +73,13 @@ def music_piece(number: int, seed: int, seconds: float) -> rendered.Piece:
         number += 1
 
 
-def build_programme(minutes: float, seed: int, path: Path) -> list[tuple[float, float]]:
-    """Write the programme to ``path``; return its true speech intervals (seconds)."""
+def build_programme(
+    minutes: float, seed: int, path: Path
+) -> tuple[list[tuple[float, float]], list[bool]]:
+    """Write the programme to ``path``; return its true speech intervals (seconds) and
+    whether each is over a music bed."""
     rng = np.random.default_rng(seed)
-    parts, speech, at, turn = [], [], 0.0, 0
+    parts, speech, beds, at, turn = [], [], [], 0.0, 0
     while at < minutes * 60:
         talking = turn % 2 == 1
         seconds = float(rng.uniform(*(SPEECH_S if talking else MUSIC_S)))
@@ -81,6 +89,7 @@ def build_programme(minutes: float, seed: int, path: Path) -> list[tuple[float, 
             bed = turn % 4 == 3  # every other speech turn over a music bed
             piece = dataclasses.replace(piece, speech=words, tracks=piece.tracks if bed else ())
             speech.append((at, at + seconds))
+            beds.append(bed)
         audio = rendered.render(piece, seconds, RATE)
         parts.append(audio.astype(np.float32))
         at += seconds
@@ -88,13 +97,15 @@ def build_programme(minutes: float, seed: int, path: Path) -> list[tuple[float, 
         print(f"  rendered {at / 60:5.1f} of {minutes:.1f} min", end="\r", file=sys.stderr)
     print(file=sys.stderr)
     soundfile.write(path, np.concatenate(parts), RATE)
-    return speech
+    return speech, beds
 
 
 # -- measuring ----------------------------------------------------------------------------------
 def boundaries(intervals: list[tuple[float, float]], duration: float) -> list[float]:
-    """The edges of ``intervals`` that lie inside the file (not its start or end)."""
-    return [t for interval in intervals for t in interval if 0.0 < t < duration - 1e-6]
+    """The edges of ``intervals`` that lie inside the file (not at its start or end)."""
+    return [
+        t for interval in intervals for t in interval if FILE_EDGE_S < t < duration - FILE_EDGE_S
+    ]
 
 
 def boundary_errors(truth: list[tuple[float, float]], found, duration: float) -> list[float]:
@@ -111,6 +122,27 @@ def frames(intervals, duration: float) -> np.ndarray:
     for start, end in intervals:
         marks |= (centres >= start) & (centres < end)
     return marks
+
+
+def each_boundary(truth, beds, found, duration: float, window_s: float) -> list[str]:
+    """A line per true boundary: which edge, over a bed or not, the signed error of the
+    nearest found edge (+: found later), and how much of a window the speech filled
+    where the score crossed the threshold, if the found edge is a window centre
+    (0.5 + error / window at an onset, 0.5 - error / window at an end)."""
+    edges = np.asarray(boundaries(found, duration) or [np.inf])
+    lines = []
+    for (start, end), bed in zip(truth, beds, strict=True):
+        for kind, t in (("on", start), ("off", end)):
+            if not FILE_EDGE_S < t < duration - FILE_EDGE_S:
+                continue
+            error = float(edges[np.argmin(np.abs(edges - t))] - t)
+            fill = 0.5 + error / window_s if kind == "on" else 0.5 - error / window_s
+            where = "over a bed" if bed else "alone"
+            lines.append(
+                f"  speech {kind:3s} at {t:6.1f} s ({where:10s}): {error:+6.1f} s, "
+                f"speech filled {fill:.0%} of the window"
+            )
+    return lines
 
 
 def figures(truth, found, duration: float) -> dict:
@@ -134,25 +166,33 @@ def tag_timeline(engine: Path, path: Path, hop: str | None) -> list[tuple[float,
 
 
 def serve_timeline(
-    engine: Path, path: Path, hop: str | None, speed: float, duration: float
+    engine: Path, path: Path, hop: str | None, how: str, speed: float, duration: float
 ) -> list:
-    """`tagd serve` with an as-run log, fed the file's own samples over zmq+pull at
-    ``speed`` times real time; its speech records on the stream's own clock.
+    """`tagd serve` with an as-run log, fed ``path`` (``how``: ``pull``, the file's own
+    samples over zmq+pull at ``speed`` times real time; ``ffmpeg``, ffmpeg ``-re`` into a
+    zmq+raw input at the file's own rate); its speech records on the stream's own clock.
 
     The log places stream time on the wall clock by the capture time of the epoch's first
     window (tagd.asrun.StreamClock); the tags message of that window carries both, so
-    the offset is taken off exactly. Fed this way the daemon gets the file's samples from
-    the first (a PUSH socket queues until tagd connects), as `tagd tag` decodes them."""
+    the offset is taken off exactly. Fed by zmq+pull the daemon gets the file's samples
+    from the first (a PUSH socket queues until tagd connects), as `tagd tag` decodes
+    them; ffmpeg's PUB sends before tagd's SUB has joined, so its stream starts a little
+    into the file (docs/timeline.md)."""
     port, publish = free_port(), free_port()
+    rate = soundfile.info(path).samplerate
+    inputs = {
+        "pull": f"zmq+pull://127.0.0.1:{port}",
+        "ffmpeg": f"zmq+raw://127.0.0.1:{port}?format=s16le&rate={rate}&channels=1&stream={STREAM}",
+    }
     with tempfile.TemporaryDirectory(prefix="tagd-timeline-serve-") as tmp:
         asrun = Path(tmp) / "asrun.db"
         serve = [*TAGD, "serve", "--engine", str(engine), "--asrun", str(asrun)]
-        serve += ["--input", f"zmq+pull://127.0.0.1:{port}", "--metrics", "off"]
+        serve += ["--input", inputs[how], "--metrics", "off"]
         serve += ["--publish", f"tcp://127.0.0.1:{publish}", "--log-level", "info"]
         daemon = subprocess.Popen(serve + (["--hop", hop] if hop else []), cwd=REPO, stderr=PIPE)
         try:
             wait_ready(daemon)
-            first = feed(path, port, publish, speed)
+            first = feed(path, how, port, publish, speed)
         finally:
             daemon.terminate()  # SIGTERM: open segments are written, ended "stop"
             daemon.wait(timeout=60)
@@ -179,17 +219,33 @@ def wait_ready(daemon: subprocess.Popen) -> None:
     raise RuntimeError("tagd serve did not start")
 
 
-def feed(path: Path, port: int, publish: int, speed: float) -> dict:
-    """Send ``path``'s 16-bit samples as stream STREAM at ``speed`` times real time (the
-    multi-stream protocol, docs/inputs.md); return the tags message of its first window."""
+def feed(path: Path, how: str, port: int, publish: int, speed: float) -> dict:
+    """Send ``path`` to tagd as stream STREAM; return the tags message of its first window."""
     import zmq
 
     context = zmq.Context()
-    push, sub = context.socket(zmq.PUSH), context.socket(zmq.SUB)
+    sub = context.socket(zmq.SUB)
     sub.connect(f"tcp://127.0.0.1:{publish}")
     sub.setsockopt(zmq.SUBSCRIBE, f"tags.{STREAM}".encode())
-    push.connect(f"tcp://127.0.0.1:{port}")
     time.sleep(0.5)  # the SUB's subscription reaches tagd before the first window
+    if how == "ffmpeg":
+        command = ["ffmpeg", "-v", "error", "-re", "-i", str(path), "-f", "s16le", "-ac", "1"]
+        subprocess.run([*command, f"zmq:tcp://127.0.0.1:{port}"], check=True)
+    else:
+        push = context.socket(zmq.PUSH)
+        push.connect(f"tcp://127.0.0.1:{port}")
+        push_samples(push, path, speed)
+        push.close(linger=2000)
+    first = json.loads(sub.recv_multipart()[-1])  # the first window's, long since sent
+    time.sleep(2.0)  # the last windows' inference
+    sub.close(linger=0)
+    context.term()
+    return first
+
+
+def push_samples(push, path: Path, speed: float) -> None:
+    """``path``'s 16-bit samples at ``speed`` times real time (the multi-stream protocol,
+    docs/inputs.md)."""
     samples, rate = soundfile.read(path, dtype="int16")
     chunk = round(rate * FEED_CHUNK_S)
     started = time.monotonic()
@@ -199,12 +255,6 @@ def feed(path: Path, port: int, publish: int, speed: float) -> dict:
             [STREAM.encode(), json.dumps(header).encode(), samples[at : at + chunk]]
         )
         time.sleep(max(0.0, started + (seq + 1) * FEED_CHUNK_S / speed - time.monotonic()))
-    first = json.loads(sub.recv_multipart()[-1])  # the first window's, long since sent
-    time.sleep(2.0)  # the last windows' inference
-    push.close(linger=2000)
-    sub.close(linger=0)
-    context.term()
-    return first
 
 
 def unix(value) -> float:
@@ -253,40 +303,70 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--no-serve", action="store_true", help="skip the tagd serve run")
     parser.add_argument(
-        "--serve-speed", type=float, default=1.0, help="tagd serve's feed, times real time"
+        "--feed",
+        choices=("pull", "ffmpeg"),
+        default="pull",
+        help="tagd serve's input: the file's samples over zmq+pull, or ffmpeg -re into zmq+raw",
     )
+    parser.add_argument(
+        "--serve-speed", type=float, default=1.0, help="--feed pull: times real time"
+    )
+    parser.add_argument("--long-only", action="store_true", help="only the long file's part")
+    parser.add_argument("--repeats", type=int, default=1, help="long file: runs of each")
     args = parser.parse_args()
 
     print(f"CPU: {cpu_name()}; model {args.engine}; hop {args.hop or 'the card'}'s")
     with tempfile.TemporaryDirectory(prefix="tagd-timeline-") as tmp:
         folder = Path(tmp)
         programme = folder / "programme.wav"
-        truth = build_programme(args.minutes, args.seed, programme)
+        truth, beds = build_programme(args.minutes, args.seed, programme)
         duration = soundfile.info(programme).duration
         print(f"programme: {duration / 60:.1f} min, {len(truth)} speech turns")
-        tagged = tag_timeline(args.engine, programme, args.hop)
-        print("tagd tag --timeline:", json.dumps(figures(truth, tagged, duration)))
-        if not args.no_serve:
-            served = serve_timeline(args.engine, programme, args.hop, args.serve_speed, duration)
-            print("tagd serve (as-run):", json.dumps(figures(truth, served, duration)))
-            print("serve vs tag:", json.dumps(agreement(tagged, served, duration)))
+        if not args.long_only:
+            accuracy(args, programme, truth, beds, duration)
         if args.long_minutes:
-            long_file = folder / "long.mp3"
-            loops = int(args.long_minutes * 60 // duration) + 1
-            subprocess.run(
-                ["ffmpeg", "-v", "error", "-stream_loop", str(loops), "-i", str(programme)]
-                + ["-t", str(args.long_minutes * 60), "-b:a", "128k", str(long_file)],
-                check=True,
-            )
-            base = [*TAGD, "tag", str(long_file), "--engine", str(args.engine)]
-            base += ["--hop", args.hop] if args.hop else []
-            plain_mb, plain_s = peak_rss_and_time(base)
-            timeline_mb, timeline_s = peak_rss_and_time([*base, "--timeline"])
-            print(
-                f"{args.long_minutes:.0f} min mp3: tagd tag {plain_s:.1f} s, {plain_mb:.0f} MB peak; "
-                f"--timeline {timeline_s:.1f} s ({timeline_s / plain_s - 1:+.1%}), "
-                f"{timeline_mb:.0f} MB peak"
-            )
+            long_file(args, programme, duration, folder / "long.mp3")
+
+
+def accuracy(args, programme: Path, truth, beds, duration: float) -> None:
+    tagged = tag_timeline(args.engine, programme, args.hop)
+    print("tagd tag --timeline:", json.dumps(figures(truth, tagged, duration)))
+    window_s = backend_of(args.engine).read_card(args.engine).window_seconds
+    print("\n".join(each_boundary(truth, beds, tagged, duration, window_s)))
+    if not args.no_serve:
+        served = serve_timeline(
+            args.engine, programme, args.hop, args.feed, args.serve_speed, duration
+        )
+        print("tagd serve (as-run):", json.dumps(figures(truth, served, duration)))
+        print("serve vs tag:", json.dumps(agreement(tagged, served, duration)))
+
+
+def long_file(args, programme: Path, duration: float, path: Path) -> None:
+    """Peak RSS and wall time of plain `tagd tag` and of --timeline on the programme
+    looped to ``--long-minutes`` (an mp3), taking turns ``--repeats`` times: the fastest
+    of each, and the highest peak."""
+    loops = int(args.long_minutes * 60 // duration) + 1
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-stream_loop", str(loops), "-i", str(programme)]
+        + ["-t", str(args.long_minutes * 60), "-b:a", "128k", str(path)],
+        check=True,
+    )
+    base = [*TAGD, "tag", str(path), "--engine", str(args.engine)]
+    base += ["--hop", args.hop] if args.hop else []
+    runs: dict[str, list[tuple[float, float]]] = {"plain": [], "timeline": []}
+    for turn in range(args.repeats):
+        for name, command in (("plain", base), ("timeline", [*base, "--timeline"])):
+            runs[name].append(peak_rss_and_time(command))
+            mb, seconds = runs[name][-1]
+            print(f"  {name} #{turn + 1}: {seconds:.1f} s, {mb:.0f} MB peak", file=sys.stderr)
+    (plain_mb, plain_s), (timeline_mb, timeline_s) = (
+        (max(mb for mb, _ in runs[name]), min(s for _, s in runs[name])) for name in runs
+    )
+    print(
+        f"{args.long_minutes:.0f} min mp3: tagd tag {plain_s:.1f} s, {plain_mb:.0f} MB peak; "
+        f"--timeline {timeline_s:.1f} s ({timeline_s / plain_s - 1:+.1%}), "
+        f"{timeline_mb:.0f} MB peak (fastest of {args.repeats})"
+    )
 
 
 if __name__ == "__main__":
