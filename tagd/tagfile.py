@@ -1,13 +1,15 @@
-"""Tagging whole files: decode, window by the clip rule of tagd.windowing, average the scores.
+"""Tagging whole files: decode a block at a time, window as `tagd serve` windows a stream
+(a file shorter than a window by the clip rule of tagd.windowing), average the scores.
 
-A file's windows go through a scorer (tagd.scoring) in order, as a stream's through
-`tagd serve`: full windows a batch at a time, or incremental inference (the default of
-`tagd tag`), each window from the last one's state, the same scores for a fraction of
-the work, one window at a time.
+A file's windows (``FileWindows``) go through a scorer (tagd.scoring) in order, as a
+stream's through `tagd serve`: full windows a batch at a time, or incremental inference
+(the default of `tagd tag`), each window from the last one's state, the same scores for
+a fraction of the work, one window at a time. Memory holds a window and a few blocks of
+audio, whatever the file's length.
 
-``timeline_file`` follows a file as `tagd serve` follows a stream, decoded a block at a
-time, through the daemon's ``Windower`` and ``Tagger`` and a ``Segmenter``
-(tagd.timeline): the segments `tagd tag --timeline` writes.
+``timeline_file`` follows a file's windows as `tagd serve` follows a stream's, through
+the daemon's ``Tagger`` and a ``Segmenter`` (tagd.timeline): the segments `tagd tag
+--timeline` writes.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from tagd.arrivals import Arrival
-from tagd.audio import STREAM_BLOCK_FRAMES, AudioError, decode_blocks, decode_file
+from tagd.audio import STREAM_BLOCK_FRAMES, AudioError, decode_blocks
 from tagd.card import ModelCard
 from tagd.engines import Engine
 from tagd.scoring import FullWindows, Scorer, WindowAt
 from tagd.stream import ReadyWindow
 from tagd.tagger import Tagger
 from tagd.timeline import Segment, Segmenter, TimelineFormat, in_start_order, write_timeline
-from tagd.windowing import ClipTooShortError, Windower, clip_windows
+from tagd.windowing import ClipTooShortError, Window, Windower
 
 # Windows per engine call. ONNX Runtime's arena keeps the activations of the largest
 # batch, and a full-size FCN-4 window's are tens of MB: docs/models.md has the peaks.
@@ -100,6 +102,46 @@ def check_length(card: ModelCard, samples: int, path: Path) -> None:
         ) from None
 
 
+class FileWindows:
+    """The windows of a file, cut as `tagd serve` cuts a stream (the daemon's
+    ``Windower``), decoded a block at a time (``decode_blocks``): memory holds a window and
+    a few blocks, whatever the file's length. A file shorter than one window is one
+    zero-padded window (tagd.windowing's clip rule), and shorter than the shortest clip a
+    TooShortError; a file that cannot be decoded an AudioError. ``samples`` counts the
+    samples decoded so far (the file's length at the model's rate once iterated);
+    ``on_progress`` gets them in seconds after each block."""
+
+    def __init__(
+        self,
+        path: Path,
+        card: ModelCard,
+        hop_samples: int,
+        block_frames: int = STREAM_BLOCK_FRAMES,
+        on_progress: Callable[[float], None] | None = None,
+    ):
+        self.path, self.card, self.hop_samples = path, card, hop_samples
+        self.block_frames, self.on_progress = block_frames, on_progress
+        self.samples = 0
+
+    def __iter__(self) -> Iterator[Window]:
+        card = self.card
+        windower = Windower(card.window_samples, self.hop_samples)
+        head: list[np.ndarray] | None = []  # the audio before the first window; None after
+        for block in decode_blocks(self.path, card.sample_rate, self.block_frames):
+            if head is not None:
+                head.append(block)
+            for window in windower.push(block):
+                head = None
+                yield window
+            self.samples = windower.total
+            if self.on_progress is not None:
+                self.on_progress(windower.total / card.sample_rate)
+        if head is not None:  # shorter than a window: one padded window, or too short
+            check_length(card, windower.total, self.path)
+            samples = np.concatenate(head)[: card.window_samples]
+            yield Window(0, np.pad(samples, (0, card.window_samples - len(samples))))
+
+
 def tag_file(
     engine: Engine,
     path: str | Path,
@@ -107,7 +149,8 @@ def tag_file(
     batch_size: int = DEFAULT_BATCH,
     scorer: Scorer | None = None,
 ) -> FileTags:
-    """Mean scores over the windows of ``path``; raises AudioError when it cannot.
+    """Mean scores over the windows of ``path`` (``FileWindows``: decoded a block at a
+    time, a running sum); raises AudioError when it cannot.
 
     ``scorer`` (full windows on ``engine`` by default) must be for ``hop_samples`` (or the
     card's hop). A call takes ``batch_size`` windows at most, fewer where the scorer's
@@ -115,8 +158,6 @@ def tag_file(
     """
     card = engine.card
     path = Path(path)
-    samples = decode_file(path, card.sample_rate)
-    check_length(card, len(samples), path)
     hop_samples = hop_samples or card.hop_samples
     scorer = scorer or FullWindows([engine], hop_samples)
     if scorer.hop_samples != hop_samples:
@@ -126,8 +167,9 @@ def tag_file(
     batch = np.empty((batch_size, card.window_samples), dtype=np.float32)
     keys: list[WindowAt] = []
     count = 0
+    file_windows = FileWindows(path, card, hop_samples)
     scorer.forget(FILE_STREAM)  # the last file's chain
-    for window in clip_windows(samples, card.window_samples, hop_samples):
+    for window in file_windows:
         batch[len(keys)] = window.samples
         keys.append(WindowAt(FILE_STREAM, 0, window.start))
         if len(keys) == batch_size:
@@ -137,7 +179,7 @@ def tag_file(
         total += scorer.run(keys, batch[: len(keys)]).sum(axis=0, dtype=np.float64)
         count += len(keys)
     scorer.forget(FILE_STREAM)
-    duration = len(samples) / card.sample_rate
+    duration = file_windows.samples / card.sample_rate
     return FileTags(path, duration, count, (total / count).astype(np.float32))
 
 
@@ -160,13 +202,9 @@ def timeline_file(
     on_progress: Callable[[float], None] | None = None,
     block_frames: int = STREAM_BLOCK_FRAMES,
 ) -> FileTimeline:
-    """The segments of ``path``: its windows, cut as `tagd serve` cuts a stream (the same
-    ``Windower``), scored by ``scorer`` and followed by ``tagger`` and ``segmenter`` as the
-    daemon follows a stream's. Decoded a block at a time (``decode_blocks``): memory stays
-    a window and a few blocks, whatever the length. ``on_progress`` gets the seconds
-    decoded so far. Raises AudioError when it cannot.
-
-    A file shorter than one window is one zero-padded window (tagd.windowing's clip rule)."""
+    """The segments of ``path``: its windows (``FileWindows``) scored by ``scorer`` and
+    followed by ``tagger`` and ``segmenter`` as the daemon follows a stream's.
+    ``on_progress`` gets the seconds decoded so far. Raises AudioError when it cannot."""
     card = engine.card
     path = Path(path)
     stream = str(path)
@@ -175,12 +213,10 @@ def timeline_file(
     if scorer.hop_samples != hop_samples:
         raise ValueError(f"a scorer for hop {scorer.hop_samples} asked to tag at {hop_samples}")
     batch_size = min(batch_size, scorer.max_consecutive or batch_size)
-    windower = Windower(card.window_samples, hop_samples)
     batch = np.empty((batch_size, card.window_samples), dtype=np.float32)
     pending: list[ReadyWindow] = []
     segments: list[Segment] = []
-    head: list[np.ndarray] = []  # the audio before the first window, for a short file
-    windows = 0
+    file_windows = FileWindows(path, card, hop_samples, block_frames, on_progress)
 
     def score(ready: list[ReadyWindow]) -> None:
         for row, window in enumerate(ready):
@@ -190,28 +226,17 @@ def timeline_file(
 
     for forget in (scorer, tagger, segmenter):
         forget.forget(stream)  # a file tagged before under this name starts afresh
+    windows = 0
     try:
-        for block in decode_blocks(path, card.sample_rate, block_frames):
-            if windows == 0 and windower.total < card.window_samples:
-                head.append(block)
-            for window in windower.push(block):
-                head = []
-                pending.append(_ready(stream, windows, window.start, window.samples))
-                windows += 1
-                if len(pending) == batch_size:
-                    score(pending)
-                    pending = []
-            if on_progress is not None:
-                on_progress(windower.total / card.sample_rate)
-        if windows == 0:  # shorter than a window: one padded window, or too short
-            check_length(card, windower.total, path)
-            samples = np.concatenate(head)[: card.window_samples]
-            padded = np.pad(samples, (0, card.window_samples - len(samples)))
-            pending.append(_ready(stream, 0, 0, padded))
-            windows = 1
+        for window in file_windows:
+            pending.append(_ready(stream, windows, window.start, window.samples))
+            windows += 1
+            if len(pending) == batch_size:
+                score(pending)
+                pending = []
         if pending:
             score(pending)
-        duration = windower.total / card.sample_rate
+        duration = file_windows.samples / card.sample_rate
         segments.extend(segmenter.close(stream, end=duration))
     finally:
         for forget in (scorer, tagger, segmenter):

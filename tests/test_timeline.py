@@ -20,7 +20,7 @@ from tagd.engines import load_engine
 from tagd.incremental import choose_scorer
 from tagd.scoring import INCREMENTAL, FullWindows
 from tagd.stream import ReadyWindow
-from tagd.tagfile import TooShortError, timeline_file
+from tagd.tagfile import TooShortError, tag_file, timeline_file
 from tagd.tagger import Tagger
 from tagd.timeline import (
     FORMATS,
@@ -365,6 +365,32 @@ def test_a_file_shorter_than_a_window_is_one_padded_window_and_too_short_an_erro
     soundfile.write(short, music(0.2, 12000), 12000)
     with pytest.raises(TooShortError, match="shorter than"):
         timeline_file(engine, short, Tagger(card), Segmenter(card.tags, 12000))
+
+
+def test_tagging_a_long_file_holds_a_few_blocks_not_the_whole_file(short_fcn4, music, tmp_path):
+    """Plain `tagd tag` and --timeline both decode a block at a time: while 10 minutes are
+    tagged, the heap's peak stays a fraction of the file's samples at the model's rate."""
+    import tracemalloc
+
+    rate, minutes = 22_050, 10
+    path = tmp_path / "long.wav"
+    soundfile.write(path, np.tile(music(10.0, rate), 6 * minutes), rate, subtype="PCM_16")
+    engine = load_engine(short_fcn4)
+    card = engine.card
+    whole_file_bytes = minutes * 60 * card.sample_rate * 4  # float32, as decode_file held it
+    tracemalloc.start()
+    try:
+        tagged = tag_file(engine, path)
+        tag_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        timeline_file(engine, path, Tagger(card), Segmenter(card.tags, card.sample_rate))
+        timeline_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tagged.duration_s == pytest.approx(minutes * 60, abs=0.01)
+    assert tagged.windows == len(card.clip_window_starts(round(minutes * 60 * card.sample_rate)))
+    assert tag_peak < whole_file_bytes / 5, (tag_peak, whole_file_bytes)
+    assert timeline_peak < whole_file_bytes / 5, (timeline_peak, whole_file_bytes)
 
 
 @pytest.mark.parametrize("suffix", [".wav", ".mp3", ".m4a"])  # libsndfile, ffmpeg, fallback
