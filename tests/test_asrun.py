@@ -378,12 +378,14 @@ class Producer:
         self.context.term()
 
 
-def start_daemon(model: Path, port: int, db: Path, tmp_path: Path) -> TagdProcess:
+def start_daemon(model: Path, port: int, db: Path, tmp_path: Path, tables: str = "") -> TagdProcess:
+    """`tagd serve` of ``model`` at a 0.5 s hop, a zmq+pull input, an as-run log and
+    ``tables`` (TOML tables) added to its config."""
     config = tmp_path / "tagd.toml"
     config.write_text(
         f'engine = "{model}"\ninputs = ["zmq+pull://127.0.0.1:{port}"]\nhop_seconds = 0.5\n'
         'incremental = false\n[publish]\naddress = "tcp://127.0.0.1:*"\n'
-        "[limits]\nidle_after_s = 1.0\n"
+        "[limits]\nidle_after_s = 1.0\n" + tables
     )
     metrics_port = free_port()
     daemon = TagdProcess(
@@ -573,22 +575,12 @@ def test_serve_and_tag_timeline_cut_the_same_audio_into_the_same_segments(
     assert sum(not s["open"] for s in expected) >= 3, expected  # tags turned off, not one span
 
     port, db = free_port(), tmp_path / "asrun.db"
-    config = tmp_path / "tagd.toml"
-    config.write_text(
-        f'engine = "{tmp_path / "crossing.onnx"}"\ninputs = ["zmq+pull://127.0.0.1:{port}"]\n'
-        'hop_seconds = 0.5\n[publish]\naddress = "tcp://127.0.0.1:*"\n'
-        "[tagger]\noff_margin = 0.0\n[batching]\nmax_pending_per_stream = 1000\n"
-        "[limits]\nidle_after_s = 1.0\n"
-    )
-    metrics_port = free_port()
-    daemon = TagdProcess(
-        ["--config", str(config), "--metrics", f"127.0.0.1:{metrics_port}", "--asrun", str(db)],
-        metrics_port,
-    )
+    # as `tagd tag --off-margin 0`; every window kept however fast they come
+    tables = "[tagger]\noff_margin = 0.0\n[batching]\nmax_pending_per_stream = 1000\n"
+    daemon = start_daemon(tmp_path / "crossing.onnx", port, db, tmp_path, tables)
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     try:
-        daemon.wait_ready()
         push.connect(f"tcp://127.0.0.1:{port}")
         chunk = round(card.sample_rate * CHUNK_S)
         started = time.time()
