@@ -1,8 +1,8 @@
 """tagd's own incremental engine against the same model on Triton Inference Server, and failover.
 
-    .venv/bin/python bench/triton.py                       # full-size FCN-4, ~3 minutes
-    .venv/bin/python bench/triton.py --streams 8 --hops 4  # quicker
-    .venv/bin/python bench/triton.py --model fcn4.onnx     # an exported model (graphs at its hop)
+    .venv/bin/python bench/triton_scaleout.py                       # full-size FCN-4, ~3 minutes
+    .venv/bin/python bench/triton_scaleout.py --streams 8 --hops 4  # quicker
+    .venv/bin/python bench/triton_scaleout.py --model fcn4.onnx     # an exported model (graphs at its hop)
 
 In one run on this machine, the same streams (music-like audio, one window a hop each):
 

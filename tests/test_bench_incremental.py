@@ -18,7 +18,10 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("torch")
-    sys.path.insert(0, str(BENCH))  # its imports of harness and engines
+    # its imports of harness and engines; while bench/ is on the path its file names are
+    # top-level modules, so none may be a package's name (a bench/triton.py made torch,
+    # which probes for OpenAI's triton, fail in every later test)
+    sys.path.insert(0, str(BENCH))
     try:
         spec = importlib.util.spec_from_file_location("bench_incremental", BENCH / "incremental.py")
         module = importlib.util.module_from_spec(spec)

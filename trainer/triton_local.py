@@ -1,5 +1,5 @@
 """A real Triton Inference Server on this machine, from the nvidia-pytriton wheel, for the
-tests and bench/triton.py (docs/triton.md).
+tests and bench/triton_scaleout.py (docs/triton.md).
 
 The wheel (``PYTRITON_WHEEL``, 55 MB) bundles ``tritonserver`` 2.51 with the ``python``
 backend only, and runs without a GPU. We do not install the package (it pins numpy < 2):
