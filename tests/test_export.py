@@ -189,7 +189,7 @@ def test_a_card_lets_voice_tags_turn_off_the_no_voice_tags():
 
     model = create_model("fcn4", 4, width=0.125)
     rendered = card_for_model(model, tags=["piano", "speech", "choir", "instrumental"])
-    assert rendered.excludes == {"instrumental": ["speech", "choir"]}
+    assert rendered.excludes == {"instrumental": ["speech"]}  # choir is a timbre there
     mtt = card_for_model(model, tags=["rock", "no vocals", "male vocal", "vocal"])
     assert mtt.excludes == {"no vocals": ["male vocal", "vocal"]}
     assert card_for_model(model, tags=["rock", "instrumental", "jazz", "piano"]).excludes == {}
