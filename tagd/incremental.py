@@ -168,9 +168,9 @@ def choose_scorer(
     windows otherwise, with the reason logged. EngineError when the card names graphs
     for the hop that do not load. A remote engine (``triton://``) keeps the streams'
     state on its servers and brings its own scorer, which counts into ``metrics``."""
-    own_scorer = getattr(engines[0], "own_scorer", None)
-    if own_scorer is not None:
-        return own_scorer(hop_samples, incremental, on_updates, metrics)
+    remote = engines[0].own_scorer(hop_samples, incremental, on_updates, metrics)
+    if remote is not None:
+        return remote
     if not incremental:
         log.info(
             "incremental inference off (incremental = false / --full-windows): "

@@ -115,7 +115,7 @@ class Tagger:
 
         events = self._hysteresis(state, mean)
         order = np.argsort(-mean, kind="stable")
-        over = self.card.over(mean)
+        over = self.card.exclude(mean >= self.thresholds)
         return Prediction(
             stream=window.stream,
             seq=window.seq,

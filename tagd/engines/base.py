@@ -12,11 +12,15 @@ from __future__ import annotations
 import abc
 import logging
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from tagd.card import HopGraphs, ModelCard, read_card
+
+if TYPE_CHECKING:
+    from tagd.metrics import Metrics
+    from tagd.scoring import Scorer, UpdateCounter
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,17 @@ class Engine(abc.ABC):
         """The card of a model file without loading the model (`--check-config`);
         CardError when it cannot be read. ONNX metadata or the ``.json`` beside the file."""
         return read_card(path)
+
+    def own_scorer(
+        self,
+        hop_samples: int,
+        incremental: bool = True,
+        on_updates: UpdateCounter | None = None,
+        metrics: Metrics | None = None,
+    ) -> Scorer | None:
+        """A scorer of the backend's own (a remote engine keeps the streams' state where
+        it runs), or None: ``tagd.incremental.choose_scorer`` picks a local one."""
+        return None
 
     def incremental(self, hop_samples: int) -> IncrementalEngine | None:
         """The incremental graphs exported for this hop (tagd.incremental), or None.
