@@ -24,7 +24,9 @@ What it guarantees:
 - Retention: records that ended more than ``retention_days`` ago are deleted when the
   log opens and every ``RETENTION_EVERY_S`` by the writer thread, in chunks.
 - Restarts append to the same file; the schema carries its version (``user_version``),
-  and a file written by a newer tagd is refused rather than changed.
+  and a file written by a newer tagd, or another application's database, is refused
+  rather than changed. ``check_path`` says so before the daemon starts (and for
+  ``--check-config``), as it does for a folder that cannot be made or written.
 
 Stream time becomes wall-clock time through ``StreamClock``: a window's capture time
 (``ReadyWindow.captured``, the arrival of the message carrying its last sample,
@@ -37,6 +39,7 @@ import contextlib
 import csv
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -72,6 +75,7 @@ RETENTION_EVERY_S = 3600.0
 DELETE_CHUNK = 10_000  # rows per retention delete: short transactions, readers go on
 WRITER_TICK_S = 0.5  # the writer wakes at least this often to retry, expire, stop
 SECONDS_PER_DAY = 86_400.0
+EFFECTIVE_IDS = os.access in os.supports_effective_ids  # the daemon's own user decides
 
 # Why a record ended (the ``ended`` column).
 ENDED_OFF = "off"  # hysteresis turned the tag off
@@ -195,17 +199,63 @@ def error_reason(exc: Exception) -> str:
     return ASRUN_ERROR_OTHER
 
 
+def check_schema(connection: sqlite3.Connection, path: Path) -> int:
+    """The as-run schema version of the open database at ``path`` (0: an empty database,
+    which becomes one). Raises AsRunError for a file written by a newer tagd and for an
+    SQLite database that is something else: neither is changed."""
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise AsRunError(
+            f"{path} has as-run schema version {version}; this tagd writes version "
+            f"{SCHEMA_VERSION}: upgrade tagd or give [asrun] path another file"
+        )
+    tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
+    if (version == 0 and tables) or (version > 0 and "segments" not in tables):
+        held = ", ".join(sorted(tables)) or "no tables"
+        raise AsRunError(
+            f"{path} is an SQLite database but not a tagd as-run log (user_version "
+            f"{version}, {held}): give [asrun] path another file"
+        )
+    return version
+
+
+def check_path(path: str | Path) -> None:
+    """Raise AsRunError unless the as-run log can live at ``path``: its folder exists and
+    is writable (SQLite puts the write-ahead log beside the file), or the nearest folder
+    above it that exists is, so that it can be made; a file already there is an as-run
+    log of a version this tagd writes (or empty). Writes nothing: `tagd serve` calls it
+    before it starts anything, and so does ``--check-config``."""
+    path = Path(path)
+    if path.is_dir():
+        raise AsRunError(f"{path} is a folder: give a file in it, such as {path / 'asrun.db'}")
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AsRunError(f"cannot make the folder {path.parent}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=EFFECTIVE_IDS):
+        made = "write in" if existing == path.parent else f"make {path.parent} in"
+        raise AsRunError(f"cannot {made} {existing}: no write permission or a read-only mount")
+    if not path.exists():
+        return
+    if not os.access(path, os.R_OK | os.W_OK, effective_ids=EFFECTIVE_IDS):
+        raise AsRunError(f"cannot write {path}: no permission or a read-only mount")
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)) as db:
+            check_schema(db, path)
+    except sqlite3.DatabaseError as exc:
+        raise AsRunError(
+            f"{path} is not an SQLite database ({exc}): give [asrun] path another file"
+        ) from None
+
+
 def open_database(path: Path) -> sqlite3.Connection:
     """Open (or create) the as-run database for writing: WAL mode, the schema in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
     try:
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise AsRunError(
-                f"{path} has as-run schema version {version}; this tagd writes version "
-                f"{SCHEMA_VERSION}: upgrade tagd or give [asrun] path another file"
-            )
+        check_schema(connection, path)
         mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             log.warning("as-run log %s: WAL mode refused (%s); readers may wait", path, mode)

@@ -21,7 +21,16 @@ import numpy as np
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from tagd.asrun import ENDED_IDLE, ENDED_OFF, ENDED_STOP, AsRunLog, Record, StreamClock
+from tagd.asrun import (
+    ENDED_IDLE,
+    ENDED_OFF,
+    ENDED_STOP,
+    AsRunError,
+    AsRunLog,
+    Record,
+    StreamClock,
+    check_path,
+)
 from tagd.batcher import Batcher, BatchResult
 from tagd.card import CardError, ModelCard
 from tagd.config import ServeConfig
@@ -104,6 +113,7 @@ class Server:
             self._secure()  # CURVE keys and the allowed clients, when configured
             self._bind_publisher()  # a port in use fails here, before the slow load
             self._reserve_inputs()  # bind zmq+pull inputs, find files: before the load too
+            check_asrun(self.config)  # the as-run log's file and folder, when set
             self._load_engine()  # load, check the card against the I/O, warm up
             self._build_pipeline()  # streams → batcher → tagger → publisher
             self._open_inputs()  # connect, open devices and files
@@ -496,7 +506,17 @@ def check_startup(config: ServeConfig) -> ModelCard:
     for spec in config.inputs:
         if spec.scheme == "file" and not Path(spec.address).is_file():
             raise StartupError(f"input {spec.name}: no such file: {spec.address}")
+    check_asrun(config)
     return card
+
+
+def check_asrun(config: ServeConfig) -> None:
+    """StartupError unless ``[asrun] path`` (when set) can be the as-run log."""
+    if config.asrun.enabled:
+        try:
+            check_path(config.asrun.path)
+        except AsRunError as exc:
+            raise StartupError(f"as-run log: {exc}") from None
 
 
 def _model_file_card(path: Path) -> ModelCard:

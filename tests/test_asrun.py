@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import signal
 import sqlite3
 import subprocess
@@ -19,16 +20,18 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
-from support import Example, TagdProcess, fcn4_card, free_port, tool, wait_for
+from support import TAGD, Example, TagdProcess, fcn4_card, free_port, tool, wait_for
 
 from tagd.asrun import (
     ENDED_IDLE,
     ENDED_OFF,
     ENDED_STOP,
     SCHEMA_VERSION,
+    AsRunError,
     AsRunLog,
     Record,
     StreamClock,
+    check_path,
     read_records,
 )
 from tagd.card import CARD_METADATA_KEY, IncrementalSection, ModelCard
@@ -170,6 +173,109 @@ def test_a_file_of_a_newer_schema_is_refused_and_left_alone(tmp_path):
     assert metrics.sample("tagd_asrun_write_errors_total", {"reason": "not_a_database"}) >= 1
     with closing(sqlite3.connect(path)) as connection:
         assert connection.execute("SELECT name FROM sqlite_master").fetchall() == []
+
+
+def test_a_foreign_sqlite_database_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "music.db"
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE playlist (title TEXT)")
+    metrics = written(path, [record("radio1", "speech", NOON, NOON + 1)])
+    assert metrics.sample("tagd_asrun_write_errors_total", {"reason": "not_a_database"}) >= 1
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("SELECT name FROM sqlite_master").fetchall() == [("playlist",)]
+
+
+# -- the path checked before the daemon starts (tagd serve, --check-config) -------------------
+
+
+def test_check_path_takes_a_folder_to_make_an_empty_file_and_a_log_and_writes_nothing(
+    tmp_path,
+):
+    check_path(tmp_path / "state" / "tagd" / "asrun.db")
+    assert list(tmp_path.iterdir()) == []  # the folder is made by the daemon, not the check
+    (tmp_path / "empty.db").touch()  # SQLite takes an empty file as an empty database
+    check_path(tmp_path / "empty.db")
+    written(tmp_path / "asrun.db", [record("radio1", "speech", NOON, NOON + 1)])
+    check_path(tmp_path / "asrun.db")
+
+
+def unusable_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Paths the as-run log cannot have, with what the refusal must say."""
+    (tmp_path / "a-file").write_text("not a folder\n")
+    (tmp_path / "notes.txt").write_text("a text file, long enough to have a header\n" * 10)
+    with closing(sqlite3.connect(tmp_path / "music.db")) as connection:
+        connection.execute("CREATE TABLE playlist (title TEXT)")
+    with closing(sqlite3.connect(tmp_path / "newer.db")) as connection:
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    return {
+        "a folder": (tmp_path, "is a folder: give a file in it"),
+        "under a file": (tmp_path / "a-file" / "asrun.db", "a-file is a file"),
+        "not sqlite": (tmp_path / "notes.txt", "is not an SQLite database"),
+        "foreign database": (
+            tmp_path / "music.db",
+            "not a tagd as-run log (user_version 0, playlist)",
+        ),
+        "newer schema": (tmp_path / "newer.db", f"schema version {SCHEMA_VERSION + 1}"),
+    }
+
+
+def test_check_path_refuses_what_cannot_be_the_log_and_says_why(tmp_path):
+    unusable = unusable_paths(tmp_path)
+    files = {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    for path, reason in unusable.values():
+        with pytest.raises(AsRunError, match=re.escape(reason)):
+            check_path(path)
+    assert {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == files
+
+
+@pytest.fixture
+def read_only_mount(tmp_path) -> Path:
+    """A read-only tmpfs: a folder no one may write, root included (needs mount rights)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_check_path_refuses_a_read_only_folder(read_only_mount):
+    with pytest.raises(AsRunError, match="cannot write in .*read-only"):
+        check_path(read_only_mount / "asrun.db")
+    with pytest.raises(AsRunError, match="cannot make .*/ro/state in .*read-only"):
+        check_path(read_only_mount / "state" / "asrun.db")
+
+
+def test_check_config_and_serve_refuse_an_unusable_log_before_anything_starts(short_fcn4, tmp_path):
+    runner = CliRunner()
+    serve = ["serve", "--engine", str(short_fcn4), "--input", "zmq+pull://127.0.0.1:5571"]
+    good = runner.invoke(
+        main, [*serve, "--asrun", str(tmp_path / "new" / "asrun.db"), "--check-config"]
+    )
+    assert good.exit_code == 0, good.output
+    assert not (tmp_path / "new").exists()
+    for path, reason in unusable_paths(tmp_path).values():
+        bad = runner.invoke(main, [*serve, "--asrun", str(path), "--check-config"])
+        assert bad.exit_code == 2 and "tagd serve: as-run log: " in bad.output, bad.output
+        assert reason in bad.output
+    # the daemon itself: exit 2 with the reason, before it loads the model
+    foreign = tmp_path / "music.db"
+    before = foreign.read_bytes()
+    metrics_port = free_port()
+    started = subprocess.run(
+        [str(TAGD), *serve, "--asrun", str(foreign), "--metrics", f"127.0.0.1:{metrics_port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 2, started.stderr
+    assert (
+        f"as-run log: {foreign} is an SQLite database but not a tagd as-run log" in started.stderr
+    )
+    assert foreign.read_bytes() == before
 
 
 @pytest.fixture

@@ -18,10 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +47,10 @@ from support import (
     run_feed,
     substitute,
     tool,
+    wait_for,
 )
 
+from tagd.asrun import SCHEMA_VERSION
 from tagd.config import load_config
 from tagd.metrics import Metrics
 
@@ -158,17 +162,26 @@ def test_systemd_unit_serves_the_installed_config_on_loopback(short_model, tmp_p
     assert config.publish.address.startswith("tcp://127.0.0.1:")
     assert config.metrics.host_port()[0] == "127.0.0.1"
     assert all(spec.address.startswith("tcp://127.0.0.1:") for spec in config.inputs)
-    # --check-config reads the model's card: give it one where the config expects it.
+    # the as-run log in the state directory: writable under ProtectSystem=strict, kept
+    assert Path(config.asrun.path).parent == Path("/var/lib/tagd")
+    assert config.asrun.retention_days > 0
+    # --check-config reads the model's card and checks the as-run log's folder: give them
+    # places here where the config expects them.
     installed = tmp_path / "tagd.toml"
-    installed.write_text(
-        substitute(
-            (DEPLOY / "systemd" / "tagd.toml").read_text(), {config.engine: str(short_model)}
-        )
-    )
+    state = tmp_path / "var-lib-tagd"
+    moved = {config.engine: str(short_model), config.asrun.path: str(state / "asrun.db")}
+    installed.write_text(substitute((DEPLOY / "systemd" / "tagd.toml").read_text(), moved))
     check = subprocess.run(
         [TAGD, "serve", "--config", installed, "--check-config"], capture_output=True, text=True
     )
     assert check.returncode == 0, check.stderr
+    assert not state.exists()  # checked, not made: the daemon makes it
+    state.write_text("a file where the state directory should be\n")
+    blocked = subprocess.run(
+        [TAGD, "serve", "--config", installed, "--check-config"], capture_output=True, text=True
+    )
+    assert blocked.returncode == 2
+    assert blocked.stderr.startswith(f"tagd serve: as-run log: cannot make the folder {state}")
     missing = subprocess.run(
         [TAGD, "serve", "--config", DEPLOY / "systemd" / "tagd.toml", "--check-config"],
         capture_output=True,
@@ -293,6 +306,10 @@ def test_dockerfile_runs_tagd_unprivileged_with_a_healthcheck(path):
     assert arguments["USER"].split(":")[0] not in ("root", "0")
     assert "/healthz" in arguments["HEALTHCHECK"]
     config = load_config(CONTAINER_CONFIG)
+    # the as-run log's folder is in the image, owned by tagd's user: a new named volume
+    # mounted there takes that owner, so the read-only container can write the log
+    runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
+    assert f"chown {arguments['USER']} {Path(config.asrun.path).parent}" in runs
     exposed = set(arguments["EXPOSE"].split())
     assert {str(config.metrics.host_port()[1]), config.publish.address.rsplit(":", 1)[1]} <= exposed
     assert json.loads(arguments["ENTRYPOINT"]) == [
@@ -359,6 +376,8 @@ def test_compose_mounts_existing_files_and_publishes_on_loopback_only(yaml):
     }
     mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in services["tagd"]["volumes"]}
     assert Path(config.engine).parent.as_posix() in mounted
+    asrun_volume = mounted[Path(config.asrun.path).parent.as_posix()]  # read_only: a volume
+    assert asrun_volume in compose["volumes"] and services["tagd"]["read_only"]
     assert (DEPLOY / mounted["/etc/tagd/tagd.toml"]).resolve() == CONTAINER_CONFIG
     feeder_endpoint = services["feeder"]["entrypoint"][-1]
     assert config.inputs[0].address == feeder_endpoint.removeprefix("zmq:").replace(
@@ -525,6 +544,7 @@ def fed_tagd(tmp_path_factory, short_model) -> Iterator[tuple[TagdProcess, str]]
         (DEPLOY / "systemd" / "tagd.toml").read_text(),
         {
             "/var/lib/tagd/models/fcn4.onnx": str(short_model),
+            "/var/lib/tagd/asrun.db": str(folder / "asrun.db"),
             "127.0.0.1:5555": f"127.0.0.1:{feed}",
             "127.0.0.1:5560": f"127.0.0.1:{free_port()}",
             "127.0.0.1:9108": f"127.0.0.1:{metrics}",
@@ -540,6 +560,16 @@ def fed_tagd(tmp_path_factory, short_model) -> Iterator[tuple[TagdProcess, str]]
     tagd.wait_ready()
     yield tagd, f"tcp://127.0.0.1:{feed}"
     tagd.stop()
+
+
+def test_the_installed_config_keeps_an_as_run_log(fed_tagd):
+    tagd, _ = fed_tagd
+    db = Path(tagd.log_path).parent / "asrun.db"
+    wait_for(db.is_file, f"{db} made")  # the writer opens it at start
+    with closing(sqlite3.connect(db)) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert tagd.metric_sum("tagd_asrun_write_errors_total") == 0
 
 
 def received(tagd: TagdProcess) -> float:

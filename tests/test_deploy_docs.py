@@ -251,6 +251,7 @@ def test_the_daemon_installs_from_source_without_torch(tmp_path, export_model):
         (DEPLOY / "docker" / "tagd.toml")
         .read_text()
         .replace('"/var/lib/tagd/models/fcn4.onnx"', f'"{export_model("fcn4")}"')
+        .replace('"/var/lib/tagd/asrun/asrun.db"', f'"{tmp_path / "asrun" / "asrun.db"}"')
     )
     check = subprocess.run(
         [

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -396,21 +397,34 @@ def test_the_triton_compose_override_wires_two_front_ends_to_the_server():
 
     from tagd.config import load_config
 
-    services = yaml.safe_load((DEPLOY / "compose.triton.yaml").read_text())["services"]
+    override = yaml.safe_load((DEPLOY / "compose.triton.yaml").read_text())
+    services = override["services"]
     assert {"triton", "tagd", "tagd-b"} <= set(services)
-    base = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
-    fronts = []
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    base = compose["services"]
+    named = {**compose["volumes"], **override["volumes"]}
+    fronts, asrun_volumes = [], []
     for name, service in services.items():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
         if "build" in service:
             assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
-        for volume in service.get("volumes", []):
+        # compose merges a service's volumes by target: tagd keeps compose.yaml's others
+        mounts = {}
+        for volume in base.get(name, {}).get("volumes", []) + service.get("volumes", []):
             source, target = volume.split(":")[:2]
-            assert (DEPLOY / source).exists(), f"{name} mounts {source}, which is missing"
-            if target == "/etc/tagd/tagd.toml":
-                fronts.append(load_config(DEPLOY / source))
+            mounts[target] = source
+        for source in mounts.values():
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts {source}, which is missing"
+            else:
+                assert source in named, f"{name}: undeclared volume {source}"
+        if "/etc/tagd/tagd.toml" in mounts:
+            front = load_config(DEPLOY / mounts["/etc/tagd/tagd.toml"])
+            fronts.append(front)
+            asrun_volumes.append(mounts[Path(front.asrun.path).parent.as_posix()])
     assert len(fronts) == 2
+    assert len(set(asrun_volumes)) == 2  # an as-run log each, on a volume each
     url = TritonURL.parse(fronts[0].engine)
     assert url.servers == ("triton:8001",) and fronts[1].engine == fronts[0].engine
     assert [front.inputs[0].stream_name() for front in fronts] == ["radio1", "radio1-b"]
