@@ -1,6 +1,7 @@
 """One as-run log for many tagd daemons: collect their segments into a database elsewhere.
 
 Usage: python examples/asrun_collector.py DB ENDPOINT [ENDPOINT ...] [--idle-after SECONDS]
+       [--server-key tagd.key --key collector.key_secret]
 
 Each `tagd serve` can keep its own as-run log ([asrun] path, docs/deploy.md). Where a
 station group wants every stream's segments in one place (an archive host, the
@@ -19,6 +20,12 @@ does when the stream goes idle. What a subscriber misses (a restart of this coll
 a queue at ``publish.sndhwm``) it cannot see: a segment spanning the gap is joined or
 cut there; the daemons' own logs stay complete.
 
+Daemons with ``[security]`` (CURVE, docs/operations.md) let in only the clients whose
+public key they list: give ``--server-key`` (the daemons' public ``.key``) and ``--key``
+(this collector's ``.key_secret`` from ``tagd keys generate``, its ``.key`` copied into
+each daemon's ``curve_allowed_clients``), as ``tagd listen`` takes them. Every endpoint
+then needs that server key: daemons with different keys need a collector each.
+
 Needs tagd installed on that host (``pip install tagd``: no PyTorch) and pyzmq.
 """
 
@@ -34,6 +41,7 @@ import zmq
 
 from tagd.asrun import ENDED_IDLE, ENDED_OFF, ENDED_STOP, AsRunLog, Record, StreamClock, iso_utc
 from tagd.metrics import Metrics
+from tagd.sockets import SecurityError, secure_client
 from tagd.tagger import OFF, ON, Prediction, TagEvent
 from tagd.timeline import Segmenter
 
@@ -115,13 +123,23 @@ def main() -> None:
     parser.add_argument("db", help="the SQLite file to write (created; appended to)")
     parser.add_argument("endpoints", nargs="+", help="tagd's publish endpoints")
     parser.add_argument("--idle-after", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--server-key", metavar="FILE", help="CURVE: the daemons' public key")
+    parser.add_argument("--key", metavar="FILE", help="CURVE: this collector's .key_secret")
     args = parser.parse_args()
+    if bool(args.server_key) != bool(args.key):
+        parser.error("CURVE needs both --server-key and --key")
 
+    context = zmq.Context()
+    socket = context.socket(zmq.SUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    if args.server_key:
+        try:
+            secure_client(socket, args.server_key, args.key)
+        except SecurityError as exc:
+            parser.exit(2, f"asrun_collector.py: {exc}\n")
     asrun = AsRunLog(args.db, Metrics())
     asrun.start()
     collector = Collector(asrun, args.idle_after)
-    context = zmq.Context()
-    socket = context.socket(zmq.SUB)
     socket.setsockopt_string(zmq.SUBSCRIBE, "tags.")
     for endpoint in args.endpoints:
         socket.connect(endpoint)

@@ -7,9 +7,11 @@ import itertools
 import json
 import logging
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
@@ -18,9 +20,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import zmq
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
-from support import TAGD, Example, TagdProcess, fcn4_card, free_port, tool, wait_for
+from support import (
+    EXAMPLES,
+    TAGD,
+    Example,
+    TagdProcess,
+    fcn4_card,
+    free_port,
+    tool,
+    wait_for,
+    wait_subscribed,
+)
 
 from tagd.asrun import (
     ENDED_IDLE,
@@ -36,8 +49,9 @@ from tagd.asrun import (
 )
 from tagd.card import CARD_METADATA_KEY, IncrementalSection, ModelCard
 from tagd.cli import main
-from tagd.metrics import Metrics
-from tagd.publish import TAGS_TOPIC, tags_message, topic
+from tagd.metrics import PUBLISH_SOCKET, Metrics
+from tagd.publish import TAGS_TOPIC, Publisher, tags_message, topic
+from tagd.sockets import CurveServer, generate_keys
 from tagd.tagger import Prediction
 
 DAY = 86_400.0
@@ -609,6 +623,79 @@ def test_the_collector_example_keeps_the_daemons_segments_in_one_database(tagd, 
     assert tagd_log("radio1", "--db", str(db)).splitlines()[1:] == [
         "radio1,2025-12-06T12:00:01.750Z,2025-12-06T12:00:03.750Z,speech,0.9,0.9,4,off"
     ]
+
+
+@pytest.fixture(scope="module")
+def curve_keys(tmp_path_factory) -> Path:
+    """Key pairs of a daemon, a collector it allows and an intruder it does not."""
+    folder = tmp_path_factory.mktemp("keys")
+    for name in ("tagd", "collector", "intruder"):
+        generate_keys(folder, name)
+    (folder / "clients").mkdir()
+    shutil.copy(folder / "collector.key", folder / "clients")
+    return folder
+
+
+def curve_collector(keys: Path, client: str, db: Path, endpoint: str) -> Example:
+    return Example(
+        "asrun_collector.py",
+        str(db),
+        endpoint,
+        "--idle-after",
+        "1",
+        "--server-key",
+        str(keys / "tagd.key"),
+        "--key",
+        str(keys / f"{client}.key_secret"),
+    )
+
+
+def test_the_collector_reaches_a_daemon_with_curve_with_its_own_key_only(curve_keys, tmp_path):
+    """tagd's own publisher with [security]'s CURVE, as `tagd serve` runs it."""
+    context = zmq.Context()
+    curve = CurveServer.load(curve_keys / "tagd.key_secret", curve_keys / "clients")
+    authenticator = curve.start_authenticator(context)
+    metrics = Metrics(CollectorRegistry())
+    publisher = Publisher(context, "tcp://127.0.0.1:*", metrics, linger_ms=0, curve=curve)
+    publisher.start_monitor()
+    refused = {"socket": PUBLISH_SOCKET, "reason": "auth"}
+    intruder = curve_collector(curve_keys, "intruder", tmp_path / "intruder.db", publisher.address)
+    collector = curve_collector(curve_keys, "collector", tmp_path / "ours.db", publisher.address)
+    try:
+        wait_for(lambda: metrics.sample("tagd_handshake_failures_total", refused))  # intruder
+        wait_subscribed(publisher, "tags.")  # the collector's, after its handshake
+        message = tags_at(collector_card(), "radio1", 0, ["jazz"], NOON)
+        publisher.send(topic(TAGS_TOPIC, "radio1"), message)
+        assert collector.lines(1) == [
+            "radio1 jazz 2025-12-06T12:00:00.000Z 2025-12-06T12:00:02.000Z idle"
+        ]
+        assert collector.interrupt() == 0, collector.stderr
+        assert intruder.interrupt() == 0, intruder.stderr
+    finally:
+        collector.kill()
+        intruder.kill()
+        publisher.close()
+        authenticator.stop()
+        context.term()
+    assert intruder.stdout.empty() and rows(tmp_path / "intruder.db") == []
+    assert [r[:2] for r in rows(tmp_path / "ours.db")] == [("radio1", "jazz")]
+
+
+def test_the_collector_says_what_is_wrong_with_its_keys(curve_keys, tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        collector = [sys.executable, str(EXAMPLES / "asrun_collector.py")]
+        db = str(tmp_path / "asrun.db")
+        return subprocess.run(
+            [*collector, db, "tcp://127.0.0.1:5560", *args], capture_output=True, text=True
+        )
+
+    half = run("--server-key", str(curve_keys / "tagd.key"))
+    assert half.returncode == 2 and "CURVE needs both --server-key and --key" in half.stderr
+    public = run(
+        "--server-key", str(curve_keys / "tagd.key"), "--key", str(curve_keys / "collector.key")
+    )
+    assert public.returncode == 2 and "holds no secret key" in public.stderr
+    assert not (tmp_path / "asrun.db").exists()  # nothing started
 
 
 # -- the same audio through tagd serve and tagd tag --timeline ---------------------------------

@@ -106,8 +106,16 @@ COVERAGE: list[tuple[str, str]] = [
         "tests/test_asrun.py::test_a_backup_while_the_log_is_written_has_what_was_committed",
     ),
     (
-        r"\.venv/bin/python examples/asrun_collector\.py .*",
+        r"\.venv/bin/python examples/asrun_collector\.py( (?!--)\S+)+",
         "tests/test_asrun.py::test_the_collector_example_keeps_the_daemons_segments_in_one_database",
+    ),
+    (
+        r"tagd keys generate \S+ --name \S+",
+        "tests/test_serve_security.py::test_keys_generate_writes_a_private_secret_and_never_overwrites",
+    ),
+    (
+        r"\.venv/bin/python examples/asrun_collector\.py \S+ \S+ --server-key \S+ --key \S+",
+        "tests/test_asrun.py::test_the_collector_reaches_a_daemon_with_curve_with_its_own_key_only",
     ),
 ]
 
