@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 CARD_SCHEMA_VERSION = 1
 CARD_METADATA_KEY = "tagd.card"  # key of the card in ONNX metadata_props
 HOP_SNAP_S = 0.002  # a hop in seconds this close to a whole number of frames is snapped to it
+# What a model file computes in: float32 as exported, int8 as `tagd-train quantize` writes it
+# (QDQ: int8 weights and activations, the front end in float).
+FLOAT32, INT8 = "float32", "int8"
+PRECISIONS = (FLOAT32, INT8)
 
 
 class CardError(ValueError):
@@ -50,6 +54,7 @@ class GraphNames:
 
     waveform: str = "waveform"
     scores: str = "scores"
+    embedding: str = "embedding"  # a window's last hidden layer (the card's ``aggregator``)
     state_input_prefix: str = "state."
     state_output_prefix: str = "next_state."
 
@@ -194,6 +199,64 @@ class IncrementalSection:
         }
 
 
+@dataclass(frozen=True)
+class AggregatorSection:
+    """The card's ``aggregator`` section, present only for a model exported with one: a
+    song-level aggregator over window embeddings (trainer.models.aggregator) and the two
+    graphs beside the model that run it.
+
+    ``embedding_graph`` takes ``waveform`` and returns ``scores`` (as the model's graph)
+    and ``embedding`` float32 ``[batch, embedding_size]``. ``graph`` takes ``embedding``
+    and ``state.<name>``… and returns ``scores`` (the song so far, sigmoid) and
+    ``next_state.<name>``…; a song's state starts at zeros and advances one step per
+    window, the windows ``hop_samples`` apart (the hop it was trained at).
+    """
+
+    kind: str  # "lstm" (the thesis's) or "mean" (bag of frames)
+    embedding_layer: str  # which layer of the model the embedding is
+    embedding_size: int
+    embedding_graph: str  # file name beside the model
+    graph: str  # file name beside the model
+    hop_samples: int
+    state: tuple[StateTensor, ...]
+    scores: dict[str, Any] = field(default_factory=dict)  # held-out: aggregator vs average
+    max_abs_diff: float | None = None  # export's parity check; None: not run
+
+    @property
+    def state_names(self) -> list[str]:
+        return [tensor.name for tensor in self.state]
+
+    @property
+    def inputs(self) -> list[str]:
+        return [GRAPH_NAMES.embedding, *GRAPH_NAMES.state_inputs(self.state_names)]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [GRAPH_NAMES.scores, *GRAPH_NAMES.state_outputs(self.state_names)]
+
+    def initial_state(self, batch: int = 1) -> list[np.ndarray]:
+        """Zeros: the state before a song's (or a stream's) first window."""
+        return [np.zeros((batch, *tensor.shape), dtype=np.float32) for tensor in self.state]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AggregatorSection:
+        data = _checked_keys(cls, data, "aggregator")
+        state = data["state"]
+        if not isinstance(state, list):
+            raise CardError(f"aggregator.state is a list, got {type(state).__name__}")
+        tensors = tuple(
+            StateTensor.from_dict(t, f"aggregator.state[{i}]") for i, t in enumerate(state)
+        )
+        return cls(**{**data, "state": tensors})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["state"] = [tensor.to_dict() for tensor in self.state]
+        if self.max_abs_diff is None:
+            del data["max_abs_diff"]
+        return data
+
+
 @dataclass
 class ModelCard:
     name: str  # a human name for this trained model, e.g. "fcn4-mtt"
@@ -218,6 +281,12 @@ class ModelCard:
     # ("instrumental" means music with no voice: off while "speech" is on). Written only
     # when not empty; applied by ``exclude`` wherever on/off is decided.
     excludes: dict[str, list[str]] = field(default_factory=dict)
+    # The arithmetic of the file the card travels with (PRECISIONS); written only when not
+    # float32, so a card from before quantization reads and writes back as it was.
+    precision: str = FLOAT32
+    # A song-level aggregator and its graphs (``AggregatorSection``); written only when
+    # there is one, so a card without one reads and writes back as it was.
+    aggregator: AggregatorSection | None = None
     schema_version: int = CARD_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -321,6 +390,10 @@ class ModelCard:
                     f"excludes[{tag!r}] must name other tags of the card, got {by!r}"
                     + (f" (not tags: {', '.join(unknown)})" if unknown else "")
                 )
+        if self.precision not in PRECISIONS:
+            problems.append(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if problems:
             raise CardError("invalid model card: " + "; ".join(problems))
 
@@ -360,6 +433,12 @@ class ModelCard:
         data["incremental"] = self.incremental.to_dict()
         if not self.excludes:  # a card without exclusions reads as it did before them
             del data["excludes"]
+        if self.precision == FLOAT32:  # and one of a float32 model as before precisions
+            del data["precision"]
+        if self.aggregator is None:
+            del data["aggregator"]
+        else:
+            data["aggregator"] = self.aggregator.to_dict()
         return json.dumps(data, indent=2, default=str)
 
     @classmethod
@@ -369,7 +448,10 @@ class ModelCard:
         data = _checked_keys(cls, data, "model card")
         try:
             incremental = IncrementalSection.from_dict(data.get("incremental", {}))
-            return cls(**{**data, "incremental": incremental})
+            aggregator = data.get("aggregator")
+            if aggregator is not None:
+                aggregator = AggregatorSection.from_dict(aggregator)
+            return cls(**{**data, "incremental": incremental, "aggregator": aggregator})
         except TypeError as exc:
             raise CardError(f"malformed model card: {exc}") from exc
 

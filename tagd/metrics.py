@@ -281,8 +281,9 @@ class Metrics:
         )
         self.engine_info = Info(
             "tagd_engine",
-            "The model being served: card name, architecture, backend, card version, and "
-            "inference: incremental (from each stream's last window) or full.",
+            "The model being served: card name, architecture, backend, card version, "
+            "precision (float32, int8), and inference: incremental (from each stream's last "
+            "window) or full.",
             registry=r,
         )
         self.window_updates = Counter(
@@ -367,10 +368,12 @@ class Metrics:
         n_tags: int,
         inference: str = FULL,
         state_bytes: int = 0,
+        precision: str = "float32",
     ) -> None:
         self.engine_info.info(
             {
                 "inference": inference,
+                "precision": precision,
                 "state_bytes_per_stream": str(state_bytes),
                 "model": model,
                 "architecture": architecture,

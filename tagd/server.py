@@ -264,6 +264,7 @@ class Server:
             n_tags=card.n_tags,
             inference=self.scorer.mode,
             state_bytes=self.scorer.state_bytes,
+            precision=card.precision,
         )
 
     def _count_updates(self, mode: str, count: int) -> None:

@@ -222,3 +222,14 @@ def test_excludes_turn_a_tag_off_beside_another_and_are_written_only_when_set():
     ]:
         with pytest.raises(CardError, match=problem):
             ModelCard(**settings, excludes=excludes)
+
+
+def test_precision_is_written_only_when_not_float32_and_an_unknown_one_is_refused():
+    old = make_card().to_dict()  # a card as written before precisions
+    assert "precision" not in old
+    card = ModelCard.from_dict(json.loads(json.dumps(old)))
+    assert card.precision == "float32" and card.to_json() == json.dumps(old, indent=2)
+    int8 = ModelCard.from_dict({**old, "precision": "int8"})
+    assert int8.to_dict()["precision"] == "int8" and ModelCard.from_json(int8.to_json()) == int8
+    with pytest.raises(CardError, match="precision must be one of float32, int8, got 'fp4'"):
+        ModelCard.from_dict({**old, "precision": "fp4"})

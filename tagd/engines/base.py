@@ -120,7 +120,10 @@ class Engine(abc.ABC):
         return graph, paths
 
     def describe(self) -> str:
-        return f"{self.card.name} ({self.card.architecture}) on {self.backend} from {self.path}"
+        return (
+            f"{self.card.name} ({self.card.architecture}, {self.card.precision}) "
+            f"on {self.backend} from {self.path}"
+        )
 
     def _check_batch(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)

@@ -1,0 +1,330 @@
+"""Static int8 quantization of an exported model (``tagd-train quantize``).
+
+ONNX Runtime's static quantization in QDQ form: QuantizeLinear/DequantizeLinear pairs
+around the convolutions and the head, int8 weights per output channel, uint8 activations
+with ranges calibrated (MinMax) on windows of a prepared training set. ONNX Runtime on a
+CPU with VNNI fuses each QDQ pair into an integer kernel; TensorRT builds its int8
+engines from the same QDQ graph.
+
+What stays float: the log-mel front end (the STFT as a convolution, the mel matrix, the
+log, the input BatchNorm) and the first learned convolution. They are found by structure,
+not by name (the step graphs name their nodes differently): every convolution over a
+single channel (the STFT's, the first layer's) and every node they depend on.
+
+The incremental prime and step graphs the card names are quantized the same way, the
+step graph calibrated on the state the float prime graph hands it, so a stream's state
+is float between hops. Two parity checks run on windows of the validation split (not
+the calibration windows): int8 full windows against float32 (``max_abs_diff`` in the
+card's ``export.quantization``), and the int8 chain prime + steps against int8 full
+windows (each graph's ``max_abs_diff``). Each is refused past its tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from tagd.card import CARD_METADATA_KEY, GRAPH_NAMES, INT8, HopGraphs, ModelCard, read_card
+from tagd.engines.onnx import open_session
+from trainer.data.dataset import DataError, PreparedData, to_float
+from trainer.export import ExportError, incremental_paths
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOWS = 64  # calibration windows (MinMax ranges settle well before this)
+PARITY_WINDOWS = 8  # validation windows each parity check runs
+PARITY_HOPS = 4  # steps the int8 chain runs after its prime
+# Refused past these (max abs difference of sigmoid scores): int8 rounding moves a
+# trained FCN's scores by about 0.01-0.03; more means a range calibrated on unlike audio.
+FLOAT_TOLERANCE = 0.1  # int8 full windows against float32
+CHAIN_TOLERANCE = 0.1  # the int8 chain against int8 full windows
+# Only these carry QDQ pairs; the state slicing, padding and concatenation of the step
+# graphs stay float. Measured on FCN-4 (random weights, 1 thread, AVX-512 VNNI): the step
+# graph ran 2.5x float32 so, 1.7x with every op quantized; full windows 1.30x and 1.34x.
+QUANTIZED_OPS = ("Conv", "Gemm", "MaxPool", "Relu")
+
+
+class QuantizeError(ExportError):
+    """The model cannot be quantized, or its int8 scores stray past the tolerance."""
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    card: ModelCard
+    max_abs_diff: float  # int8 full windows against float32, on validation windows
+    mean_abs_diff: float
+
+
+def int8_path(path: Path) -> Path:
+    """Where the int8 model of ``path`` goes by default: ``fcn4.onnx`` → ``fcn4.int8.onnx``."""
+    return path.with_name(f"{path.stem}.int8{path.suffix}")
+
+
+def float_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes kept in float: every convolution over one input channel (the
+    STFT front end's, the first layer's) and all the nodes it depends on."""
+    weights = {tensor.name: tensor for tensor in model.graph.initializer}
+    producer = {output: node for node in model.graph.node for output in node.output}
+
+    def single_channel(node: onnx.NodeProto) -> bool:
+        weight = weights.get(node.input[1]) if len(node.input) > 1 else None
+        return weight is not None and len(weight.dims) >= 3 and weight.dims[1] == 1
+
+    pending = [n for n in model.graph.node if n.op_type == "Conv" and single_channel(n)]
+    if not pending:
+        raise QuantizeError("found no single-channel convolution (front end or first layer)")
+    kept: dict[str, onnx.NodeProto] = {}
+    while pending:
+        node = pending.pop()
+        if node.name in kept:
+            continue
+        kept[node.name] = node
+        pending.extend(producer[name] for name in node.input if name in producer)
+    return sorted(kept)
+
+
+def stream_runs(
+    data: PreparedData, split: str, count: int, samples: int, seed: int
+) -> Iterator[np.ndarray]:
+    """``count`` stretches of ``samples`` float32 audio from random clips of ``split`` at
+    random offsets, a clip shorter than that repeated end to end: never padded with
+    silence, whose log-mel lies far below music's and would stretch the ranges."""
+    clips = data.indices(split)
+    if not clips:
+        raise DataError(f"{data.root}: no {split} clips to take windows from")
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        clip = to_float(data.audio(int(rng.choice(clips))))
+        start = int(rng.integers(0, len(clip)))
+        yield np.resize(np.roll(clip, -start), samples)
+
+
+class WindowReader:
+    """ONNX Runtime's CalibrationDataReader over a list of feeds, with a progress bar."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], what: str, progress: bool = True):
+        from tqdm import tqdm
+
+        self._feeds = iter(
+            tqdm(feeds, desc=f"calibrate {what}", unit="window", disable=not progress)
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_graph(
+    source: Path, target: Path, feeds: list[dict[str, np.ndarray]], progress: bool
+) -> int:
+    """Write ``source`` statically quantized to ``target``; how many nodes stay float."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as scratch:
+        # shape inference and ORT's constant folding first: the step graphs' conv biases
+        # become initializers, which QDQ needs to quantize a conv at all
+        prepared = Path(scratch) / source.name
+        quant_pre_process(str(source), str(prepared))
+        model = onnx.load(str(prepared))
+        keep = float_nodes(model)
+        quantize_static(
+            model,
+            str(target),
+            WindowReader(feeds, source.name, progress),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep,
+        )
+    return len(keep)
+
+
+def window_stack(runs: list[np.ndarray], size: int, offset: int = 0) -> np.ndarray:
+    return np.stack([run[offset : offset + size] for run in runs])
+
+
+def quantize_model(
+    path: str | Path,
+    data: PreparedData,
+    out: str | Path | None = None,
+    *,
+    windows: int = DEFAULT_WINDOWS,
+    seed: int = 0,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Write the int8 model of the float32 ONNX model at ``path`` (and of the incremental
+    graphs its card names) to ``out`` (``int8_path`` by default), calibrated on
+    ``windows`` windows of ``data``'s train split; check it (see the module docstring)."""
+    path = Path(path)
+    out = Path(out) if out is not None else int8_path(path)
+    card = read_card(path)
+    if card.precision != "float32":
+        raise QuantizeError(f"{path} is {card.precision} already; quantize the float32 export")
+    if data.sample_rate != card.sample_rate:
+        raise DataError(
+            f"{data.root} is prepared at {data.sample_rate} Hz, {card.name} takes "
+            f"{card.sample_rate} Hz; prepare it at the model's rate"
+        )
+    if windows < 1:
+        raise ValueError(f"windows must be at least 1, got {windows}")
+    size = card.window_samples
+    longest_hop = max([0, *card.incremental.hops])
+    calibration = list(stream_runs(data, "train", windows, size + longest_hop, seed))
+    split = "valid" if data.indices("valid") else "test"
+    held_out = list(
+        stream_runs(data, split, PARITY_WINDOWS, size + PARITY_HOPS * longest_hop, seed)
+    )
+
+    written = [out, *(p for hop in card.incremental.hops for p in incremental_paths(out, hop))]
+    try:
+        return quantize_checked(
+            path, out, card, data, calibration, held_out, split, windows, seed, progress
+        )
+    except QuantizeError:
+        for leftover in written:  # a model that failed its check is not left to be served
+            leftover.unlink(missing_ok=True)
+        raise
+
+
+def quantize_checked(
+    path: Path,
+    out: Path,
+    card: ModelCard,
+    data: PreparedData,
+    calibration: list[np.ndarray],
+    held_out: list[np.ndarray],
+    split: str,
+    windows: int,
+    seed: int,
+    progress: bool,
+) -> QuantizeResult:
+    size = card.window_samples
+    float_full = open_session(path, threads=0)
+    first = [{GRAPH_NAMES.waveform: window_stack([run], size)} for run in calibration]
+    kept = quantize_graph(path, out, first, progress)
+    int8_full = open_session(out, threads=0)
+    probe = window_stack(held_out, size)
+    expected = float_full.run([GRAPH_NAMES.scores], {GRAPH_NAMES.waveform: probe})[0]
+    actual = int8_full.run([GRAPH_NAMES.scores], {GRAPH_NAMES.waveform: probe})[0]
+    difference = np.abs(actual - expected)
+    if not float(difference.max()) <= FLOAT_TOLERANCE:
+        raise QuantizeError(
+            f"{out}: int8 scores differ from float32 by up to {difference.max():.3g} on "
+            f"{split} windows (tolerance {FLOAT_TOLERANCE:g}); calibrate on more windows "
+            f"of audio like the model's"
+        )
+
+    graphs = []
+    for graph in card.incremental.graphs:
+        graphs.append(
+            quantize_hop(path, out, graph, calibration, held_out, int8_full, size, progress)
+        )
+    int8_card = ModelCard.from_dict(card.to_dict())
+    int8_card.precision = INT8
+    int8_card.incremental = dataclasses.replace(card.incremental, graphs=tuple(graphs))
+    int8_card.export = {
+        **card.export,
+        "quantization": quantization_info(data, windows, seed, kept, difference, split),
+    }
+    write_card(out, int8_card)
+    log.info(
+        "int8 %s: scores within %.3g of float32 (mean %.2g) on %d %s windows",
+        out,
+        difference.max(),
+        difference.mean(),
+        len(held_out),
+        split,
+    )
+    return QuantizeResult(out, int8_card, float(difference.max()), float(difference.mean()))
+
+
+def quantize_hop(
+    path: Path,
+    out: Path,
+    graph: HopGraphs,
+    calibration: list[np.ndarray],
+    held_out: list[np.ndarray],
+    int8_full,
+    size: int,
+    progress: bool,
+) -> HopGraphs:
+    """Quantize one hop's prime and step graphs; their chain checked against int8 full
+    windows. The step graph is calibrated on what it gets live: the next window and the
+    state the (float) prime graph left."""
+    hop = graph.hop_samples
+    sources = incremental_paths(path, hop)
+    prime_path, step_path = incremental_paths(out, hop)
+    float_prime = open_session(sources[0], threads=0)
+    prime_feeds, step_feeds = [], []
+    for run in calibration:
+        first = window_stack([run], size)
+        states = float_prime.run(graph.outputs, {GRAPH_NAMES.waveform: first})[1:]
+        prime_feeds.append({GRAPH_NAMES.waveform: first})
+        next_window = window_stack([run], size, hop)
+        step_feeds.append(dict(zip(graph.step_inputs, [next_window, *states], strict=True)))
+    quantize_graph(sources[0], prime_path, prime_feeds, progress)
+    quantize_graph(sources[1], step_path, step_feeds, progress)
+
+    prime, step = (open_session(p, threads=0) for p in (prime_path, step_path))
+    worst, states = 0.0, []
+    for k in range(PARITY_HOPS + 1):
+        window = window_stack(held_out, size, k * hop)
+        if k == 0:
+            scores, *states = prime.run(graph.outputs, {GRAPH_NAMES.waveform: window})
+        else:
+            feeds = dict(zip(graph.step_inputs, [window, *states], strict=True))
+            scores, *states = step.run(graph.outputs, feeds)
+        full = int8_full.run([GRAPH_NAMES.scores], {GRAPH_NAMES.waveform: window})[0]
+        worst = max(worst, float(np.abs(scores - full).max()))
+    if not worst <= CHAIN_TOLERANCE:
+        raise QuantizeError(
+            f"{step_path}: the int8 chain differs from int8 full windows by {worst:.3g} "
+            f"(tolerance {CHAIN_TOLERANCE:g})"
+        )
+    log.info("int8 chain at hop %d vs int8 full windows: max abs diff %.3g", hop, worst)
+    return dataclasses.replace(
+        graph, prime=prime_path.name, step=step_path.name, max_abs_diff=worst
+    )
+
+
+def quantization_info(
+    data: PreparedData,
+    windows: int,
+    seed: int,
+    kept: int,
+    difference: np.ndarray,
+    split: str,
+) -> dict[str, Any]:
+    import onnxruntime
+
+    return {
+        "method": "onnxruntime static QDQ, MinMax, per-channel int8 weights, uint8 activations",
+        "onnxruntime_version": onnxruntime.__version__,
+        "quantized_ops": list(QUANTIZED_OPS),
+        "float_nodes": kept,
+        "calibration": {"data": str(data.root), "split": "train", "windows": windows, "seed": seed},
+        "parity_split": split,
+        "max_abs_diff": float(difference.max()),
+        "mean_abs_diff": float(difference.mean()),
+    }
+
+
+def write_card(path: Path, card: ModelCard) -> None:
+    """Put ``card`` into the metadata of the ONNX file at ``path`` (replacing any)."""
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CARD_METADATA_KEY, card.to_json()
+    proto.producer_name = "tagd-train quantize"
+    onnx.save(proto, str(path))
