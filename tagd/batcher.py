@@ -26,7 +26,9 @@ first window) delay steps until they are dropped, and each drop is one more prim
 overload that feeds itself.
 
 Once a window is copied into a batch, or dropped, its samples go to ``recycle`` (the
-streams' ``WindowPool``): nothing reads a submitted window's samples after that.
+streams' ``WindowPool``): nothing reads a submitted window's samples after that. A batch
+of one (the CPU's) is no copy: the engine reads the window's own samples, recycled when
+the engine call returns.
 
 An engine that raises loses that batch's windows (``engine_error``), not the worker:
 each kind of error is logged in full the first time, and ``healthy()`` turns false after
@@ -286,10 +288,13 @@ class Batcher:
     def _run_batch(self, run: EngineRun, buffer: np.ndarray, items: list[Pending]) -> None:
         if not items:
             return
-        batch = buffer[: len(items)]
-        for row, item in enumerate(items):
-            batch[row] = item.window.samples
-            self._done_with(item.window)
+        if len(items) == 1:
+            batch = items[0].window.samples[np.newaxis]  # a view, recycled after the call
+        else:
+            batch = buffer[: len(items)]
+            for row, item in enumerate(items):
+                batch[row] = item.window.samples
+                self._done_with(item.window)
         started = time.perf_counter()
         try:
             scores = run(batch, [item.window for item in items])
@@ -297,6 +302,9 @@ class Batcher:
             with self._results_lock:
                 self._engine_failed(exc, items)
             return
+        finally:
+            if len(items) == 1:
+                self._done_with(items[0].window)
         finished = time.perf_counter()
         with self._results_lock:
             self._handle(items, scores, started, finished)

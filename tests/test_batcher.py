@@ -313,12 +313,18 @@ def test_every_window_is_recycled_once_batched_or_dropped_never_twice():
     windows = [window("a", seq) for seq in range(7)]
     batcher.start()
     batcher.submit(windows[0])
-    assert engine.entered.wait(2)  # a0 is in the engine: copied into the batch, recycled
-    assert recycled == [id(windows[0].samples)]
+    # a0 is in the engine, which reads the window's own samples (a batch of one is not
+    # copied): they must not go back to the pool before the call returns
+    assert engine.entered.wait(2)
+    assert recycled == []
     for w in windows[1:4]:  # a1 dropped as queue_full when a3 arrives
         batcher.submit(w)
     time.sleep(0.1)  # a2 and a3 go stale while the engine is held
     engine.release.set()  # a0 finishes; before the next batch the worker drops a2 and a3
+    deadline = time.monotonic() + 5
+    while id(windows[0].samples) not in recycled:
+        assert time.monotonic() < deadline, "a0 was not recycled after its engine call"
+        time.sleep(0.01)
     deadline = time.monotonic() + 5
     while (
         metrics.sample("tagd_windows_dropped_total", {"stream": "a", "reason": "stale"}) or 0
