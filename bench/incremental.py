@@ -18,6 +18,10 @@ In one run on this machine:
    shared machine's drift hits both alike; and, as a sanity check, the largest score
    difference of the step chain from full windows over ``SANITY_HOPS`` hops on ONNX
    Runtime (tests hold the parity; far above 1e-5 here means what was timed is broken);
+   then the research baseline (``--skip-research`` leaves it out): FCN-4 as a user's
+   script runs it, librosa's log-mel with the card's parameters and the torch model in
+   eval mode under no_grad, one window at a time (``research_baseline``), its seconds
+   per window and the streams that would hold at the card's hop;
 2. `tagd serve` with FCN-4 at the card's hop, full windows (``incremental = false``,
    what ``--full-windows`` sets) and incremental, their searches run in alternation: the
    largest number of streams (bench/harness.py's producer: real-time 44.1 kHz stereo in
@@ -26,7 +30,9 @@ In one run on this machine:
    daemon's RSS with 50 idle-but-connected streams, in each mode at one instance, the
    default (the target is the incremental one's; the other says what the graphs and the
    state add), and incremental at ``--instances`` when that is more;
-3. FCN-4's targets, each with its measured value.
+3. FCN-4's targets, each with its measured value, among them the streams held against
+   the bare engine's bound (its incremental updates/s × the hop: ``bare_bound``) and
+   against the research baseline, both from the same run.
 
 A search starts at ``SEARCH_START_SHARE`` of the streams that part 1's batch-1 rate
 (default threads) would serve, grows by ``SEARCH_GROWTH`` until a run fails, halves
@@ -44,6 +50,7 @@ Not a test: its figures belong to the machine it ran on and how busy it was.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -89,6 +96,9 @@ MACS_TARGET = 1 / 5
 PER_CORE_TARGET = 3.5
 STREAMS_TARGET = 3.0
 IDLE_RSS_TARGET_MB = 500.0
+BOUND_TARGET = 0.85  # streams held / the bare engine's bound at the same instance count
+RESEARCH_TARGET = 20.0  # streams held / the research baseline's
+RESEARCH_WINDOWS = 8  # windows the research baseline times (each ~0.4 s on 2 cores)
 
 
 def progress(text: str) -> None:
@@ -233,6 +243,78 @@ def report_models_table(models: list[dict]) -> None:
             f"{1000 * default['full_s']:.1f} / {1000 * default['step_s']:.1f} | "
             f"{default['speedup']:.2f} |"
         )
+
+
+# -- the research baseline ----------------------------------------------------------------------
+
+
+def research_baseline(windows: int) -> dict:
+    """Seconds per window of FCN-4 as a researcher's script runs it: librosa's log-mel with
+    the model's front-end parameters, then the torch model (eval, no_grad, torch's default
+    threads) on it, one window at a time; and the streams that pace holds at the card's hop.
+
+    The model is the full-size FCN-4 the rest of the bench times (``torch.manual_seed(0)``)
+    with its own log-mel front end left out (the script feeds it librosa's); its scores
+    are checked against the whole model's on the same window (the front ends agree to
+    float32 rounding, far under 1e-3)."""
+    import librosa
+
+    torch.manual_seed(0)
+    model = create_model(SERVED_MODEL).eval()
+    mel = model.frontend.config
+    sr, size, hop = model.sample_rate, model.window_samples, model.default_hop_samples
+    audio = probe_audio(1, size + windows * hop, sr, seed=2)[0]
+
+    def script_window(window: np.ndarray) -> np.ndarray:
+        power = librosa.feature.melspectrogram(
+            y=window,
+            sr=sr,
+            n_fft=mel.n_fft,
+            hop_length=mel.hop_length,
+            n_mels=mel.n_mels,
+            fmin=mel.f_min,
+            fmax=mel.f_max,
+            center=True,
+            pad_mode="constant",
+        )  # (M, N)
+        db = librosa.power_to_db(power, ref=1.0, amin=mel.amin, top_db=None)
+        with torch.no_grad():
+            return body(torch.from_numpy(db)[None]).numpy()  # (1, n_tags)
+
+    body = copy.deepcopy(model)
+    body.frontend = torch.nn.Identity()  # the script's log-mel goes in where the model's was
+    first = audio[:size]
+    with torch.no_grad():
+        whole = model(torch.from_numpy(first)[None]).numpy()
+    difference = float(np.max(np.abs(script_window(first) - whole)))  # and a warm-up
+    seconds = []
+    for k in range(windows):
+        window = audio[k * hop : k * hop + size]
+        start = time.perf_counter()
+        script_window(window)
+        seconds.append(time.perf_counter() - start)
+    per_window = statistics.median(seconds)
+    return {
+        "model": SERVED_MODEL,
+        "windows": windows,
+        "torch_threads": torch.get_num_threads(),
+        "seconds_per_window": per_window,
+        "hop_s": hop / sr,
+        "streams": hop / sr / per_window,
+        "max_abs_diff": difference,
+    }
+
+
+def report_research(research: dict) -> None:
+    print(
+        f"\nresearch baseline ({research['model']}: librosa log-mel + torch eager, one window "
+        f"at a time, {research['torch_threads']} torch threads): "
+        f"{1000 * research['seconds_per_window']:.0f} ms a window (median of "
+        f"{research['windows']}) = {research['streams']:.1f} streams at the card's hop "
+        f"({research['hop_s']:.3f} s); scores vs the whole model: max abs diff "
+        f"{research['max_abs_diff']:.1e}",
+        flush=True,
+    )
 
 
 # -- 2. `tagd serve`: the largest N streams, per mode ------------------------------------------
@@ -418,7 +500,18 @@ def target(what: str, value: str, met: bool | None) -> dict:
     return {"what": what, "value": value, "met": met}
 
 
-def targets(model: dict | None, serve: dict | None) -> list[dict]:
+def bare_bound(model: dict, instances: int) -> float:
+    """Streams the bare engine's incremental updates/s would hold at the card's hop: one
+    instance at ONNX Runtime's default threads, or ``instances`` 1-thread ones, each a core
+    of its own (as many as there are cores)."""
+    if instances == 1:
+        rate = 1 / model["ort"]["default threads"]["step_s"]
+    else:
+        rate = min(instances, os.cpu_count() or 1) / model["ort"][PER_CORE]["step_s"]
+    return rate * model["hop_s"]
+
+
+def targets(model: dict | None, serve: dict | None, research: dict | None = None) -> list[dict]:
     """FCN-4's targets, from the figures alone."""
     macs = f"MACs per update, incremental / full ≤ 1/{1 / MACS_TARGET:g}"
     per_core = (
@@ -438,9 +531,28 @@ def targets(model: dict | None, serve: dict | None) -> list[dict]:
         found.append(target(macs, f"{ratio:.3f} (1/{1 / ratio:.1f})", ratio <= MACS_TARGET))
         speedup = model["ort"][PER_CORE]["speedup"]
         found.append(target(per_core, f"{speedup:.2f} x", speedup >= PER_CORE_TARGET))
+    instances = serve["instances"] if serve is not None else 1
+    bound = f"streams held, incremental / the bare engine's bound, {instances} instance(s), ≥ {BOUND_TARGET:g}"
+    versus_research = f"streams held, incremental / the research baseline's ≥ {RESEARCH_TARGET:g} x"
     if serve is None:
         skipped = "not measured (--skip-serve)"
-        return found + [target(streams, skipped, None), target(rss, skipped, None)]
+        if model is not None:
+            bound_streams = bare_bound(model, 1)
+            skipped_bound = f"{skipped}; the bound is {bound_streams:.0f} streams"
+            skipped_research = skipped + (
+                f"; the bound is {bound_streams / research['streams']:.1f} x the research "
+                f"baseline's {research['streams']:.1f}"
+                if research is not None
+                else ""
+            )
+        else:
+            skipped_bound = skipped_research = skipped
+        return found + [
+            target(streams, skipped, None),
+            target(bound, skipped_bound, None),
+            target(versus_research, skipped_research, None),
+            target(rss, skipped, None),
+        ]
     full, incremental = (serve["modes"][mode]["max_streams"] for mode in (FULL, INCREMENTAL))
     if full:
         ratio = incremental / full
@@ -451,6 +563,25 @@ def targets(model: dict | None, serve: dict | None) -> list[dict]:
         found.append(
             target(streams, f"{incremental} / 0: no N held with full windows, no ratio", None)
         )
+    if model is not None:
+        bound_streams = bare_bound(model, instances)
+        share = incremental / bound_streams
+        found.append(
+            target(
+                bound, f"{incremental} / {bound_streams:.0f} = {share:.2f}", share >= BOUND_TARGET
+            )
+        )
+    if research is not None:
+        ratio = incremental / research["streams"]
+        found.append(
+            target(
+                versus_research,
+                f"{incremental} / {research['streams']:.1f} = {ratio:.1f} x",
+                ratio >= RESEARCH_TARGET,
+            )
+        )
+    else:
+        found.append(target(versus_research, "not measured (--skip-research)", None))
     idle_mb = serve["idle"][INCREMENTAL]["rss_mb"]
     found.append(target(rss, f"{idle_mb:.0f} MB", idle_mb < IDLE_RSS_TARGET_MB))
     return found
@@ -477,6 +608,9 @@ def main() -> None:
     parser.add_argument(
         "--instances", type=int, default=1, help="tagd serve's [batching] instances, in both modes"
     )
+    parser.add_argument(
+        "--skip-research", action="store_true", help="no librosa + torch eager baseline"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     models = list(dict.fromkeys(args.models))
@@ -499,11 +633,16 @@ def main() -> None:
             report_model(results["models"][-1])
         report_models_table(results["models"])
         served = next((m for m in results["models"] if m["model"] == SERVED_MODEL), None)
+        results["research"] = None
+        if not args.skip_research and served is not None:
+            progress(f"research baseline: librosa + torch eager, {RESEARCH_WINDOWS} windows")
+            results["research"] = research_baseline(RESEARCH_WINDOWS)
+            report_research(results["research"])
         results["serve"] = None
         if not args.skip_serve:
             results["serve"] = bench_serve(served, args.seconds, args.runs, args.instances)
             report_serve(results["serve"])
-    results["targets"] = targets(served, results["serve"])
+    results["targets"] = targets(served, results["serve"], results["research"])
     report_targets(results["targets"])
     results["bench_seconds"] = time.perf_counter() - began
     results["load_average_end"] = os.getloadavg()[0]
