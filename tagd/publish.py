@@ -56,8 +56,19 @@ def tags_message(
     inference_ms: float,
     total_ms: float,
     batch_size: int,
+    remote_ms: float | None = None,
 ) -> dict[str, Any]:
+    """The tags.<stream> message (docs/topics.md); ``remote_ms``: a remote engine's
+    round trip for this window (part of ``inference_ms``), None for a local engine."""
     rate = card.sample_rate
+    latency_ms = {
+        "ingest": round(ingest_ms, 3),
+        "queue": round(queue_ms, 3),
+        "inference": round(inference_ms, 3),
+    }
+    if remote_ms is not None:
+        latency_ms["remote"] = round(float(remote_ms), 3)
+    latency_ms["total"] = round(total_ms, 3)
     return {
         "schema": SCHEMA_VERSION,
         "stream": prediction.stream,
@@ -70,12 +81,7 @@ def tags_message(
         },
         "captured_at": round(captured_at, 6),
         "published_at": round(published_at, 6),
-        "latency_ms": {
-            "ingest": round(ingest_ms, 3),
-            "queue": round(queue_ms, 3),
-            "inference": round(inference_ms, 3),
-            "total": round(total_ms, 3),
-        },
+        "latency_ms": latency_ms,
         "batch_size": batch_size,
         "scores": {
             tag: round(float(score), SCORE_DECIMALS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -88,6 +88,17 @@ class Scorer(Protocol):
 
     def describe(self) -> str:
         """The mode in a few words, for the start-up log."""
+        ...
+
+
+@runtime_checkable
+class RemoteScorer(Scorer, Protocol):
+    """A Scorer whose inference runs on other machines (tagd.engines.triton): it also
+    says how long each window was away, for ``latency_ms.remote`` (docs/topics.md)."""
+
+    def round_trips(self) -> np.ndarray:
+        """Seconds from sending each row of the calling thread's last ``run`` to its
+        answer, ``[rows]``: network, the server's queue and its inference."""
         ...
 
 

@@ -15,6 +15,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ from tagd.publish import (
     tags_message,
     topic,
 )
-from tagd.scoring import Scorer, resolve_hop
+from tagd.scoring import RemoteScorer, Scorer, resolve_hop
 from tagd.sockets import CurveServer, SecurityError
 from tagd.sources import Source, SourceError, make_source
 from tagd.stream import StreamGeometry, StreamHub
@@ -88,6 +89,8 @@ class Server:
         self.hub: StreamHub | None = None
         self.tagger: Tagger | None = None
         self.scorer: Scorer | None = None  # full windows or incremental (tagd.scoring)
+        # a remote scorer's round trips a row (latency_ms.remote); None: inference is here
+        self._round_trips: Callable[[], np.ndarray] | None = None
         self.sources: list[Source] = []
         self.asrun: AsRunLog | None = None  # the as-run log, when [asrun] path is set
         self.segmenter: Segmenter | None = None  # its segments, fed by the workers
@@ -247,6 +250,8 @@ class Server:
                 on_updates=self._count_updates,
                 metrics=self.metrics,
             )
+            if isinstance(self.scorer, RemoteScorer):
+                self._round_trips = self.scorer.round_trips
             # what the scorer runs, so the first live window pays nothing
             self.scorer.warmup(batch_sizes=tuple(sorted({1, self._max_batch()})))
         except (EngineError, CardError, OSError) as exc:
@@ -397,7 +402,8 @@ class Server:
         card = self.engine.card
         self.publisher.read_subscriptions()  # only so that they do not pile up
         inference_ms = result.inference_seconds * 1000
-        for item, scores in zip(result.items, result.scores, strict=True):
+        remote_ms = None if self._round_trips is None else self._round_trips() * 1000
+        for row, (item, scores) in enumerate(zip(result.items, result.scores, strict=True)):
             window = item.window
             windows_published, events_published = self._published_series(window.stream)
             prediction = self.tagger.update(window, scores)
@@ -412,6 +418,7 @@ class Server:
                 ingest_ms=ingest_s * 1000,
                 queue_ms=(result.started - item.submitted) * 1000,
                 inference_ms=inference_ms,
+                remote_ms=None if remote_ms is None else remote_ms[row],
                 total_ms=total_s * 1000,
                 batch_size=len(result.items),
             )

@@ -225,8 +225,15 @@ def test_message_shapes_match_docs_topics():
     documented = documented_examples()
     assert shape(message) == shape(documented["tags"])
     assert shape(event) == shape(documented["events"])
+    # a remote engine's (triton://) messages add the window's round trip, inside inference
+    timings = dict(ingest_ms=8, queue_ms=10, inference_ms=30, total_ms=50, batch_size=2)
+    remote = tags_message(
+        prediction, card, captured_at=1000.0, published_at=1000.05, remote_ms=12.3456, **timings
+    )
+    latency = {"ingest": 8, "queue": 10, "inference": 30, "remote": 12.346, "total": 50}
+    assert remote == {**message, "latency_ms": latency}
     # every key of a tags message is explained in the table, and nothing more
-    assert paths(message) - {"schema", "window", "latency_ms"} == documented_keys()
+    assert paths(remote) - {"schema", "window", "latency_ms"} == documented_keys()
 
 
 def test_tag_gauges_show_each_streams_last_prediction_and_go_with_the_stream():

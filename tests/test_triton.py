@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from tagd.engines import EngineError, backend_of, load_engine  # noqa: E402
 from tagd.engines.triton import TritonEngine, TritonURL  # noqa: E402
 from tagd.incremental import choose_scorer  # noqa: E402
 from tagd.metrics import Metrics  # noqa: E402
-from tagd.scoring import FULL, INCREMENTAL, WindowAt  # noqa: E402
+from tagd.scoring import FULL, INCREMENTAL, RemoteScorer, WindowAt  # noqa: E402
 from tagd.server import check_startup  # noqa: E402
 from trainer.export import export_onnx, run_onnxruntime  # noqa: E402
 from trainer.models import create_model  # noqa: E402
@@ -195,6 +196,14 @@ def test_scores_through_the_sequence_batcher_equal_full_windows(server, audio, e
         sample(metrics, "tagd_triton_round_trip_seconds_count", server=server.grpc_url)
         >= STREAMS * HOPS
     )
+    # a round trip a row of the last batch, from this thread's run: latency_ms.remote's
+    assert isinstance(scorer, RemoteScorer) and scorer.round_trips().shape == (STREAMS,)
+    assert np.all(scorer.round_trips() > 0)
+    elsewhere = []  # another inference worker's thread has its own last run: none yet
+    worker = threading.Thread(target=lambda: elsewhere.append(scorer.round_trips()))
+    worker.start()
+    worker.join()
+    assert elsewhere[0].shape == (0,)
 
 
 def test_a_break_in_the_chain_starts_again_and_stays_exact(server, audio, expected):
@@ -354,7 +363,9 @@ def test_a_killed_server_streams_move_and_stay_exact(repository, start_triton, a
 
 
 # -- tagd serve -------------------------------------------------------------------------------
-def serve_scores(engine: str, payload: bytes) -> tuple[dict, str]:
+def serve_scores(engine: str, payload: bytes) -> tuple[dict, str, list[dict]]:
+    """Streams a and b through `tagd serve` on ``engine``: scores by (stream, seq), the
+    daemon's /metrics at the end, and every message's latency_ms."""
     port = free_port()
     config = make_config(engine, [f"zmq+pull://127.0.0.1:{port}"])
     config.batching.max_pending_per_stream = 1000
@@ -367,8 +378,9 @@ def serve_scores(engine: str, payload: bytes) -> tuple[dict, str]:
         listener.collect(until_quiet=1.0)
         listener.close()
         _, metrics = scrape(daemon)
-    scores = {(name, m["seq"]): m["scores"] for name in "ab" for m in listener.on(f"tags.{name}")}
-    return scores, metrics
+    messages = [m for name in "ab" for m in listener.on(f"tags.{name}")]
+    scores = {(m["stream"], m["seq"]): m["scores"] for m in messages}
+    return scores, metrics, [m["latency_ms"] for m in messages]
 
 
 def test_tagd_serve_through_triton_publishes_the_local_engines_scores(server, model):
@@ -376,8 +388,8 @@ def test_tagd_serve_through_triton_publishes_the_local_engines_scores(server, mo
     assert check_startup(make_config(url, ["zmq+pull://127.0.0.1:5999"])) == read_card(model)
     audio = make_music(5.0, 12_000, seed=4)
     payload = s16le(np.stack([audio, audio], axis=1))
-    remote, metrics = serve_scores(url, payload)
-    local, _ = serve_scores(str(model), payload)
+    remote, metrics, remote_latency = serve_scores(url, payload)
+    local, _, local_latency = serve_scores(str(model), payload)
     assert len(remote) >= 2 * 8 and remote.keys() == local.keys()
     for key, scores in local.items():
         assert max(abs(scores[t] - remote[key][t]) for t in scores) <= TOLERANCE + 1e-6, key
@@ -388,6 +400,17 @@ def test_tagd_serve_through_triton_publishes_the_local_engines_scores(server, mo
         metric_sample(metrics, "tagd_window_updates_total", mode="incremental") == len(remote) - 2
     )
     assert metric_sample(metrics, "tagd_triton_server_up", server=server.grpc_url) == 1
+    # latency_ms.remote: each window's own round trip, inside its batch's engine call;
+    # together they are what tagd_triton_round_trip_seconds observed (no request failed)
+    assert all("remote" not in latency for latency in local_latency)
+    assert all(0 < latency["remote"] <= latency["inference"] for latency in remote_latency)
+    observed = metric_sample(metrics, "tagd_triton_round_trip_seconds_sum", server=server.grpc_url)
+    assert metric_sample(
+        metrics, "tagd_triton_round_trip_seconds_count", server=server.grpc_url
+    ) == len(remote_latency)
+    assert sum(latency["remote"] for latency in remote_latency) == pytest.approx(
+        observed * 1000, abs=len(remote_latency) * 0.0005 + 1e-6
+    )
 
 
 # -- deploy/ ----------------------------------------------------------------------------------

@@ -307,7 +307,8 @@ class _OneShot:
 
 
 class TritonScorer:
-    """A tagd.scoring.Scorer on Triton servers (the module's docstring has the rules)."""
+    """A tagd.scoring.RemoteScorer on Triton servers (the module's docstring has the
+    rules): ``round_trips()`` gives each row's gRPC round trip, for ``latency_ms.remote``."""
 
     carries_state = True  # continues() can be true: a batcher runs those first
     state_bytes = 0  # kept here a stream: its sequence id and server; the state is remote
@@ -343,6 +344,7 @@ class TritonScorer:
         self._chains: dict[str, _Chain] = {}
         self._ids: dict[str, int] = {}
         self._lock = threading.Lock()  # starting the prober
+        self._last_run = threading.local()  # round_trips of each inference worker's last run
         self._prober: threading.Thread | None = None
         self._stopping = threading.Event()
         for server in self._servers:
@@ -412,15 +414,22 @@ class TritonScorer:
 
     def run(self, keys: Sequence[WindowKey], batch: np.ndarray, instance: int = 0) -> np.ndarray:
         scores = np.empty((len(keys), self.card.n_tags), dtype=np.float32)
+        round_trips = np.zeros(len(keys))
         for rows in rounds(keys) if self.mode == INCREMENTAL else [list(range(len(keys)))]:
             requests = [self._plan(keys[row], row) for row in rows]
             scored = {INCREMENTAL: 0, FULL: 0}  # how each row was scored in the end
             while requests:
-                requests = self._send(keys, batch, requests, scores, scored)
+                requests = self._send(keys, batch, requests, scores, scored, round_trips)
             if self._on_updates is not None:
                 for mode, count in scored.items():
                     self._on_updates(mode, count)
+        self._last_run.round_trips = round_trips
         return scores
+
+    def round_trips(self) -> np.ndarray:
+        """Seconds from sending each row of this thread's last ``run`` to its answer: the
+        request that scored it (a row sent again after a failure: its last request)."""
+        return getattr(self._last_run, "round_trips", np.zeros(0))
 
     # -- requests -----------------------------------------------------------------------
     def _plan(self, key: WindowKey, row: int) -> _Request:
@@ -437,9 +446,11 @@ class TritonScorer:
         )
         return _Request(row, server, start=True, reason=reason)
 
-    def _send(self, keys, batch, requests: list[_Request], scores, scored) -> list[_Request]:
+    def _send(
+        self, keys, batch, requests: list[_Request], scores, scored, round_trips
+    ) -> list[_Request]:
         """Send the requests at once, take what comes back (counting each row's mode in
-        ``scored``); the requests to send again."""
+        ``scored``, its round trip in ``round_trips``); the requests to send again."""
         answers: queue.SimpleQueue = queue.SimpleQueue()
         for request in requests:
             key = keys[request.row]
@@ -453,10 +464,11 @@ class TritonScorer:
             self._infer_async(request, audio, sequence, end, answers)
         again = []
         for _ in requests:
-            request, result, error = answers.get()
+            request, result, error, round_trip = answers.get()
             key = keys[request.row]
             if error is None:
                 scores[request.row] = result.as_numpy(GRAPH_NAMES.scores)[0]
+                round_trips[request.row] = round_trip
                 scored[FULL if request.start else INCREMENTAL] += 1
                 if self.mode == INCREMENTAL:
                     self._chains[key.stream] = _Chain(
@@ -490,11 +502,10 @@ class TritonScorer:
         name, inputs = self._inputs(audio)
 
         def done(result, error) -> None:
+            round_trip = time.perf_counter() - sent
             if error is None and self._metrics is not None:
-                self._metrics.triton_round_trip.labels(server.address).observe(
-                    time.perf_counter() - sent
-                )
-            answers.put((request, result, error))
+                self._metrics.triton_round_trip.labels(server.address).observe(round_trip)
+            answers.put((request, result, error, round_trip))
 
         self._count_sent(server, audio)
         try:
@@ -508,7 +519,7 @@ class TritonScorer:
                 client_timeout=self.engine.url.timeout_s,
             )
         except Exception as exc:  # a closed channel raises here rather than in the callback
-            answers.put((request, None, exc))
+            answers.put((request, None, exc, 0.0))
 
     def _infer(self, server: _Server, window: np.ndarray, sequence: int, start: bool, end: bool):
         """One whole window, waited for (warm-up)."""
