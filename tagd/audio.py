@@ -188,6 +188,12 @@ def frame_bytes(pcm_format: str, channels: int) -> int:
     return PCM_FORMATS[pcm_format][0].itemsize * channels
 
 
+# 16-bit samples times their power-of-two scale, and sums of up to 256 of them, are exact
+# in float32 (24-bit mantissa): summing as integers first gives downmix's result.
+SUMMED_EXACTLY = PCM_FORMATS["s16le"][0]
+MAX_CHANNELS_SUMMED_EXACTLY = 256
+
+
 class PcmDecoder:
     """Turns a byte stream of interleaved PCM into float32 frames.
 
@@ -206,14 +212,35 @@ class PcmDecoder:
 
     def decode(self, payload: bytes) -> np.ndarray:
         """Frames [n, channels] float32 from ``payload`` plus any carried bytes."""
+        frames = self._whole_frames(payload).astype(np.float32)
+        if self.scale != 1.0:
+            frames *= self.scale
+        return frames
+
+    def decode_mono(self, payload: bytes) -> np.ndarray:
+        """``downmix(decode(payload))`` bit for bit, in fewer passes and no float copy of
+        every channel where that is exact: 16-bit samples summed as integers (exact), then
+        scaled by a power of two and divided once, as downmix divides its exact sum."""
+        if self.dtype != SUMMED_EXACTLY or self.channels > MAX_CHANNELS_SUMMED_EXACTLY:
+            return downmix(self.decode(payload))
+        ints = self._whole_frames(payload)
+        total = ints[:, 0].astype(np.int32)
+        for channel in range(1, self.channels):
+            total += ints[:, channel]
+        mono = total.astype(np.float32)
+        mono *= np.float32(self.scale)
+        if self.channels > 1:
+            mono /= np.float32(self.channels)
+        return mono
+
+    def _whole_frames(self, payload: bytes) -> np.ndarray:
+        """The samples of the whole frames in the carried bytes and ``payload``, as sent
+        ([n, channels], a view of the bytes); a trailing partial frame is carried."""
         data = self._carry + bytes(payload) if self._carry else bytes(payload)
         usable = len(data) - len(data) % self.frame_bytes
         self._carry = data[usable:]
-        frames = np.frombuffer(data, dtype=self.dtype, count=usable // self.dtype.itemsize)
-        frames = frames.astype(np.float32)
-        if self.scale != 1.0:
-            frames *= self.scale
-        return frames.reshape(-1, self.channels)
+        samples = np.frombuffer(data, dtype=self.dtype, count=usable // self.dtype.itemsize)
+        return samples.reshape(-1, self.channels)
 
 
 class StreamResampler:

@@ -189,7 +189,9 @@ class Stream:
         with self._ingest_lock:
             self._prepare((pcm_format, rate, channels), arrival, seq, message_s)
             assert self._decoder is not None
-            return self._feed(self._decoder.decode(payload), rate, arrival)
+            if pcm_format in FLOAT_FORMATS:  # cleaned per channel before the downmix
+                return self._feed(self._decoder.decode(payload), rate, arrival)
+            return self._feed(self._decoder.decode_mono(payload), rate, arrival)
 
     def push_frames(self, frames: np.ndarray, rate: int, arrival: Arrival) -> int:
         """Feed float frames [n, channels] or mono [n] (soundcards, files)."""

@@ -105,6 +105,31 @@ def test_pcm_decoder_carries_partial_frames(pcm_format, dtype, scale):
     np.testing.assert_allclose(decoded, frames, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "pcm_format, dtype", [("s16le", "<i2"), ("s32le", "<i4"), ("f32le", "<f4")]
+)
+@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+def test_pcm_decoder_mono_is_the_downmix_bit_for_bit(pcm_format, dtype, channels):
+    # The daemon feeds integer PCM through decode_mono: any difference from
+    # downmix(decode()) would change scores against tagd tag and earlier releases.
+    rng = np.random.default_rng(2)
+    info = np.iinfo(dtype) if dtype != "<f4" else None
+    if info is not None:
+        samples = rng.integers(info.min, info.max, size=(700, channels), endpoint=True)
+        samples[0], samples[1] = info.min, info.max  # the extremes, alone and mixed
+        samples[2, ::2], samples[2, 1::2] = info.min, info.max
+    else:
+        samples = rng.uniform(-1, 1, size=(700, channels))
+    payload = samples.astype(dtype).tobytes()
+    mono, separate = PcmDecoder(pcm_format, channels), PcmDecoder(pcm_format, channels)
+    cuts = [0, 5, 333, 1001, 2500, len(payload)]  # partial frames carried across messages
+    got = [mono.decode_mono(payload[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    want = [downmix(separate.decode(payload[a:b])) for a, b in zip(cuts, cuts[1:], strict=False)]
+    assert np.concatenate(got).dtype == np.float32
+    assert np.array_equal(np.concatenate(got), np.concatenate(want))
+    assert len(np.concatenate(got)) == 700
+
+
 def test_pcm_decoder_rejects_unknown_formats():
     with pytest.raises(AudioError, match="unknown PCM format 'u8'"):
         PcmDecoder("u8", 2)
