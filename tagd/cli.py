@@ -49,8 +49,8 @@ def main() -> None:
     "--engine",
     "engine_path",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Model file: .onnx (ONNX Runtime), .plan/.engine (TensorRT), .pt (torch).",
+    help="Model file: .onnx (ONNX Runtime), .plan/.engine (TensorRT), .pt (torch); or "
+    "triton://HOST:PORT[,HOST:PORT…]/MODEL (Triton Inference Server, docs/triton.md).",
 )
 @click.option(
     "--hop",
@@ -205,11 +205,12 @@ def tag(
         for path in progress:
             try:
                 result = tag_file(engine, path, hop_samples, batch, scorer)
-            except AudioError as exc:
+            except (AudioError, EngineError) as exc:  # a remote engine's servers may go
+                reason = str(exc) if isinstance(exc, AudioError) else f"{path}: {exc}"
                 failed += 1
                 if as_json:
-                    click.echo(json.dumps({"file": str(path), "error": str(exc)}))
-                click.echo(f"error: {exc}", err=True)
+                    click.echo(json.dumps({"file": str(path), "error": reason}))
+                click.echo(f"error: {reason}", err=True)
                 continue
             ranked = result.ranked(card.tags)
             is_on = dict(zip(card.tags, card.over(result.scores), strict=True))
@@ -240,6 +241,7 @@ def _write_timelines(files, out, fmt_name, engine, tagger, segmenter, scorer, ba
     """`tagd tag --timeline`: each file's segments to its output, a progress bar per file
     on a terminal; a file that fails is reported and leaves no output; exit 1 if any did."""
     from tagd.audio import AudioError, audio_duration
+    from tagd.engines import EngineError
     from tagd.tagfile import TimelineOutputError, open_outputs, timeline_file
     from tagd.timeline import timeline_format
 
@@ -267,9 +269,10 @@ def _write_timelines(files, out, fmt_name, engine, tagger, segmenter, scorer, ba
                 result = timeline_file(
                     engine, path, tagger, segmenter, hop_samples, batch, scorer, advance
                 )
-            except AudioError as exc:
+            except (AudioError, EngineError) as exc:  # a remote engine's servers may go
+                reason = str(exc) if isinstance(exc, AudioError) else f"{path}: {exc}"
                 failed += 1
-                click.echo(f"error: {exc}", err=True)
+                click.echo(f"error: {reason}", err=True)
                 continue
         outputs.write(path, result.segments)
     if failed:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 from audio_fixtures import make_music
 from prometheus_client import CollectorRegistry
 from support import (
@@ -411,6 +412,67 @@ def test_tagd_serve_through_triton_publishes_the_local_engines_scores(server, mo
     assert sum(latency["remote"] for latency in remote_latency) == pytest.approx(
         observed * 1000, abs=len(remote_latency) * 0.0005 + 1e-6
     )
+
+
+# -- tagd tag ---------------------------------------------------------------------------------
+def tagd_tag(*args: str) -> list[dict]:
+    """`tagd tag ARGS --json` in process: one record per file."""
+    from click.testing import CliRunner
+
+    from tagd.cli import main
+
+    result = CliRunner().invoke(main, ["tag", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def tagd_timeline(*args: str) -> list[dict]:
+    from click.testing import CliRunner
+
+    from tagd.cli import main
+
+    result = CliRunner().invoke(main, ["tag", *args, "--timeline", "--format", "jsonl"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_tagd_tag_through_triton_gives_the_local_engines_scores(server, model, tmp_path):
+    files = []
+    for seed, seconds in ((5, 6.0), (6, 3.5)):  # the second file starts its own sequence
+        path = tmp_path / f"music{seed}.wav"
+        soundfile.write(path, make_music(seconds, 12_000, seed=seed), 12_000)
+        files.append(str(path))
+    url = f"triton://{server.grpc_url}/short"
+    hop = ["--hop", repr(HOP / 12_000)]  # the sequence model's hop: incremental on the wire
+    for mode in ([], ["--full-windows"]):  # one-window sequences, the whole window each
+        remote = tagd_tag("--engine", url, *hop, *mode, *files)
+        local = tagd_tag("--engine", str(model), *hop, *mode, *files)
+        assert [r["windows"] for r in remote] == [r["windows"] for r in local] != [0, 0]
+        for got, want in zip(remote, local, strict=True):
+            assert got["file"] == want["file"] and got["tags"] == want["tags"]
+            for tag, score in want["scores"].items():
+                assert abs(got["scores"][tag] - score) <= TOLERANCE + 1e-6, (mode, tag)
+    # --timeline: the same segments (edges placed between the same windows)
+    remote = tagd_timeline("--engine", url, *hop, "--on-after", "1", *files)
+    local = tagd_timeline("--engine", str(model), *hop, "--on-after", "1", *files)
+    assert len(local) > 0
+    assert [(s["stream"], s["tag"], s["start"], s["end"]) for s in remote] == [
+        (s["stream"], s["tag"], s["start"], s["end"]) for s in local
+    ]
+
+
+def test_tagd_tag_says_when_no_triton_server_answers(tmp_path):
+    from click.testing import CliRunner
+
+    from tagd.cli import main
+
+    path = tmp_path / "music.wav"
+    soundfile.write(path, make_music(3.0, 12_000), 12_000)
+    url = f"triton://127.0.0.1:{free_port()}/short"
+    result = CliRunner().invoke(main, ["tag", "--engine", url, str(path)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no Triton server serves short: 127.0.0.1:")
+    assert "Connection refused" in result.output and "Traceback" not in result.output
 
 
 # -- deploy/ ----------------------------------------------------------------------------------
