@@ -257,6 +257,11 @@ class StreamResampler:
             )
         )
 
+    @property
+    def passthrough(self) -> bool:
+        """The rates are the same: samples go through untouched."""
+        return self._stream is None
+
     def process(self, samples: np.ndarray, last: bool = False) -> np.ndarray:
         samples = np.asarray(samples, dtype=np.float32)
         if self._stream is None:

@@ -79,6 +79,13 @@ MISDECLARED_AFTER_S = 6.0
 SUSPECT_RATES = (2.0, 0.5)  # audio seconds per wall second that a wrong declaration gives
 SUSPECT_RATE_TOLERANCE = 0.1  # relative
 MASS_CLEANING_SHARE = 0.01  # of float samples cleaned over a measurement
+# Input is held back from the resampler while the next window is far from complete and
+# resampled in one call: soxr's cost per call, and fetching its state (one per stream)
+# back into the cache, fall with the size of the block (a 26 ms message at a time cost
+# 1.7 x what 8 at once did, 100 streams). Its output does not depend on how the input is
+# cut, so the windows are the same samples, completed by the same message.
+RESAMPLE_BLOCK_S = 0.5  # the most input held, in seconds
+RESAMPLE_MARGIN_S = 0.25  # nothing held once the input could end the next window this soon
 
 # Epochs are unique across streams and their lifetimes, so that a stream evicted and
 # opened again under the same name never continues an old average.
@@ -167,6 +174,10 @@ class Stream:
         self._delay_lock = threading.Lock()
         self._pending_delay = 0  # samples to delay the next window by
         self._capture = CaptureTimes(geometry.sample_rate)  # the windows' capture times
+        self._held: list[np.ndarray] = []  # mono input not resampled yet (RESAMPLE_BLOCK_S)
+        self._held_frames = 0
+        self._resampled_frames = 0  # input frames the resampler took since it started
+        self._resampled_from = 0  # stream index where its output started
         # Held while feeding; the sweeper takes it to free an idle stream's ring.
         self._ingest_lock = threading.Lock()
 
@@ -209,6 +220,7 @@ class Stream:
         with self._ingest_lock:  # not while the ingest thread is feeding it
             if self.silent_for(now_mono) < self.idle_after_s:
                 return False
+            self._resample_held()  # where the stream's time stands when data comes again
             self._windower.release()
             return True
 
@@ -225,6 +237,8 @@ class Stream:
         gap_too_long = False
         if seq is not None and self._last_seq is not None and not resumed and shape == self._shape:
             gap_too_long = self._follow_seq(seq, message_s)  # raises for a repeat or a late one
+        if shape != self._shape or resumed or gap_too_long:
+            self._resample_held()  # the old epoch's input, through its own resampler
         if shape != self._shape:
             if self._shape is not None:
                 log.info(
@@ -288,6 +302,9 @@ class Stream:
             self._resampler.reset()
         self._windower.restart_at(self._windower.total)
         self._capture.restart(self._windower.total)
+        self._held.clear()
+        self._held_frames = self._resampled_frames = 0
+        self._resampled_from = self._windower.total
         self.epoch = next(_epochs)
         self.live, self.placed, self.phase = False, False, None
         self.window_times.clear()
@@ -303,8 +320,51 @@ class Stream:
         self._audio_received.inc(len(frames) / rate)
         self._track_rate(len(frames) / rate, arrival.mono)
         self._capture.note(len(frames), arrival)
+        mono = downmix(frames)
+        if self._hold(mono):
+            return 0
+        if self._held:
+            mono = np.concatenate([*self._held, mono])
+            self._held.clear()
+            self._held_frames = 0
+        return self._window(mono, rate, arrival)
+
+    def _hold(self, mono: np.ndarray) -> bool:
+        """Keep ``mono`` for the resampler's next call when no window can end before it."""
+        resampler = self._resampler
+        assert resampler is not None
+        if resampler.passthrough:
+            return False
+        held = self._held_frames + len(mono)
+        if held > RESAMPLE_BLOCK_S * resampler.from_rate:
+            return False
+        # what the resampler would have put out by now at most (it holds some back)
+        reach = self._resampled_from + (self._resampled_frames + held) * (
+            resampler.to_rate / resampler.from_rate
+        )
+        if reach >= self._windower.next_end - RESAMPLE_MARGIN_S * resampler.to_rate:
+            return False
+        self._held.append(mono.copy())  # a caller's frames may be its own buffer
+        self._held_frames = held
+        return True
+
+    def _resample_held(self) -> None:
+        """Put the held input through the resampler (before it restarts or the stream
+        goes idle); its windows, if any, are the last message's."""
+        if not self._held:
+            return
+        assert self._shape is not None and self.last_arrival is not None
+        mono = np.concatenate(self._held)
+        self._held.clear()
+        self._held_frames = 0
+        assert self.last_unix is not None
+        self._window(mono, self._shape[1], Arrival(self.last_unix, self.last_arrival))
+
+    def _window(self, mono: np.ndarray, rate: int, arrival: Arrival) -> int:
+        """Resample input ``mono``, cut the windows it completes and hand them over."""
         assert self._resampler is not None
-        mono = self._resampler.process(downmix(frames))
+        self._resampled_frames += len(mono)
+        mono = self._resampler.process(mono)
         if self._pending_delay:
             with self._delay_lock:
                 delay, self._pending_delay = self._pending_delay, 0

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from audio_fixtures import make_music
 
-from tagd.audio import resample
+import tagd.stream as stream_module
+from tagd.audio import StreamResampler, resample
 from tagd.metrics import (
     MALFORMED_OUT_OF_ORDER,
     MALFORMED_STREAM_TAKEN,
@@ -70,6 +71,59 @@ def test_any_message_size_gives_identical_windows(sizes):
     for got, want in zip(windows[:count], ref_windows[:count], strict=True):
         assert (got.start, got.seq) == (want.start, want.seq)
         np.testing.assert_array_equal(got.samples, want.samples)
+
+
+def test_input_held_for_the_resampler_changes_no_window_nor_the_message_completing_it(
+    monkeypatch,
+):
+    # Input waits for the resampler while the next window is far off (RESAMPLE_BLOCK_S);
+    # nothing of it may show: the same windows, completed by the same messages, with the
+    # same positions and capture times, across a long seq gap and an idle release.
+    geometry = StreamGeometry(sample_rate=12_000, window_samples=24_000, hop_samples=12_000)
+    # each part ends mid-hop, with input held when the stream restarts
+    parts = [stereo_s16le(7.4), stereo_s16le(4.3, seed=5), stereo_s16le(3.5, seed=9)]
+    message = 4608  # ffmpeg's 26 ms
+
+    def run(block_s: float) -> tuple[list[int], list[tuple], int]:
+        monkeypatch.setattr(stream_module, "RESAMPLE_BLOCK_S", block_s)
+        calls = []
+        process = StreamResampler.process
+        monkeypatch.setattr(
+            StreamResampler, "process", lambda r, x, last=False: calls.append(1) or process(r, x)
+        )
+        windows: list[ReadyWindow] = []
+        stream = Stream(
+            "s", geometry, windows.append, Metrics(), idle_after_s=5.0, max_spliced_gap_s=1.0
+        )
+        completed, seq, t = [], 0, 0.0
+        for part, (seq_jump, silence_s) in zip(
+            parts, [(0, 0.0), (100, 0.0), (0, 20.0)], strict=True
+        ):
+            seq, t = seq + seq_jump, t + silence_s
+            if silence_s:
+                assert stream.release_idle_buffers(t)  # idle: its ring freed meanwhile
+            for start in range(0, len(part), message):
+                t += 0.026
+                arrival = Arrival(1000 + t, t)
+                completed.append(
+                    stream.push_pcm(
+                        part[start : start + message], "s16le", SOURCE_RATE, 2, arrival, seq
+                    )
+                )
+                seq += 1
+        epochs = list(dict.fromkeys(w.epoch for w in windows))
+        found = [
+            (w.seq, epochs.index(w.epoch), w.start, w.captured, w.samples.tobytes())
+            for w in windows
+        ]
+        return completed, found, len(calls)
+
+    held_completed, held_windows, held_calls = run(stream_module.RESAMPLE_BLOCK_S)
+    completed, windows, calls = run(0.0)  # nothing held: a resampler call per message
+    assert held_calls < calls / 2  # input was held (for 3/4 of each hop here)
+    assert len({w[1] for w in windows}) == 3  # three epochs: the gap and the silence restart
+    assert held_completed == completed
+    assert held_windows == windows
 
 
 def test_windows_hold_the_downmixed_resampled_audio_every_hop():
