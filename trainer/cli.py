@@ -511,6 +511,65 @@ def finetune(checkpoint, data_dir, **options):
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run folder."
+)
+@click.option("--kind", type=click.Choice(["lstm", "mean"]), default="lstm", show_default=True)
+@click.option(
+    "--hidden",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="LSTM units per layer (the thesis's best: 1024).",
+)
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.3, show_default=True
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam, the aggregator's.")
+@click.option("--finetune", is_flag=True, help="Train the CNN too (default: frozen).")
+@click.option("--cnn-lr", type=float, default=1e-5, show_default=True, help="With --finetune.")
+@click.option(
+    "--hop",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Seconds between a song's windows (default: the card's hop).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-progress", is_flag=True)
+@friendly_errors
+def aggregate(checkpoint, data_dir, out_dir, hop, no_progress, **options):
+    """Train an aggregator (LSTM or mean) over a CNN's window embeddings of whole songs."""
+    from trainer.aggregate import AggregateConfig, train_aggregator
+
+    result = train_aggregator(
+        AggregateConfig(
+            checkpoint=str(checkpoint),
+            data=str(data_dir),
+            out=str(out_dir),
+            hop_seconds=hop,
+            progress=not no_progress,
+            **options,
+        )
+    )
+    for split in ("valid", "test"):
+        ours = getattr(result, split)
+        if ours:
+            base = result.average[split]
+            click.echo(
+                f"{split}: aggregator macro ROC-AUC {ours['roc_auc_macro']:.4f}, weighted "
+                f"{ours['roc_auc_weighted']:.4f}; average of windows {base['roc_auc_macro']:.4f}, "
+                f"{base['roc_auc_weighted']:.4f}"
+            )
+    click.echo(f"best epoch {result.best_epoch}; {result.run_dir / 'aggregator.pt'}, report.md")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option(
     "--split", type=click.Choice(["test", "valid", "train"]), default="test", show_default=True
 )
 @click.option(
@@ -590,6 +649,13 @@ def evaluate(
     help="FCN: also write incremental graphs for this streaming hop (repeatable); the "
     "card's hop always gets them.",
 )
+@click.option(
+    "--aggregator",
+    "aggregator_path",
+    type=click.Path(path_type=Path),
+    help="An aggregator.pt of `tagd-train aggregate` on this checkpoint: its graphs go "
+    "beside OUT (OUT's stem.embed.onnx and .aggregator.onnx).",
+)
 @friendly_errors
 def export(
     checkpoint,
@@ -603,6 +669,7 @@ def export(
     opset,
     no_check,
     incremental_hops,
+    aggregator_path,
 ):
     """Write ONNX with the model card (tags, thresholds, scores) inside.
 
@@ -629,7 +696,13 @@ def export(
         card = card_for_model(model, name=name, tags=tags)
     hops = tuple(round(seconds * model.sample_rate) for seconds in incremental_hops)
     result = export_onnx(
-        model, out_path, card=card, opset=opset, check=not no_check, incremental_hops=hops
+        model,
+        out_path,
+        card=card,
+        opset=opset,
+        check=not no_check,
+        incremental_hops=hops,
+        aggregator=aggregator_path,
     )
     parity = (
         "" if result.max_abs_diff is None else f"; ONNX Runtime parity {result.max_abs_diff:.1e}"
@@ -644,6 +717,12 @@ def export(
             f"{graph.prime}, {graph.step} ({graph.state_bytes / 1e6:.2f} MB of "
             f"state a stream, {graph.step_macs / graph.full_macs:.0%} of a window's "
             f"MACs)"
+        )
+    if result.card.aggregator is not None:
+        section = result.card.aggregator
+        parity = "" if section.max_abs_diff is None else f"; parity {section.max_abs_diff:.1e}"
+        click.echo(
+            f"  aggregator {section.kind}: {section.embedding_graph}, {section.graph}{parity}"
         )
 
 

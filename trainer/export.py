@@ -141,11 +141,14 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     check: bool = True,
     incremental_hops: tuple[int, ...] = (),
+    aggregator: str | Path | None = None,
 ) -> ExportResult:
     """Write ``model`` as ONNX with its card in the metadata; check ORT parity if asked.
 
     A model with incremental graphs (an FCN) also gets them for the card's hop and
-    ``incremental_hops`` (samples), at those of them where a layer can be reused.
+    ``incremental_hops`` (samples), at those of them where a layer can be reused. With
+    ``aggregator`` (an ``aggregator.pt``), its graphs go beside the model too
+    (trainer.export_aggregator) and the card's ``aggregator`` section names them.
     """
     path = Path(path)
     if card is None:
@@ -165,6 +168,12 @@ def export_onnx(
         card.incremental = export_incremental(
             model, path, sorted({card.hop_samples, *incremental_hops}), opset=opset, check=check
         )
+        if aggregator is not None:
+            from trainer.export_aggregator import export_aggregator  # it imports this module
+
+            card.aggregator = export_aggregator(
+                model, aggregator, path, tags=card.tags, opset=opset, check=check
+            )
         write_onnx(model, (example,), path, [GRAPH_NAMES.waveform], [GRAPH_NAMES.scores], opset)
         proto = onnx.load(str(path))
         del proto.metadata_props[:]

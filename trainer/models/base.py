@@ -5,6 +5,9 @@ hop, clip length) and the hyper-parameters that rebuild it:
 ``create_model(model.arch, model.n_tags, **model.hparams)`` gives the same network.
 A family that can score a window from the last one's state declares how in
 ``incremental_graphs`` (FCN: trainer.models.incremental); export asks every model.
+Every family ends in one dense layer, ``head``; ``embed`` is what that layer reads (the
+last hidden layer, ``EMBEDDING_LAYER``), the window embedding that an aggregator over
+many windows (trainer.models.aggregator) takes.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class IncrementalGraphs:
     full_macs: int  # of one whole window
 
 
+EMBEDDING_LAYER = "head.input"  # what the card calls the window embedding: the head's input
+
+
 class TaggerModel(nn.Module):
     """Base of the zoo. Subclasses give the hop and clip length and define ``forward_logits``."""
 
@@ -79,6 +85,16 @@ class TaggerModel(nn.Module):
         last window's state, exactly as ``forward``; None when this family has none or
         the hop lets nothing be reused. The families that have them override this."""
         return None
+
+    @property
+    def embedding_size(self) -> int:
+        """Features per window that ``embed`` gives: the output layer's inputs."""
+        return self.head.in_features
+
+    def embed(self, wave: torch.Tensor) -> torch.Tensor:
+        """The window embedding (B, embedding_size): the last hidden layer, before the
+        head's dropout. The families define it."""
+        raise NotImplementedError
 
     def forward_logits(self, wave: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

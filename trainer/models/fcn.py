@@ -146,12 +146,14 @@ class FCN(TaggerModel):
         reused (trainer.models.incremental has the plan)."""
         return incremental_graphs(self, hop_samples)
 
-    def forward_logits(self, wave: torch.Tensor) -> torch.Tensor:
+    def embed(self, wave: torch.Tensor) -> torch.Tensor:
         x = self.feature_maps(wave)[-1]  # (B, C, 1, 1) for the paper presets
         for layer in self.extra:
             x = layer(x)  # (B, C', 1, 1)
-        x = torch.amax(x, dim=(2, 3))  # (B, C)
-        return self.head(self.head_drop(x))  # (B, n_tags)
+        return torch.amax(x, dim=(2, 3))  # (B, C)
+
+    def forward_logits(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_drop(self.embed(wave)))  # (B, n_tags)
 
 
 # Tables 1 and 2 of Choi et al. 2016: (channels, pools, extra 1 × 1 convs)

@@ -170,7 +170,7 @@ class SampleCNN(TaggerModel):
         self.drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(hidden, c.n_tags)
 
-    def forward_logits(self, wave: torch.Tensor) -> torch.Tensor:
+    def embed(self, wave: torch.Tensor) -> torch.Tensor:
         x = self.stem(wave.unsqueeze(1))  # (B, C0, T / m)
         levels = []
         for block in self.blocks:
@@ -183,7 +183,10 @@ class SampleCNN(TaggerModel):
             x = self.neck(torch.cat(pooled, dim=1))  # (B, hidden)
         else:
             x = torch.amax(self.neck(x), dim=2)  # (B, hidden): the map is 1 step long
-        return self.head(self.drop(x))  # (B, n_tags)
+        return x
+
+    def forward_logits(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.embed(wave)))  # (B, n_tags)
 
 
 SAMPLECNN_PRESETS: dict[str, dict] = {

@@ -1,0 +1,305 @@
+"""Aggregators over window embeddings: streaming equals one pass, training, fine-tuning, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from trainer_support import N_TAGS, TINY, TINY_RATE, one_torch_thread, synthetic_prepared
+
+from trainer.aggregate import (
+    AggregateConfig,
+    average_scores,
+    embed_clips,
+    load_aggregator,
+    pad_sequences,
+    train_aggregator,
+)
+from trainer.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from trainer.cli import main as cli
+from trainer.data.dataset import DataError, PreparedData
+from trainer.data.mtt import load_mtt
+from trainer.data.prepare import prepare
+from trainer.evaluate import predict_clips
+from trainer.models import create_model
+from trainer.models.aggregator import AggregatorConfig, create_aggregator
+from trainer.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+assert one_torch_thread  # imported for pytest
+
+
+# -- the modules ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["fcn5", "samplecnn", "samplecnn-rese-ml"])
+def test_embedding_is_what_the_head_reads(name):
+    torch.manual_seed(0)
+    hparams = {"width": 0.0625} if name.startswith("fcn") else TINY
+    model = create_model(name, n_tags=5, **hparams).eval()
+    wave = torch.randn(2, model.window_samples) * 0.1
+    embedding = model.embed(wave)
+    assert embedding.shape == (2, model.embedding_size)
+    torch.testing.assert_close(model.head(embedding), model.forward_logits(wave))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "mean"])
+def test_stepping_in_chunks_with_restarts_equals_one_pass(kind):
+    """The openWakeWord test for the aggregator: one window at a time, the state carried
+    between calls and restarted for a new song, gives the sequence model's output."""
+    torch.manual_seed(0)
+    aggregator = create_aggregator(
+        AggregatorConfig(embedding_size=12, n_tags=4, kind=kind, hidden=8)
+    ).eval()
+    songs = [torch.randn(n, 12) * 3 for n in (7, 3, 1)]
+    with torch.no_grad():
+        batch, lengths = pad_sequences([s.numpy() for s in songs])
+        whole = aggregator.forward_logits(batch, lengths)  # padded batch, one pass
+        for row, song in enumerate(songs):
+            state = aggregator.initial_state(1)  # a new song: restart
+            prefixes = []
+            for window in song:
+                logits, *state = aggregator.step(window[None], *state)
+                prefixes.append(logits[0])
+            torch.testing.assert_close(prefixes[-1], whole[row], atol=1e-5, rtol=1e-5)
+            # every step is the song-so-far prediction
+            for t in (1, len(song) // 2 + 1):
+                alone = aggregator.forward_logits(song[None, :t], torch.tensor([t]))[0]
+                torch.testing.assert_close(prefixes[t - 1], alone, atol=1e-5, rtol=1e-5)
+    assert len(state) == len(aggregator.state_names) == len(aggregator.state_shapes())
+    assert [tuple(s.shape[1:]) for s in state] == list(aggregator.state_shapes())
+
+
+def test_aggregator_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="lstm, mean"):
+        AggregatorConfig(embedding_size=4, n_tags=2, kind="gru")
+    with pytest.raises(ValueError, match="dropout"):
+        AggregatorConfig(embedding_size=4, n_tags=2, dropout=1.0)
+
+
+# -- training ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> PreparedData:
+    # 4 s clips: four 0.89 s windows of the tiny SampleCNN, a song of several windows
+    return synthetic_prepared(tmp_path_factory.mktemp("songs"), 120)
+
+
+@pytest.fixture(scope="module")
+def cnn_checkpoint(prepared, tmp_path_factory):
+    config = TrainConfig(
+        data=str(prepared.root),
+        out=str(tmp_path_factory.mktemp("cnn")),
+        model="samplecnn",
+        hparams=TINY,
+        optimizer="adam",
+        lr=3e-3,
+        epochs=8,
+        crops_per_clip=2,
+        progress=False,
+    )
+    return train(config).best_path
+
+
+def aggregate_config(checkpoint, data, out, **overrides) -> AggregateConfig:
+    values = dict(
+        checkpoint=str(checkpoint),
+        data=str(data),
+        out=str(out),
+        hidden=16,
+        epochs=12,
+        batch_size=8,
+        lr=3e-3,
+        progress=False,
+    )
+    return AggregateConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("kind", ["lstm", "mean"])
+def test_frozen_cnn_aggregator_learns_the_song_tags(kind, prepared, cnn_checkpoint, tmp_path):
+    result = train_aggregator(aggregate_config(cnn_checkpoint, prepared.root, tmp_path, kind=kind))
+    print(f"{kind}: test {result.test}, average {result.average['test']}")
+    assert result.test["roc_auc_macro"] >= 0.75  # chance is 0.5; the average gets ~0.87
+    assert 1 <= result.best_epoch <= 12
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 13))
+    report = (tmp_path / "report.md").read_text()
+    assert "average of windows" in report and f"aggregator ({kind})" in report
+
+    aggregator, payload = load_aggregator(tmp_path / "aggregator.pt")
+    assert payload["tags"] == load_checkpoint(cnn_checkpoint)["tags"]
+    assert payload["cnn"]["finetuned"] is False
+    assert payload["scores"]["test"] == result.test
+    assert aggregator.config.kind == kind and not aggregator.training
+
+
+def test_average_from_embeddings_is_todays_clip_score(prepared, cnn_checkpoint):
+    """The baseline the report prints is exactly what `tagd-train evaluate` scores."""
+    cnn = model_from_checkpoint(load_checkpoint(cnn_checkpoint))
+    clips = prepared.indices("test")[:6]
+    sequences = embed_clips(cnn, prepared, clips, cnn.default_hop_samples)
+    assert all(len(s) > 1 for s in sequences)  # songs of several windows
+    np.testing.assert_allclose(
+        average_scores(cnn, sequences), predict_clips(cnn, prepared, clips), atol=1e-5
+    )
+
+
+def test_tags_the_set_lacks_are_masked(cnn_checkpoint, tmp_path):
+    """A set with fewer tags than the CNN: those columns are unknown, the loss finite."""
+    root = tmp_path / "fewer"
+    from trainer.data import synthetic
+
+    annotations = synthetic.write_mtt(root / "mtt", 60, seed=3, seconds=4.0)
+    prepare(
+        load_mtt(annotations, n_tags=N_TAGS - 2),
+        root / "prepared",
+        TINY_RATE,
+        workers=1,
+        progress=False,
+    )
+    data = PreparedData(root / "prepared")
+    cnn_tags = load_checkpoint(cnn_checkpoint)["tags"]
+    assert len(set(cnn_tags) - set(data.tags)) == 2
+    result = train_aggregator(
+        aggregate_config(cnn_checkpoint, data.root, tmp_path / "run", epochs=2)
+    )
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert all(np.isfinite(float(r["train_loss"])) for r in rows)
+    assert np.isfinite(result.valid["roc_auc_macro"])
+    _, payload = load_aggregator(tmp_path / "run" / "aggregator.pt")
+    assert payload["tags"] == cnn_tags
+
+
+def test_finetune_writes_the_tuned_cnn(prepared, cnn_checkpoint, tmp_path):
+    train_aggregator(
+        aggregate_config(
+            cnn_checkpoint, prepared.root, tmp_path, epochs=1, finetune=True, cnn_lr=1e-3
+        )
+    )
+    before = load_checkpoint(cnn_checkpoint)["state_dict"]
+    tuned = load_checkpoint(tmp_path / "cnn.pt")
+    model_from_checkpoint(tuned)  # rebuilds
+    changed = [
+        k
+        for k, v in tuned["state_dict"].items()
+        if v.is_floating_point() and not torch.equal(v, before[k])
+    ]
+    assert changed and not any("running_" in k for k in changed)  # BatchNorm kept
+    _, payload = load_aggregator(tmp_path / "aggregator.pt")
+    assert payload["cnn"]["finetuned"] is True
+
+
+def test_cli_trains_and_reports(prepared, cnn_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "aggregate",
+            str(cnn_checkpoint),
+            str(prepared.root),
+            "--out",
+            str(out),
+            "--kind",
+            "mean",
+            "--epochs",
+            "2",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "average of windows" in result.output and "test: aggregator" in result.output
+    assert (out / "aggregator.pt").is_file()
+
+
+def test_cli_wrong_rate_and_bad_file_are_one_line_errors(cnn_checkpoint, tmp_path):
+    wrong = tmp_path / "wrong"
+    from trainer.data import synthetic
+
+    annotations = synthetic.write_mtt(wrong / "mtt", 12, seed=4, seconds=2.0)
+    prepare(
+        load_mtt(annotations, n_tags=N_TAGS), wrong / "prepared", 12_000, workers=1, progress=False
+    )
+    result = CliRunner().invoke(
+        cli, ["aggregate", str(cnn_checkpoint), str(wrong / "prepared"), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 1 and "prepare it with --model samplecnn" in result.output
+    with pytest.raises(CheckpointError, match="tagd-aggregator"):
+        load_aggregator(cnn_checkpoint)
+    with pytest.raises(DataError):
+        train_aggregator(aggregate_config(cnn_checkpoint, tmp_path / "nowhere", tmp_path))
+
+
+# -- export --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lstm_run(prepared, cnn_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lstm-run")
+    train_aggregator(aggregate_config(cnn_checkpoint, prepared.root, out, epochs=2))
+    return out / "aggregator.pt"
+
+
+def test_export_writes_the_graphs_and_the_card_section(cnn_checkpoint, lstm_run, tmp_path):
+    from tagd.card import GRAPH_NAMES, ModelCard, read_card
+    from tagd.engines.onnx import open_session
+
+    out = tmp_path / "tiny.onnx"
+    result = CliRunner().invoke(
+        cli, ["export", str(cnn_checkpoint), "--out", str(out), "--aggregator", str(lstm_run)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "aggregator lstm: tiny.embed.onnx, tiny.aggregator.onnx; parity" in result.output
+    card = read_card(out)
+    section = card.aggregator
+    assert (section.kind, section.embedding_layer) == ("lstm", "head.input")
+    assert section.state_names == ["h0", "h1", "c0", "c1"]
+    assert [t.shape for t in section.state] == [(16,)] * 4
+    assert section.max_abs_diff is not None and section.max_abs_diff <= 1e-4
+    assert section.scores["test"] and section.scores["average"]["test"]
+    assert ModelCard.from_json(card.to_json()).to_json() == card.to_json()  # round trip
+
+    # The graphs chain as the card says: a batch of two songs, one window a call.
+    cnn = model_from_checkpoint(load_checkpoint(cnn_checkpoint)).eval()
+    aggregator, _ = load_aggregator(lstm_run)
+    embed = open_session(tmp_path / section.embedding_graph, threads=1)
+    step = open_session(tmp_path / section.graph, threads=1)
+    songs = np.random.default_rng(0).standard_normal((2, 3, cnn.window_samples)).astype("float32")
+    state = section.initial_state(2)
+    for t in range(3):
+        _, embedding = embed.run(
+            [GRAPH_NAMES.scores, GRAPH_NAMES.embedding], {GRAPH_NAMES.waveform: songs[:, t] * 0.1}
+        )
+        scores, *state = step.run(
+            section.outputs, dict(zip(section.inputs, [embedding, *state], strict=True))
+        )
+    with torch.no_grad():
+        sequences = cnn.embed(torch.from_numpy(songs.reshape(6, -1) * 0.1)).reshape(2, 3, -1)
+        expected = aggregator(sequences, torch.tensor([3, 3])).numpy()
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+def test_a_card_without_aggregator_writes_back_as_it_was(cnn_checkpoint, tmp_path):
+    from tagd.card import ModelCard
+
+    text = json.dumps(load_checkpoint(cnn_checkpoint)["card"], indent=2)
+    assert "aggregator" not in text
+    assert ModelCard.from_json(text).to_json() == text
+
+
+def test_export_refuses_an_aggregator_of_another_cnn(lstm_run, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            "--model",
+            "fcn5",
+            "--hparam",
+            "width=0.0625",
+            "--n-tags",
+            str(N_TAGS),
+            "--out",
+            str(tmp_path / "f.onnx"),
+            "--aggregator",
+            str(lstm_run),
+        ],
+    )
+    assert result.exit_code == 1 and "aggregates samplecnn embeddings" in result.output
