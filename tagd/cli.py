@@ -179,6 +179,7 @@ def tag(
         engine = load_engine(engine_path, warmup=False)
     except (EngineError, CardError) as exc:
         raise click.ClickException(str(exc)) from None
+    click.get_current_context().call_on_close(engine.close)  # a remote engine's ENDs out
     card = engine.card
     hop_samples = resolve_hop(card, hop)
     try:

@@ -260,6 +260,24 @@ def test_eviction_ends_the_sequence_on_the_server(server, audio):
     assert refusal is not None and "must specify the START flag" in refusal
 
 
+def test_close_waits_for_the_ends_still_out(server, audio):
+    """What `tagd tag` relies on: END each file's sequence, close, exit; the server has
+    freed the sequence by the time close returns."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    scorer, _ = scorer_on(f"triton://{server.grpc_url}/short")
+    stream_hops(scorer, audio, [0, 1], ["closing"])
+    sequence = scorer._ids["closing"]
+    scorer.forget("closing")
+    scorer.close()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    hop = grpcclient.InferInput("audio", [1, HOP], "FP32")
+    hop.set_data_from_numpy(audio[:1, :HOP])
+    with pytest.raises(InferenceServerException, match="must specify the START flag"):
+        client.infer("short_seq", [hop], sequence_id=sequence)  # no longer held: no wait
+
+
 def test_a_sequence_the_server_lost_starts_again_and_stays_exact(server, audio, expected):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -459,6 +477,28 @@ def test_tagd_tag_through_triton_gives_the_local_engines_scores(server, model, t
     assert [(s["stream"], s["tag"], s["start"], s["end"]) for s in remote] == [
         (s["stream"], s["tag"], s["start"], s["end"]) for s in local
     ]
+
+
+def test_tagd_tag_reports_the_files_whose_server_stops_answering(server, tmp_path):
+    """A request timeout no window can meet: the server counts as down after the first
+    file's first window, and each file is reported rather than a traceback."""
+    from click.testing import CliRunner
+
+    from tagd.cli import main
+
+    files = []
+    for seed in (7, 8):
+        path = tmp_path / f"music{seed}.wav"
+        soundfile.write(path, make_music(3.0, 12_000, seed=seed), 12_000)
+        files.append(str(path))
+    url = f"triton://{server.grpc_url}/short?timeout=0.0001"
+    result = CliRunner().invoke(main, ["tag", "--engine", url, *files])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, result.output
+    for path, line in zip(files, errors, strict=True):
+        assert line.startswith(f"error: {path}: no Triton server answers ({server.grpc_url})")
+    assert result.output.splitlines()[-1] == "2 of 2 files could not be tagged"
 
 
 def test_tagd_tag_says_when_no_triton_server_answers(tmp_path):

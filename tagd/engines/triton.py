@@ -68,6 +68,7 @@ SEQUENCE_INPUT = "audio"
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_RETRY_S = 5.0
 PROBE_TIMEOUT_S = 1.0
+END_WAIT_S = 0.5  # how long close() waits for the ENDs still out: a live server answers in ms
 RING_POINTS = 64  # points per server on the hash ring: streams spread within a few %
 MAX_MESSAGE_BYTES = 2**31 - 1
 # gRPC reconnects to a server that went away after 1 s, then backs off up to this long:
@@ -345,6 +346,8 @@ class TritonScorer:
         self._ids: dict[str, int] = {}
         self._lock = threading.Lock()  # starting the prober
         self._last_run = threading.local()  # round_trips of each inference worker's last run
+        self._ends_out = 0  # ENDs sent and not yet answered; close() waits for them
+        self._ends_answered = threading.Condition()
         self._prober: threading.Thread | None = None
         self._stopping = threading.Event()
         for server in self._servers:
@@ -434,6 +437,11 @@ class TritonScorer:
     # -- requests -----------------------------------------------------------------------
     def _plan(self, key: WindowKey, row: int) -> _Request:
         server = self._owner(key.stream)
+        if server is None:
+            raise EngineError(
+                f"no Triton server answers ({', '.join(self.engine.url.servers)}); each is "
+                f"asked again every {self.engine.url.retry_s:g} s"
+            )
         if self.continues(key):
             return _Request(row, server, start=False)
         chain = self._chains.get(key.stream)
@@ -559,11 +567,13 @@ class TritonScorer:
         ending = grpcclient.InferInput(SEQUENCE_INPUT, list(audio.shape), "FP32")
         ending.set_data_from_numpy(audio)
         self._count_sent(server, audio)
+        with self._ends_answered:
+            self._ends_out += 1
         try:
             server.client.async_infer(
                 self.engine.models.sequence,
                 [ending],
-                lambda result, error: None,
+                lambda result, error: self._end_answered(),
                 sequence_id=sequence,
                 sequence_start=True,
                 sequence_end=True,
@@ -571,6 +581,12 @@ class TritonScorer:
             )
         except Exception as exc:  # the server's idle timeout frees it anyway
             log.debug("END to %s failed: %s", server.address, exc)
+            self._end_answered()
+
+    def _end_answered(self) -> None:
+        with self._ends_answered:
+            self._ends_out -= 1
+            self._ends_answered.notify_all()
 
     # -- servers ------------------------------------------------------------------------
     def _owner(self, stream: str, avoid: set[str] = frozenset()) -> _Server | None:
@@ -619,8 +635,13 @@ class TritonScorer:
                         server.address,
                     )
 
-    def close(self) -> None:
+    def close(self, timeout: float = END_WAIT_S) -> None:
+        """Stop probing, and wait up to ``timeout`` for the ENDs still out: a sequence
+        ended before the channels close is freed on the server at once, not at its idle
+        timeout (`tagd tag` ends each file's, then exits)."""
         self._stopping.set()
+        with self._ends_answered:
+            self._ends_answered.wait_for(lambda: self._ends_out == 0, timeout)
 
     def _set_up(self, server: _Server, up: bool) -> None:
         server.up = up
