@@ -14,7 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -243,17 +244,10 @@ def test_check_path_refuses_what_cannot_be_the_log_and_says_why(tmp_path):
 
 
 @pytest.fixture
-def read_only_mount(tmp_path) -> Path:
+def read_only_mount(tmp_path) -> Iterator[Path]:
     """A read-only tmpfs: a folder no one may write, root included (needs mount rights)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as mount:
+        yield mount
 
 
 def test_check_path_refuses_a_read_only_folder(read_only_mount):
@@ -292,18 +286,27 @@ def test_check_config_and_serve_refuse_an_unusable_log_before_anything_starts(sh
     assert foreign.read_bytes() == before
 
 
-@pytest.fixture
-def small_disk(tmp_path) -> Path:
-    """A 256 kB tmpfs: a disk that fills up for real (needs the right to mount)."""
-    mount = tmp_path / "disk"
+@contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``mount`` with ``options``; the test is skipped where mounting
+    is not allowed."""
     mount.mkdir()
     made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True
     )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 256 kB tmpfs: a disk that fills up for real (needs the right to mount)."""
+    with tmpfs(tmp_path / "disk", "size=256k") as mount:
+        yield mount
 
 
 def test_a_full_disk_is_counted_and_what_fits_is_kept(small_disk):
