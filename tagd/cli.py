@@ -394,8 +394,8 @@ def serve(config_path: Path | None, check_config: bool, **flags) -> None:
         click.echo(
             f"config OK: engine {config.engine} ({card.name}, {card.architecture}, "
             f"{card.n_tags} tags, {card.sample_rate} Hz, window {card.window_seconds:.2f} s, "
-            f"hop {hop / card.sample_rate:.3f} s, "
-            f"{'incremental' if incremental else 'full windows'}, {card.precision}), "
+            f"{card.precision}, hop {hop / card.sample_rate:.3f} s, "
+            f"{'incremental' if incremental else 'full windows'}), "
             f"{len(config.inputs)} input(s): {names}"
         )
         return

@@ -68,6 +68,8 @@ def test_the_int8_model_keeps_the_front_end_float_and_scores_near_float32(float_
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     float_convs = [n for n in convs if n.input[1] not in dequantized]
     assert len(float_convs) == 2 and len(convs) == 5  # STFT, 4 blocks
+    first_pool = next(n for n in proto.graph.node if n.op_type == "MaxPool")
+    assert first_pool.input[0] not in dequantized  # the first block's pool is float too
     assert float_nodes(onnx.load(str(float_model)))  # found by structure in the float graph
 
     card = read_card(int8_model.path)

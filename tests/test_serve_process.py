@@ -180,7 +180,7 @@ def test_check_config_reads_the_models_card_without_serving(short_fcn4, squatter
     )
     assert good.returncode == 0, good.stderr
     assert good.stdout.startswith(f"config OK: engine {model} (fcn4, fcn4, 8 tags, 12000 Hz")
-    assert ", float32), " in good.stdout  # the card's precision
+    assert " s, float32, hop " in good.stdout  # the card's precision
 
 
 @pytest.mark.parametrize("engine", ["missing", "not_a_model", "unknown_suffix"])

@@ -47,9 +47,12 @@ PARITY_HOPS = 4  # steps the int8 chain runs after its prime
 FLOAT_TOLERANCE = 0.1  # int8 full windows against float32
 CHAIN_TOLERANCE = 0.1  # the int8 chain against int8 full windows
 # Only these carry QDQ pairs; the state slicing, padding and concatenation of the step
-# graphs stay float. Measured on FCN-4 (random weights, 1 thread, AVX-512 VNNI): the step
-# graph ran 2.5x float32 so, 1.7x with every op quantized; full windows 1.30x and 1.34x.
+# graphs stay float (quantizing every op made FCN-4's step graph 1.7x float32, these 2.5x).
 QUANTIZED_OPS = ("Conv", "Gemm", "MaxPool", "Relu")
+# Kept float after the first convolution: its map is the widest (FCN-4: 128 x 96 x 1366);
+# requantizing it before the pool cost more than the int8 convolutions saved (about half
+# of an int8 window's time in ONNX Runtime's profile).
+FLOAT_FOLLOWERS = ("Relu", "MaxPool")
 
 
 class QuantizeError(ExportError):
@@ -71,24 +74,35 @@ def int8_path(path: Path) -> Path:
 
 def float_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes kept in float: every convolution over one input channel (the
-    STFT front end's, the first layer's) and all the nodes it depends on."""
+    STFT front end's, the first layer's), all the nodes it depends on, and the ReLU and
+    pool that follow it (``FLOAT_FOLLOWERS``)."""
     weights = {tensor.name: tensor for tensor in model.graph.initializer}
     producer = {output: node for node in model.graph.node for output in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
 
     def single_channel(node: onnx.NodeProto) -> bool:
         weight = weights.get(node.input[1]) if len(node.input) > 1 else None
         return weight is not None and len(weight.dims) >= 3 and weight.dims[1] == 1
 
-    pending = [n for n in model.graph.node if n.op_type == "Conv" and single_channel(n)]
-    if not pending:
+    first = [n for n in model.graph.node if n.op_type == "Conv" and single_channel(n)]
+    if not first:
         raise QuantizeError("found no single-channel convolution (front end or first layer)")
     kept: dict[str, onnx.NodeProto] = {}
+    pending = list(first)
     while pending:
         node = pending.pop()
         if node.name in kept:
             continue
         kept[node.name] = node
         pending.extend(producer[name] for name in node.input if name in producer)
+    for node in first:
+        following = consumers.get(node.output[0], [])
+        while len(following) == 1 and following[0].op_type in FLOAT_FOLLOWERS:
+            kept[following[0].name] = following[0]
+            following = consumers.get(following[0].output[0], [])
     return sorted(kept)
 
 
