@@ -83,6 +83,12 @@ def main() -> None:
     help="Compute every window in full, not from the last one (same scores, slower).",
 )
 @click.option(
+    "--aggregate",
+    is_flag=True,
+    help="Song tags from the model's aggregator (its card's aggregator section; "
+    "docs/training.md) beside the average of the windows.",
+)
+@click.option(
     "--timeline",
     is_flag=True,
     help="Write each file's segments (start, end, tag, mean, peak; docs/timeline.md), "
@@ -136,6 +142,7 @@ def tag(
     as_json,
     batch,
     full_windows,
+    aggregate,
     timeline,
     timeline_format,
     only_tags,
@@ -155,7 +162,13 @@ def tag(
     --timeline follows each file as `tagd serve` follows a stream (the same thresholds
     and hysteresis) and writes a segment for each stretch a tag was on, its edges placed
     between windows (docs/timeline.md); hours-long files are decoded a block at a time.
+
+    --aggregate scores each file with the learned aggregator exported beside the model
+    (`tagd-train export --aggregator`): its windows, at the hop it was trained at, one
+    step each; the song's scores are printed beside the average of the windows.
     """
+    if aggregate and (timeline or full_windows or batch):
+        raise click.UsageError("--aggregate goes without --timeline, --full-windows and --batch")
     if not timeline and (only_tags or out):
         raise click.UsageError("--tags and --out go with --timeline")
     if timeline and as_json:
@@ -181,6 +194,9 @@ def tag(
         raise click.ClickException(str(exc)) from None
     click.get_current_context().call_on_close(engine.close)  # a remote engine's ENDs out
     card = engine.card
+    if aggregate:
+        _tag_aggregated(files, engine, hop, top, as_json)
+        return
     hop_samples = resolve_hop(card, hop)
     try:
         scorer = choose_scorer([engine], hop_samples, incremental=not full_windows)
@@ -233,6 +249,63 @@ def tag(
             for name, score in ranked[:top]:
                 mark = "*" if is_on[name] else " "
                 click.echo(f"  {mark} {score:.3f}  {name}")
+    if failed:
+        click.echo(f"{failed} of {len(files)} files could not be tagged", err=True)
+        sys.exit(1)
+
+
+def _tag_aggregated(files, engine, hop, top, as_json) -> None:
+    """`tagd tag --aggregate`: each file's song scores by the aggregator beside its average."""
+    import numpy as np
+
+    from tagd.aggregate import AggregatorGraphs, aggregate_file
+    from tagd.audio import AudioError
+    from tagd.engines import EngineError
+
+    card = engine.card
+    try:
+        graphs = AggregatorGraphs(engine.path, card)
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
+    trained_hop = graphs.hop_samples
+    if hop is not None and card.hop_from_seconds(hop) != trained_hop:
+        raise click.UsageError(
+            f"the aggregator was trained on windows {trained_hop / card.sample_rate:.3f} s "
+            "apart; --aggregate uses that hop, leave --hop out"
+        )
+    kind = graphs.section.kind
+    failed = 0
+    for path in files:
+        try:
+            song = aggregate_file(graphs, path)
+        except AudioError as exc:
+            failed += 1
+            if as_json:
+                click.echo(json.dumps({"file": str(path), "error": str(exc)}))
+            click.echo(f"error: {exc}", err=True)
+            continue
+        order = np.argsort(-song.scores, kind="stable")
+        is_on = card.over(song.scores)
+        if as_json:
+            record = {
+                "file": str(path),
+                "model": card.name,
+                "aggregator": kind,
+                "duration_s": round(song.duration_s, 3),
+                "windows": song.windows,
+                "scores": {card.tags[i]: round(float(song.scores[i]), 6) for i in order},
+                "average": {card.tags[i]: round(float(song.average[i]), 6) for i in order},
+                "tags": [card.tags[i] for i in order if is_on[i]],
+            }
+            click.echo(json.dumps(record))
+            continue
+        click.echo(
+            f"{path}  ({song.duration_s:.1f} s, {song.windows} windows, {card.name}, "
+            f"aggregator {kind}; average of windows beside)"
+        )
+        for i in order[:top]:
+            mark = "*" if is_on[i] else " "
+            click.echo(f"  {mark} {song.scores[i]:.3f}  {song.average[i]:.3f}  {card.tags[i]}")
     if failed:
         click.echo(f"{failed} of {len(files)} files could not be tagged", err=True)
         sys.exit(1)

@@ -14,14 +14,20 @@ from trainer_support import N_TAGS, TINY, TINY_RATE, one_torch_thread, synthetic
 from trainer.aggregate import (
     AggregateConfig,
     average_scores,
+    clip_window_stack,
     embed_clips,
     load_aggregator,
     pad_sequences,
     train_aggregator,
 )
-from trainer.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from trainer.checkpoint import (
+    CheckpointError,
+    card_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from trainer.cli import main as cli
-from trainer.data.dataset import DataError, PreparedData
+from trainer.data.dataset import DataError, PreparedData, to_float
 from trainer.data.mtt import load_mtt
 from trainer.data.prepare import prepare
 from trainer.evaluate import predict_clips
@@ -303,3 +309,109 @@ def test_export_refuses_an_aggregator_of_another_cnn(lstm_run, tmp_path):
         ],
     )
     assert result.exit_code == 1 and "aggregates samplecnn embeddings" in result.output
+
+
+# -- tagd tag --aggregate and per-stream chains ----------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(cnn_checkpoint, lstm_run, tmp_path_factory):
+    from trainer.export import export_onnx
+
+    saved = load_checkpoint(cnn_checkpoint)
+    out = tmp_path_factory.mktemp("exported") / "tiny.onnx"
+    export_onnx(
+        model_from_checkpoint(saved),
+        out,
+        card=card_from_checkpoint(saved),
+        aggregator=lstm_run,
+    )
+    return out
+
+
+def test_tag_aggregate_gives_the_song_scores_of_the_aggregator(
+    exported, cnn_checkpoint, lstm_run, prepared, tmp_path
+):
+    import soundfile
+
+    from tagd.cli import main as tagd_cli
+
+    clip = prepared.indices("test")[0]
+    samples = to_float(prepared.audio(clip))
+    song = tmp_path / "song.wav"
+    soundfile.write(song, samples, TINY_RATE, subtype="FLOAT")
+    result = CliRunner().invoke(
+        tagd_cli, ["tag", "--engine", str(exported), "--aggregate", "--json", str(song)]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+
+    cnn = model_from_checkpoint(load_checkpoint(cnn_checkpoint)).eval()
+    aggregator, payload = load_aggregator(lstm_run)
+    windows = clip_window_stack(cnn, samples, payload["hop_samples"])
+    assert record["windows"] == len(windows) > 1 and record["aggregator"] == "lstm"
+    with torch.no_grad():
+        embeddings = cnn.embed(torch.from_numpy(windows))
+        song_scores = aggregator(embeddings[None], torch.tensor([len(windows)]))[0].numpy()
+        average = cnn(torch.from_numpy(windows)).mean(dim=0).numpy()
+    tags = load_checkpoint(cnn_checkpoint)["tags"]
+    got = np.array([record["scores"][t] for t in tags])
+    np.testing.assert_allclose(got, song_scores, atol=1e-4)
+    np.testing.assert_allclose([record["average"][t] for t in tags], average, atol=1e-4)
+
+    human = CliRunner().invoke(
+        tagd_cli, ["tag", "--engine", str(exported), "--aggregate", str(song)]
+    )
+    assert human.exit_code == 0 and "aggregator lstm" in human.output
+
+
+def test_tag_aggregate_without_an_aggregator_is_a_one_line_error(cnn_checkpoint, tmp_path):
+    import soundfile
+
+    from tagd.cli import main as tagd_cli
+    from trainer.export import export_onnx
+
+    saved = load_checkpoint(cnn_checkpoint)
+    plain = tmp_path / "plain.onnx"
+    export_onnx(model_from_checkpoint(saved), plain, card=card_from_checkpoint(saved), check=False)
+    song = tmp_path / "song.wav"
+    soundfile.write(song, np.zeros(TINY_RATE * 2, dtype=np.float32), TINY_RATE)
+    result = CliRunner().invoke(tagd_cli, ["tag", "--engine", str(plain), "--aggregate", str(song)])
+    assert result.exit_code == 1 and "--aggregator" in result.output
+    result = CliRunner().invoke(
+        tagd_cli, ["tag", "--engine", str(plain), "--aggregate", "--timeline", str(song)]
+    )
+    assert result.exit_code == 2
+
+
+def test_chains_restart_on_a_break_and_equal_one_pass(exported):
+    """Windows of two streams interleaved, one with a gap and one with a new epoch: each
+    stream's song scores equal one pass over the windows since its last break."""
+    from tagd.aggregate import AggregatorGraphs, SongChains
+    from tagd.card import read_card
+
+    card = read_card(exported)
+    graphs = AggregatorGraphs(exported, card, threads=1)
+    hop = graphs.hop_samples
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((2, 8, card.aggregator.embedding_size)).astype("float32")
+
+    def one_pass(rows: np.ndarray) -> np.ndarray:
+        state = card.aggregator.initial_state(1)
+        for row in rows:
+            scores, state = graphs.step(row[None], state)
+        return scores[0]
+
+    chains = SongChains(graphs, hop)
+    # stream a: windows 0..3, a gap (window 4 lost), 5..7; stream b: 0..7 with an epoch
+    # change (a restarted source) before window 6
+    got = {}
+    for t in range(8):
+        if t != 4:
+            got["a", t] = chains.advance("a", 0, t * hop, embeddings[0, t])
+        got["b", t] = chains.advance("b", 0 if t < 6 else 1, t * hop, embeddings[1, t])
+    np.testing.assert_allclose(got["a", 3][0], one_pass(embeddings[0, :4]), atol=1e-6)
+    np.testing.assert_allclose(got["a", 7][0], one_pass(embeddings[0, 5:8]), atol=1e-6)
+    np.testing.assert_allclose(got["b", 5][0], one_pass(embeddings[1, :6]), atol=1e-6)
+    np.testing.assert_allclose(got["b", 7][0], one_pass(embeddings[1, 6:8]), atol=1e-6)
+    assert (got["a", 7][1], got["b", 7][1], chains.restarts) == (3, 2, 2)
+    chains.forget("a")
+    assert chains.advance("a", 0, 8 * hop, embeddings[0, 7])[1] == 1

@@ -1,0 +1,148 @@
+"""Song-level tags from a learned aggregator: the graphs the card's ``aggregator`` names.
+
+A model exported with ``tagd-train export --aggregator`` has two graphs beside it
+(tagd.card's ``AggregatorSection``): the embedding graph gives each window's scores and
+its embedding in one run, and the aggregator graph advances a song's state by one window
+and gives the song-so-far scores. Here they run on ONNX Runtime:
+
+- ``AggregatorGraphs``: the two sessions, tensors in and out;
+- ``SongChains``: a state per stream that advances one step per window, restarted from
+  zeros where a window does not continue its stream's chain (another epoch, or not one
+  hop after the last window), as incremental state is (tagd.incremental): the state
+  after a run of windows is the state of one pass over that run, however the windows
+  arrive;
+- ``aggregate_file``: a whole file's windows (cut as `tagd tag` cuts them, at the hop
+  the aggregator was trained at) through both graphs: the song's scores beside the
+  average of its window scores.
+
+ONNX Runtime is the daemon's own dependency: no torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tagd.card import GRAPH_NAMES, AggregatorSection, ModelCard
+from tagd.engines import EngineError
+from tagd.engines.onnx import open_session
+from tagd.tagfile import FileWindows
+
+
+class AggregatorGraphs:
+    """The embedding and aggregator graphs beside ``model_path``, on ONNX Runtime."""
+
+    def __init__(self, model_path: str | Path, card: ModelCard, threads: int | None = None):
+        section = card.aggregator
+        if section is None:
+            raise EngineError(
+                f"{model_path}: its card has no aggregator; export the model with "
+                "`tagd-train export CKPT --aggregator RUN/aggregator.pt`"
+            )
+        model_path = Path(model_path)
+        paths = [model_path.with_name(n) for n in (section.embedding_graph, section.graph)]
+        for path in paths:
+            if not path.is_file():
+                raise EngineError(
+                    f"{model_path}: its card names the aggregator graph {path.name}, which is "
+                    "not beside it; copy it there or export again"
+                )
+        self.card = card
+        self.section: AggregatorSection = section
+        self._embed, self._step = (
+            open_session(path, threads=threads, providers=["CPUExecutionProvider"])
+            for path in paths
+        )
+
+    @property
+    def hop_samples(self) -> int:
+        return self.section.hop_samples
+
+    def embed(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Waveforms (B, window_samples) → window scores (B, n_tags), embeddings (B, D)."""
+        feeds = {GRAPH_NAMES.waveform: np.ascontiguousarray(windows, dtype=np.float32)}
+        scores, embeddings = self._embed.run([GRAPH_NAMES.scores, GRAPH_NAMES.embedding], feeds)
+        return scores, embeddings
+
+    def step(
+        self, embeddings: np.ndarray, state: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Embeddings (B, D) of the next window of B songs and their state → the songs'
+        scores so far (B, n_tags) and the next state."""
+        feeds = dict(zip(self.section.inputs, [embeddings, *state], strict=True))
+        scores, *following = self._step.run(self.section.outputs, feeds)
+        return scores, following
+
+
+@dataclass
+class SongChain:
+    """One stream's song so far: where its next window must start, and the state."""
+
+    epoch: int
+    next_start: int  # samples into the stream
+    state: list[np.ndarray]
+    windows: int = 0
+
+
+@dataclass
+class SongChains:
+    """Aggregator state per stream, one step per window, restarted on a break."""
+
+    graphs: AggregatorGraphs
+    hop_samples: int
+    chains: dict[str, SongChain] = field(default_factory=dict)
+    restarts: int = 0  # chains restarted on a break (a stream's first window is not one)
+
+    def advance(
+        self, stream: str, epoch: int, start: int, embedding: np.ndarray
+    ) -> tuple[np.ndarray, int]:
+        """The stream's window at ``start`` (samples) of ``epoch``: its song-so-far scores
+        (n_tags) and how many windows the song holds now."""
+        chain = self.chains.get(stream)
+        if chain is None or chain.epoch != epoch or chain.next_start != start:
+            if chain is not None:
+                self.restarts += 1
+            chain = SongChain(epoch, start, self.graphs.section.initial_state(1))
+            self.chains[stream] = chain
+        scores, chain.state = self.graphs.step(embedding.reshape(1, -1), chain.state)
+        chain.next_start = start + self.hop_samples
+        chain.windows += 1
+        return scores[0], chain.windows
+
+    def forget(self, stream: str) -> None:
+        self.chains.pop(stream, None)
+
+
+@dataclass
+class SongTags:
+    path: Path
+    duration_s: float
+    windows: int
+    scores: np.ndarray  # [n_tags]: the aggregator's, after the last window
+    average: np.ndarray  # [n_tags]: the mean of the window scores, today's song score
+
+
+def aggregate_file(graphs: AggregatorGraphs, path: str | Path) -> SongTags:
+    """A file's windows, at the aggregator's hop, through both graphs (AudioError when
+    the file cannot be decoded or is too short)."""
+    path = Path(path)
+    card = graphs.card
+    total = np.zeros(card.n_tags, dtype=np.float64)
+    state = graphs.section.initial_state(1)
+    scores = np.zeros((1, card.n_tags), dtype=np.float32)
+    count = 0
+    file_windows = FileWindows(path, card, graphs.hop_samples)
+    for window in file_windows:
+        window_scores, embedding = graphs.embed(window.samples[None])
+        total += window_scores[0]
+        scores, state = graphs.step(embedding, state)
+        count += 1
+    return SongTags(
+        path,
+        file_windows.samples / card.sample_rate,
+        count,
+        scores[0],
+        (total / count).astype(np.float32),
+    )
