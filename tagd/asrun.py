@@ -40,6 +40,7 @@ import csv
 import json
 import logging
 import os
+import pwd
 import queue
 import sqlite3
 import threading
@@ -223,9 +224,17 @@ def check_path(path: str | Path) -> None:
     """Raise AsRunError unless the as-run log can live at ``path``: its folder exists and
     is writable (SQLite puts the write-ahead log beside the file), or the nearest folder
     above it that exists is, so that it can be made; a file already there is an as-run
-    log of a version this tagd writes (or empty). Writes nothing: `tagd serve` calls it
-    before it starts anything, and so does ``--check-config``."""
+    log of a version this tagd writes (or empty). Writable by this process's user: run it
+    as the daemon's. Writes nothing: `tagd serve` calls it before it starts anything, and
+    so does ``--check-config``."""
     path = Path(path)
+    try:
+        _check_path(path)
+    except PermissionError as exc:  # a folder above it that this user may not look into
+        raise AsRunError(f"cannot reach {exc.filename} {_as_whom()}") from None
+
+
+def _check_path(path: Path) -> None:
     if path.is_dir():
         raise AsRunError(f"{path} is a folder: give a file in it, such as {path / 'asrun.db'}")
     existing = path.parent
@@ -233,13 +242,15 @@ def check_path(path: str | Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise AsRunError(f"cannot make the folder {path.parent}: {existing} is a file")
+    made = "write in" if existing == path.parent else f"make {path.parent} in"
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise AsRunError(f"cannot {made} {existing}: a read-only mount")
     if not os.access(existing, os.W_OK | os.X_OK, effective_ids=EFFECTIVE_IDS):
-        made = "write in" if existing == path.parent else f"make {path.parent} in"
-        raise AsRunError(f"cannot {made} {existing}: no write permission or a read-only mount")
+        raise AsRunError(f"cannot {made} {existing} {_as_whom()}")
     if not path.exists():
         return
     if not os.access(path, os.R_OK | os.W_OK, effective_ids=EFFECTIVE_IDS):
-        raise AsRunError(f"cannot write {path}: no permission or a read-only mount")
+        raise AsRunError(f"cannot write {path} {_as_whom()}")
     uri = f"file:{quote(str(path.resolve()))}?mode=ro"
     try:
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)) as db:
@@ -248,6 +259,21 @@ def check_path(path: str | Path) -> None:
         raise AsRunError(
             f"{path} is not an SQLite database ({exc}): give [asrun] path another file"
         ) from None
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a user systemd made for the service, or a container's bare uid
+        return f"uid {os.geteuid()}"
+
+
+def _as_whom() -> str:
+    """Whose permission was missing and what to do, for a message."""
+    return (
+        f"as {_user()}: permission denied (--check-config: run it as the user tagd serve "
+        f"runs as; as root for deploy/systemd's unit)"
+    )
 
 
 def open_database(path: Path) -> sqlite3.Connection:
@@ -453,7 +479,14 @@ class AsRunLog:
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except PermissionError:
+        raise AsRunError(
+            f"cannot read the as-run log {path} as {_user()}: no permission (the systemd "
+            f"unit's state directory is root's: run tagd log as root)"
+        ) from None
+    if not found:
         raise AsRunError(f"no as-run log at {path}")
     uri = f"file:{quote(str(path.resolve()))}?mode=ro"
     try:

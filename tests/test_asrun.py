@@ -6,15 +6,18 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import pwd
 import re
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -255,6 +258,53 @@ def test_check_path_refuses_a_read_only_folder(read_only_mount):
         check_path(read_only_mount / "asrun.db")
     with pytest.raises(AsRunError, match="cannot make .*/ro/state in .*read-only"):
         check_path(read_only_mount / "state" / "asrun.db")
+
+
+NOBODY = 65534  # Debian's nobody, who owns nothing here
+
+
+@pytest.fixture
+def as_nobody() -> Callable[..., subprocess.CompletedProcess]:
+    """Run a command as nobody (setpriv, as root): a user who may not enter root's folders."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to run a command as nobody")
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        as_nobody = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        return subprocess.run([*as_nobody, *command], capture_output=True, text=True, timeout=60)
+
+    if run(str(TAGD), "--help").returncode != 0:
+        pytest.skip(f"nobody cannot run {TAGD} (a checkout under a private home)")
+    return run
+
+
+def test_a_user_who_may_not_reach_the_log_is_told_so(as_nobody, short_fcn4):
+    outer = Path(tempfile.mkdtemp())  # pytest's tmp_path is root's alone: nobody sees none
+    try:
+        outer.chmod(0o755)
+        model = Path(shutil.copy(short_fcn4, outer / "model.onnx"))
+        state = outer / "state"
+        state.mkdir(mode=0o700)  # as the systemd unit's state directory: root's
+        db = state / "asrun.db"
+        written(db, [record("radio1", "speech", NOON, NOON + 1)])
+        nobody = pwd.getpwuid(NOBODY).pw_name
+        log = as_nobody(str(TAGD), "log", "radio1", "--db", str(db))
+        assert log.returncode == 1, log.stderr
+        assert f"cannot read the as-run log {db} as {nobody}: no permission" in log.stderr
+        serve = [str(TAGD), "serve", "--engine", str(model), "--input", "zmq+pull://127.0.0.1:5571"]
+        for path, refusal in (
+            (db, f"cannot reach {db} as {nobody}: permission denied"),
+            (outer / "new" / "asrun.db", f"cannot make {outer / 'new'} in {outer} as {nobody}"),
+        ):
+            check = as_nobody(*serve, "--asrun", str(path), "--check-config")
+            assert check.returncode == 2 and "Traceback" not in check.stderr, check.stderr
+            # (as nobody, ONNX Runtime may first warn that it cannot keep a telemetry id)
+            said = [line for line in check.stderr.splitlines() if line.startswith("tagd serve:")]
+            assert said[0].startswith(f"tagd serve: as-run log: {refusal}"), check.stderr
+            assert "run it as the user tagd serve runs as" in check.stderr
+    finally:
+        shutil.rmtree(outer)
 
 
 def test_check_config_and_serve_refuse_an_unusable_log_before_anything_starts(short_fcn4, tmp_path):

@@ -49,7 +49,7 @@ COVERAGE: list[tuple[str, str]] = [
         "tests/test_compile_tensorrt.py::test_plan_runs_in_tagd_and_matches_onnxruntime",
     ),
     (r"sudo install .*|sudo sed .*", SCRATCH_ROOT),
-    (r"/opt/tagd/bin/tagd serve --config /etc/tagd/tagd\.toml --check-config", SCRATCH_ROOT),
+    (r"sudo /opt/tagd/bin/tagd serve --config /etc/tagd/tagd\.toml --check-config", SCRATCH_ROOT),
     (r"promtool check config /etc/prometheus/prometheus\.yml", SCRATCH_ROOT),
     (
         r"sudo systemctl (daemon-reload|enable --now tagd|restart tagd)|systemctl status tagd",
@@ -98,11 +98,11 @@ COVERAGE: list[tuple[str, str]] = [
         "tests/test_liquidsoap.py::test_bridge_inserts_tags_that_survive_a_liquidsoap_restart",
     ),
     (
-        r"/opt/tagd/bin/tagd log .*",
+        r"sudo /opt/tagd/bin/tagd log .*",
         "tests/test_asrun.py::test_tagd_log_prints_csv_and_json_lines_in_utc",
     ),
     (
-        r"sqlite3 \S+ \".backup \S+\"",
+        r"sudo sqlite3 \S+ \".backup \S+\"",
         "tests/test_asrun.py::test_a_backup_while_the_log_is_written_has_what_was_committed",
     ),
     (
