@@ -328,7 +328,8 @@ class BatchingConfig(Table):
         le=MAX_INSTANCES,
         description="Engine instances, each with a worker taking batches from the one queue: "
         "on a CPU with more cores than one window's inference uses well, more windows at "
-        "once; each loads the model again.",
+        "once; ONNX Runtime's share one copy of the model (each runs on its share of the "
+        "cores), other engines' each load it again.",
     )
 
 

@@ -78,8 +78,9 @@ class IncrementalRunner:
         )
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        """Both graphs once per batch size on silence, on every instance."""
-        for engine in self.engines:
+        """Both graphs once per batch size on silence, on every instance (once on one
+        that instances share)."""
+        for engine in dict.fromkeys(self.engines):
             for size in batch_sizes:
                 silence = np.zeros((size, engine.card.window_samples), dtype=np.float32)
                 _, states = engine.prime(silence)
@@ -183,7 +184,9 @@ def choose_scorer(
             "every window is computed in full"
         )
         return FullWindows(engines, hop_samples, on_updates)
-    graphs = [engine.incremental(hop_samples) for engine in engines]
+    # an engine that instances share (Engine.concurrent_runs) loads its graphs once
+    loaded = {engine: engine.incremental(hop_samples) for engine in dict.fromkeys(engines)}
+    graphs = [loaded[engine] for engine in engines]
     if graphs[0] is None:
         log.info("full windows: %s", missing_graph_hint(engines[0].card, hop_samples))
         return FullWindows(engines, hop_samples, on_updates)

@@ -119,7 +119,7 @@ class FullWindows:
         self._on_updates = on_updates
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        for engine in self.engines:
+        for engine in dict.fromkeys(self.engines):  # one that instances share: once
             engine.warmup(batch_sizes)
 
     def run(self, keys: Sequence[WindowKey], batch: np.ndarray, instance: int = 0) -> np.ndarray:

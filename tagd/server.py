@@ -167,7 +167,7 @@ class Server:
         else:
             if self.publisher is not None:  # 3. outputs
                 self.publisher.close()
-            for engine in self.engines:  # 4. the engine's instances
+            for engine in dict.fromkeys(self.engines):  # 4. the engine's instances, once each
                 engine.close()
             if self._authenticator is not None:  # 5. the ZAP handler, last of the sockets
                 self._authenticator.stop()
@@ -239,9 +239,14 @@ class Server:
         instances = self.config.batching.instances
         try:
             options = self._engine_options(backend_of(path), instances)
-            for _ in range(instances):
-                self.engines.append(load_engine(path, warmup=False, **options))
-            self.engine = self.engines[0]
+            self.engine = load_engine(path, warmup=False, **options)
+            # one copy of the weights when the engine runs windows side by side
+            self.engines = [self.engine] + [
+                self.engine
+                if self.engine.concurrent_runs
+                else load_engine(path, warmup=False, **options)
+                for _ in range(instances - 1)
+            ]
             hop = resolve_hop(self.engine.card, self.config.hop_seconds)
             self.scorer = choose_scorer(
                 self.engines,

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -270,6 +271,42 @@ def test_streams_batched_together_each_keep_their_own_chain(engine):
     assert runner.streams_held == 2
     runner.forget("a")
     assert runner.streams_held == 1
+
+
+def test_instances_sharing_one_engine_step_their_streams_side_by_side_exactly(exported):
+    # `[batching] instances = 2` on ONNX Runtime: one engine (concurrent_runs), its graphs
+    # loaded once, two workers running them at the same time, each stream's chain exact
+    engine = load_engine(exported, intra_op_threads=1)
+    assert engine.concurrent_runs
+    card = engine.card
+    hop = card.hop_samples
+    runner = choose_scorer([engine, engine], hop)
+    assert isinstance(runner, IncrementalRunner) and runner.engines[0] is runner.engines[1]
+    hops = 6
+    window = {
+        name: windows_of(
+            make_music((card.window_samples + hops * hop) / RATE, RATE, seed=seed),
+            card.window_samples,
+            hop,
+        ).numpy()
+        for name, seed in (("a", 3), ("b", 4))
+    }
+    got: dict[str, list[np.ndarray]] = {"a": [], "b": []}
+
+    def worker(instance: int, name: str) -> None:
+        for k in range(hops + 1):
+            key = WindowAt(name, 0, k * hop)
+            got[name].append(runner.run([key], window[name][k : k + 1], instance)[0])
+
+    threads = [threading.Thread(target=worker, args=pair) for pair in ((0, "a"), (1, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for name in window:
+        assert len(got[name]) == hops + 1
+        want = full_window_scores(engine, list(window[name][: hops + 1]))
+        assert np.abs(np.stack(got[name]) - want).max() <= TOLERANCE
 
 
 def test_a_batch_catching_up_on_one_stream_steps_its_later_windows(engine):

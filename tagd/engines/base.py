@@ -43,6 +43,10 @@ class Engine(abc.ABC):
     # Whether ``incremental`` can return graphs (tagd.incremental), known before loading:
     # `--check-config` says which mode a model will run in without opening it.
     has_incremental_graphs: ClassVar[bool] = False
+    # Whether ``run`` and the incremental graphs may be called from several threads at
+    # once (ONNX Runtime's sessions): `[batching] instances` then share one loaded engine,
+    # each worker running on it with its share of the cores, instead of loading it again.
+    concurrent_runs: ClassVar[bool] = False
 
     def __init__(self, path: Path, card: ModelCard):
         self.path = Path(path)
