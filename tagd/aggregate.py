@@ -11,6 +11,9 @@ and gives the song-so-far scores. Here they run on ONNX Runtime:
   hop after the last window), as incremental state is (tagd.incremental): the state
   after a run of windows is the state of one pass over that run, however the windows
   arrive;
+- ``AggregatingScorer``: `tagd serve`'s scorer with a song per stream beside it
+  (``aggregate = true``): each window's scores as before, and its embedding advancing
+  its stream's chain, the song-so-far scores kept until the window is published;
 - ``aggregate_file``: a whole file's windows (cut as `tagd tag` cuts them, at the hop
   the aggregator was trained at) through both graphs: the song's scores beside the
   average of its window scores.
@@ -20,15 +23,25 @@ ONNX Runtime is the daemon's own dependency: no torch here.
 
 from __future__ import annotations
 
+import collections
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from tagd.card import GRAPH_NAMES, AggregatorSection, ModelCard
 from tagd.engines import EngineError
 from tagd.engines.onnx import open_session
+from tagd.publish import SCORE_DECIMALS
+from tagd.scoring import RemoteScorer, Scorer, WindowKey
 from tagd.tagfile import FileWindows
+
+# Song scores kept per stream until their windows are published: more than a batch holds
+# of one stream's windows; a window whose batch failed is pushed out by later ones.
+SONGS_KEPT_PER_STREAM = 64
 
 
 class AggregatorGraphs:
@@ -146,3 +159,96 @@ def aggregate_file(graphs: AggregatorGraphs, path: str | Path) -> SongTags:
         scores[0],
         (total / count).astype(np.float32),
     )
+
+
+class AggregatingScorer:
+    """A ``Scorer`` (tagd.scoring) that also advances each stream's song.
+
+    ``run`` returns the inner scorer's scores unchanged; it then runs the embedding
+    graph on the same windows and steps their streams' chains (``SongChains``), in the
+    batch's order, which is each stream's order (the Scorer contract). ``song(window)``
+    gives a published window's song-so-far: ``{"aggregator", "windows", "scores"}``.
+    ``forget`` drops the stream's chain with its inner state. The embedding graph is a
+    whole window's CNN again: the price is a full window per hop (docs/serve.md).
+    """
+
+    def __init__(self, inner: Scorer, graphs: AggregatorGraphs):
+        self.inner, self.graphs = inner, graphs
+        self.mode = inner.mode
+        self.hop_samples = inner.hop_samples
+        self.carries_state = inner.carries_state
+        self.max_consecutive = inner.max_consecutive
+        self.state_bytes = inner.state_bytes + sum(
+            4 * int(np.prod(t.shape)) for t in graphs.section.state
+        )
+        self._chains = SongChains(graphs, inner.hop_samples)
+        self._songs: dict[str, collections.deque] = {}
+        self._lock = threading.Lock()  # different streams' windows run on several workers
+
+    def run(self, keys: Sequence[WindowKey], batch: np.ndarray, instance: int = 0) -> np.ndarray:
+        scores = self.inner.run(keys, batch, instance)
+        _, embeddings = self.graphs.embed(batch)
+        with self._lock:
+            for key, embedding in zip(keys, embeddings, strict=True):
+                song, windows = self._chains.advance(key.stream, key.epoch, key.start, embedding)
+                kept = self._songs.setdefault(
+                    key.stream, collections.deque(maxlen=SONGS_KEPT_PER_STREAM)
+                )
+                kept.append((key.epoch, key.start, song, windows))
+        return scores
+
+    def song(self, key: WindowKey) -> dict[str, Any] | None:
+        """The song so far after ``key``'s window, once, as the tags message's ``song``
+        field (docs/topics.md); None if the window was not scored here."""
+        with self._lock:
+            kept = self._songs.get(key.stream, ())
+            for entry in kept:
+                if entry[:2] == (key.epoch, key.start):
+                    kept.remove(entry)
+                    _, _, scores, windows = entry
+                    tags = self.graphs.card.tags
+                    return {
+                        "aggregator": self.graphs.section.kind,
+                        "windows": windows,
+                        "scores": {
+                            tag: round(float(score), SCORE_DECIMALS)
+                            for tag, score in zip(tags, scores, strict=True)
+                        },
+                    }
+        return None
+
+    def continues(self, key: WindowKey) -> bool:
+        return self.inner.continues(key)
+
+    def forget(self, stream: str) -> None:
+        self.inner.forget(stream)
+        with self._lock:
+            self._chains.forget(stream)
+            self._songs.pop(stream, None)
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        self.inner.warmup(batch_sizes)
+        for size in batch_sizes:
+            _, embeddings = self.graphs.embed(
+                np.zeros((size, self.graphs.card.window_samples), dtype=np.float32)
+            )
+            self.graphs.step(embeddings, self.graphs.section.initial_state(size))
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()}, with a {self.graphs.section.kind} aggregator a stream"
+
+
+def aggregating(inner: Scorer, model_path: str | Path, card: ModelCard) -> AggregatingScorer:
+    """``inner`` with the model's aggregator beside it; EngineError when the model has
+    none, the engine is remote, or the hop is not the one it was trained at."""
+    if isinstance(inner, RemoteScorer):
+        raise EngineError("aggregate = true needs a local model file, not a remote engine")
+    graphs = AggregatorGraphs(model_path, card)
+    if graphs.hop_samples != inner.hop_samples:
+        rate = card.sample_rate
+        raise EngineError(
+            f"the aggregator was trained on windows {graphs.hop_samples / rate:.3f} s apart, "
+            f"the hop is {inner.hop_samples / rate:.3f} s; set hop_seconds to "
+            f"{graphs.hop_samples / rate:.3f} or turn aggregate off"
+        )
+    return AggregatingScorer(inner, graphs)

@@ -471,6 +471,12 @@ class ServeConfig(Table):
         description="Score each window from the stream's last one where the model has "
         "incremental graphs for the hop; false (--full-windows): every window in full.",
     )
+    aggregate: bool = Field(
+        False,
+        description="Also step the model's song aggregator (its card's aggregator section) "
+        "each hop and publish the stream's song-so-far scores in each tags message's song "
+        "field; a full window's inference more per hop, the hop it was trained at.",
+    )
     publish: PublishConfig = Field(default_factory=PublishConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)

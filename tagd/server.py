@@ -255,6 +255,10 @@ class Server:
                 on_updates=self._count_updates,
                 metrics=self.metrics,
             )
+            if self.config.aggregate:
+                from tagd.aggregate import aggregating
+
+                self.scorer = aggregating(self.scorer, path, self.engine.card)
             if isinstance(self.scorer, RemoteScorer):
                 self._round_trips = self.scorer.round_trips
             # what the scorer runs, so the first live window pays nothing
@@ -427,6 +431,8 @@ class Server:
                 total_ms=total_s * 1000,
                 batch_size=len(result.items),
             )
+            if self.config.aggregate:
+                message["song"] = self.scorer.song(window)
             self.publisher.send(topic(TAGS_TOPIC, window.stream), message)
             self.metrics.ingest_delay.observe(ingest_s)
             self.metrics.end_to_end_latency.observe(total_s)

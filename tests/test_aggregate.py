@@ -415,3 +415,68 @@ def test_chains_restart_on_a_break_and_equal_one_pass(exported):
     assert (got["a", 7][1], got["b", 7][1], chains.restarts) == (3, 2, 2)
     chains.forget("a")
     assert chains.advance("a", 0, 8 * hop, embeddings[0, 7])[1] == 1
+
+
+# -- tagd serve with aggregate = true --------------------------------------------------------------
+def test_serve_publishes_each_streams_song_whatever_the_message_size(exported):
+    from audio_fixtures import make_music
+    from support import (
+        Listener,
+        make_config,
+        reference_windows,
+        s16le,
+        send_chunked,
+        serving,
+        socket_port,
+    )
+
+    from tagd.aggregate import AggregatorGraphs
+    from tagd.card import read_card
+    from tagd.stream import StreamGeometry
+
+    card = read_card(exported)
+    rate = card.sample_rate
+    stereo = np.stack([make_music(6.0, rate, seed=5), make_music(6.0, rate, seed=6)], axis=1)
+    payload = s16le(stereo)
+    sizes = {"c4608": 4608, "c1684": 1684, "c65536": 65536}
+    with socket_port() as port:
+        config = make_config(
+            exported, [f"zmq+pull://127.0.0.1:{port}"], batching={"max_pending_per_stream": 1000}
+        )
+    config.hop_seconds = None  # the card's: the hop the aggregator was trained at
+    config.aggregate = True
+    with serving(config) as server:
+        listener = Listener(server, "tags.")
+        send_chunked(
+            f"tcp://127.0.0.1:{port}", {name: (payload, size) for name, size in sizes.items()}, rate
+        )
+        listener.collect(until_quiet=1.0)
+        listener.close()
+
+    # one pass over the windows the stream makes of the whole payload
+    geometry = StreamGeometry(rate, card.window_samples, card.aggregator.hop_samples)
+    windows = reference_windows(payload, rate, 2, geometry)
+    graphs = AggregatorGraphs(exported, card, threads=1)
+    state = card.aggregator.initial_state(1)
+    for window in windows:
+        _, embedding = graphs.embed(window.samples[None])
+        expected, state = graphs.step(embedding, state)
+    assert len(windows) >= 5
+    for name in sizes:
+        messages = sorted(listener.on(f"tags.{name}"), key=lambda m: m["seq"])
+        assert [m["song"]["windows"] for m in messages] == list(range(1, len(windows) + 1))
+        assert {m["song"]["aggregator"] for m in messages} == {"lstm"}
+        last = messages[-1]["song"]["scores"]
+        np.testing.assert_allclose([last[t] for t in card.tags], expected[0], atol=2e-6)
+
+
+def test_serve_refuses_aggregate_at_another_hop(exported):
+    from support import make_config, socket_port
+
+    from tagd.server import Server, StartupError
+
+    with socket_port() as port:
+        config = make_config(exported, [f"zmq+pull://127.0.0.1:{port}"])
+    config.aggregate = True  # make_config's hop 0.25 s: not the aggregator's
+    with pytest.raises(StartupError, match="trained on windows 0.893 s apart"):
+        Server(config).start()
