@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from tagd.cli import main
 from tagd.config import (
+    AsRunConfig,
     ConfigError,
     ServeConfig,
     apply_overrides,
@@ -259,6 +260,8 @@ def test_the_example_configuration_in_the_docs_is_valid(tmp_path):
     }
     assert config.batching.spread_phases and config.batching.instances == 1
     assert [i.name for i in config.inputs][:1] == ["radio1"]
+    assert Path(config.asrun.path) == tmp_path / "asrun.db"  # beside the file
+    assert config.asrun.retention_days == AsRunConfig().retention_days
 
 
 def test_instances_share_the_cores_unless_threads_are_set(monkeypatch):
