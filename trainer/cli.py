@@ -745,9 +745,10 @@ def export(
 @click.option(
     "--windows",
     type=click.IntRange(min=1),
-    default=64,
+    default=256,
     show_default=True,
-    help="Calibration windows.",
+    help="Calibration windows (each clip once before any twice); the more, the fewer "
+    "live windows outside the calibrated ranges.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Which windows.")
 @friendly_errors
