@@ -129,6 +129,9 @@ def test_the_command_writes_where_asked_and_refuses_what_it_cannot_use(
     assert again.exit_code == 1 and "int8 already" in again.output
     with pytest.raises(QuantizeError, match="int8 already"):
         quantize_model(int8_model.path, prepared)
+    with pytest.raises(QuantizeError, match="would overwrite the float32 model"):
+        quantize_model(float_model, prepared, float_model)
+    assert read_card(float_model).precision == "float32"
 
 
 def test_a_model_past_the_tolerance_is_refused_and_removed(
