@@ -565,10 +565,18 @@ def fed_tagd(tmp_path_factory, short_model) -> Iterator[tuple[TagdProcess, str]]
 def test_the_installed_config_keeps_an_as_run_log(fed_tagd):
     tagd, _ = fed_tagd
     db = Path(tagd.log_path).parent / "asrun.db"
-    wait_for(db.is_file, f"{db} made")  # the writer opens it at start
-    with closing(sqlite3.connect(db)) as connection:
-        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+    def schema_version() -> int:
+        """The file's, read-only beside the writer; 0 until the writer has made it."""
+        if not db.is_file():
+            return 0
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)) as reader:
+            return reader.execute("PRAGMA user_version").fetchone()[0]
+
+    # the writer opens it at start: WAL mode, the schema, then its version
+    wait_for(lambda: schema_version() == SCHEMA_VERSION, f"{db} made")
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)) as reader:
+        assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert tagd.metric_sum("tagd_asrun_write_errors_total") == 0
 
 
