@@ -1,4 +1,4 @@
-"""``tagd-train``: prepare data, train, evaluate, fine-tune, export and compile models.
+"""``tagd-train``: prepare data, train, evaluate, fine-tune, export, quantize and compile models.
 
 Every command prints what it wrote on stdout and logs progress on stderr; bad input ends
 with a one-line error and a non-zero exit code. docs/training.md is the user's guide.
