@@ -104,6 +104,28 @@ class StateTensor:
         return {"name": self.name, "shape": list(self.shape)}
 
 
+def _stateful_from_dict(cls: type, data: Any, where: str) -> Any:
+    """A graph entry with a ``state`` list of StateTensors (``HopGraphs``,
+    ``AggregatorSection``) from its JSON object; CardError naming ``where``."""
+    data = _checked_keys(cls, data, where)
+    state = data["state"]
+    if not isinstance(state, list):
+        raise CardError(f"{where}.state is a list, got {type(state).__name__}")
+    tensors = tuple(
+        StateTensor.from_dict(tensor, f"{where}.state[{i}]") for i, tensor in enumerate(state)
+    )
+    return cls(**{**data, "state": tensors})
+
+
+def _stateful_to_dict(entry: Any) -> dict[str, Any]:
+    """The JSON object of such an entry; ``max_abs_diff`` only where parity was checked."""
+    data = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)}
+    data["state"] = [tensor.to_dict() for tensor in entry.state]
+    if entry.max_abs_diff is None:
+        del data["max_abs_diff"]
+    return data
+
+
 @dataclass(frozen=True)
 class HopGraphs:
     """The prime and step graphs exported for one hop, files beside the model."""
@@ -141,21 +163,10 @@ class HopGraphs:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> HopGraphs:
-        data = _checked_keys(cls, data, where)
-        state = data["state"]
-        if not isinstance(state, list):
-            raise CardError(f"{where}.state is a list, got {type(state).__name__}")
-        tensors = tuple(
-            StateTensor.from_dict(tensor, f"{where}.state[{i}]") for i, tensor in enumerate(state)
-        )
-        return cls(**{**data, "state": tensors})
+        return _stateful_from_dict(cls, data, where)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["state"] = [tensor.to_dict() for tensor in self.state]
-        if self.max_abs_diff is None:
-            del data["max_abs_diff"]
-        return data
+        return _stateful_to_dict(self)
 
 
 @dataclass(frozen=True)
@@ -240,21 +251,10 @@ class AggregatorSection:
 
     @classmethod
     def from_dict(cls, data: Any) -> AggregatorSection:
-        data = _checked_keys(cls, data, "aggregator")
-        state = data["state"]
-        if not isinstance(state, list):
-            raise CardError(f"aggregator.state is a list, got {type(state).__name__}")
-        tensors = tuple(
-            StateTensor.from_dict(t, f"aggregator.state[{i}]") for i, t in enumerate(state)
-        )
-        return cls(**{**data, "state": tensors})
+        return _stateful_from_dict(cls, data, "aggregator")
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["state"] = [tensor.to_dict() for tensor in self.state]
-        if self.max_abs_diff is None:
-            del data["max_abs_diff"]
-        return data
+        return _stateful_to_dict(self)
 
 
 @dataclass

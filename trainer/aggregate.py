@@ -45,6 +45,7 @@ from trainer.checkpoint import (
     card_from_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
+    read_tensors_file,
     save_checkpoint,
 )
 from trainer.data.dataset import DataError, PreparedData, to_float
@@ -407,12 +408,7 @@ def aggregator_payload(
 def load_aggregator(path: str | Path) -> tuple[Aggregator, dict[str, Any]]:
     """An ``aggregator.pt`` back as a module in eval mode, and the file's dict."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such aggregator file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable aggregator file ({exc})") from exc
+    payload = read_tensors_file(path, "aggregator file")
     if not isinstance(payload, dict) or payload.get("format") != AGGREGATOR_FORMAT:
         raise CheckpointError(
             f"{path}: not a {AGGREGATOR_FORMAT} file; `tagd-train aggregate` writes one"

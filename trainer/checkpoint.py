@@ -41,16 +41,23 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_tensors_file(path: str | Path, what: str = "checkpoint") -> Any:
+    """A ``.pt`` file of tensors and plain values, never code (``weights_only``);
+    CheckpointError naming ``what`` when it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
+        raise CheckpointError(f"{path}: no such {what}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         # weights_only refuses pickled code; a truncated file fails here too
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from exc
+        raise CheckpointError(f"{path}: not a readable {what} ({first_line})") from exc
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    checkpoint = read_tensors_file(path)
     problem = checkpoint_problem(checkpoint)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
