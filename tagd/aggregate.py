@@ -238,17 +238,31 @@ class AggregatingScorer:
         return f"{self.inner.describe()}, with a {self.graphs.section.kind} aggregator a stream"
 
 
+def serve_problem(card: ModelCard, hop_samples: int) -> str | None:
+    """Why `tagd serve` cannot publish songs with this card at this hop, or None (also
+    what --check-config says)."""
+    section = card.aggregator
+    if section is None:
+        return (
+            "aggregate = true, but the model's card has no aggregator; export it with "
+            "`tagd-train export CKPT --aggregator RUN/aggregator.pt`"
+        )
+    if section.hop_samples != hop_samples:
+        rate = card.sample_rate
+        return (
+            f"the aggregator was trained on windows {section.hop_samples / rate:.3f} s apart, "
+            f"the hop is {hop_samples / rate:.3f} s; set hop_seconds to "
+            f"{section.hop_samples / rate:.3f} or turn aggregate off"
+        )
+    return None
+
+
 def aggregating(inner: Scorer, model_path: str | Path, card: ModelCard) -> AggregatingScorer:
-    """``inner`` with the model's aggregator beside it; EngineError when the model has
-    none, the engine is remote, or the hop is not the one it was trained at."""
+    """``inner`` with the model's aggregator beside it; EngineError when the engine is
+    remote or ``serve_problem`` says why not."""
     if isinstance(inner, RemoteScorer):
         raise EngineError("aggregate = true needs a local model file, not a remote engine")
-    graphs = AggregatorGraphs(model_path, card)
-    if graphs.hop_samples != inner.hop_samples:
-        rate = card.sample_rate
-        raise EngineError(
-            f"the aggregator was trained on windows {graphs.hop_samples / rate:.3f} s apart, "
-            f"the hop is {inner.hop_samples / rate:.3f} s; set hop_seconds to "
-            f"{graphs.hop_samples / rate:.3f} or turn aggregate off"
-        )
-    return AggregatingScorer(inner, graphs)
+    problem = serve_problem(card, inner.hop_samples)
+    if problem:
+        raise EngineError(problem)
+    return AggregatingScorer(inner, AggregatorGraphs(model_path, card))

@@ -526,6 +526,12 @@ def check_startup(config: ServeConfig) -> ModelCard:
         if spec.scheme == "file" and not Path(spec.address).is_file():
             raise StartupError(f"input {spec.name}: no such file: {spec.address}")
     check_asrun(config)
+    if config.aggregate:
+        from tagd.aggregate import serve_problem
+
+        problem = serve_problem(card, resolve_hop(card, config.hop_seconds))
+        if problem:
+            raise StartupError(problem)
     return card
 
 

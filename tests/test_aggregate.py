@@ -480,3 +480,36 @@ def test_serve_refuses_aggregate_at_another_hop(exported):
     config.aggregate = True  # make_config's hop 0.25 s: not the aggregator's
     with pytest.raises(StartupError, match="trained on windows 0.893 s apart"):
         Server(config).start()
+
+
+def test_check_config_says_why_aggregate_cannot_run(exported, cnn_checkpoint, tmp_path):
+    from support import make_config
+
+    from tagd.server import StartupError, check_startup
+    from trainer.export import export_onnx
+
+    config = make_config(exported, [])
+    config.aggregate = True
+    with pytest.raises(StartupError, match="set hop_seconds to 0.893"):
+        check_startup(config)
+    config.hop_seconds = None
+    assert check_startup(config).aggregator is not None
+    saved = load_checkpoint(cnn_checkpoint)
+    plain = tmp_path / "plain.onnx"
+    export_onnx(model_from_checkpoint(saved), plain, card=card_from_checkpoint(saved), check=False)
+    config.engine = plain
+    with pytest.raises(StartupError, match="card has no aggregator"):
+        check_startup(config)
+
+
+def test_a_malformed_aggregator_section_is_a_card_error(exported):
+    from tagd.card import CardError, ModelCard, read_card
+
+    data = read_card(exported).to_dict()
+    for broken, message in (
+        ({**data["aggregator"], "state": "h0"}, "aggregator.state is a list"),
+        ({**data["aggregator"], "colour": 1}, "unknown aggregator keys: colour"),
+        ({k: v for k, v in data["aggregator"].items() if k != "graph"}, "aggregator lacks: graph"),
+    ):
+        with pytest.raises(CardError, match=message):
+            ModelCard.from_dict({**data, "aggregator": broken})
