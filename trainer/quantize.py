@@ -7,9 +7,11 @@ CPU with VNNI fuses each QDQ pair into an integer kernel; TensorRT builds its in
 engines from the same QDQ graph.
 
 What stays float: the log-mel front end (the STFT as a convolution, the mel matrix, the
-log, the input BatchNorm) and the first learned convolution. They are found by structure,
-not by name (the step graphs name their nodes differently): every convolution over a
-single channel (the STFT's, the first layer's) and every node they depend on.
+log, the input BatchNorm) and the first block (convolution, ReLU, pool). They are found by
+structure, not by name (the step graphs name their nodes differently): every convolution
+over a single channel (the STFT's, the first layer's), every node they depend on, and
+the ReLU and pool after it. tagd's ONNX Runtime sessions keep the QDQ pairs where they
+are written (tagd.engines.onnx.DISABLED_OPTIMIZERS).
 
 The incremental prime and step graphs the card names are quantized the same way, the
 step graph calibrated on the state the float prime graph hands it, so a stream's state
