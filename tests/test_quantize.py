@@ -145,6 +145,18 @@ def test_a_model_past_the_tolerance_is_refused_and_removed(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_symmetric_activations_have_int8_zero_points_of_zero(float_model, prepared, tmp_path):
+    result = quantize_model(
+        float_model, prepared, tmp_path / "sym.onnx", windows=2, symmetric=True, progress=False
+    )
+    proto = onnx.load(str(result.path))
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    zero_points = [constants[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert result.card.export["quantization"]["activations"] == "int8 symmetric"
+    assert result.max_abs_diff <= FLOAT_TOLERANCE
+
+
 def test_data_at_another_rate_is_refused_before_any_work(float_model, tmp_path):
     annotations = synthetic.write_mtt(tmp_path / "mtt", 4, seed=1, seconds=2.0)
     prepare(load_mtt(annotations, n_tags=6), tmp_path / "p", 16_000, workers=1, progress=False)
