@@ -3,7 +3,7 @@
     .venv/bin/python bench/incremental.py                        # every FCN, ~15 minutes
     .venv/bin/python bench/incremental.py --skip-serve           # part 1 only, ~2 minutes
     .venv/bin/python bench/incremental.py --models fcn4 --repeats 5 --seconds 10 --runs 3
-    .venv/bin/python bench/incremental.py --models fcn4 --instances 2   # two 1-thread engines
+    .venv/bin/python bench/incremental.py --models fcn4 --instances 2   # two 1-thread workers
 
 In one run on this machine:
 
@@ -452,7 +452,8 @@ def bench_serve(model: dict, seconds: float, runs: int, instances: int = 1) -> d
                 f"{describe_run(result)}"
             )
     # The RSS target is for the daemon as it starts by default (one instance); more
-    # instances hold a copy of the graphs and an arena each, measured beside it.
+    # instances share ONNX Runtime's graphs; what a second worker's runs add to the arena
+    # is measured beside it.
     idle = {}
     for mode, toml in MODES.items():
         progress(f"{IDLE_STREAMS} idle streams, {mode}")
