@@ -16,7 +16,9 @@
 3. Prints, for both: each true speech/music boundary's distance to the nearest speech
    boundary found (median, p90), the frame accuracy (0.1 s frames, speech or not), and
    how far the two timelines agree; for `tagd tag`, each boundary's signed error and the
-   share of the window speech filled where the score crossed the threshold.
+   share of the window speech filled where the score crossed its placement level. `tagd tag`
+   runs with both edge placements (``--edges threshold``, then the default ``level``:
+   docs/timeline.md), the per-boundary lines are the default's.
 4. Loops the programme to ``--long-minutes`` (an mp3) and prints peak RSS and wall time
    of `tagd tag --timeline` against plain `tagd tag` on that file, in the same run,
    taking turns ``--repeats`` times (``--long-only``: this part alone).
@@ -127,8 +129,8 @@ def frames(intervals, duration: float) -> np.ndarray:
 def each_boundary(truth, beds, found, duration: float, window_s: float) -> list[str]:
     """A line per true boundary: which edge, over a bed or not, the signed error of the
     nearest found edge (+: found later), and how much of a window the speech filled
-    where the score crossed the threshold, if the found edge is a window centre
-    (0.5 + error / window at an onset, 0.5 - error / window at an end)."""
+    in the window centred on the found edge, where the score crossed the level the edge
+    was placed at (0.5 + error / window at an onset, 0.5 - error / window at an end)."""
     edges = np.asarray(boundaries(found, duration) or [np.inf])
     lines = []
     for (start, end), bed in zip(truth, beds, strict=True):
@@ -158,9 +160,12 @@ def figures(truth, found, duration: float) -> dict:
 
 
 # -- the two commands ---------------------------------------------------------------------------
-def tag_timeline(engine: Path, path: Path, hop: str | None) -> list[tuple[float, float]]:
+def tag_timeline(
+    engine: Path, path: Path, hop: str | None, edges: str = "level"
+) -> list[tuple[float, float]]:
     command = [*TAGD, "tag", str(path), "--engine", str(engine), "--timeline"]
-    command += ["--format", "jsonl", "--tags", "speech", *(["--hop", hop] if hop else [])]
+    command += ["--format", "jsonl", "--tags", "speech", "--edges", edges]
+    command += ["--hop", hop] if hop else []
     result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
     return [(r["start"], r["end"]) for r in map(json.loads, result.stdout.splitlines())]
 
@@ -329,8 +334,10 @@ def main() -> None:
 
 
 def accuracy(args, programme: Path, truth, beds, duration: float) -> None:
+    before = tag_timeline(args.engine, programme, args.hop, edges="threshold")
+    print("tagd tag --timeline --edges threshold:", json.dumps(figures(truth, before, duration)))
     tagged = tag_timeline(args.engine, programme, args.hop)
-    print("tagd tag --timeline:", json.dumps(figures(truth, tagged, duration)))
+    print("tagd tag --timeline (--edges level):", json.dumps(figures(truth, tagged, duration)))
     window_s = backend_of(args.engine).read_card(args.engine).window_seconds
     print("\n".join(each_boundary(truth, beds, tagged, duration, window_s)))
     if not args.no_serve:

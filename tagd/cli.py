@@ -129,6 +129,15 @@ def main() -> None:
     help="With --timeline: as tagd serve's [tagger] off_margin.",
 )
 @click.option(
+    "--edges",
+    type=click.Choice(["level", "threshold"]),
+    default="level",
+    show_default=True,
+    help="With --timeline: place a segment's edges where its score crossed halfway "
+    "between its peak and its surroundings (as tagd serve), or at the threshold "
+    "crossing (docs/timeline.md).",
+)
+@click.option(
     "--log-level",
     default="warning",
     show_default=True,
@@ -149,6 +158,7 @@ def tag(
     out,
     on_after,
     off_margin,
+    edges,
     log_level,
 ) -> None:
     """Tag audio FILES (wav, flac, mp3, ogg, …; a folder: the audio files in it) and print
@@ -208,7 +218,7 @@ def tag(
 
         only = [t.strip() for t in only_tags.split(",") if t.strip()] if only_tags else None
         try:
-            segmenter = Segmenter(card.tags, card.sample_rate, only=only)
+            segmenter = Segmenter(card.tags, card.sample_rate, only=only, edges=edges)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--tags") from None
         tagger = Tagger(card, on_after=on_after, off_margin=off_margin)

@@ -3,8 +3,24 @@
 A ``Segmenter`` follows the ``Tagger``'s hysteresis (its ``events``) per stream, so
 `tagd serve` and `tagd tag --timeline` cut the same audio into the same segments: a
 segment exists exactly while the Tagger has its tag on. The hysteresis decides *that*
-a segment exists; where its edges lie is placed at the tag's threshold crossing, finer
-than a window (docs/timeline.md):
+a segment exists; its edges are placed finer than a window (docs/timeline.md), by one
+of two rules (``EDGES``).
+
+``level`` (the default): when the segment closes, each edge goes where the tag's score
+crossed the level halfway between the level inside the segment (its peak score) and
+the level outside it, interpolated between the two windows' centres on either side:
+
+- **start**: outside is the median score of the windows in the window length before
+  the threshold crossing (below); the rising crossing nearest it, among the windows from
+  one window length before it to one after it;
+- **end**: outside is the score of the prediction that turned the tag off (the windows
+  after it are not seen when the segment closes); the falling crossing nearest the
+  threshold crossing, among the windows of the last window length.
+
+Where no such crossing is among those windows (the start of the audio; a segment still
+open at ``close``) an edge stays where ``threshold`` puts it:
+
+``threshold``:
 
 - **start**: halfway between the centre of the last prediction under the threshold and
   the centre of the first one at or over it, of the run of predictions over the
@@ -20,6 +36,10 @@ the clip for a sample-level model). A window's score follows how much of it the 
 fills; where it crosses the threshold the tag fills about half of it, so the boundary
 lies near the window's centre, and between two windows' centres one hop apart: the
 midpoint is off by at most half a hop for a model that crosses at half a window.
+A model's threshold (max F1 over clips) is seldom the score of a half-filled window, so
+``level`` places an edge at the score halfway between the segment's and its
+surroundings' instead, which follows the segment's own levels (speech over a music bed
+scores lower than speech alone).
 
 ``mean`` and ``peak`` are over the tag's scores of the predictions from the first to
 the last at or over its threshold. Times are seconds on the stream's (the file's) own
@@ -32,11 +52,16 @@ writes an iterable of segments in one, one segment at a time.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
+
+import numpy as np
 
 from tagd.tagger import OFF, ON, Prediction
 
@@ -93,6 +118,11 @@ class _TagTrack:
     kept: _Scores = field(default_factory=_Scores)  # up to its last prediction over
     band: _Scores = field(default_factory=_Scores)  # since then (under it, still on)
     end: float | None = None  # after its last prediction over; None: the last one was over
+    # ``level`` edges: the level before the segment (None: no window before its start),
+    # and (centre, score) of the windows around its start, collected until ``head_until``
+    outside: float | None = None
+    head: list[tuple[float, float]] = field(default_factory=list)
+    head_until: float = -math.inf
 
 
 @dataclass
@@ -100,6 +130,12 @@ class _StreamTrack:
     last_centre: float | None = None  # seconds; None before the first prediction
     last_end: float = 0.0  # seconds: end of the audio the last prediction covered
     tags: dict[str, _TagTrack] = field(default_factory=dict)
+    # ``level`` edges: (centre, the segmented tags' scores) of the predictions whose
+    # centres lie within one window length of the last one's
+    recent: deque[tuple[float, np.ndarray]] = field(default_factory=deque)
+
+
+EDGES = ("level", "threshold")  # how a segment's edges are placed (the module's docstring)
 
 
 class Segmenter:
@@ -107,12 +143,23 @@ class Segmenter:
 
     ``update`` returns the segments a prediction closed; ``close(stream)`` those still
     open (end of file, shutdown), ``close_all`` every stream's; ``open_segments`` shows
-    them without closing. What is kept per stream is a few numbers per tag.
+    open) without closing. What is kept per stream is a few numbers per tag, and for
+    ``level`` edges the scores of the last window length of predictions (and of about
+    two window lengths around each open segment's start).
     """
 
-    def __init__(self, tags: Sequence[str], sample_rate: int, only: Collection[str] | None = None):
+    def __init__(
+        self,
+        tags: Sequence[str],
+        sample_rate: int,
+        only: Collection[str] | None = None,
+        edges: str = "level",
+    ):
         """``tags``: the model card's, in score order; ``only``: the tags to segment (all
-        when None; unknown names are a ValueError)."""
+        when None; unknown names are a ValueError); ``edges``: one of ``EDGES``."""
+        if edges not in EDGES:
+            raise ValueError(f"unknown edge placement {edges!r}; known: {', '.join(EDGES)}")
+        self.edges = edges
         self.tags = list(tags)
         if only is not None:
             unknown = sorted(set(only) - set(self.tags))
@@ -122,6 +169,7 @@ class Segmenter:
                 )
         wanted = set(self.tags) if only is None else set(only)
         self._index = {tag: i for i, tag in enumerate(self.tags) if tag in wanted}
+        self._rows = list(self._index.values())  # the segmented tags' scores, in order
         self.sample_rate = sample_rate
         self._streams: dict[str, _StreamTrack] = {}
 
@@ -139,8 +187,13 @@ class Segmenter:
         crossing = start_s if stream.last_centre is None else (stream.last_centre + centre) / 2
         over = set(prediction.over)
         turned = {event.tag: event.state for event in prediction.events}
+        level = self.edges == "level"
+        if level:  # one window length of the segmented tags' scores
+            stream.recent.append((centre, np.asarray(prediction.scores)[self._rows]))
+            while stream.recent and stream.recent[0][0] < centre - (end_s - start_s):
+                stream.recent.popleft()
         closed = []
-        for tag, i in self._index.items():
+        for column, (tag, i) in enumerate(self._index.items()):
             track = stream.tags.get(tag)
             if track is None:
                 track = stream.tags[tag] = _TagTrack()
@@ -161,11 +214,17 @@ class Segmenter:
                 track.end, track.band = (None, _Scores()) if is_over else (crossing, _Scores())
                 if not is_over:  # on once a tag excluding it went off (ModelCard.excludes)
                     track.band.add(score)
+                if level:
+                    self._open_head(stream, track, column, end_s - start_s)
             elif event == OFF:
                 if track.on:
                     end = crossing if track.end is None else track.end
-                    closed.append(self._segment(prediction.stream, tag, track, end))
+                    segment = self._segment(prediction.stream, tag, track, end)
+                    if level:
+                        segment = self._level_edges(segment, stream, track, column, score)
+                    closed.append(segment)
                 track.on = False
+                track.head = []
             elif track.on and is_over:
                 if track.end is not None:  # back over the threshold from within the band
                     track.kept.merge(track.band)
@@ -175,21 +234,56 @@ class Segmenter:
                 if track.end is None:
                     track.end, track.band = crossing, _Scores()
                 track.band.add(score)
+            if level and track.on and event != ON and centre <= track.head_until:
+                track.head.append((centre, score))
         stream.last_centre, stream.last_end = centre, end_s
         return closed
 
+    @staticmethod
+    def _open_head(stream: _StreamTrack, track: _TagTrack, column: int, span: float) -> None:
+        """At an ON: the level before the segment's start, and the windows around it so far."""
+        before = [scores[column] for c, scores in stream.recent if c < track.start]
+        track.outside = float(np.median(before)) if before else None
+        track.head = [(c, float(scores[column])) for c, scores in stream.recent]
+        track.head_until = track.start + span
+
+    def _level_edges(
+        self,
+        segment: Segment,
+        stream: _StreamTrack,
+        track: _TagTrack,
+        column: int,
+        after: float | None,
+    ) -> Segment:
+        """``segment`` with its edges where the score crossed halfway between its peak and
+        the level outside (``after``: the score that turned it off; None: keep its end)."""
+        start, end = segment.start, segment.end
+        if track.outside is not None:
+            half = (track.outside + segment.peak) / 2
+            start = _crossing(track.head, half, rising=True, near=start)
+        if after is not None:
+            half = (after + segment.peak) / 2
+            recent = [(c, float(scores[column])) for c, scores in stream.recent]
+            end = _crossing(recent, half, rising=False, near=end)
+        return dataclasses.replace(segment, start=start, end=max(end, start))
+
     def open_segments(self, stream: str) -> list[Segment]:
-        """The stream's segments still open, ``end`` where its audio ends now (open=True)."""
+        """The stream's segments still open, ``end`` where its audio ends now (open=True);
+        with ``level`` edges, their starts placed by the windows seen so far."""
         track = self._streams.get(stream)
         if track is None:
             return []
-        return [
-            self._segment(
-                stream, tag, tagged, track.last_end if tagged.end is None else tagged.end, True
-            )
-            for tag, tagged in track.tags.items()
-            if tagged.on
-        ]
+        columns = {tag: column for column, tag in enumerate(self._index)}
+        segments = []
+        for tag, tagged in track.tags.items():
+            if not tagged.on:
+                continue
+            end = track.last_end if tagged.end is None else tagged.end
+            segment = self._segment(stream, tag, tagged, end, True)
+            if self.edges == "level":
+                segment = self._level_edges(segment, track, tagged, columns[tag], None)
+            segments.append(segment)
+        return segments
 
     def close(self, stream: str, end: float | None = None) -> list[Segment]:
         """End the stream: its open segments (open=True), ended where their tag last was
@@ -223,6 +317,21 @@ class Segmenter:
             predictions=track.kept.count,
             open=open,
         )
+
+
+def _crossing(
+    scores: Sequence[tuple[float, float]], level: float, rising: bool, near: float
+) -> float:
+    """Where ``scores`` ((centre, score) in time order) crossed ``level`` upwards
+    (``rising``) or downwards, interpolated between the centres on either side: the
+    crossing nearest ``near`` (the threshold's edge), or ``near`` when there is none."""
+    found = None
+    for (c0, s0), (c1, s1) in itertools.pairwise(scores):
+        if (s0 < level <= s1) if rising else (s0 >= level > s1):
+            at = c0 + (level - s0) / (s1 - s0) * (c1 - c0)
+            if found is None or abs(at - near) < abs(found - near):
+                found = at
+    return near if found is None else found
 
 
 # -- formats ------------------------------------------------------------------------------------

@@ -249,6 +249,20 @@ def test_timeline_formats_to_a_folder_one_file_each_and_only_the_tags_asked_for(
         (pytest.approx(s.start, abs=1e-6), pytest.approx(s.end, abs=1e-6), s.tag) for s in expected
     ]
 
+    # --edges threshold reaches the Segmenter (how the two placements differ:
+    # tests/test_timeline.py; this model's tags are on for whole files)
+    at_threshold = library_timeline(short_fcn4, paths[0], edges="threshold")
+    result = run_tag(
+        paths[0], "--engine", short_fcn4, "--timeline", "--format", "audacity", "--out", labels,
+        "--edges", "threshold",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in labels.read_text().splitlines()]
+    assert [(float(a), float(b), c) for a, b, c in rows] == [
+        (pytest.approx(s.start, abs=1e-6), pytest.approx(s.end, abs=1e-6), s.tag)
+        for s in at_threshold
+    ]
+
 
 def test_timeline_mistakes_are_clear_and_a_bad_file_leaves_the_others(
     short_fcn4, shows, songs, tmp_path

@@ -49,14 +49,20 @@ def window(seq: int, stream: str = "s") -> ReadyWindow:
     return ReadyWindow(stream, seq, 1, seq * 50, np.zeros(100, np.float32), Arrival(0, 0))
 
 
-def run(speech: list[float], music: list[float] | None = None, on_after=2, **segmenter_args):
-    """Feed windows with these scores through a Tagger and a Segmenter; (closed, open)."""
-    tagger = Tagger(CARD, on_after=on_after, off_margin=0.1)
-    segmenter = Segmenter(CARD.tags, CARD.sample_rate, **segmenter_args)
+def run(
+    speech: list[float], music: list[float] | None = None, on_after=2, card=CARD, **segmenter_args
+):
+    """Feed windows with these scores through a Tagger and a Segmenter (edges at the
+    threshold unless ``edges`` says otherwise); (closed, the segmenter)."""
+    tagger = Tagger(card, on_after=on_after, off_margin=0.1)
+    segmenter_args.setdefault("edges", "threshold")
+    segmenter = Segmenter(card.tags, card.sample_rate, **segmenter_args)
     music = music or [0.0] * len(speech)
     closed = []
     for seq, scores in enumerate(zip(speech, music, strict=True)):
-        closed += segmenter.update(tagger.update(window(seq), scores))
+        samples = np.zeros(card.window_samples, np.float32)
+        ready = ReadyWindow("s", seq, 1, seq * card.hop_samples, samples, Arrival(0, 0))
+        closed += segmenter.update(tagger.update(ready, scores))
     return closed, segmenter
 
 
@@ -68,6 +74,40 @@ def test_a_segment_spans_the_threshold_crossings_of_the_run_that_turned_the_tag_
     # The last over is window 4 (2.5 s), the next centre 3.0 s: end 2.75 s.
     assert closed == [Segment("s", "speech", 1.25, 2.75, pytest.approx(0.8), pytest.approx(0.9), 3)]
     assert segmenter.close("s") == []
+
+
+# 4 s windows, hop 0.5 s, a low threshold (as a clip model's max-F1 ones): window k's
+# centre is k/2 + 2 s
+WIDE = dataclasses.replace(CARD, window_samples=400, clip_seconds=4.0, thresholds=[0.3, 0.6])
+RAMP = [0.0] * 6 + [0.2, 0.4, 0.6, 0.8] + [1.0] * 5 + [0.8, 0.6, 0.4, 0.0, 0.0]
+
+
+def test_level_edges_lie_where_the_score_crossed_halfway_between_outside_and_peak():
+    (at_threshold,), _ = run(RAMP, card=WIDE)
+    # over 0.3 from window 7 (0.4 at 5.5 s; window 6 at 5.0 s): 5.25 s; the last over,
+    # window 17 (0.4 at 10.5 s), the next at 11.0 s: 10.75 s
+    assert (at_threshold.start, at_threshold.end) == (5.25, 10.75)
+    (segment,), _ = run(RAMP, card=WIDE, edges="level")
+    # halfway between 0 (before, and the window that turned it off) and the peak 1.0:
+    # 0.5, crossed between windows 7 and 8 (0.4 and 0.6 at 5.5 and 6.0 s), and 16 and 17
+    assert (segment.start, segment.end) == pytest.approx((5.75, 10.25))
+    assert dataclasses.replace(segment, start=5.25, end=10.75) == at_threshold  # scores alike
+    # a segment over a bed: outside 0.2 before it, peak 0.6, so halfway is 0.4 (window
+    # 8's score, 6.0 s); the score that turned it off is 0.1, so 0.35 after it
+    bed = [0.2] * 6 + [0.2, 0.3, 0.4, 0.5] + [0.6] * 5 + [0.5, 0.4, 0.3, 0.1, 0.1]
+    (segment,), _ = run(bed, card=WIDE, edges="level")
+    assert (segment.start, segment.end) == pytest.approx((6.0, 10.25))
+
+
+def test_level_edges_of_a_segment_still_open_at_the_end_place_its_start_only():
+    closed, segmenter = run(RAMP[:14], card=WIDE, edges="level")
+    assert closed == []
+    (segment,) = segmenter.close("s", end=20.0)
+    assert (segment.start, segment.end, segment.open) == (pytest.approx(5.75), 20.0, True)
+    closed, segmenter = run([0.9] * 6, card=WIDE, edges="level")  # on from the first window
+    assert [(s.start, s.end) for s in segmenter.close("s", end=20.0)] == [(0.0, 20.0)]
+    with pytest.raises(ValueError, match="unknown edge placement 'centre'; known: level"):
+        Segmenter(CARD.tags, CARD.sample_rate, edges="centre")
 
 
 def test_a_spike_shorter_than_on_after_is_no_segment():
@@ -344,10 +384,16 @@ def test_a_files_timeline_does_not_depend_on_the_decoders_blocks_or_the_scorer(
     assert len(reference) >= 3 and {s.tag for s in reference} <= set(card.tags[:3])
     incremental = choose_scorer([engine], HOP, incremental=True)
     assert incremental.mode == INCREMENTAL
-    for found in (segments(4096, FullWindows([engine], HOP)), segments(12345, incremental)):
-        assert [(s.tag, s.start, s.end) for s in found] == [
-            (s.tag, s.start, s.end) for s in reference
-        ]
+    # other blocks: the same samples and scores, the same edges; incremental inference's
+    # scores differ in the fifth decimal, and an edge placed between two windows by their
+    # scores (edges = level) moves by microseconds, well within the millisecond printed
+    for found, abs_s in (
+        (segments(4096, FullWindows([engine], HOP)), 0),
+        (segments(12345, incremental), 1e-4),
+    ):
+        assert [s.tag for s in found] == [s.tag for s in reference]
+        edges = [t for s in found for t in (s.start, s.end)]
+        assert edges == pytest.approx([t for s in reference for t in (s.start, s.end)], abs=abs_s)
         assert [s.mean for s in found] == pytest.approx([s.mean for s in reference], abs=1e-4)
 
 
