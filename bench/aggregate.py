@@ -18,6 +18,12 @@ aggregators train on the set's train split and keep their best epoch on its vali
 A clip must be longer than one window for aggregation to mean anything: SampleCNN's
 2.7 s windows give ten a 29.1 s clip; an FCN (29.12 s windows) needs longer songs.
 
+``--two-part`` makes songs whose parts differ out of any prepared set: each clip
+followed by another clip of its split (a random pairing, fixed by ``--seed``), a tag
+present where either part has it, unknown where neither has it and one leaves it
+unknown. A rendered piece keeps its tags from start to end; a two-part song does not,
+which is where the thesis expects a learned aggregator to help.
+
     python bench/aggregate.py --checkpoint bench-quality/runs/samplecnn/best.pt \\
         --data bench-quality/broadcast/prepared-22050 \\
         --heldout bench-quality/soundfont-timgm6mb/prepared-22050
@@ -29,8 +35,11 @@ run; docs/training.md has the table and the command.
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
 import logging
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +60,13 @@ from trainer.aggregate import (
     train_aggregator,
 )
 from trainer.checkpoint import card_from_checkpoint, load_checkpoint, model_from_checkpoint
-from trainer.data.dataset import PreparedData, to_float
+from trainer.data.dataset import (
+    INDEX_NAME,
+    PREPARED_FORMAT,
+    PREPARED_VERSION,
+    PreparedData,
+    to_float,
+)
 
 N_MFCC = 20
 
@@ -61,6 +76,48 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
+
+
+def two_part_songs(root: Path, out: Path, seed: int) -> Path:
+    """A prepared set of two-part songs made of ``root``'s clips (see the docstring)."""
+    data = PreparedData(root)
+    rng = np.random.default_rng(seed)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    pieces, clips, offset = [], [], 0
+    for split in ("train", "valid", "test"):
+        idx = data.indices(split)
+        partners = rng.permutation(idx)
+        for first, second in zip(idx, partners, strict=True):
+            if first == second:
+                second = idx[(idx.index(first) + 1) % len(idx)]
+            audio = np.concatenate([data.audio(first), data.audio(second)])
+            rows = np.stack([data.labels(first), data.labels(second)])  # 1, 0 or NaN
+            present = np.nansum(rows, axis=0) > 0
+            unknown = ~present & np.isnan(rows).any(axis=0)
+            clips.append(
+                {
+                    "id": f"{data.clips[first].clip_id}+{data.clips[second].clip_id}",
+                    "split": split,
+                    "tags": np.flatnonzero(present).tolist(),
+                    "unknown": np.flatnonzero(unknown).tolist(),
+                    "shard": "shard-00000.npy",
+                    "offset": offset,
+                    "length": len(audio),
+                }
+            )
+            pieces.append(audio)
+            offset += len(audio)
+    np.save(out / "shards" / "shard-00000.npy", np.concatenate(pieces), allow_pickle=False)
+    index = {
+        "format": PREPARED_FORMAT,
+        "version": PREPARED_VERSION,
+        "source": f"two-part songs of {data.source or root}",
+        "sample_rate": data.sample_rate,
+        "tags": data.tags,
+        "clips": clips,
+    }
+    (out / INDEX_NAME).write_text(json.dumps(index))
+    return out
 
 
 def mfcc_bag(data: PreparedData, indices: list[int]) -> np.ndarray:
@@ -98,10 +155,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared CPU)")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="0: no fine-tuned row")
     parser.add_argument("--cnn-lr", type=float, default=1e-4, help="with --finetune-epochs")
+    parser.add_argument("--two-part", action="store_true", help="songs of two clips each")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     started = time.monotonic()
+    if args.two_part:
+        made = Path(tempfile.mkdtemp(prefix="two-part-"))
+        atexit.register(shutil.rmtree, made, ignore_errors=True)
+        args.data = two_part_songs(args.data, made / args.data.name, args.seed)
+        args.heldout = [
+            two_part_songs(root, made / root.parent.name / root.name, args.seed)
+            for root in args.heldout
+        ]
 
     checkpoint = load_checkpoint(args.checkpoint)
     cnn = model_from_checkpoint(checkpoint).eval()

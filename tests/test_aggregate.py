@@ -513,3 +513,31 @@ def test_a_malformed_aggregator_section_is_a_card_error(exported):
     ):
         with pytest.raises(CardError, match=message):
             ModelCard.from_dict({**data, "aggregator": broken})
+
+
+def test_bench_two_part_songs_join_clips_and_their_labels(prepared, tmp_path):
+    """bench/aggregate.py --two-part: each song is two clips of one split back to back;
+    a tag is present where either part has it, unknown where neither has it and one
+    does not know it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "aggregate.py"
+    spec = importlib.util.spec_from_file_location("bench_aggregate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    songs = PreparedData(bench.two_part_songs(prepared.root, tmp_path / "two", seed=0))
+    assert len(songs.clips) == len(prepared.clips) and songs.tags == prepared.tags
+    by_id = {clip.clip_id: i for i, clip in enumerate(prepared.clips)}
+    for i, song in enumerate(songs.clips):
+        first, second = (by_id[part] for part in song.clip_id.split("+"))
+        assert first != second
+        assert song.split == prepared.clips[first].split == prepared.clips[second].split
+        joined = np.concatenate([prepared.audio(first), prepared.audio(second)])
+        np.testing.assert_array_equal(songs.audio(i), joined)
+        parts = np.stack([prepared.labels(first), prepared.labels(second)])
+        expected = np.where(
+            (parts == 1).any(axis=0), 1.0, np.where(np.isnan(parts).any(axis=0), np.nan, 0.0)
+        )
+        np.testing.assert_array_equal(songs.labels(i), expected)
