@@ -72,6 +72,11 @@ def open_session(
     """
     if spinning not in SPINNING:
         raise EngineError(f"spinning={spinning!r}: use one of {', '.join(SPINNING)}")
+    # ONNX Runtime's Linux builds (1.29 on) send telemetry and keep a device id under
+    # HOME, warning on stderr (before tagd says anything) when HOME is not writable, as
+    # for a daemon's own user; tagd opts out unless ORT_DISABLE_TELEMETRY is set, read
+    # once, before its environment starts (docs/deploy.md)
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         import onnxruntime as ort
     except ImportError:
