@@ -470,13 +470,15 @@ def test_tagd_tag_through_triton_gives_the_local_engines_scores(server, model, t
             assert got["file"] == want["file"] and got["tags"] == want["tags"]
             for tag, score in want["scores"].items():
                 assert abs(got["scores"][tag] - score) <= TOLERANCE + 1e-6, (mode, tag)
-    # --timeline: the same segments (edges placed between the same windows)
+    # --timeline: the same segments; an edge placed by the scores of the windows either
+    # side (edges = level) moves with them, by far less than the millisecond printed,
+    # which may round either way
     remote = tagd_timeline("--engine", url, *hop, "--on-after", "1", *files)
     local = tagd_timeline("--engine", str(model), *hop, "--on-after", "1", *files)
     assert len(local) > 0
-    assert [(s["stream"], s["tag"], s["start"], s["end"]) for s in remote] == [
-        (s["stream"], s["tag"], s["start"], s["end"]) for s in local
-    ]
+    assert [(s["stream"], s["tag"]) for s in remote] == [(s["stream"], s["tag"]) for s in local]
+    edges = [t for s in remote for t in (s["start"], s["end"])]
+    assert edges == pytest.approx([t for s in local for t in (s["start"], s["end"])], abs=0.0011)
 
 
 def test_tagd_tag_reports_the_files_whose_server_stops_answering(server, tmp_path):
