@@ -4,6 +4,7 @@
     .venv/bin/python bench/incremental.py --skip-serve           # part 1 only, ~2 minutes
     .venv/bin/python bench/incremental.py --models fcn4 --repeats 5 --seconds 10 --runs 3
     .venv/bin/python bench/incremental.py --models fcn4 --instances 2   # two 1-thread workers
+    .venv/bin/python bench/incremental.py --models fcn4 --int8 PREPARED  # and int8, served too
 
 In one run on this machine:
 
@@ -68,6 +69,7 @@ from engines import window_flops  # bench/engines.py
 from harness import IDLE_STREAMS, MAX_STREAMS, RunResult, idle_rss, run_daemon, warmup_s
 from torch.utils.flop_counter import FlopCounterMode
 
+from tagd.card import read_card
 from tagd.engines import load_engine
 from tagd.scoring import FULL, INCREMENTAL
 from trainer.export import export_onnx, probe_audio
@@ -82,6 +84,8 @@ SANITY_HOPS = 4  # hops of the step chain compared with full windows
 # The daemon's modes (tagd.scoring's names), as top-level keys of the harness's config:
 # `incremental = false` is what --full-windows sets.
 MODES = {FULL: "incremental = false\n", INCREMENTAL: ""}
+INT8 = f"{INCREMENTAL} int8"  # the third search's mode, with --int8: the quantized model
+SPEED_CALIBRATION_WINDOWS = 16  # random weights: the int8 ranges change no cost
 SEARCH_START_SHARE = 0.8  # the daemon's ingest and publishing cost CPU the bare engine does not
 # Up by a quarter (0.8 × 1.25: the bare engine's own rate, which a daemon at batch 1 cannot
 # pass); down by halves, as a daemon can fall far short of it (ingest, resampling).
@@ -143,22 +147,12 @@ def chain_difference(engine, graphs, hops: int = SANITY_HOPS) -> float:
     return worst
 
 
-def bench_model(arch: str, folder: Path, repeats: int) -> dict:
-    """Plan, MACs, state and ONNX Runtime time of one update of ``arch``; its ONNX file."""
-    torch.manual_seed(0)
-    model = create_model(arch).eval()
-    hop = model.default_hop_samples
-    built = model.incremental_graphs(hop)  # an FCN always reuses at its aligned hop
-    prime, step = built.prime, built.step
-    plan = step.plan  # the FCN's IncrementalPlan: its picture and per-level description
-    window = torch.from_numpy(probe_audio(1, model.window_samples, model.sample_rate))
-    with torch.no_grad():
-        states = prime(window)[1:]
-    full_macs = window_flops(model) / 2
-    step_macs = step_flops(step, window, states) / 2
-    path = export_onnx(model, folder / f"{arch}.onnx", check=False).path
-
-    wave = window.numpy()
+def time_updates(path: Path, hop: int, repeats: int) -> tuple[dict, float]:
+    """ONNX Runtime's median seconds per update of the model at ``path``, full window
+    against step graph, at each of ``THREADS``; and the step chain's largest difference
+    from full windows (at default threads)."""
+    card = read_card(path)
+    wave = probe_audio(1, card.window_samples, card.sample_rate)
     timings, difference = {}, None
     for label, threads in THREADS.items():
         engine = load_engine(path, intra_op_threads=threads)
@@ -184,6 +178,46 @@ def bench_model(arch: str, folder: Path, repeats: int) -> dict:
         if threads == THREADS["default threads"]:
             difference = chain_difference(engine, graphs)
         engine.close()
+    return timings, difference
+
+
+def bench_int8(model: dict, data: Path, repeats: int) -> dict:
+    """The served model quantized as `tagd-train quantize` does (calibrated on
+    ``SPEED_CALIBRATION_WINDOWS`` windows of ``data``: with random weights the ranges change
+    no cost), and its ONNX Runtime time per update as ``bench_model`` times float32."""
+    from trainer.data.dataset import PreparedData
+    from trainer.quantize import quantize_model
+
+    prepared = PreparedData(data)
+    int8 = quantize_model(
+        model["path"], prepared, windows=SPEED_CALIBRATION_WINDOWS, progress=False
+    )
+    timings, difference = time_updates(int8.path, model["hop_samples"], repeats)
+    return model | {
+        "precision": "int8",
+        "path": str(int8.path),
+        "ort": timings,
+        "chain_max_abs_diff": difference,
+        "int8_max_abs_diff": int8.max_abs_diff,
+    }
+
+
+def bench_model(arch: str, folder: Path, repeats: int) -> dict:
+    """Plan, MACs, state and ONNX Runtime time of one update of ``arch``; its ONNX file."""
+    torch.manual_seed(0)
+    model = create_model(arch).eval()
+    hop = model.default_hop_samples
+    built = model.incremental_graphs(hop)  # an FCN always reuses at its aligned hop
+    prime, step = built.prime, built.step
+    plan = step.plan  # the FCN's IncrementalPlan: its picture and per-level description
+    window = torch.from_numpy(probe_audio(1, model.window_samples, model.sample_rate))
+    with torch.no_grad():
+        states = prime(window)[1:]
+    full_macs = window_flops(model) / 2
+    step_macs = step_flops(step, window, states) / 2
+    path = export_onnx(model, folder / f"{arch}.onnx", check=False).path
+
+    timings, difference = time_updates(path, hop, repeats)
     return {
         "model": arch,
         "path": str(path),
@@ -224,6 +258,25 @@ def report_model(m: dict) -> None:
     print(
         f"  step chain vs full windows over {SANITY_HOPS} hops (ONNX Runtime): max abs diff "
         f"{m['chain_max_abs_diff']:.1e}",
+        flush=True,
+    )
+
+
+def report_int8(int8: dict, served: dict) -> None:
+    print(
+        f"\n{int8['model']} int8 (largest score difference from float32 "
+        f"{int8['int8_max_abs_diff']:.3f}, random weights):"
+    )
+    for label, t in int8["ort"].items():
+        base = served["ort"][label]
+        print(
+            f"  ONNX Runtime, {label}: full window {1000 * t['full_s']:.1f} ms "
+            f"({base['full_s'] / t['full_s']:.2f} x float32), step {1000 * t['step_s']:.1f} ms "
+            f"({base['step_s'] / t['step_s']:.2f} x float32)"
+        )
+    print(
+        f"  int8 step chain vs int8 full windows over {SANITY_HOPS} hops: max abs diff "
+        f"{int8['chain_max_abs_diff']:.1e}",
         flush=True,
     )
 
@@ -412,14 +465,21 @@ def describe_run(result: RunResult) -> str:
     )
 
 
-def bench_serve(model: dict, seconds: float, runs: int, instances: int = 1) -> dict:
+def bench_serve(
+    model: dict, seconds: float, runs: int, instances: int = 1, int8: dict | None = None
+) -> dict:
     """Both modes' searches, a run of each in turn, then RSS with idle streams; both modes
-    with ``instances`` engine instances (each with its share of the threads)."""
+    with ``instances`` engine instances (each with its share of the threads). With
+    ``int8`` (``bench_int8``'s figures), a third search serves that model incrementally."""
     path, hop_s, window_s = Path(model["path"]), model["hop_s"], model["window_s"]
     rates = {
         FULL: 1 / model["ort"]["default threads"]["full_s"],
         INCREMENTAL: 1 / model["ort"]["default threads"]["step_s"],
     }
+    paths = {FULL: path, INCREMENTAL: path}
+    if int8 is not None:
+        rates[INT8] = 1 / int8["ort"]["default threads"]["step_s"]
+        paths[INT8] = Path(int8["path"])
     searches = {
         mode: LargestSustained(start=math.floor(SEARCH_START_SHARE * rate * hop_s), runs=runs)
         for mode, rate in rates.items()
@@ -432,6 +492,7 @@ def bench_serve(model: dict, seconds: float, runs: int, instances: int = 1) -> d
     )
     batching = f"[batching]\ninstances = {instances}\n" if instances > 1 else ""
     tomls = {mode: toml + batching for mode, toml in MODES.items()}
+    tomls[INT8] = tomls[INCREMENTAL]
     pending = list(searches)
     while pending:
         for mode in list(pending):
@@ -439,11 +500,11 @@ def bench_serve(model: dict, seconds: float, runs: int, instances: int = 1) -> d
             if streams is None:
                 pending.remove(mode)
                 continue
-            settle_s = SETTLE_S if mode == INCREMENTAL else 0.0
+            settle_s = SETTLE_S if mode != FULL else 0.0
             result = run_daemon(
-                path, window_s, streams, hop_s, seconds, toml=tomls[mode], settle_s=settle_s
+                paths[mode], window_s, streams, hop_s, seconds, toml=tomls[mode], settle_s=settle_s
             )
-            check_mode(mode, result)
+            check_mode(FULL if mode == FULL else INCREMENTAL, result)
             held = sustained(result)
             share = incremental_share(result)
             searches[mode].record(streams, held, result.summary() | {"incremental_share": share})
@@ -573,11 +634,16 @@ def targets(model: dict | None, serve: dict | None, research: dict | None = None
             )
         )
     if research is not None:
-        ratio = incremental / research["streams"]
+        # the best precision served: int8 keeps its accuracy (bench/precision.py's rule)
+        best, precision = incremental, "float32"
+        int8 = serve["modes"].get(INT8)
+        if int8 is not None and int8["max_streams"] > best:
+            best, precision = int8["max_streams"], "int8"
+        ratio = best / research["streams"]
         found.append(
             target(
                 versus_research,
-                f"{incremental} / {research['streams']:.1f} = {ratio:.1f} x",
+                f"{best} ({precision}) / {research['streams']:.1f} = {ratio:.1f} x",
                 ratio >= RESEARCH_TARGET,
             )
         )
@@ -612,6 +678,13 @@ def main() -> None:
     parser.add_argument(
         "--skip-research", action="store_true", help="no librosa + torch eager baseline"
     )
+    parser.add_argument(
+        "--int8",
+        type=Path,
+        metavar="PREPARED",
+        help=f"also time {SERVED_MODEL} quantized to int8 (calibrated on this prepared set at "
+        "its rate, as `tagd-train quantize`) and serve it in a third search",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     models = list(dict.fromkeys(args.models))
@@ -639,9 +712,16 @@ def main() -> None:
             progress(f"research baseline: librosa + torch eager, {RESEARCH_WINDOWS} windows")
             results["research"] = research_baseline(RESEARCH_WINDOWS)
             report_research(results["research"])
+        results["int8"] = None
+        if args.int8 is not None and served is not None:
+            progress(f"{SERVED_MODEL} int8: quantizing on {args.int8}, ONNX Runtime")
+            results["int8"] = bench_int8(served, args.int8, args.repeats)
+            report_int8(results["int8"], served)
         results["serve"] = None
         if not args.skip_serve:
-            results["serve"] = bench_serve(served, args.seconds, args.runs, args.instances)
+            results["serve"] = bench_serve(
+                served, args.seconds, args.runs, args.instances, results["int8"]
+            )
             report_serve(results["serve"])
     results["targets"] = targets(served, results["serve"], results["research"])
     report_targets(results["targets"])

@@ -65,3 +65,45 @@ def test_search_stops_at_the_stream_limit(bench):
     found = search(bench, 50, threshold=10_000, most=64)
     assert found.best == 64
     assert found.failed is None
+
+
+def served_figures(bench, step_s: float = 0.05) -> dict:
+    threads = {"threads": 1, "full_s": 0.2, "step_s": step_s, "speedup": 0.2 / step_s}
+    return {
+        "macs_ratio": 0.19,
+        "hop_s": 3.4,
+        "ort": {bench.PER_CORE: threads, "default threads": threads},
+    }
+
+
+def serve_figures(bench, incremental: int, int8: int | None) -> dict:
+    def mode(streams):
+        return {"start": 1, "max_streams": streams, "failed_at": None, "runs": []}
+
+    modes = {bench.FULL: mode(20), bench.INCREMENTAL: mode(incremental)}
+    if int8 is not None:
+        modes[bench.INT8] = mode(int8)
+    return {"instances": 1, "modes": modes, "idle": {bench.INCREMENTAL: {"rss_mb": 400.0}}}
+
+
+@pytest.mark.parametrize(
+    ("int8", "value", "met"),
+    [
+        (None, "60 (float32) / 3.0 = 20.0 x", True),
+        (150, "150 (int8) / 3.0 = 50.0 x", True),
+        (40, "60 (float32) / 3.0 = 20.0 x", True),
+    ],
+)
+def test_the_research_target_takes_the_best_precision_served(bench, int8, value, met):
+    found = bench.targets(served_figures(bench), serve_figures(bench, 60, int8), {"streams": 3.0})
+    research = next(t for t in found if "research" in t["what"])
+    assert (research["value"], research["met"]) == (value, met)
+    # the bound is float32's, whatever int8 held
+    bound = next(t for t in found if "bound" in t["what"])
+    assert bound["value"].startswith("60 / ")
+
+
+def test_the_research_target_is_missed_below_twenty_times(bench):
+    found = bench.targets(served_figures(bench), serve_figures(bench, 30, None), {"streams": 3.0})
+    research = next(t for t in found if "research" in t["what"])
+    assert (research["value"], research["met"]) == ("30 (float32) / 3.0 = 10.0 x", False)
