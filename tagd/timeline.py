@@ -18,7 +18,9 @@ the level outside it, interpolated between the two windows' centres on either si
   threshold crossing, among the windows of the last window length.
 
 Where no such crossing is among those windows (the start of the audio; a segment still
-open at ``close``) an edge stays where ``threshold`` puts it:
+open at ``close``), or the edge is the card's exclusion's (``ModelCard.excludes``: the
+tag's own score did not cross its threshold there), an edge stays where ``threshold``
+puts it:
 
 ``threshold``:
 
@@ -143,7 +145,7 @@ class Segmenter:
 
     ``update`` returns the segments a prediction closed; ``close(stream)`` those still
     open (end of file, shutdown), ``close_all`` every stream's; ``open_segments`` shows
-    open) without closing. What is kept per stream is a few numbers per tag, and for
+    them without closing. What is kept per stream is a few numbers per tag, and for
     ``level`` edges the scores of the last window length of predictions (and of about
     two window lengths around each open segment's start).
     """
@@ -187,6 +189,7 @@ class Segmenter:
         crossing = start_s if stream.last_centre is None else (stream.last_centre + centre) / 2
         over = set(prediction.over)
         turned = {event.tag: event.state for event in prediction.events}
+        thresholds = {event.tag: event.threshold for event in prediction.events}
         level = self.edges == "level"
         if level:  # one window length of the segmented tags' scores
             stream.recent.append((centre, np.asarray(prediction.scores)[self._rows]))
@@ -215,13 +218,15 @@ class Segmenter:
                 if not is_over:  # on once a tag excluding it went off (ModelCard.excludes)
                     track.band.add(score)
                 if level:
-                    self._open_head(stream, track, column, end_s - start_s)
+                    self._open_head(stream, track, column, end_s - start_s, thresholds[tag])
             elif event == OFF:
                 if track.on:
                     end = crossing if track.end is None else track.end
                     segment = self._segment(prediction.stream, tag, track, end)
                     if level:
-                        segment = self._level_edges(segment, stream, track, column, score)
+                        # off under its threshold, not by a tag that excludes it
+                        after = score if score < thresholds[tag] else None
+                        segment = self._level_edges(segment, stream, track, column, after)
                     closed.append(segment)
                 track.on = False
                 track.head = []
@@ -240,10 +245,14 @@ class Segmenter:
         return closed
 
     @staticmethod
-    def _open_head(stream: _StreamTrack, track: _TagTrack, column: int, span: float) -> None:
+    def _open_head(
+        stream: _StreamTrack, track: _TagTrack, column: int, span: float, threshold: float
+    ) -> None:
         """At an ON: the level before the segment's start, and the windows around it so far."""
         before = [scores[column] for c, scores in stream.recent if c < track.start]
         track.outside = float(np.median(before)) if before else None
+        if track.outside is not None and track.outside >= threshold:
+            track.outside = None  # no rise: on once a tag that excluded it went off
         track.head = [(c, float(scores[column])) for c, scores in stream.recent]
         track.head_until = track.start + span
 

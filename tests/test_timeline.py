@@ -99,6 +99,24 @@ def test_level_edges_lie_where_the_score_crossed_halfway_between_outside_and_pea
     assert (segment.start, segment.end) == pytest.approx((6.0, 10.25))
 
 
+def test_edges_made_by_an_exclusion_not_a_crossing_stay_at_the_threshold_rule():
+    # music is excluded while speech is over its threshold (ModelCard.excludes): its
+    # score dips but never under its threshold (0.6), so its edges there are where the
+    # exclusion began and ended, not where it crossed some level on the way
+    card = dataclasses.replace(WIDE, excludes={"music": ["speech"]})
+    music = [0.95] * 6 + [0.92, 0.8, 0.75, 0.7] + [0.7] * 5 + [0.75, 0.8, 0.85, 0.9, 0.95]
+    at_threshold, segmenter = run(RAMP, music, card=card)
+    at_threshold += segmenter.close("s", end=12.0)
+    at_level, segmenter = run(RAMP, music, card=card, edges="level")
+    at_level += segmenter.close("s", end=12.0)
+    assert [s.tag for s in at_level] == ["music", "speech", "music"]
+    for level, threshold in zip(at_level, at_threshold, strict=True):
+        if level.tag == "music":
+            assert (level.start, level.end) == (threshold.start, threshold.end)
+        else:
+            assert (level.start, level.end) == pytest.approx((5.75, 10.25))
+
+
 def test_level_edges_of_a_segment_still_open_at_the_end_place_its_start_only():
     closed, segmenter = run(RAMP[:14], card=WIDE, edges="level")
     assert closed == []
