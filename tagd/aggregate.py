@@ -36,7 +36,7 @@ from tagd.card import GRAPH_NAMES, AggregatorSection, ModelCard
 from tagd.engines import EngineError
 from tagd.engines.onnx import open_session
 from tagd.publish import SCORE_DECIMALS
-from tagd.scoring import RemoteScorer, Scorer, WindowKey
+from tagd.scoring import FullWindows, RemoteScorer, Scorer, WindowKey
 from tagd.tagfile import FileWindows
 
 # Song scores kept per stream until their windows are published: more than a batch holds
@@ -164,12 +164,17 @@ def aggregate_file(graphs: AggregatorGraphs, path: str | Path) -> SongTags:
 class AggregatingScorer:
     """A ``Scorer`` (tagd.scoring) that also advances each stream's song.
 
-    ``run`` returns the inner scorer's scores unchanged; it then runs the embedding
-    graph on the same windows and steps their streams' chains (``SongChains``), in the
-    batch's order, which is each stream's order (the Scorer contract). ``song(window)``
-    gives a published window's song-so-far: ``{"aggregator", "windows", "scores"}``.
-    ``forget`` drops the stream's chain with its inner state. The embedding graph is a
-    whole window's CNN again: the price is a full window per hop (docs/serve.md).
+    ``run`` returns the windows' scores and steps their streams' chains
+    (``SongChains``) with their embeddings, in the batch's order, which is each stream's
+    order (the Scorer contract). ``song(window)`` gives a published window's song-so-far:
+    ``{"aggregator", "windows", "scores"}``. ``forget`` drops the stream's chain with its
+    inner state.
+
+    Where the inner scorer computes full windows, the embedding graph gives the scores
+    with the embeddings: one window's CNN a hop, not two (the embedding graph is the
+    float32 export on ONNX Runtime's CPU provider, whatever the model file's precision or
+    backend). Otherwise the inner scorer's scores are kept and the embedding graph runs
+    beside it: a whole window's CNN more a hop (docs/serve.md).
     """
 
     def __init__(self, inner: Scorer, graphs: AggregatorGraphs):
@@ -184,10 +189,20 @@ class AggregatingScorer:
         self._chains = SongChains(graphs, inner.hop_samples)
         self._songs: dict[str, collections.deque] = {}
         self._lock = threading.Lock()  # different streams' windows run on several workers
+        self._full_windows = inner if isinstance(inner, FullWindows) else None
 
     def run(self, keys: Sequence[WindowKey], batch: np.ndarray, instance: int = 0) -> np.ndarray:
-        scores = self.inner.run(keys, batch, instance)
-        _, embeddings = self.graphs.embed(batch)
+        if self._full_windows is not None:
+            scores, embeddings = self.graphs.embed(batch)
+            self._full_windows.count(len(keys))
+        else:
+            scores = self.inner.run(keys, batch, instance)
+            _, embeddings = self.graphs.embed(batch)
+        self.advance(keys, embeddings)
+        return scores
+
+    def advance(self, keys: Sequence[WindowKey], embeddings: np.ndarray) -> None:
+        """Step the streams of ``keys`` with their windows' ``embeddings`` [len(keys), D]."""
         with self._lock:
             for key, embedding in zip(keys, embeddings, strict=True):
                 song, windows = self._chains.advance(key.stream, key.epoch, key.start, embedding)
@@ -195,7 +210,6 @@ class AggregatingScorer:
                     key.stream, collections.deque(maxlen=SONGS_KEPT_PER_STREAM)
                 )
                 kept.append((key.epoch, key.start, song, windows))
-        return scores
 
     def song(self, key: WindowKey) -> dict[str, Any] | None:
         """The song so far after ``key``'s window, once, as the tags message's ``song``
@@ -227,7 +241,8 @@ class AggregatingScorer:
             self._songs.pop(stream, None)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        self.inner.warmup(batch_sizes)
+        if self._full_windows is None:  # full windows: the embedding graph scores them
+            self.inner.warmup(batch_sizes)
         for size in batch_sizes:
             _, embeddings = self.graphs.embed(
                 np.zeros((size, self.graphs.card.window_samples), dtype=np.float32)
@@ -235,7 +250,10 @@ class AggregatingScorer:
             self.graphs.step(embeddings, self.graphs.section.initial_state(size))
 
     def describe(self) -> str:
-        return f"{self.inner.describe()}, with a {self.graphs.section.kind} aggregator a stream"
+        inner = self.inner.describe()
+        if self._full_windows is not None:
+            inner += " (the embedding graph's scores)"
+        return f"{inner}, with a {self.graphs.section.kind} aggregator a stream"
 
 
 def serve_problem(card: ModelCard, hop_samples: int) -> str | None:

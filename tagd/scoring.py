@@ -124,9 +124,14 @@ class FullWindows:
 
     def run(self, keys: Sequence[WindowKey], batch: np.ndarray, instance: int = 0) -> np.ndarray:
         scores = self.engines[instance].run(batch)
-        if self._on_updates is not None:
-            self._on_updates(FULL, len(keys))
+        self.count(len(keys))
         return scores
+
+    def count(self, windows: int) -> None:
+        """Tell ``on_updates`` of ``windows`` full windows scored (also where another
+        graph scored them for this scorer: tagd.aggregate's embedding graph)."""
+        if self._on_updates is not None:
+            self._on_updates(FULL, windows)
 
     def continues(self, key: WindowKey) -> bool:
         return False

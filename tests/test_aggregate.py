@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 
@@ -415,6 +416,43 @@ def test_chains_restart_on_a_break_and_equal_one_pass(exported):
     assert (got["a", 7][1], got["b", 7][1], chains.restarts) == (3, 2, 2)
     chains.forget("a")
     assert chains.advance("a", 0, 8 * hop, embeddings[0, 7])[1] == 1
+
+
+def test_over_full_windows_one_cnn_scores_and_embeds_each_window(exported, monkeypatch):
+    """aggregate = true over full windows: the embedding graph's scores are the model's,
+    so the model's own graph does not run; the windows count as full updates and the
+    songs are one pass's."""
+    from tagd.aggregate import AggregatingScorer, AggregatorGraphs
+    from tagd.card import read_card
+    from tagd.engines import load_engine
+    from tagd.scoring import FullWindows, WindowAt
+
+    card = read_card(exported)
+    engine, reference = load_engine(exported), load_engine(exported)
+    model_runs = []
+    run = engine.run
+    monkeypatch.setattr(engine, "run", lambda batch: model_runs.append(len(batch)) or run(batch))
+    counted = collections.Counter()
+    full = FullWindows([engine], card.hop_samples, lambda mode, n: counted.update({mode: n}))
+    graphs = AggregatorGraphs(exported, card, threads=1)
+    scorer = AggregatingScorer(full, graphs)
+    scorer.warmup((1, 2))
+    hop = graphs.hop_samples
+    rng = np.random.default_rng(3)
+    audio = (0.1 * rng.standard_normal(card.window_samples + 3 * hop)).astype("float32")
+    windows = np.stack([audio[k * hop : k * hop + card.window_samples] for k in range(4)])
+    keys = [WindowAt("s", 0, k * hop) for k in range(4)]
+    scores = np.concatenate([scorer.run(keys[:2], windows[:2]), scorer.run(keys[2:], windows[2:])])
+
+    np.testing.assert_allclose(scores, reference.run(windows), atol=1e-5)
+    assert model_runs == [] and counted == {"full": 4}
+    state = card.aggregator.initial_state(1)
+    for window in windows:
+        _, embedding = graphs.embed(window[None])
+        expected, state = graphs.step(embedding, state)
+    song = scorer.song(keys[-1])
+    assert song["windows"] == 4 and "embedding graph's scores" in scorer.describe()
+    np.testing.assert_allclose([song["scores"][t] for t in card.tags], expected[0], atol=2e-6)
 
 
 # -- tagd serve with aggregate = true --------------------------------------------------------------

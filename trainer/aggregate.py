@@ -463,3 +463,32 @@ def _report(config: AggregateConfig, result: AggregateResult, seconds: float) ->
                 + " |"
             )
     return "\n".join(lines) + "\n"
+
+
+def write_untrained_aggregator(
+    path: str | Path,
+    cnn: TaggerModel,
+    tags: list[str],
+    hop_samples: int,
+    *,
+    kind: str = "lstm",
+    hidden: int = DEFAULT_HIDDEN,
+    seed: int = 0,
+) -> Path:
+    """An ``aggregator.pt`` of random weights over ``cnn``'s embeddings, as `tagd-train
+    aggregate` writes a trained one: what costs and exactness are measured with
+    (bench/aggregate_cost.py, tests), never a model to tag with."""
+    torch.manual_seed(seed)
+    config = AggregatorConfig(cnn.embedding_size, len(tags), kind=kind, hidden=hidden)
+    aggregator = create_aggregator(config).eval()
+    untrained = AggregateConfig(checkpoint="(untrained)", data="", out=str(Path(path).parent))
+    payload = aggregator_payload(
+        aggregator,
+        {"tags": tags, "arch": cnn.arch},
+        "untrained",
+        hop_samples,
+        untrained,
+        AggregateResult(run_dir=Path(path).parent, best_epoch=0, valid={}),
+    )
+    save_checkpoint(path, payload)
+    return Path(path)
