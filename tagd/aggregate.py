@@ -24,6 +24,7 @@ ONNX Runtime is the daemon's own dependency: no torch here.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,9 +36,12 @@ import numpy as np
 from tagd.card import GRAPH_NAMES, AggregatorSection, ModelCard
 from tagd.engines import EngineError
 from tagd.engines.onnx import open_session
+from tagd.incremental import IncrementalRunner
 from tagd.publish import SCORE_DECIMALS
 from tagd.scoring import FullWindows, RemoteScorer, Scorer, WindowKey
 from tagd.tagfile import FileWindows
+
+log = logging.getLogger(__name__)
 
 # Song scores kept per stream until their windows are published: more than a batch holds
 # of one stream's windows; a window whose batch failed is pushed out by later ones.
@@ -170,11 +174,17 @@ class AggregatingScorer:
     ``{"aggregator", "windows", "scores"}``. ``forget`` drops the stream's chain with its
     inner state.
 
-    Where the inner scorer computes full windows, the embedding graph gives the scores
-    with the embeddings: one window's CNN a hop, not two (the embedding graph is the
-    float32 export on ONNX Runtime's CPU provider, whatever the model file's precision or
-    backend). Otherwise the inner scorer's scores are kept and the embedding graph runs
-    beside it: a whole window's CNN more a hop (docs/serve.md).
+    Where the embeddings come from, cheapest first:
+
+    - incremental inference whose graphs give them (``IncrementalRunner.embeds``, a
+      model exported with its aggregator): the step that scores the window, so the song
+      costs one aggregator step a hop more;
+    - full windows: the embedding graph gives the scores with the embeddings, one
+      window's CNN a hop, not two (the float32 export on ONNX Runtime's CPU provider,
+      whatever the model file's precision or backend);
+    - otherwise (incremental graphs exported without the embedding) the inner scorer's
+      scores are kept and the embedding graph runs beside it: a whole window's CNN more
+      a hop (docs/serve.md).
     """
 
     def __init__(self, inner: Scorer, graphs: AggregatorGraphs):
@@ -190,9 +200,13 @@ class AggregatingScorer:
         self._songs: dict[str, collections.deque] = {}
         self._lock = threading.Lock()  # different streams' windows run on several workers
         self._full_windows = inner if isinstance(inner, FullWindows) else None
+        embeds = isinstance(inner, IncrementalRunner) and inner.embeds
+        self._embedding_steps = inner if embeds else None
 
     def run(self, keys: Sequence[WindowKey], batch: np.ndarray, instance: int = 0) -> np.ndarray:
-        if self._full_windows is not None:
+        if self._embedding_steps is not None:
+            scores, embeddings = self._embedding_steps.run_and_embed(keys, batch, instance)
+        elif self._full_windows is not None:
             scores, embeddings = self.graphs.embed(batch)
             self._full_windows.count(len(keys))
         else:
@@ -244,15 +258,19 @@ class AggregatingScorer:
         if self._full_windows is None:  # full windows: the embedding graph scores them
             self.inner.warmup(batch_sizes)
         for size in batch_sizes:
-            _, embeddings = self.graphs.embed(
-                np.zeros((size, self.graphs.card.window_samples), dtype=np.float32)
-            )
+            embeddings = np.zeros((size, self.graphs.section.embedding_size), dtype=np.float32)
+            if self._embedding_steps is None:
+                _, embeddings = self.graphs.embed(
+                    np.zeros((size, self.graphs.card.window_samples), dtype=np.float32)
+                )
             self.graphs.step(embeddings, self.graphs.section.initial_state(size))
 
     def describe(self) -> str:
         inner = self.inner.describe()
         if self._full_windows is not None:
             inner += " (the embedding graph's scores)"
+        elif self._embedding_steps is None:
+            inner += " and the embedding graph"
         return f"{inner}, with a {self.graphs.section.kind} aggregator a stream"
 
 
@@ -283,4 +301,11 @@ def aggregating(inner: Scorer, model_path: str | Path, card: ModelCard) -> Aggre
     problem = serve_problem(card, inner.hop_samples)
     if problem:
         raise EngineError(problem)
+    if isinstance(inner, IncrementalRunner) and not inner.embeds:
+        log.info(
+            "the incremental graphs give no window embedding: the embedding graph runs beside "
+            "each step, a whole window's CNN more a hop; export the model again with "
+            "`tagd-train export CKPT --aggregator RUN/aggregator.pt` to step the song for the "
+            "price of its aggregator"
+        )
     return AggregatingScorer(inner, AggregatorGraphs(model_path, card))

@@ -49,7 +49,8 @@ class GraphNames:
     returns ``scores`` float32 ``[batch, n_tags]`` (sigmoid). The incremental graphs of a
     hop (tagd.incremental): the prime graph takes the waveform and returns the scores and
     ``next_state.<level>`` for each state tensor; the step graph takes the waveform and
-    ``state.<level>``… and returns what the prime graph returns.
+    ``state.<level>``… and returns what the prime graph returns. Of a model exported
+    with an aggregator (``HopGraphs.embedding``), both also return ``embedding``, last.
     """
 
     waveform: str = "waveform"
@@ -139,6 +140,9 @@ class HopGraphs:
     step_macs: int  # multiply-accumulates of one step
     full_macs: int  # of one whole window
     max_abs_diff: float | None = None  # export's parity check of the chain; None: not run
+    # Both graphs also output the window's embedding (exported with an aggregator); a
+    # card without the key has none and writes back without it.
+    embedding: bool = False
 
     @property
     def state_names(self) -> list[str]:
@@ -158,15 +162,23 @@ class HopGraphs:
 
     @property
     def outputs(self) -> list[str]:
-        """Of the prime and the step graph alike: the scores, then the next state."""
-        return [GRAPH_NAMES.scores, *GRAPH_NAMES.state_outputs(self.state_names)]
+        """Of the prime and the step graph alike: the scores, the next state, then the
+        window's embedding where the graphs give it."""
+        embedding = [GRAPH_NAMES.embedding] if self.embedding else []
+        return [GRAPH_NAMES.scores, *GRAPH_NAMES.state_outputs(self.state_names), *embedding]
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> HopGraphs:
-        return _stateful_from_dict(cls, data, where)
+        graph = _stateful_from_dict(cls, data, where)
+        if not isinstance(graph.embedding, bool):
+            raise CardError(f"{where}.embedding is true or false, got {graph.embedding!r}")
+        return graph
 
     def to_dict(self) -> dict[str, Any]:
-        return _stateful_to_dict(self)
+        data = _stateful_to_dict(self)
+        if not self.embedding:
+            del data["embedding"]
+        return data
 
 
 @dataclass(frozen=True)

@@ -474,8 +474,11 @@ class ServeConfig(Table):
     aggregate: bool = Field(
         False,
         description="Also step the model's song aggregator (its card's aggregator section) "
-        "each hop and publish the stream's song-so-far scores in each tags message's song "
-        "field; a full window's inference more per hop, the hop it was trained at.",
+        "each hop, at the hop it was trained at, and publish the stream's song-so-far scores "
+        "in each tags message's song field. It costs one aggregator step per hop over full "
+        "windows and over incremental graphs exported with the aggregator (they give the "
+        "embedding); with incremental graphs exported without it, a whole window's "
+        "inference more per hop (docs/training.md).",
     )
     publish: PublishConfig = Field(default_factory=PublishConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)

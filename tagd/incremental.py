@@ -20,7 +20,9 @@ limit. Callers guarantee what the batcher does: a stream's windows are scored on
 time, in order.
 
 The runner is a ``tagd.scoring.Scorer``, as full windows are; ``choose_scorer`` picks one
-of the two for `tagd serve` and `tagd tag`.
+of the two for `tagd serve` and `tagd tag`. Where the graphs also give each window's
+embedding (``embeds``: a model exported with an aggregator), ``run_and_embed`` returns the
+embeddings beside the scores, for the song aggregator (tagd.aggregate).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class IncrementalRunner:
         self.engine = self.engines[0]
         self.hop_samples = self.engine.hop_samples
         self.state_bytes = self.engine.state_bytes
+        self.embeds = self.engine.embeds  # run_and_embed gives the windows' embeddings
         self._carried: dict[str, _Carried] = {}
         self._on_updates = on_updates
 
@@ -92,6 +95,20 @@ class IncrementalRunner:
         A batch may hold consecutive windows of one stream (a batcher catching up): they
         go in rounds, a stream's second window after its first, so that it steps from the
         state its first leaves instead of being primed."""
+        return self._run(keys, batch, instance, None)
+
+    def run_and_embed(
+        self, keys: Sequence[WindowKey], batch: np.ndarray, instance: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``run``'s scores and the windows' embeddings ``[len(keys), D]``, from the same
+        graph runs (only where ``embeds``)."""
+        size = self.engine.card.aggregator.embedding_size if self.embeds else 0
+        if not size:
+            raise ValueError("these incremental graphs give no embedding: export with one")
+        embeddings = np.empty((len(keys), size), dtype=np.float32)
+        return self._run(keys, batch, instance, embeddings), embeddings
+
+    def _run(self, keys, batch: np.ndarray, instance: int, embeddings: np.ndarray | None):
         engine = self.engines[instance]
         scores = np.empty((len(keys), engine.card.n_tags), dtype=np.float32)
         for rows in rounds(keys):
@@ -103,9 +120,11 @@ class IncrementalRunner:
                     _batched([self._carried[keys[r].stream].states[i] for r in steps])
                     for i in range(len(engine.state_shapes))
                 ]
-                self._take(keys, steps, scores, *engine.step(_rows(batch, steps), states))
+                stepped = engine.step_and_embed(_rows(batch, steps), states)
+                self._take(keys, steps, scores, embeddings, *stepped)
             if primes:
-                self._take(keys, primes, scores, *engine.prime(_rows(batch, primes)))
+                primed = engine.prime_and_embed(_rows(batch, primes))
+                self._take(keys, primes, scores, embeddings, *primed)
             if self._on_updates is not None:
                 self._on_updates(INCREMENTAL, len(steps))
                 self._on_updates(FULL, len(primes))
@@ -120,9 +139,18 @@ class IncrementalRunner:
         )
 
     def _take(
-        self, keys, rows: list[int], scores: np.ndarray, got: np.ndarray, states: list[np.ndarray]
+        self,
+        keys,
+        rows: list[int],
+        scores: np.ndarray,
+        embeddings: np.ndarray | None,
+        got: np.ndarray,
+        states: list[np.ndarray],
+        got_embeddings: np.ndarray | None,
     ) -> None:
         scores[rows] = got
+        if embeddings is not None:
+            embeddings[rows] = got_embeddings
         for index, row in enumerate(rows):
             key = keys[row]
             # one row is the whole output array; of several, copy so that a stream's

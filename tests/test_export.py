@@ -126,8 +126,10 @@ class BlockEnergy(TaggerModel):
         energies = wave.reshape(-1, BLOCKS, BLOCK).square().mean(-1)  # (B, BLOCKS)
         return self.head(energies)
 
-    def incremental_graphs(self, hop_samples: int) -> IncrementalGraphs | None:
-        if hop_samples != BLOCK:
+    def incremental_graphs(
+        self, hop_samples: int, embedding: bool = False
+    ) -> IncrementalGraphs | None:
+        if hop_samples != BLOCK or embedding:
             return None
         return IncrementalGraphs(
             prime=_BlockPrime(self),

@@ -458,20 +458,30 @@ def short_fcn(tmp_path_factory):
     return path
 
 
-def serve_scores(engine_path, incremental: bool, payload: bytes) -> tuple[dict, str]:
+def serve_messages(engine_path, payload: bytes, **settings) -> tuple[dict[str, list], str]:
+    """Streams a and b of ``payload`` in messages of two sizes through `tagd serve` at
+    SHORT_HOP with ``settings`` (config keys): each stream's tags messages in order, and
+    the metrics page."""
     with socket_port() as port:
         config = make_config(
             engine_path, [f"zmq+pull://127.0.0.1:{port}"], batching={"max_pending_per_stream": 1000}
         )
     config.hop_seconds = SHORT_HOP / RATE
-    config.incremental = incremental
+    for key, value in settings.items():
+        setattr(config, key, value)
     with serving(config) as server:
         listener = Listener(server, "tags.")
         send_chunked(f"tcp://127.0.0.1:{port}", {"a": (payload, 4000), "b": (payload, 1684)}, RATE)
         listener.collect(until_quiet=1.0)
         listener.close()
         _, metrics = scrape(server)
-    scores = {(name, m["seq"]): m["scores"] for name in "ab" for m in listener.on(f"tags.{name}")}
+    in_order = {name: sorted(listener.on(f"tags.{name}"), key=lambda m: m["seq"]) for name in "ab"}
+    return in_order, metrics
+
+
+def serve_scores(engine_path, incremental: bool, payload: bytes) -> tuple[dict, str]:
+    messages, metrics = serve_messages(engine_path, payload, incremental=incremental)
+    scores = {(name, m["seq"]): m["scores"] for name, got in messages.items() for m in got}
     return scores, metrics
 
 
@@ -507,3 +517,133 @@ def test_incremental_false_turns_it_off_and_the_engine_table_says_what_to_write(
         "engine: the [engine] table is no longer read; write these top-level keys before the "
         'first table instead: engine = "fcn4.onnx", incremental = false'
     ]
+
+
+# -- aggregate = true: the step graph gives the song aggregator its embedding ---------------------
+@pytest.fixture(scope="module")
+def aggregated_fcn(tmp_path_factory):
+    from trainer.aggregate import write_untrained_aggregator
+
+    torch.manual_seed(0)
+    model = trained_looking(create_model("fcn4", 6, width=0.125, **SHORT_FCN))
+    folder = tmp_path_factory.mktemp("aggregated")
+    tags = [f"t{i}" for i in range(6)]
+    aggregator = write_untrained_aggregator(
+        folder / "aggregator.pt", model, tags, SHORT_HOP, hidden=16
+    )
+    path = folder / "short.onnx"
+    export_onnx(model, path, tags=tags, incremental_hops=(SHORT_HOP,), aggregator=aggregator)
+    return path
+
+
+def test_graphs_exported_with_an_aggregator_give_the_embedding_and_old_cards_stay(
+    aggregated_fcn, short_fcn
+):
+    import onnx
+
+    from tagd.card import CARD_METADATA_KEY, GRAPH_NAMES, CardError, ModelCard
+
+    card = read_card(aggregated_fcn)
+    graph = card.incremental.graph(SHORT_HOP)
+    assert graph.embedding and graph.outputs[-1] == GRAPH_NAMES.embedding
+    assert graph.max_abs_diff is not None and graph.max_abs_diff <= TOLERANCE
+    assert ModelCard.from_json(card.to_json()).to_json() == card.to_json()
+    # a card from before the embedding output: no key, loads, writes back byte for byte
+    text = next(
+        p.value for p in onnx.load(str(short_fcn)).metadata_props if p.key == CARD_METADATA_KEY
+    )
+    assert '"embedding"' not in text and not read_card(short_fcn).incremental.graphs[0].embedding
+    assert ModelCard.from_json(text).to_json() == text
+    broken = card.to_dict()
+    broken["incremental"]["graphs"][0]["embedding"] = "yes"
+    with pytest.raises(CardError, match=r"incremental.graphs\[0\].embedding is true or false"):
+        ModelCard.from_dict(broken)
+
+
+def one_pass_songs(path, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Full windows through the embedding graph, their songs through the aggregator in
+    one pass: each window's scores and song-so-far scores."""
+    from tagd.aggregate import AggregatorGraphs
+
+    card = read_card(path)
+    graphs = AggregatorGraphs(path, card, threads=1)
+    state = card.aggregator.initial_state(1)
+    scores, songs = [], []
+    for window in windows:
+        window_scores, embedding = graphs.embed(window[None])
+        song, state = graphs.step(embedding, state)
+        scores.append(window_scores[0])
+        songs.append(song[0])
+    return np.array(scores), np.array(songs)
+
+
+def test_aggregating_steps_take_the_embedding_from_the_step_and_restart_as_one_pass(
+    aggregated_fcn, monkeypatch
+):
+    """Windows of two streams interleaved, one with a gap, one restarted: each window's
+    scores and song scores equal full windows and one aggregator pass since the break,
+    and the embedding graph (a whole window's CNN) never runs."""
+    from tagd.aggregate import AggregatorGraphs, aggregating
+
+    card = read_card(aggregated_fcn)
+    counts = {INCREMENTAL: 0, FULL: 0}
+    runner = choose_scorer(
+        [load_engine(aggregated_fcn, intra_op_threads=1)], SHORT_HOP, on_updates=counter(counts)
+    )
+    assert isinstance(runner, IncrementalRunner) and runner.embeds
+    scorer = aggregating(runner, aggregated_fcn, card)
+    scorer.warmup((1, 2))
+    monkeypatch.setattr(AggregatorGraphs, "embed", lambda *_: pytest.fail("embedding graph ran"))
+
+    audio = make_music(5.0, RATE, seed=4)
+    windows = windows_of(audio, card.window_samples, SHORT_HOP).numpy()
+    n = len(windows)
+    keys_a = [WindowAt("a", 0, k * SHORT_HOP) for k in range(n) if k != 4]  # window 4 lost
+    keys_b = [WindowAt("b", 0 if k < 6 else 1, k * SHORT_HOP) for k in range(n)]  # restarted
+    got: dict[tuple[str, int], tuple[np.ndarray, dict]] = {}
+    order = [key for pair in zip(keys_a, keys_b, strict=False) for key in pair]
+    order += keys_b[len(keys_a) :]
+    for i in range(0, len(order), 2):  # batches of two: a's window beside b's
+        keys = order[i : i + 2]
+        batch = np.stack([windows[key.start // SHORT_HOP] for key in keys])
+        for key, scores in zip(keys, scorer.run(keys, batch), strict=True):
+            got[key.stream, key.start // SHORT_HOP] = scores, scorer.song(key)
+    monkeypatch.undo()
+
+    def check(stream: str, first: int, last: int) -> None:
+        scores, songs = one_pass_songs(aggregated_fcn, windows[first : last + 1])
+        for k in range(first, last + 1):
+            window_scores, song = got[stream, k]
+            assert song["windows"] == k - first + 1
+            np.testing.assert_allclose(window_scores, scores[k - first], atol=TOLERANCE)
+            published = [song["scores"][t] for t in card.tags]
+            np.testing.assert_allclose(published, songs[k - first], atol=TOLERANCE)
+
+    check("a", 0, 3)
+    check("a", 5, n - 1)
+    check("b", 0, 5)
+    check("b", 6, n - 1)
+    assert counts == {INCREMENTAL: 2 * n - 1 - 4, FULL: 4}  # 4 primes: 2 starts, 2 breaks
+
+
+def test_serve_with_aggregate_steps_songs_exactly_whatever_the_message_size(aggregated_fcn):
+    from support import reference_windows
+
+    from tagd.stream import StreamGeometry
+
+    card = read_card(aggregated_fcn)
+    audio = make_music(6.0, RATE, seed=12)
+    payload = s16le(np.stack([audio, audio], axis=1))
+    streams, metrics = serve_messages(aggregated_fcn, payload, aggregate=True)
+    geometry = StreamGeometry(RATE, card.window_samples, SHORT_HOP)
+    windows = np.stack([w.samples for w in reference_windows(payload, RATE, 2, geometry)])
+    scores, songs = one_pass_songs(aggregated_fcn, windows)
+    for messages in streams.values():
+        assert [m["song"]["windows"] for m in messages] == list(range(1, len(windows) + 1))
+        for k, message in enumerate(messages):
+            published = [message["scores"][t] for t in card.tags]
+            np.testing.assert_allclose(published, scores[k], atol=TOLERANCE + 1e-6)
+            song = [message["song"]["scores"][t] for t in card.tags]
+            np.testing.assert_allclose(song, songs[k], atol=TOLERANCE + 1e-6)
+    updates = metric_sample(metrics, "tagd_window_updates_total", mode="incremental")
+    assert updates == 2 * len(windows) - 2

@@ -166,7 +166,12 @@ def export_onnx(
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         card.incremental = export_incremental(
-            model, path, sorted({card.hop_samples, *incremental_hops}), opset=opset, check=check
+            model,
+            path,
+            sorted({card.hop_samples, *incremental_hops}),
+            opset=opset,
+            check=check,
+            embedding=aggregator is not None,
         )
         if aggregator is not None:
             from trainer.export_aggregator import export_aggregator  # it imports this module
@@ -252,13 +257,15 @@ def export_incremental(
     *,
     opset: int = DEFAULT_OPSET,
     check: bool = True,
+    embedding: bool = False,
 ) -> IncrementalSection:
     """Write the prime and step graphs for each hop that reuses a layer; the card's section
-    (empty for a family without incremental graphs)."""
+    (empty for a family without incremental graphs). With ``embedding`` (a model exported
+    with an aggregator) both graphs also give the window embedding, the aggregator's input."""
     time_strides: tuple[int, ...] = ()
     graphs = []
     for hop in hops:
-        built = model.incremental_graphs(hop)
+        built = model.incremental_graphs(hop, embedding)
         if built is None:
             log.info("hop %d samples reuses no layer of %s: no incremental graphs", hop, model.arch)
             continue
@@ -276,13 +283,14 @@ def export_incremental(
             reused_levels=built.reused_levels,
             step_macs=built.step_macs,
             full_macs=built.full_macs,
+            embedding=embedding,
         )
         wave = torch.from_numpy(
             probe_audio(PARITY_BATCH, model.window_samples + PARITY_HOPS * hop, model.sample_rate)
         )
         first = wave[:, : model.window_samples]
         with torch.no_grad():
-            states = built.prime(first)[1:]
+            states = built.prime(first)[1 : 1 + len(built.state_names)]  # not the embedding
         write_onnx(built.prime, (first,), prime_path, graph.prime_inputs, graph.outputs, opset)
         write_onnx(built.step, (first, *states), step_path, graph.step_inputs, graph.outputs, opset)
         if check:
@@ -303,7 +311,8 @@ def export_incremental(
 def check_incremental(
     model: TaggerModel, graph: HopGraphs, prime_path: Path, step_path: Path, wave: torch.Tensor
 ) -> float:
-    """Max abs difference of the ORT prime/step chain from PyTorch's full windows."""
+    """Max abs difference of the ORT prime/step chain from PyTorch's full windows: the
+    scores, and the embeddings (relative to their largest) where the graphs give them."""
     prime, step = (
         open_session(p, providers=["CPUExecutionProvider"]) for p in (prime_path, step_path)
     )
@@ -319,6 +328,11 @@ def check_incremental(
             scores, *states = step.run(graph.outputs, feeds)
         with torch.no_grad():
             expected = model(torch.from_numpy(window)).numpy()
+            if graph.embedding:
+                *states, embedding = states
+                expected_embedding = model.embed(torch.from_numpy(window)).numpy()
+                scale = max(1.0, float(np.max(np.abs(expected_embedding))))
+                worst = max(worst, float(np.max(np.abs(embedding - expected_embedding))) / scale)
         worst = max(worst, float(np.max(np.abs(scores - expected))))
     if not worst <= PARITY_TOLERANCE:
         raise ExportError(

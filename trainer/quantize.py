@@ -318,11 +318,12 @@ def quantize_hop(
     sources = incremental_paths(path, hop)
     prime_path, step_path = incremental_paths(out, hop)
     float_prime = open_session(sources[0], threads=0)
+    outputs = graph.outputs[: 1 + len(graph.state)]  # the scores and state, not an embedding
 
     def step_feeds() -> Iterator[dict[str, np.ndarray]]:
         for run in calibration():
             first = run[None, :size]
-            states = float_prime.run(graph.outputs, {GRAPH_NAMES.waveform: first})[1:]
+            states = float_prime.run(outputs, {GRAPH_NAMES.waveform: first})[1:]
             feeds = [run[None, hop : hop + size], *states]
             yield dict(zip(graph.step_inputs, feeds, strict=True))
 
@@ -335,10 +336,10 @@ def quantize_hop(
     for k in range(PARITY_HOPS + 1):
         window = window_stack(held_out, size, k * hop)
         if k == 0:
-            scores, *states = prime.run(graph.outputs, {GRAPH_NAMES.waveform: window})
+            scores, *states = prime.run(outputs, {GRAPH_NAMES.waveform: window})
         else:
             feeds = dict(zip(graph.step_inputs, [window, *states], strict=True))
-            scores, *states = step.run(graph.outputs, feeds)
+            scores, *states = step.run(outputs, feeds)
         full = int8_full.run([GRAPH_NAMES.scores], {GRAPH_NAMES.waveform: window})[0]
         worst = max(worst, float(np.abs(scores - full).max()))
     if not worst <= CHAIN_TOLERANCE:

@@ -79,6 +79,9 @@ class TritonPythonModel:
             str(folder / params["step"]), sess_options=options, providers=providers
         )
         self.waveform = self.prime.get_inputs()[0].name
+        # the scores and the state; graphs exported with an aggregator give the window
+        # embedding last, which no one asks of Triton
+        self.outputs = [o.name for o in self.step.get_outputs()][: 1 + len(self.state_inputs)]
         self.sequences: dict[int, _Sequence] = {}
 
     def execute(self, requests: list) -> list:
@@ -108,7 +111,7 @@ class TritonPythonModel:
                 self.sequences.pop(sequence, None)
         if primes:
             windows = np.stack([audio for _, _, audio in primes])
-            scores, *states = self.prime.run(None, {self.waveform: windows})
+            scores, *states = self.prime.run(self.outputs, {self.waveform: windows})
             self._keep(primes, windows, scores, states, responses, requests, now)
         if steps:
             kept = [self.sequences[sequence] for _, sequence, _ in steps]
@@ -121,7 +124,7 @@ class TritonPythonModel:
             feeds = {self.waveform: windows}
             for i, name in enumerate(self.state_inputs):
                 feeds[name] = np.stack([seq.states[i] for seq in kept])
-            scores, *states = self.step.run(None, feeds)
+            scores, *states = self.step.run(self.outputs, feeds)
             self._keep(steps, windows, scores, states, responses, requests, now)
         return responses
 

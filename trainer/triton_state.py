@@ -142,7 +142,9 @@ def _branch(model: onnx.ModelProto, prefix: str, outer: dict[str, str], name: st
         copy.output[:] = [rename(v) for v in node.output]
         nodes.append(copy)
     initializers = [copied(t, prefix + t.name) for t in model.graph.initializer]
-    outputs = [copied(o, prefix + o.name) for o in model.graph.output]
+    # the scores and state: Triton's sequence model gives no embedding (no song aggregator)
+    kept = [o for o in model.graph.output if o.name != GRAPH_NAMES.embedding]
+    outputs = [copied(o, prefix + o.name) for o in kept]
     return helper.make_graph(nodes, name, [], outputs, initializer=initializers)
 
 

@@ -146,7 +146,9 @@ class IncrementalEngine(abc.ABC):
     ``prime`` scores whole windows and returns the state each stream carries to its next
     window; ``step`` takes windows and the state of each one's previous window (exactly
     one hop earlier) and returns their scores and next state. States are float32 arrays
-    ``[batch, *shape]``, one per entry of ``state_shapes``, in that order.
+    ``[batch, *shape]``, one per entry of ``state_shapes``, in that order. Where the
+    graphs also give the window embedding (``embeds``: a model exported with an
+    aggregator), ``prime_and_embed`` and ``step_and_embed`` return it beside them.
     """
 
     def __init__(self, card: ModelCard, graph: HopGraphs):
@@ -158,16 +160,32 @@ class IncrementalEngine(abc.ABC):
         self.reused_levels: int = graph.reused_levels
         self.step_macs: int = graph.step_macs
         self.full_macs: int = graph.full_macs
+        self.embeds: bool = graph.embedding
 
-    @abc.abstractmethod
     def prime(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Scores ``[batch, n_tags]`` and next states of whole windows."""
+        scores, states, _ = self.prime_and_embed(batch)
+        return scores, states
 
-    @abc.abstractmethod
     def step(
         self, batch: np.ndarray, states: list[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Scores and next states of windows one hop after those ``states`` came from."""
+        scores, states, _ = self.step_and_embed(batch, states)
+        return scores, states
+
+    @abc.abstractmethod
+    def prime_and_embed(
+        self, batch: np.ndarray
+    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+        """``prime``'s scores and states, and the embeddings ``[batch, D]`` (None where
+        the graphs do not give them)."""
+
+    @abc.abstractmethod
+    def step_and_embed(
+        self, batch: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+        """``step``'s scores and states, and the embeddings (None as ``prime_and_embed``)."""
 
     def check_states(self, states: list[np.ndarray], batch: int) -> list[np.ndarray]:
         if len(states) != len(self.state_shapes):

@@ -227,16 +227,19 @@ class OnnxIncremental(IncrementalEngine):
                     f"{name}: inputs {found}, the card says {expected}; export the model again"
                 )
         self._step_inputs = graph.step_inputs
+        self._outputs = graph.outputs
 
-    def prime(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        scores, *states = self._prime.run(None, {GRAPH_NAMES.waveform: batch})
-        return scores, states
+    def prime_and_embed(self, batch: np.ndarray):
+        return self._split(self._prime.run(self._outputs, {GRAPH_NAMES.waveform: batch}))
 
-    def step(
-        self, batch: np.ndarray, states: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step_and_embed(self, batch: np.ndarray, states: list[np.ndarray]):
         feeds = dict(
             zip(self._step_inputs, [batch, *self.check_states(states, len(batch))], strict=True)
         )
-        scores, *states = self._step.run(None, feeds)
-        return scores, states
+        return self._split(self._step.run(self._outputs, feeds))
+
+    def _split(self, outputs: list[np.ndarray]):
+        """(scores, states, embeddings or None) of the graph's outputs, in the card's order."""
+        scores, *states = outputs
+        embeddings = states.pop() if self.embeds else None
+        return scores, states, embeddings

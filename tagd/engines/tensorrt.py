@@ -248,6 +248,8 @@ class TensorRTIncremental(IncrementalEngine):
         rows = {GRAPH_NAMES.waveform: (card.window_samples,), GRAPH_NAMES.scores: (card.n_tags,)}
         rows.update(zip(self._state_inputs, self.state_shapes, strict=True))
         rows.update(zip(self._state_outputs, self.state_shapes, strict=True))
+        if self.embeds and card.aggregator is not None:
+            rows[GRAPH_NAMES.embedding] = (card.aggregator.embedding_size,)
         for plan, inputs in ((prime, graph.prime_inputs), (step, graph.step_inputs)):
             expected = {name: rows[name] for name in inputs + graph.outputs}
             if plan.rows != expected:
@@ -257,20 +259,20 @@ class TensorRTIncremental(IncrementalEngine):
                     f"(a row each); compile the model again"
                 )
 
-    def prime(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    def prime_and_embed(self, batch: np.ndarray):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        return self._scores_and_states(self._prime.run({GRAPH_NAMES.waveform: batch}))
+        return self._split(self._prime.run({GRAPH_NAMES.waveform: batch}))
 
-    def step(
-        self, batch: np.ndarray, states: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step_and_embed(self, batch: np.ndarray, states: list[np.ndarray]):
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         feeds = {GRAPH_NAMES.waveform: batch}
         feeds.update(zip(self._state_inputs, self.check_states(states, len(batch)), strict=True))
-        return self._scores_and_states(self._step.run(feeds))
+        return self._split(self._step.run(feeds))
 
-    def _scores_and_states(self, outputs: dict[str, np.ndarray]):
-        return outputs[GRAPH_NAMES.scores], [outputs[name] for name in self._state_outputs]
+    def _split(self, outputs: dict[str, np.ndarray]):
+        """(scores, states, embeddings or None) of the plan's outputs by name."""
+        states = [outputs[name] for name in self._state_outputs]
+        return outputs[GRAPH_NAMES.scores], states, outputs.get(GRAPH_NAMES.embedding)
 
     def close(self) -> None:
         self._prime.close()

@@ -39,8 +39,8 @@ class IncrementalGraphs:
     """A model's incremental plan at one hop, as export writes it: the two modules and
     what the card says of them (tagd.card's ``HopGraphs``, ``IncrementalSection``)."""
 
-    prime: nn.Module  # waveform (B, window) → (scores, *state)
-    step: nn.Module  # waveform (B, window), *state → (scores, *next state)
+    prime: nn.Module  # waveform (B, window) → (scores, *state[, embedding])
+    step: nn.Module  # waveform (B, window), *state → (scores, *next state[, embedding])
     state_names: tuple[str, ...]  # one per state tensor, in order
     state_shapes: tuple[tuple[int, ...], ...]  # of one stream, without the batch axis
     time_strides: tuple[int, ...]  # samples per column of each level, hop or not
@@ -80,9 +80,12 @@ class TaggerModel(nn.Module):
         fields.pop("n_tags")
         return jsonable(fields)
 
-    def incremental_graphs(self, hop_samples: int) -> IncrementalGraphs | None:
+    def incremental_graphs(
+        self, hop_samples: int, embedding: bool = False
+    ) -> IncrementalGraphs | None:
         """The prime and step modules that score windows ``hop_samples`` apart from the
-        last window's state, exactly as ``forward``; None when this family has none or
+        last window's state, exactly as ``forward`` (with ``embedding``, each also gives
+        the window's ``embed`` as its last output); None when this family has none or
         the hop lets nothing be reused. The families that have them override this."""
         return None
 

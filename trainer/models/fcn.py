@@ -141,10 +141,12 @@ class FCN(TaggerModel):
             maps.append(x)
         return maps
 
-    def incremental_graphs(self, hop_samples: int) -> IncrementalGraphs | None:
+    def incremental_graphs(
+        self, hop_samples: int, embedding: bool = False
+    ) -> IncrementalGraphs | None:
         """Every layer is local in time: the levels a hop shifts by whole columns are
         reused (trainer.models.incremental has the plan)."""
-        return incremental_graphs(self, hop_samples)
+        return incremental_graphs(self, hop_samples, embedding)
 
     def embed(self, wave: torch.Tensor) -> torch.Tensor:
         x = self.feature_maps(wave)[-1]  # (B, C, 1, 1) for the paper presets

@@ -30,7 +30,9 @@ one's state:
 window's state → scores and the next state) are the two graphs `tagd-train export`
 writes beside the model (``FCN.incremental_graphs`` gives them with the plan's figures);
 their scores equal the full network's to float rounding (tests/test_incremental.py
-checks ≤ 1e-4 over many hops for every preset).
+checks ≤ 1e-4 over many hops for every preset). Exported with an aggregator, both also
+give the window's embedding (``FCN.embed``, the head's input, which they compute anyway)
+as their last output, so a song's aggregator steps without a second CNN.
 """
 
 from __future__ import annotations
@@ -289,21 +291,24 @@ def _planned(config, levels, hop_samples, hop_frames, top, stored, above) -> Inc
 class _Incremental(nn.Module):
     """What FCNPrime and FCNStep share: the model's layers and the plan."""
 
-    def __init__(self, model: FCN, plan: IncrementalPlan):
+    def __init__(self, model: FCN, plan: IncrementalPlan, embedding: bool = False):
         super().__init__()
         self.model = model
         self.plan = plan
+        self.embedding = embedding  # the embedding as the last output too
         self.state_names = [plan.levels[i].name for i in plan.stored]
 
-    def _finish(self, top_map: torch.Tensor) -> torch.Tensor:
-        """Scores from the deepest stored level's whole map, as FCN.forward ends."""
+    def _outputs(self, top_map: torch.Tensor, states: list[torch.Tensor]) -> tuple:
+        """(scores, *states[, embedding]) from the deepest stored level's whole map, the
+        scores as FCN.forward ends."""
         x = top_map  # (B, C, H, W)
         for block in self.model.blocks[self.plan.top :]:
             x = block(x)
         for layer in self.model.extra:
             x = layer(x)
-        x = torch.amax(x, dim=(2, 3))  # (B, C)
-        return torch.sigmoid(self.model.head(x))  # (B, n_tags)
+        embedding = torch.amax(x, dim=(2, 3))  # (B, C): FCN.embed
+        scores = torch.sigmoid(self.model.head(embedding))  # (B, n_tags)
+        return (scores, *states, embedding) if self.embedding else (scores, *states)
 
 
 class FCNPrime(_Incremental):
@@ -320,7 +325,7 @@ class FCNPrime(_Incremental):
         for index in self.plan.stored:
             lv = self.plan.levels[index]
             states.append(maps[index][..., lv.first_global : lv.last_global + 1])
-        return (self._finish(maps[self.plan.top]), *states)
+        return self._outputs(maps[self.plan.top], states)
 
 
 class FCNStep(_Incremental):
@@ -345,7 +350,7 @@ class FCNStep(_Incremental):
                 next_states.append(state)  # (B, C, H, global columns)
                 pieces[index].append((lv.first_global, lv.last_global + 1, state))
         top = self._columns(pieces[plan.top], 0, plan.levels[plan.top].columns)
-        return (self._finish(top), *next_states)
+        return self._outputs(top, next_states)
 
     def _compute(self, index: int, lo: int, hi: int, wave: torch.Tensor, pieces) -> torch.Tensor:
         """Columns [lo, hi) of level ``index`` from the level below (or the samples)."""
@@ -384,14 +389,18 @@ class FCNStep(_Incremental):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def incremental_graphs(model: FCN, hop_samples: int) -> IncrementalGraphs | None:
+def incremental_graphs(
+    model: FCN, hop_samples: int, embedding: bool = False
+) -> IncrementalGraphs | None:
     """The prime and step modules of ``model`` at ``hop_samples`` with what the card says
-    of them; None when nothing reuses."""
+    of them (with ``embedding``, the window's embedding as their last output); None when
+    nothing reuses."""
     plan = model_plan(model, hop_samples)
     if plan is None:
         return None
     # in inference mode whatever the model's: BatchNorm must use its running statistics
-    prime, step = FCNPrime(model, plan).eval(), FCNStep(model, plan).eval()
+    prime = FCNPrime(model, plan, embedding).eval()
+    step = FCNStep(model, plan, embedding).eval()
     return IncrementalGraphs(
         prime=prime,
         step=step,
