@@ -49,9 +49,17 @@ SONGS_KEPT_PER_STREAM = 64
 
 
 class AggregatorGraphs:
-    """The embedding and aggregator graphs beside ``model_path``, on ONNX Runtime."""
+    """The embedding and aggregator graphs beside ``model_path``, on ONNX Runtime; without
+    ``embedding_graph`` only the aggregator's is loaded (the incremental graphs give the
+    embeddings: no second copy of the CNN's weights in memory)."""
 
-    def __init__(self, model_path: str | Path, card: ModelCard, threads: int | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        card: ModelCard,
+        threads: int | None = None,
+        embedding_graph: bool = True,
+    ):
         section = card.aggregator
         if section is None:
             raise EngineError(
@@ -68,10 +76,12 @@ class AggregatorGraphs:
                 )
         self.card = card
         self.section: AggregatorSection = section
-        self._embed, self._step = (
+        sessions = [
             open_session(path, threads=threads, providers=["CPUExecutionProvider"])
-            for path in paths
-        )
+            for path in (paths if embedding_graph else paths[1:])
+        ]
+        self._embed = sessions[0] if embedding_graph else None
+        self._step = sessions[-1]
 
     @property
     def hop_samples(self) -> int:
@@ -79,6 +89,8 @@ class AggregatorGraphs:
 
     def embed(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Waveforms (B, window_samples) → window scores (B, n_tags), embeddings (B, D)."""
+        if self._embed is None:
+            raise EngineError("the embedding graph was not loaded (embedding_graph=False)")
         feeds = {GRAPH_NAMES.waveform: np.ascontiguousarray(windows, dtype=np.float32)}
         scores, embeddings = self._embed.run([GRAPH_NAMES.scores, GRAPH_NAMES.embedding], feeds)
         return scores, embeddings
@@ -301,11 +313,15 @@ def aggregating(inner: Scorer, model_path: str | Path, card: ModelCard) -> Aggre
     problem = serve_problem(card, inner.hop_samples)
     if problem:
         raise EngineError(problem)
-    if isinstance(inner, IncrementalRunner) and not inner.embeds:
+    incremental = isinstance(inner, IncrementalRunner)
+    if incremental and not inner.embeds:
         log.info(
             "the incremental graphs give no window embedding: the embedding graph runs beside "
             "each step, a whole window's CNN more a hop; export the model again with "
             "`tagd-train export CKPT --aggregator RUN/aggregator.pt` to step the song for the "
             "price of its aggregator"
         )
-    return AggregatingScorer(inner, AggregatorGraphs(model_path, card))
+    embedding_graph = not (incremental and inner.embeds)
+    return AggregatingScorer(
+        inner, AggregatorGraphs(model_path, card, embedding_graph=embedding_graph)
+    )

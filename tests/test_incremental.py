@@ -626,6 +626,51 @@ def test_aggregating_steps_take_the_embedding_from_the_step_and_restart_as_one_p
     assert counts == {INCREMENTAL: 2 * n - 1 - 4, FULL: 4}  # 4 primes: 2 starts, 2 breaks
 
 
+def test_graphs_exported_without_the_embedding_still_aggregate_with_the_embedding_graph(
+    aggregated_fcn, tmp_path, caplog
+):
+    """An export from before the embedding output (incremental graphs without it, the
+    aggregator's graphs beside): the embedding graph runs beside each step, the scores
+    and songs are the same, and the start-up log says to export again."""
+    import shutil
+
+    import onnx
+
+    from tagd.aggregate import aggregating
+    from tagd.card import CARD_METADATA_KEY
+    from trainer.export import export_incremental
+
+    for found in aggregated_fcn.parent.glob("short*.onnx"):
+        shutil.copy(found, tmp_path / found.name)
+    path = tmp_path / aggregated_fcn.name
+    torch.manual_seed(0)  # the model aggregated_fcn exported
+    model = trained_looking(create_model("fcn4", 6, width=0.125, **SHORT_FCN))
+    card = read_card(path)
+    card.incremental = export_incremental(model, path, [SHORT_HOP])
+    proto = onnx.load(str(path))
+    next(p for p in proto.metadata_props if p.key == CARD_METADATA_KEY).value = card.to_json()
+    onnx.save(proto, str(path))
+    assert not read_card(path).incremental.graph(SHORT_HOP).embedding
+
+    runner = choose_scorer([load_engine(path, intra_op_threads=1)], SHORT_HOP)
+    with caplog.at_level("INFO", logger="tagd.aggregate"):
+        scorer = aggregating(runner, path, card)
+    assert "export the model again" in caplog.text
+    assert "and the embedding graph" in scorer.describe()
+    audio = make_music(4.0, RATE, seed=8)
+    windows = windows_of(audio, card.window_samples, SHORT_HOP).numpy()
+    keys = [WindowAt("s", 0, k * SHORT_HOP) for k in range(len(windows))]
+    got = [
+        (scorer.run([key], window[None])[0], scorer.song(key))
+        for key, window in zip(keys, windows, strict=True)
+    ]
+    scores, songs = one_pass_songs(aggregated_fcn, windows)
+    for k, (window_scores, song) in enumerate(got):
+        np.testing.assert_allclose(window_scores, scores[k], atol=TOLERANCE)
+        published = [song["scores"][t] for t in card.tags]
+        np.testing.assert_allclose(published, songs[k], atol=TOLERANCE)
+
+
 def test_serve_with_aggregate_steps_songs_exactly_whatever_the_message_size(aggregated_fcn):
     from support import reference_windows
 
