@@ -406,6 +406,11 @@ class ModelCard:
             problems.append(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
+        if self.aggregator is None and any(g.embedding for g in self.incremental.graphs):
+            problems.append(
+                "incremental graphs give an embedding but the card has no aggregator section "
+                "to say its size"
+            )
         if problems:
             raise CardError("invalid model card: " + "; ".join(problems))
 

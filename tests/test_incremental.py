@@ -558,6 +558,9 @@ def test_graphs_exported_with_an_aggregator_give_the_embedding_and_old_cards_sta
     broken["incremental"]["graphs"][0]["embedding"] = "yes"
     with pytest.raises(CardError, match=r"incremental.graphs\[0\].embedding is true or false"):
         ModelCard.from_dict(broken)
+    without = {k: v for k, v in card.to_dict().items() if k != "aggregator"}
+    with pytest.raises(CardError, match="give an embedding but the card has no aggregator"):
+        ModelCard.from_dict(without)
 
 
 def one_pass_songs(path, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

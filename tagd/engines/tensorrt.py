@@ -248,7 +248,7 @@ class TensorRTIncremental(IncrementalEngine):
         rows = {GRAPH_NAMES.waveform: (card.window_samples,), GRAPH_NAMES.scores: (card.n_tags,)}
         rows.update(zip(self._state_inputs, self.state_shapes, strict=True))
         rows.update(zip(self._state_outputs, self.state_shapes, strict=True))
-        if self.embeds and card.aggregator is not None:
+        if self.embeds:  # the card has an aggregator then (ModelCard.validate)
             rows[GRAPH_NAMES.embedding] = (card.aggregator.embedding_size,)
         for plan, inputs in ((prime, graph.prime_inputs), (step, graph.step_inputs)):
             expected = {name: rows[name] for name in inputs + graph.outputs}
