@@ -38,7 +38,6 @@ import argparse
 import atexit
 import json
 import logging
-import platform
 import shutil
 import tempfile
 import time
@@ -47,6 +46,7 @@ from pathlib import Path
 import librosa
 import numpy as np
 import torch
+from machine import cpu  # bench/machine.py
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -69,13 +69,6 @@ from trainer.data.dataset import (
 )
 
 N_MFCC = 20
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def two_part_songs(root: Path, out: Path, seed: int) -> Path:
@@ -176,7 +169,7 @@ def main() -> None:
     data = PreparedData(args.data)
     splits = {s: data.indices(s) for s in ("train", "valid", "test")}
     print(
-        f"CPU: {cpu_name()}; {cnn.arch} ({args.checkpoint}), embedding {cnn.embedding_size}, "
+        f"CPU: {cpu()}; {cnn.arch} ({args.checkpoint}), embedding {cnn.embedding_size}, "
         f"windows {cnn.window_samples / cnn.sample_rate:.2f} s at hop {hop / cnn.sample_rate:.2f} s",
         flush=True,
     )

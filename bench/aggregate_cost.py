@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu  # bench/machine.py
 
 from tagd.aggregate import AggregatingScorer, AggregatorGraphs, SongChains
 from tagd.card import read_card
@@ -48,13 +48,6 @@ from trainer.export import export_onnx, probe_audio
 from trainer.models import create_model
 
 MODEL = "fcn4"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def export(folder: Path) -> Path:
@@ -83,7 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="updates timed per row")
     args = parser.parse_args()
     print(
-        f"CPU: {cpu_name()}, {os.cpu_count()} CPUs seen; load average "
+        f"CPU: {cpu()}, {os.cpu_count()} CPUs seen; load average "
         f"{os.getloadavg()[0]:.2f} (shared with other work: compare rows of one run only)",
         flush=True,
     )

@@ -12,7 +12,6 @@ Not a test: the figures belong to the machine and the disk it ran on.
 
 from __future__ import annotations
 
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -20,19 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu  # bench/machine.py
 from prometheus_client import CollectorRegistry
 
 from tagd.asrun import AsRunLog, Record, read_records
 from tagd.metrics import Metrics
 
 T0 = 1.7e9
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def quantiles(values: list[float], scale: float) -> str:
@@ -44,7 +37,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="tagd-asrun-bench-"))
     metrics = Metrics(CollectorRegistry())
     one = [Record("radio1", "speech", T0, T0 + 30, 0.8, 0.95, 12, "off")]
-    print(f"CPU: {cpu_name()}; SQLite {sqlite3.sqlite_version}")
+    print(f"CPU: {cpu()}; SQLite {sqlite3.sqlite_version}")
 
     asrun = AsRunLog(folder / "put.db", metrics)
     asrun.start()

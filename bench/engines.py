@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu  # bench/machine.py
 from torch.utils.flop_counter import FlopCounterMode
 
 from tagd.card import GRAPH_NAMES
@@ -106,10 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    )
+    print(f"machine: {cpu()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     # other processes on a small machine skew every figure: say how busy it was
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     peak = sgemm_gflops()

@@ -55,7 +55,6 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -67,6 +66,7 @@ import numpy as np
 import torch
 from engines import window_flops  # bench/engines.py
 from harness import IDLE_STREAMS, MAX_STREAMS, RunResult, idle_rss, run_daemon, warmup_s
+from machine import cpu  # bench/machine.py
 from torch.utils.flop_counter import FlopCounterMode
 
 from tagd.card import read_card
@@ -692,7 +692,7 @@ def main() -> None:
         models.append(SERVED_MODEL)  # the daemon serves it, and its search starts from it
 
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"machine: {cpu()}; "
         f"ONNX Runtime on CPU; load average {os.getloadavg()[0]:.2f} (other processes share "
         f"these CPUs: compare figures of one run only)",
         flush=True,

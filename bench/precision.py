@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from incremental import THREADS, alternating_medians, progress  # bench/incremental.py
+from machine import cpu  # bench/machine.py
 
 from tagd.engines import load_engine
 from tagd.windowing import clip_windows
@@ -52,24 +51,6 @@ from trainer.quantize import DEFAULT_WINDOWS, quantize_model
 SPEEDUP_RULE = 1.4
 AUC_RULE = 0.005
 SPEED_CALIBRATION_WINDOWS = 16  # random weights: the ranges change no cost
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def cpu() -> str:
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    present = [flag for flag in CPU_FLAGS if flag in flags]
-    return (
-        f"{name}, {os.cpu_count()} cores; {' '.join(present) or 'none of ' + ' '.join(CPU_FLAGS)}"
-    )
 
 
 # -- 1. speed ------------------------------------------------------------------------------------

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -50,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # support: free ports
 
+from machine import cpu  # noqa: E402  (bench/machine.py)
 from support import free_port  # noqa: E402
 
 from tagd.engines import backend_of  # noqa: E402
@@ -290,15 +289,6 @@ def peak_rss_and_time(command: list[str]) -> tuple[float, float]:
     return float(rss_kb) / 1024, float(seconds)
 
 
-def cpu_name() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")]
-        return f"{names[0]}, {os.cpu_count()} CPUs" if names else platform.processor()
-    except OSError:
-        return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", type=Path, required=True, help="a model with a speech tag")
@@ -320,7 +310,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="long file: runs of each")
     args = parser.parse_args()
 
-    print(f"CPU: {cpu_name()}; model {args.engine}; hop {args.hop or 'the card'}'s")
+    print(f"CPU: {cpu()}; model {args.engine}; hop {args.hop or 'the card'}'s")
     with tempfile.TemporaryDirectory(prefix="tagd-timeline-") as tmp:
         folder = Path(tmp)
         programme = folder / "programme.wav"

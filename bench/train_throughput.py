@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
+from machine import cpu  # bench/machine.py
 from torch import nn
 
 from trainer.models import create_model, list_models
@@ -132,9 +132,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         where = torch.cuda.get_device_name(device)
     else:
-        where = (
-            f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        )
+        where = f"CPU {cpu()}, {torch.get_num_threads()} threads"
     amp = autocast_dtype(args.precision, device)
     print(
         f"# {where}; torch {torch.__version__}; batch {args.batch}; best of {args.repeats} x {args.steps} steps; "

@@ -34,8 +34,6 @@ was; only the ratios of one run compare.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import tempfile
 import time
@@ -43,6 +41,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from machine import cpu  # bench/machine.py
 from prometheus_client import CollectorRegistry
 
 from tagd.card import GRAPH_NAMES, read_card
@@ -56,16 +55,6 @@ from trainer.triton_local import LocalTriton
 from trainer.triton_repo import write_repository
 
 TRITON_BATCH = 8  # tagd serve's max_batch for triton:// (ACCELERATOR_MAX_BATCH)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
 
 
 def exported_model(folder: Path) -> Path:
@@ -228,7 +217,7 @@ def main() -> None:
     parser.add_argument("--hops", type=int, default=6)
     parser.add_argument("--batch", type=int, default=TRITON_BATCH)
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}")
+    print(f"CPU: {cpu()}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = args.model or exported_model(folder)

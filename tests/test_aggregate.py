@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -560,10 +561,14 @@ def test_bench_two_part_songs_join_clips_and_their_labels(prepared, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "aggregate.py"
-    spec = importlib.util.spec_from_file_location("bench_aggregate", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(folder))  # its import of bench/machine.py
+    try:
+        spec = importlib.util.spec_from_file_location("bench_aggregate", folder / "aggregate.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(folder))
 
     songs = PreparedData(bench.two_part_songs(prepared.root, tmp_path / "two", seed=0))
     assert len(songs.clips) == len(prepared.clips) and songs.tags == prepared.tags
