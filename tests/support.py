@@ -63,6 +63,25 @@ def fcn4_card(tags: list[str]) -> ModelCard:
     )
 
 
+def load_bench(name: str):
+    """bench/NAME.py as a module. bench/ is on sys.path only while it loads (its imports of
+    harness, engines, machine …); while there its file names are top-level modules, so none
+    may be a package's name (a bench/triton.py made torch, which probes for OpenAI's
+    triton, fail in every later test)."""
+    import importlib.util
+
+    folder = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", f"{folder}/{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

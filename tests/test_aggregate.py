@@ -5,12 +5,12 @@ from __future__ import annotations
 import collections
 import csv
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from support import load_bench
 from trainer_support import N_TAGS, TINY, TINY_RATE, one_torch_thread, synthetic_prepared
 
 from trainer.aggregate import (
@@ -558,17 +558,7 @@ def test_bench_two_part_songs_join_clips_and_their_labels(prepared, tmp_path):
     """bench/aggregate.py --two-part: each song is two clips of one split back to back;
     a tag is present where either part has it, unknown where neither has it and one
     does not know it."""
-    import importlib.util
-    from pathlib import Path
-
-    folder = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(folder))  # its import of bench/machine.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_aggregate", folder / "aggregate.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(folder))
+    bench = load_bench("aggregate")
 
     songs = PreparedData(bench.two_part_songs(prepared.root, tmp_path / "two", seed=0))
     assert len(songs.clips) == len(prepared.clips) and songs.tags == prepared.tags

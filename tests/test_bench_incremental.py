@@ -6,30 +6,14 @@ either side in a few of them; here a threshold stands in for the daemon.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from support import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("torch")
-    # its imports of harness and engines; while bench/ is on the path its file names are
-    # top-level modules, so none may be a package's name (a bench/triton.py made torch,
-    # which probes for OpenAI's triton, fail in every later test)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_incremental", BENCH / "incremental.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look themselves up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_bench("incremental")
 
 
 def search(bench, start: int, threshold: int, runs: int = 12, most: int = 1024):

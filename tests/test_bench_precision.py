@@ -3,27 +3,15 @@ and a macro ROC-AUC within 0.005, per graph and thread count."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from support import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime.quantization")
-    sys.path.insert(0, str(BENCH))  # its import of bench/incremental.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_precision", BENCH / "precision.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_bench("precision")
 
 
 def speed(full_int8: float, step_int8: float) -> dict:
