@@ -27,6 +27,7 @@ Beside them, in the same run on the same clips:
 
     python bench/quality.py                        # 400 clips, 25 epochs, fcn5 + samplecnn
     python bench/quality.py --clips 120 --epochs 2 --models fcn5   # a quick look
+    python bench/quality.py --models fcn5 --turns 0.5 --runs runs-turns --no-baseline --no-reference
 
 Not part of the test run (about an hour on two cores at the defaults). Figures are
 for this machine and this run; docs/training.md has the table and the command.
@@ -173,8 +174,15 @@ def row(
 
 
 def default_recipe(
-    model_name: str, width: float, data: PreparedData, out: Path, epochs: int
+    model_name: str,
+    width: float,
+    data: PreparedData,
+    out: Path,
+    epochs: int,
+    turns: float | None = None,
 ) -> dict:
+    """``model_name`` trained with its default recipe (``turns``: the one option given
+    beside it, None for the recipe's), scored on the set's test split."""
     started = time.monotonic()
     result = train(
         TrainConfig(
@@ -183,6 +191,7 @@ def default_recipe(
             model=model_name,
             hparams={"width": width},
             epochs=epochs,
+            turns=turns,
             progress=False,
             tensorboard=False,
         )
@@ -294,6 +303,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["fcn5", "samplecnn"])
     parser.add_argument("--no-reference", action="store_true", help="skip the minimal loop")
     parser.add_argument("--no-baseline", action="store_true", help="skip FCN-5 on the old set")
+    parser.add_argument(
+        "--turns",
+        type=float,
+        default=None,
+        help="the models' --turns (share of two-clip training windows) [the recipe's]",
+    )
+    parser.add_argument(
+        "--runs", default="runs", help="trained models go to DATA/RUNS/<model> [runs]"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -337,15 +355,20 @@ def main() -> None:
     for name in args.models:
         data, *others = sets_at(create_model(name).sample_rate)
         print(
-            f"training {name} width {args.width}, {args.epochs} epochs, default recipe ...",
+            f"training {name} width {args.width}, {args.epochs} epochs, default recipe"
+            f"{'' if args.turns is None else f', turns {args.turns}'} ...",
             flush=True,
         )
-        result = default_recipe(name, args.width, data, args.data / "runs", args.epochs)
+        result = default_recipe(
+            name, args.width, data, args.data / args.runs, args.epochs, args.turns
+        )
         results.append(result | held_out(result["checkpoint"], *others))
     data, clean, *others = sets_at(12_000)
     if not args.no_baseline:
         print("training the baseline: fcn5 on the set as rendered before ...", flush=True)
-        result = default_recipe("fcn5", args.width, clean, args.data / "runs-baseline", args.epochs)
+        result = default_recipe(
+            "fcn5", args.width, clean, args.data / f"{args.runs}-baseline", args.epochs, args.turns
+        )
         result["model"] = (
             "baseline: fcn5 (default recipe) trained on FluidR3 only, no chain, no recordings"
         )

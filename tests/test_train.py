@@ -205,6 +205,21 @@ def test_a_small_training_set_shows_each_clip_more_than_once_an_epoch(prepared):
             crops_per_clip(1, prepared, train_idx, window, min_examples=bad)
 
 
+def test_a_run_with_turns_trains_on_them_and_records_them(prepared, tmp_path):
+    result = train(tiny_config(prepared, tmp_path / "turns", turns=0.5))
+    config = json.loads((tmp_path / "turns" / "config.json").read_text())
+    assert config["turns"] == 0.5 and config["resolved"]["turns"] == 0.5
+    assert load_checkpoint(result.best_path)["config"]["turns"] == 0.5
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)
+    plain = train(tiny_config(prepared, tmp_path / "plain"))
+    # the same seed, windows and order: only the turns differ, and so does what it learnt
+    assert [row["train_loss"] for row in result.history] != [
+        row["train_loss"] for row in plain.history
+    ]
+    with pytest.raises(ValueError, match="turns is a probability"):
+        train(tiny_config(prepared, tmp_path / "bad", turns=2.0))
+
+
 def test_mixed_precision_only_where_it_is_safe():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("bf16", cpu) is None
@@ -290,6 +305,7 @@ def test_every_recipe_override_reaches_the_resolved_run():
         crop="loop",
         crops_per_clip=3,
         min_epoch_examples=0,
+        turns=0.5,
     )
     resolved = TrainConfig(data="d", out="o", recipe="fcn", **overrides).resolved()
     assert {key: resolved[key] for key in overrides} == overrides

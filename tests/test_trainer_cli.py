@@ -524,6 +524,7 @@ def test_every_training_option_reaches_the_config_by_its_flag(tmp_path, monkeypa
         "--crops-per-clip": ("crops_per_clip", "cover", "cover"),
         "--min-epoch-examples": ("min_epoch_examples", "0", 0),
         "--crop": ("crop", "loop", "loop"),
+        "--turns": ("turns", "0.5", 0.5),
         "--seed": ("seed", "4", 4),
         "--precision": ("precision", "bf16", "bf16"),
         "--device": ("device", "cpu", "cpu"),

@@ -50,6 +50,10 @@ class Recipe:
     # than once an epoch (at a new random window each time), so that 25 epochs of a few
     # hundred clips are enough optimiser steps. 0: no minimum.
     min_epoch_examples: int = 0
+    # The share of training windows that are turns: two clips joined at a random point,
+    # each tag's target the share of the window its clip holds (trainer.train.CropDataset),
+    # so that a window's score follows how much of it a tag fills. 0: whole-clip windows.
+    turns: float = 0.0
     # Values for the model's hyper-parameters that the recipe is measured with; what the
     # user passes with --hparam wins.
     model_hparams: tuple[tuple[str, Any], ...] = ()
@@ -207,6 +211,13 @@ class TrainConfig:
         "end); override the recipe's.",
         default=None,
         choices=CROPS,
+    )
+    turns: float | None = option(
+        "Probability that a training window is a turn: two clips joined at a random point, "
+        "each tag's target its clip's share of the window (so that scores follow how much "
+        "of a window a tag fills, for timelines); default: the recipe's.",
+        default=None,
+        metavar="P",
     )
     # How the run goes.
     seed: int = option(

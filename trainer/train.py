@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from trainer.data.dataset import DataError, PreparedData, crop, looped_crop, random_starts
+from trainer.data.dataset import DataError, PreparedData, crop, looped_crop
 from trainer.evaluate import (
     bce,
     choose_thresholds,
@@ -89,6 +89,10 @@ class TrainResult:
 
 
 # -- data -----------------------------------------------------------------------------------------
+TURN_CROSSFADE_SECONDS = 0.025  # the join of a turn window: short enough not to blur its share
+TURN_STREAM = 1  # the turns' generator is (seed, epoch, TURN_STREAM): plain windows stay as before
+
+
 class CropDataset(Dataset):
     """Training examples: one random window per clip per visit, label = the clip's tags.
 
@@ -96,6 +100,16 @@ class CropDataset(Dataset):
     resumed run cuts the same windows, whatever the number of loader workers. With
     ``loop``, a window may start anywhere and wrap around the clip's end
     (``looped_crop``); else it lies inside the clip, zero-padded past a short one.
+
+    With ``turns`` (a probability), that share of the windows is a turn instead: the
+    clip's audio up to a random join, then another random training clip's, crossfaded
+    over ``TURN_CROSSFADE_SECONDS`` centred on the join, and each tag's target the
+    share-weighted mix ``f * y_a + (1 - f) * y_b`` (f: the first clip's share of the
+    window, exact under the symmetric fade). A tag either clip leaves unknown is unknown
+    (NaN). Whole-clip labels teach a window's score to saturate once a tag fills part of
+    it; turns teach it to follow the share, which is what places a segment's edge
+    (docs/timeline.md). Turns are drawn from a generator of their own, ``(seed, epoch,
+    TURN_STREAM)``, so the plain windows are those of a run without turns.
     """
 
     def __init__(
@@ -106,34 +120,73 @@ class CropDataset(Dataset):
         crops_per_clip: int,
         seed: int,
         loop: bool = False,
+        turns: float = 0.0,
     ):
+        if not 0.0 <= turns <= 1.0:
+            raise ValueError(f"turns is a probability from 0 to 1, got {turns!r}")
         self.data = data
         self.indices = indices
         self.window_samples = window_samples
         self.crops_per_clip = crops_per_clip
         self.seed = seed
         self.loop = loop
+        self.turns = turns
+        self.half_fade = max(1, round(TURN_CROSSFADE_SECONDS * data.sample_rate / 2))
         self.lengths = np.array([data.clips[i].length for i in indices])
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         rng = np.random.default_rng([self.seed, epoch])
         lengths = np.tile(self.lengths, self.crops_per_clip)
+        self.starts = self._starts(lengths, self.window_samples, rng.random(len(lengths)))
+        # A turn: the item's clip for `join` samples (and half the fade past them), then
+        # clip `partner`'s; partner -1 is a plain window.
+        rng = np.random.default_rng([self.seed, epoch, TURN_STREAM])
+        n, fade = len(lengths), self.half_fade
+        turned = rng.random(n) < self.turns
+        self.partner = np.where(turned, rng.integers(len(self.indices), size=n), -1)
+        self.join = rng.integers(fade, self.window_samples - fade, size=n, endpoint=True)
+        first, second = self.join + fade, self.window_samples - self.join + fade
+        self.first_starts = self._starts(lengths, first, rng.random(n))
+        partner_lengths = self.lengths[np.maximum(self.partner, 0)]
+        self.second_starts = self._starts(partner_lengths, second, rng.random(n))
+
+    def _starts(self, lengths: np.ndarray, pieces, draws: np.ndarray) -> np.ndarray:
+        """Uniform starts (``draws`` in [0, 1)) of pieces of ``pieces`` samples."""
         if self.loop:
-            self.starts = np.floor(
-                rng.random(len(lengths)) * np.maximum(lengths, self.window_samples)
-            ).astype(np.int64)
-        else:
-            self.starts = random_starts(lengths, self.window_samples, rng)
+            return np.floor(draws * np.maximum(lengths, pieces)).astype(np.int64)
+        room = np.maximum(lengths - pieces, 0)
+        return np.floor(draws * (room + 1)).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.indices) * self.crops_per_clip
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
         clip = self.indices[item % len(self.indices)]
-        cut = looped_crop if self.loop else crop
-        window = cut(self.data.audio(clip), int(self.starts[item]), self.window_samples)
+        if self.partner[item] >= 0:
+            return self._turn(item, clip, self.indices[self.partner[item]])
+        window = self._cut(clip, int(self.starts[item]), self.window_samples)
         return torch.from_numpy(window), torch.from_numpy(self.data.labels(clip))
+
+    def _cut(self, clip: int, start: int, samples: int) -> np.ndarray:
+        cut = looped_crop if self.loop else crop
+        return cut(self.data.audio(clip), start, samples)
+
+    def _turn(self, item: int, first: int, second: int) -> tuple[torch.Tensor, torch.Tensor]:
+        join, fade = int(self.join[item]), self.half_fade
+        head = self._cut(first, int(self.first_starts[item]), join + fade)
+        tail = self._cut(second, int(self.second_starts[item]), self.window_samples - join + fade)
+        rise = (np.arange(2 * fade, dtype=np.float32) + 0.5) / (2 * fade)  # sums to `fade`
+        window = np.concatenate(
+            [
+                head[: join - fade],
+                head[join - fade :] * (1 - rise) + tail[: 2 * fade] * rise,
+                tail[2 * fade :],
+            ]
+        )  # (window_samples,)
+        share = join / self.window_samples
+        target = share * self.data.labels(first) + (1 - share) * self.data.labels(second)
+        return torch.from_numpy(window), torch.from_numpy(target.astype(np.float32))
 
 
 def crops_per_clip(
@@ -410,6 +463,8 @@ def check_recipe(recipe: dict[str, Any]) -> None:
     for key, known in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("crop", CROPS)):
         if recipe[key] not in known:
             raise ValueError(f"{key} must be {' or '.join(known)}, got {recipe[key]!r}")
+    if not 0.0 <= recipe["turns"] <= 1.0:
+        raise ValueError(f"turns is a probability from 0 to 1, got {recipe['turns']!r}")
 
 
 def training_splits(data: PreparedData, model: TaggerModel) -> tuple[list[int], list[int]]:
@@ -499,7 +554,13 @@ def training_loader(
         recipe["crops_per_clip"], data, train_idx, window_samples, recipe["min_epoch_examples"]
     )
     examples = CropDataset(
-        data, train_idx, window_samples, crops, config.seed, loop=recipe["crop"] == "loop"
+        data,
+        train_idx,
+        window_samples,
+        crops,
+        config.seed,
+        loop=recipe["crop"] == "loop",
+        turns=recipe["turns"],
     )
     if ranks.distributed:
         sampler = DistributedSampler(
