@@ -24,7 +24,14 @@ one's state:
 - per level, the column intervals computed afresh each hop: the new global columns of
   a stored level, the edge columns the padding touches, and what those need below;
   everything else comes from the state. Blocks above the deepest stored level run on
-  its whole map, as in the full network.
+  its whole map, as in the full network;
+- *partial* stored levels keep, beside their columns, part of a pool: a stored level's
+  left edge column pools ``P`` convolution positions of which only the first few see the
+  padding; the others are the positions of the column that lands there, one hop
+  earlier. Their max (the column's *tail*) is kept from when that column was new, so the
+  edge column convolves those few positions only (FCN-4: 2 of block 3's 8, 2 of block
+  2's 5), and every level below needs fewer columns. Kept where it saves
+  ``MIN_MACS_PER_STATE_BYTE`` too (FCN-4: 12.7 % of a step's MACs for 17 % more state).
 
 ``FCNPrime`` (a whole window → scores and state) and ``FCNStep`` (a window and the last
 window's state → scores and the next state) are the two graphs `tagd-train export`
@@ -152,6 +159,9 @@ class IncrementalPlan:
     stored: tuple[int, ...]
     compute: dict[int, list[Interval]] = field(default_factory=dict)  # per level ≤ top
     above_macs: int = 0  # blocks above the top, the 1 × 1 convs and the head
+    # partial levels: their edge column convolves positions [0, edge_positions) afresh
+    # and takes the rest of its pool from the tail kept with the state
+    edge_positions: dict[int, int] = field(default_factory=dict)
 
     def shift(self, level: int) -> int:
         return self.hop_frames // self.levels[level].stride
@@ -167,20 +177,43 @@ class IncrementalPlan:
         return (lv.last_global - self.shift(level) + 1, lv.last_global + 1)
 
     @property
-    def state_bytes(self) -> int:
-        return STATE_BYTES_PER_VALUE * sum(self.levels[i].state_values for i in self.stored)
+    def partial(self) -> tuple[int, ...]:
+        return tuple(sorted(self.edge_positions))
 
-    def state_shape(self, level: int) -> tuple[int, int, int]:
+    def landing_columns(self, level: int) -> range:
+        """Columns of a partial level that reach its edge column by whole hops (their
+        tails are kept): the shift, twice the shift, …; the last is new every hop."""
+        shift = self.shift(level)
+        return range(shift, self.levels[level].last_global + 1, shift)
+
+    @property
+    def state_levels(self) -> list[tuple[str, int, tuple[int, int, int]]]:
+        """(name, level, shape) of each state tensor: stored levels, then tails."""
+        found = [(self.levels[i].name, i, self.level_shape(i)) for i in self.stored]
+        for i in self.partial:
+            lv = self.levels[i]
+            shape = (lv.channels, lv.bands, len(self.landing_columns(i)))
+            found.append((f"{lv.name}_tail", i, shape))
+        return found
+
+    @property
+    def state_bytes(self) -> int:
+        return STATE_BYTES_PER_VALUE * sum(math.prod(shape) for *_, shape in self.state_levels)
+
+    def level_shape(self, level: int) -> tuple[int, int, int]:
         lv = self.levels[level]
         return (lv.channels, lv.bands, lv.global_columns)
 
     @property
     def step_macs(self) -> int:
-        computed = sum(
-            self.levels[i].macs_per_column * (hi - lo)
-            for i, spans in self.compute.items()
-            for lo, hi in spans
-        )
+        computed = 0
+        for i, spans in self.compute.items():
+            lv = self.levels[i]
+            columns = sum(hi - lo for lo, hi in spans)
+            computed += lv.macs_per_column * columns
+            if i in self.edge_positions:  # the edge column convolves a few positions
+                pool_t = lv.stride // self.levels[i - 1].stride
+                computed -= lv.macs_per_column * (pool_t - self.edge_positions[i]) // pool_t
         return computed + self.above_macs
 
     @property
@@ -214,6 +247,8 @@ class IncrementalPlan:
             spans = self.compute[lv.index]
             computed = sum(hi - lo for lo, hi in spans)
             kept = "state" if lv.index in self.stored else "recomputed where needed"
+            if lv.index in self.edge_positions:
+                kept += f" (edge column: {self.edge_positions[lv.index]} positions + kept tail)"
             where = ", ".join(f"{lo}" if hi == lo + 1 else f"{lo}–{hi - 1}" for lo, hi in spans)
             lines.append(
                 f"{lv.name}: {lv.columns} columns, stride {lv.stride} frames, shift "
@@ -225,12 +260,17 @@ class IncrementalPlan:
 
 
 def plan_incremental(
-    config: FCNConfig, widths: list[int], hop_samples: int, stored: tuple[int, ...] | None = None
+    config: FCNConfig,
+    widths: list[int],
+    hop_samples: int,
+    stored: tuple[int, ...] | None = None,
+    partial: tuple[int, ...] | None = None,
 ) -> IncrementalPlan | None:
     """The plan for ``hop_samples``; None when no level can be reused at that hop.
 
-    ``stored`` forces the stored levels (tests); by default the deepest reusable level
-    and those below it that earn their bytes (``MIN_MACS_PER_STATE_BYTE``).
+    ``stored`` and ``partial`` force the stored and partial levels (tests); by default
+    the deepest reusable level and those below it that earn their bytes
+    (``MIN_MACS_PER_STATE_BYTE``), and of those the partial ones that earn theirs.
     """
     if hop_samples <= 0 or hop_samples % config.hop_length:
         return None
@@ -242,21 +282,45 @@ def plan_incremental(
     top = reusable[-1].index
     above = sum(lv.macs_per_column * lv.columns for lv in levels[top + 1 :])
     above += _head_macs(config, widths)
-    if stored is None:
+    args = (config, levels, hop_samples, hop_frames, top)
+    if stored is not None:
+        if top not in stored or any(i not in {lv.index for lv in reusable} for i in stored):
+            raise ValueError(f"stored levels {stored} must be reusable and include {top}")
+        stored_set = set(stored)
+    else:
         stored_set = {lv.index for lv in reusable}
-        best = _planned(config, levels, hop_samples, hop_frames, top, stored_set, above)
+        best = _planned(*args, stored_set, set(), above)
         for lv in reusable[:-1]:
-            trial = _planned(
-                config, levels, hop_samples, hop_frames, top, stored_set - {lv.index}, above
-            )
+            trial = _planned(*args, stored_set - {lv.index}, set(), above)
             saved_bytes = STATE_BYTES_PER_VALUE * lv.state_values
             if trial.step_macs - best.step_macs < MIN_MACS_PER_STATE_BYTE * saved_bytes:
                 stored_set.discard(lv.index)
                 best = trial
-        return best
-    if top not in stored or any(i not in {lv.index for lv in reusable} for i in stored):
-        raise ValueError(f"stored levels {stored} must be reusable and include {top}")
-    return _planned(config, levels, hop_samples, hop_frames, top, set(stored), above)
+    can = {i for i in stored_set if _edge_positions(config, levels, i) is not None}
+    if partial is not None:
+        if not set(partial) <= can:
+            raise ValueError(f"partial levels {partial} must be among {sorted(can)}")
+        return _planned(*args, stored_set, set(partial), above)
+    chosen: set[int] = set()
+    best = _planned(*args, stored_set, chosen, above)
+    for index in sorted(can):
+        trial = _planned(*args, stored_set, chosen | {index}, above)
+        if best.step_macs - trial.step_macs >= MIN_MACS_PER_STATE_BYTE * (
+            trial.state_bytes - best.state_bytes
+        ):
+            chosen.add(index)
+            best = trial
+    return best
+
+
+def _edge_positions(config: FCNConfig, levels: list[Level], index: int) -> int | None:
+    """Of level ``index``'s edge column, the convolution positions that see the
+    padding (those that must be computed afresh); None where the rest of its pool
+    cannot be kept (the level's edge is not exactly one column, or nothing is left)."""
+    if index < 1 or levels[index].first_global != 1:
+        return None
+    fresh = levels[index - 1].first_global + 1  # position p reads columns p-1 … p+1 below
+    return fresh if fresh < config.pools[index - 1][1] else None
 
 
 def _head_macs(config: FCNConfig, widths: list[int]) -> int:
@@ -265,10 +329,13 @@ def _head_macs(config: FCNConfig, widths: list[int]) -> int:
     return sum(a * b for a, b in zip(dims, dims[1:], strict=False)) + dims[-1] * config.n_tags
 
 
-def _planned(config, levels, hop_samples, hop_frames, top, stored, above) -> IncrementalPlan:
+def _planned(
+    config, levels, hop_samples, hop_frames, top, stored, partial, above
+) -> IncrementalPlan:
     plan = IncrementalPlan(
         hop_samples, hop_frames, levels, top, tuple(sorted(stored)), above_macs=above
     )
+    plan.edge_positions = {i: _edge_positions(config, levels, i) for i in sorted(partial)}
     need = [(0, levels[top].columns)]
     for index in range(top, -1, -1):
         if index in stored:
@@ -281,9 +348,14 @@ def _planned(config, levels, hop_samples, hop_frames, top, stored, above) -> Inc
         if index > 0:
             pool_t = config.pools[index - 1][1]
             below = levels[index - 1].columns
-            need = _merge(
-                [(max(pool_t * lo - 1, 0), min(pool_t * hi + 1, below)) for lo, hi in spans]
-            )
+            wanted = []
+            for lo, hi in spans:
+                if lo == 0 and index in partial:  # the edge column's fresh positions
+                    wanted.append((0, plan.edge_positions[index] + 1))
+                    lo = 1
+                if hi > lo:
+                    wanted.append((max(pool_t * lo - 1, 0), min(pool_t * hi + 1, below)))
+            need = _merge(wanted)
     return plan
 
 
@@ -296,7 +368,7 @@ class _Incremental(nn.Module):
         self.model = model
         self.plan = plan
         self.embedding = embedding  # the embedding as the last output too
-        self.state_names = [plan.levels[i].name for i in plan.stored]
+        self.state_names = [name for name, *_ in plan.state_levels]
 
     def _outputs(self, top_map: torch.Tensor, states: list[torch.Tensor]) -> tuple:
         """(scores, *states[, embedding]) from the deepest stored level's whole map, the
@@ -310,22 +382,41 @@ class _Incremental(nn.Module):
         scores = torch.sigmoid(self.model.head(embedding))  # (B, n_tags)
         return (scores, *states, embedding) if self.embedding else (scores, *states)
 
+    def _tails(self, index: int, activations: torch.Tensor) -> torch.Tensor:
+        """Each pooled column's max over its positions from the edge column's fresh ones
+        on (the part of its pool that holds one hop later), from a block's activations
+        before its pool, columns of the whole pool windows they hold."""
+        pool_f, pool_t = self.model.config.pools[index - 1]
+        fresh = self.plan.edge_positions[index]
+        return nn.functional.max_pool2d(
+            activations[..., fresh:], (pool_f, pool_t - fresh), (pool_f, pool_t)
+        )  # (B, C, H // pool_f, pooled columns)
+
 
 class FCNPrime(_Incremental):
     """A whole window → (scores, state): how a stream starts, or restarts after a gap."""
 
     def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        m = self.model
+        m, plan = self.model, self.plan
         x = m.input_bn(m.frontend(wave)).unsqueeze(1)  # (B, 1, M, N)
-        maps = [x]
-        for block in m.blocks[: self.plan.top]:
-            x = block(x)  # (B, C_i, H_i, W_i)
+        maps, tails = [x], {}
+        for index, block in enumerate(m.blocks[: plan.top], start=1):
+            if index in plan.edge_positions:
+                activations = torch.relu(block.bn(block.conv(x)))  # ConvBlock before its pool
+                x = block.pool(activations)
+                landing = plan.landing_columns(index)
+                tails[index] = self._tails(index, activations)[
+                    ..., landing.start : landing.stop : landing.step
+                ]
+            else:
+                x = block(x)  # (B, C_i, H_i, W_i)
             maps.append(x)
         states = []
-        for index in self.plan.stored:
-            lv = self.plan.levels[index]
+        for index in plan.stored:
+            lv = plan.levels[index]
             states.append(maps[index][..., lv.first_global : lv.last_global + 1])
-        return self._outputs(maps[self.plan.top], states)
+        states += [tails[index] for index in plan.partial]
+        return self._outputs(maps[plan.top], states)
 
 
 class FCNStep(_Incremental):
@@ -333,15 +424,29 @@ class FCNStep(_Incremental):
 
     def forward(self, wave: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         plan = self.plan
-        previous = dict(zip(plan.stored, states, strict=True))
+        previous = dict(zip(plan.stored, states, strict=False))
+        previous_tails = dict(zip(plan.partial, states[len(plan.stored) :], strict=True))
         # per level: (lo, hi, tensor) pieces of this window's map
         pieces: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
-        next_states = []
+        next_states, next_tails = [], []
         for index in range(plan.top + 1):
-            pieces[index] = [
-                (lo, hi, self._compute(index, lo, hi, wave, pieces))
-                for lo, hi in plan.compute[index]
-            ]
+            pieces[index] = []
+            # a partial level's newest landing column is new this hop: its tail is made here
+            newest = plan.landing_columns(index)[-1] if index in previous_tails else None
+            for lo, hi in plan.compute[index]:
+                if lo == 0 and newest is not None:
+                    edge = self._edge(index, pieces, previous_tails[index][..., :1])
+                    pieces[index].append((0, 1, edge))
+                    lo = 1
+                if hi <= lo:
+                    continue
+                columns, tails = self._compute(index, lo, hi, wave, pieces)
+                pieces[index].append((lo, hi, columns))
+                if newest is not None and lo <= newest < hi:
+                    kept = previous_tails[index][..., 1:]  # the first one went into the edge
+                    next_tails.append(
+                        torch.cat((kept, tails[..., newest - lo : newest - lo + 1]), -1)
+                    )
             if index in previous:
                 lv = plan.levels[index]
                 new_lo, new_hi = plan.new_global(index)
@@ -350,10 +455,14 @@ class FCNStep(_Incremental):
                 next_states.append(state)  # (B, C, H, global columns)
                 pieces[index].append((lv.first_global, lv.last_global + 1, state))
         top = self._columns(pieces[plan.top], 0, plan.levels[plan.top].columns)
-        return self._outputs(top, next_states)
+        return self._outputs(top, next_states + next_tails)
 
-    def _compute(self, index: int, lo: int, hi: int, wave: torch.Tensor, pieces) -> torch.Tensor:
-        """Columns [lo, hi) of level ``index`` from the level below (or the samples)."""
+    def _compute(
+        self, index: int, lo: int, hi: int, wave: torch.Tensor, pieces
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Columns [lo, hi) of level ``index`` from the level below (or the samples), and
+        of a partial level their tails (``_Incremental._tails``) from the same
+        activations."""
         m, c = self.model, self.model.config
         if index == 0:
             half = c.n_fft // 2
@@ -361,17 +470,31 @@ class FCNStep(_Incremental):
             size = m.window_samples  # a constant, not the traced input's shape
             x = wave[:, max(start, 0) : min(end, size)]  # (B, samples)
             x = nn.functional.pad(x, (max(0, -start), max(0, end - size)))
-            return m.input_bn(m.frontend(x, centred=False)).unsqueeze(1)  # (B, 1, M, hi - lo)
-        block = m.blocks[index - 1]
+            return m.input_bn(m.frontend(x, centred=False)).unsqueeze(1), None  # (B, 1, M, hi - lo)
         pool_t = c.pools[index - 1][1]
+        x = self._activations(index, pool_t * lo, pool_t * hi, pieces)
+        tails = self._tails(index, x) if index in self.plan.edge_positions else None
+        return m.blocks[index - 1].pool(x), tails  # (B, C, H // pool_f, hi - lo)
+
+    def _edge(self, index: int, pieces, kept_tail: torch.Tensor) -> torch.Tensor:
+        """The edge column of a partial level: its first positions (those the padding
+        reaches) pooled, then the max with the tail kept from one hop earlier."""
+        pool_f = self.model.config.pools[index - 1][0]
+        fresh = self.plan.edge_positions[index]
+        x = self._activations(index, 0, fresh, pieces)
+        return torch.maximum(nn.functional.max_pool2d(x, (pool_f, fresh)), kept_tail)
+
+    def _activations(self, index: int, lo: int, hi: int, pieces) -> torch.Tensor:
+        """Block ``index``'s convolution positions [lo, hi) after BN and ReLU, before its
+        pool, from the columns below that they read."""
+        block = self.model.blocks[index - 1]
         width = self.plan.levels[index - 1].columns
-        start, end = pool_t * lo - 1, pool_t * hi + 1  # the 3-wide conv's context
+        start, end = lo - 1, hi + 1  # the 3-wide conv's context
         x = self._columns(pieces[index - 1], max(start, 0), min(end, width))
         # 'same' padding where the window has it: in frequency always, in time at its edges
         x = nn.functional.pad(x, (max(0, -start), max(0, end - width), 1, 1))
-        x = nn.functional.conv2d(x, block.conv.weight)  # (B, C, H, pool_t * (hi - lo))
-        x = torch.relu(block.bn(x))
-        return block.pool(x)  # (B, C, H // pool_f, hi - lo)
+        x = nn.functional.conv2d(x, block.conv.weight)  # (B, C, H, hi - lo)
+        return torch.relu(block.bn(x))
 
     @staticmethod
     def _columns(pieces, lo: int, hi: int) -> torch.Tensor:
@@ -405,7 +528,7 @@ def incremental_graphs(
         prime=prime,
         step=step,
         state_names=tuple(prime.state_names),
-        state_shapes=tuple(plan.state_shape(i) for i in plan.stored),
+        state_shapes=tuple(shape for *_, shape in plan.state_levels),
         time_strides=tuple(lv.stride * model.config.hop_length for lv in plan.levels),
         reused_levels=plan.top + 1,
         state_bytes=plan.state_bytes,
