@@ -36,6 +36,7 @@ for this machine and this run; docs/training.md has the table and the command.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import logging
 import os
@@ -87,12 +88,18 @@ def rendered_set(
 
 
 def recordings_set(root: Path) -> Path:
-    """Real recordings of the packages no model here trains on, every clip a test clip."""
+    """Real recordings of the packages no model here trains on, every clip a test clip;
+    made again (clips already there are kept) where the catalog's held-out packages are
+    not those of the set found."""
     manifest = root / "manifest.csv"
-    if manifest.is_file():
-        print(f"reusing {manifest}")
-        return manifest
     packages = [name for name, p in recordings.PACKAGES.items() if p.role == "heldout"]
+    if manifest.is_file():
+        with manifest.open(newline="", encoding="utf-8") as handle:
+            found = {row["package"] for row in csv.DictReader(handle)}
+        if found == set(packages):
+            print(f"reusing {manifest}")
+            return manifest
+        print(f"{manifest}: not the catalog's held-out packages, making it again", flush=True)
     print(f"real recordings, held out: {', '.join(packages)}", flush=True)
     return recordings.write_recordings_set(
         root, packages, max_clips_per_package=MAX_CLIPS_PER_PACKAGE, progress=True
@@ -122,7 +129,6 @@ def held_out(
     ``instrumental`` by its own threshold alone beside it."""
     stored = load_checkpoint(checkpoint)
     model, tags, card = model_from_checkpoint(stored), stored["tags"], card_from_checkpoint(stored)
-    thresholds = dict(zip(tags, card.thresholds, strict=True))
     test = clean.indices("test")
     clean_auc = summarise(
         tag_metrics(clean.label_matrix(test, tags), predict_clips(model, clean, test), tags)
@@ -132,17 +138,35 @@ def held_out(
         soundfont.label_matrix(test, tags), predict_clips(model, soundfont, test), tags
     )
     instruments = [r.roc_auc for r in per_tag if r.tag in INSTRUMENTS and not np.isnan(r.roc_auc)]
+    return {
+        "clean_roc_auc": clean_auc["roc_auc_macro"],
+        "soundfont_instruments": float(np.mean(instruments)),
+    } | on_recordings(model, tags, card, real)[0]
+
+
+def on_recordings(model, tags: list[str], card, real: PreparedData) -> tuple[dict, dict]:
+    """The model on the held-out recordings at its card's thresholds: the figures, and per
+    clip (keyed by clip id) its ``speech`` and ``instrumental`` scores and whether each is on
+    as tagd publishes it."""
+    thresholds = dict(zip(tags, card.thresholds, strict=True))
     clips = real.indices("test")
     scores = predict_clips(model, real, clips)
     is_speech = real.label_matrix(clips, [SPEECH])[:, 0] == 1
     on = card.over(scores)
     speech_on, instrumental_on = on[:, tags.index(SPEECH)], on[:, tags.index(INSTRUMENTAL)]
-    instrumental = scores[:, tags.index(INSTRUMENTAL)]
+    speech, instrumental = scores[:, tags.index(SPEECH)], scores[:, tags.index(INSTRUMENTAL)]
     instrumental_alone = instrumental >= thresholds[INSTRUMENTAL]
-    return {
-        "clean_roc_auc": clean_auc["roc_auc_macro"],
-        "soundfont_instruments": float(np.mean(instruments)),
-        "speech_auc": float(roc_auc_score(is_speech, scores[:, tags.index(SPEECH)])),
+    per_clip = {
+        real.clips[c].clip_id: (
+            float(speech[k]),
+            float(instrumental[k]),
+            bool(speech_on[k]),
+            bool(instrumental_on[k]),
+        )
+        for k, c in enumerate(clips)
+    }
+    figures = {
+        "speech_auc": float(roc_auc_score(is_speech, speech)),
         "speech_on_speech": float(speech_on[is_speech].mean()),
         "speech_on_music": float(speech_on[~is_speech].mean()),
         "instrumental_on_speech": float(instrumental_on[is_speech].mean()),
@@ -151,6 +175,7 @@ def held_out(
         "instrumental_auc": float(roc_auc_score(~is_speech, instrumental)),
         "real_clips": (int(is_speech.sum()), int((~is_speech).sum())),
     }
+    return figures, per_clip
 
 
 def row(

@@ -253,6 +253,19 @@ PACKAGES: dict[str, Package] = {
             licence="GPL-2+",
             note="KTuberling object names read by translators in 22 languages, single words",
         ),
+        Package(
+            name="klettres-data",
+            kind="speech",
+            role="heldout",
+            instrumental=False,
+            debian_source="klettres",
+            include=(
+                "usr/share/klettres/*/alpha/*.ogg",
+                "usr/share/klettres/*/syllab/*.ogg",
+            ),
+            licence="GPL-2+",
+            note="KLettres letters and syllables read by native speakers, 19 languages, ogg",
+        ),
         # -- held out: music
         Package(
             name="asc-music",
@@ -303,6 +316,104 @@ PACKAGES: dict[str, Package] = {
             include=("usr/share/scummvm/drascula/audio/*.ogg",),  # de/, en/ …: links to it
             licence="Drascula licence (freeware, free redistribution)",
             note="Drascula: The Vampire Strikes Back score, 31 tracks, ogg 44 kHz",
+        ),
+        # Nobody here has listened to every track of the packages below for a voice, so
+        # their `instrumental` is unknown (None), as for the ones above.
+        Package(
+            name="hedgewars-data",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="hedgewars",
+            include=("usr/share/games/hedgewars/Data/Music/*.ogg",),  # not Sounds/: effects
+            licence="GPL-2",
+            note="Hedgewars themes (rock, oriental, pirate, olympics, ...), 26 tracks, ogg 44 kHz",
+        ),
+        Package(
+            name="supertux-data",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="supertux",
+            include=("usr/share/games/supertux2/music/*.ogg",),
+            # the first games' tunes, tracker modules (chipdisko.mod, salcon.mod ...) rendered
+            exclude=("*/music/retro/*", "*/chipdisko.ogg", "*/salcon.ogg"),
+            licence="GPL-2+",
+            note="SuperTux 0.6 score (forest, antarctic, castle, misc, tropical), ogg 44 kHz",
+        ),
+        Package(
+            name="freedroidrpg-data",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="freedroidrpg",
+            include=("usr/share/freedroidrpg/data/sound/music/*.ogg",),  # not effects/
+            licence="GPL-2+",
+            note="FreedroidRPG score (ambient, battle, town, temple), 16 tracks, ogg 44 kHz",
+        ),
+        Package(
+            name="marsshooter-data",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="marsshooter",
+            include=(
+                "usr/share/games/marsshooter/audio/music/*.ogg",
+                "usr/share/games/marsshooter/audio/menu.ogg",
+                "usr/share/games/marsshooter/audio/tutorial.ogg",
+            ),  # not announcer/, toon/: spoken words and effects
+            licence="CC-BY-SA-3.0",
+            note="M.A.R.S. soundtrack by the band Obsidian Shell, 12 tracks, ogg 44 kHz",
+        ),
+        Package(
+            name="openclonk-data",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="openclonk",
+            include=("usr/share/games/openclonk/Music.ocg/*.ogg",),
+            licence="CC-BY-3.0",
+            note="OpenClonk music (K-Pone and others), 8 tracks, ogg 44 kHz",
+        ),
+        Package(
+            name="lincity-ng-data",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="lincity-ng",
+            include=("usr/share/games/lincity-ng/music/*.ogg",),  # not sounds/: effects
+            licence="GPL-2+",
+            note="LinCity-NG music (pronobozo, Robert van Herk: City Blues ...), 3 tracks, ogg",
+        ),
+        Package(
+            name="zaz-data",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="zaz",
+            include=("usr/share/games/zaz/mus*.ogg",),
+            licence="CC-BY-SA-3.0",
+            note="Zaz music by Leonard Ritter, 4 tracks, ogg 44 kHz",
+        ),
+        Package(
+            name="scorched3d-data",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="scorched3d",
+            include=("usr/share/games/scorched3d/data/globalmods/none/data/music/*.ogg",),
+            licence="GPL-2+",
+            note="Scorched 3D music loops, 3 tracks, ogg 44 kHz",
+        ),
+        Package(
+            name="lugaru-data",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="lugaru",
+            include=("usr/share/games/lugaru/Sounds/Music*.ogg",),  # not the ambiences
+            licence="CC-BY-SA-3.0",
+            note="Lugaru HD music, 5 pieces of 28-64 s, ogg 22 kHz",
         ),
     )
 }
