@@ -44,6 +44,7 @@ as their last output, so a song's aggregator steps without a second CNN.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -162,6 +163,9 @@ class IncrementalPlan:
     # partial levels: their edge column convolves positions [0, edge_positions) afresh
     # and takes the rest of its pool from the tail kept with the state
     edge_positions: dict[int, int] = field(default_factory=dict)
+    # the block above the top: its convolution positions [lo, hi) (one per column of the
+    # top level), pooled in frequency, kept with the state; None: its whole map every hop
+    kept_above: Interval | None = None
 
     def shift(self, level: int) -> int:
         return self.hop_frames // self.levels[level].stride
@@ -186,14 +190,32 @@ class IncrementalPlan:
         shift = self.shift(level)
         return range(shift, self.levels[level].last_global + 1, shift)
 
+    def above_fresh(self) -> list[Interval]:
+        """Positions of the block above the top convolved each hop (with ``kept_above``):
+        those the edges reach and those the hop adds; the rest come from the state."""
+        lo, hi = self.kept_above
+        return [(0, lo), (hi - self.shift(self.top), self.above_used)]
+
+    @property
+    def above_used(self) -> int:
+        """Positions of the block above the top that its time pool reads (floor mode)."""
+        above = self.levels[self.top + 1]
+        return above.columns * (above.stride // self.levels[self.top].stride)
+
     @property
     def state_levels(self) -> list[tuple[str, int, tuple[int, int, int]]]:
-        """(name, level, shape) of each state tensor: stored levels, then tails."""
+        """(name, level, shape) of each state tensor: stored levels, then tails, then the
+        kept positions of the block above the top."""
         found = [(self.levels[i].name, i, self.level_shape(i)) for i in self.stored]
         for i in self.partial:
             lv = self.levels[i]
             shape = (lv.channels, lv.bands, len(self.landing_columns(i)))
             found.append((f"{lv.name}_tail", i, shape))
+        if self.kept_above is not None:
+            above = self.levels[self.top + 1]
+            lo, hi = self.kept_above
+            shape = (above.channels, above.bands, hi - lo)
+            found.append((f"{above.name}_positions", above.index, shape))
         return found
 
     @property
@@ -214,7 +236,13 @@ class IncrementalPlan:
             if i in self.edge_positions:  # the edge column convolves a few positions
                 pool_t = lv.stride // self.levels[i - 1].stride
                 computed -= lv.macs_per_column * (pool_t - self.edge_positions[i]) // pool_t
-        return computed + self.above_macs
+        above = self.above_macs
+        if self.kept_above is not None:  # the block above the top: fresh positions only
+            lv = self.levels[self.top + 1]
+            pool_t = lv.stride // self.levels[self.top].stride
+            fresh = sum(hi - lo for lo, hi in self.above_fresh())
+            above -= lv.macs_per_column * (self.above_used - fresh) // pool_t
+        return computed + above
 
     @property
     def full_macs(self) -> int:
@@ -255,7 +283,16 @@ class IncrementalPlan:
                 f"{self.shift(lv.index)}; {kept}; computes {computed} ({where})"
             )
         for lv in self.levels[self.top + 1 :]:
-            lines.append(f"{lv.name}: {lv.columns} columns, whole map every hop")
+            if lv.index == self.top + 1 and self.kept_above is not None:
+                lo, hi = self.kept_above
+                fresh = ", ".join(f"{a}–{b - 1}" for a, b in self.above_fresh())
+                lines.append(
+                    f"{lv.name}: {lv.columns} columns from {self.above_used} positions; "
+                    f"positions {lo}–{hi - 1} in the state (pooled in frequency); "
+                    f"convolves {fresh}"
+                )
+            else:
+                lines.append(f"{lv.name}: {lv.columns} columns, whole map every hop")
         return lines
 
 
@@ -265,12 +302,14 @@ def plan_incremental(
     hop_samples: int,
     stored: tuple[int, ...] | None = None,
     partial: tuple[int, ...] | None = None,
+    keep_above: bool | None = None,
 ) -> IncrementalPlan | None:
     """The plan for ``hop_samples``; None when no level can be reused at that hop.
 
-    ``stored`` and ``partial`` force the stored and partial levels (tests); by default
-    the deepest reusable level and those below it that earn their bytes
-    (``MIN_MACS_PER_STATE_BYTE``), and of those the partial ones that earn theirs.
+    ``stored``, ``partial`` and ``keep_above`` force the stored and partial levels and
+    the kept positions above the top (tests); by default the deepest reusable level and
+    those below it that earn their bytes (``MIN_MACS_PER_STATE_BYTE``), of those the
+    partial ones that earn theirs, and the positions above when they earn theirs.
     """
     if hop_samples <= 0 or hop_samples % config.hop_length:
         return None
@@ -300,7 +339,7 @@ def plan_incremental(
     if partial is not None:
         if not set(partial) <= can:
             raise ValueError(f"partial levels {partial} must be among {sorted(can)}")
-        return _planned(*args, stored_set, set(partial), above)
+        return _with_kept_above(_planned(*args, stored_set, set(partial), above), keep_above)
     chosen: set[int] = set()
     best = _planned(*args, stored_set, chosen, above)
     for index in sorted(can):
@@ -310,7 +349,26 @@ def plan_incremental(
         ):
             chosen.add(index)
             best = trial
-    return best
+    return _with_kept_above(best, keep_above)
+
+
+def _with_kept_above(plan: IncrementalPlan, keep: bool | None) -> IncrementalPlan:
+    """The plan keeping the positions of the block above its top that a hop can reuse,
+    where there is such a block and that earns its bytes (or ``keep`` says so)."""
+    if keep is False or plan.top + 1 >= len(plan.levels):
+        return plan
+    top = plan.levels[plan.top]
+    # position p reads the top's columns p-1 … p+1: from stream audio alone when those are
+    lo, hi = top.first_global + 1, top.last_global
+    trial = dataclasses.replace(plan, kept_above=(lo, hi))
+    if hi > trial.above_used or hi - plan.shift(plan.top) <= lo:
+        if keep:
+            raise ValueError("the block above the top has no positions to keep at this hop")
+        return plan
+    earns = plan.step_macs - trial.step_macs >= MIN_MACS_PER_STATE_BYTE * (
+        trial.state_bytes - plan.state_bytes
+    )
+    return trial if keep or earns else plan
 
 
 def _edge_positions(config: FCNConfig, levels: list[Level], index: int) -> int | None:
@@ -370,17 +428,49 @@ class _Incremental(nn.Module):
         self.embedding = embedding  # the embedding as the last output too
         self.state_names = [name for name, *_ in plan.state_levels]
 
-    def _outputs(self, top_map: torch.Tensor, states: list[torch.Tensor]) -> tuple:
+    def _outputs(self, top_map: torch.Tensor, states: list[torch.Tensor], kept=None) -> tuple:
         """(scores, *states[, embedding]) from the deepest stored level's whole map, the
-        scores as FCN.forward ends."""
+        scores as FCN.forward ends. With the plan's ``kept_above``, the block above the
+        top takes its kept positions (``kept``: the last window's, None when priming)
+        and hands this window's on as the last state tensor."""
         x = top_map  # (B, C, H, W)
-        for block in self.model.blocks[self.plan.top :]:
+        blocks = self.model.blocks[self.plan.top :]
+        if self.plan.kept_above is not None:
+            x, positions = self._above(x, kept)
+            states = [*states, positions]
+            blocks = blocks[1:]
+        for block in blocks:
             x = block(x)
         for layer in self.model.extra:
             x = layer(x)
         embedding = torch.amax(x, dim=(2, 3))  # (B, C): FCN.embed
         scores = torch.sigmoid(self.model.head(embedding))  # (B, n_tags)
         return (scores, *states, embedding) if self.embedding else (scores, *states)
+
+    def _above(self, top_map: torch.Tensor, kept) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block above the top: its output map, and its positions to keep. Its pool is
+        taken in frequency first, then in time (the same max); a position reads the top's
+        columns p-1 … p+1, so those of stream audio alone come from the last window's."""
+        plan = self.plan
+        block = self.model.blocks[plan.top]
+        pool_f, pool_t = self.model.config.pools[plan.top]
+        width = plan.levels[plan.top].columns
+        lo, hi = plan.kept_above
+
+        def positions(a: int, b: int) -> torch.Tensor:  # conv positions [a, b), pooled in frequency
+            start, end = a - 1, b + 1
+            x = top_map[..., max(start, 0) : min(end, width)]
+            x = nn.functional.pad(x, (max(0, -start), max(0, end - width), 1, 1))
+            x = torch.relu(block.bn(nn.functional.conv2d(x, block.conv.weight)))
+            return nn.functional.max_pool2d(x, (pool_f, 1))
+
+        if kept is None:
+            pooled = positions(0, plan.above_used)
+        else:
+            (a, b), (c, d) = plan.above_fresh()
+            reused = kept[..., plan.shift(plan.top) :]  # the last window's, one hop on
+            pooled = torch.cat((positions(a, b), reused, positions(c, d)), dim=-1)
+        return nn.functional.max_pool2d(pooled, (1, pool_t)), pooled[..., lo:hi]
 
     def _tails(self, index: int, activations: torch.Tensor) -> torch.Tensor:
         """Each pooled column's max over its positions from the edge column's fresh ones
@@ -424,6 +514,8 @@ class FCNStep(_Incremental):
 
     def forward(self, wave: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         plan = self.plan
+        kept = states[-1] if plan.kept_above is not None else None
+        states = states[:-1] if kept is not None else states
         previous = dict(zip(plan.stored, states, strict=False))
         previous_tails = dict(zip(plan.partial, states[len(plan.stored) :], strict=True))
         # per level: (lo, hi, tensor) pieces of this window's map
@@ -443,9 +535,9 @@ class FCNStep(_Incremental):
                 columns, tails = self._compute(index, lo, hi, wave, pieces)
                 pieces[index].append((lo, hi, columns))
                 if newest is not None and lo <= newest < hi:
-                    kept = previous_tails[index][..., 1:]  # the first one went into the edge
+                    older = previous_tails[index][..., 1:]  # the first one went into the edge
                     next_tails.append(
-                        torch.cat((kept, tails[..., newest - lo : newest - lo + 1]), -1)
+                        torch.cat((older, tails[..., newest - lo : newest - lo + 1]), -1)
                     )
             if index in previous:
                 lv = plan.levels[index]
@@ -455,7 +547,7 @@ class FCNStep(_Incremental):
                 next_states.append(state)  # (B, C, H, global columns)
                 pieces[index].append((lv.first_global, lv.last_global + 1, state))
         top = self._columns(pieces[plan.top], 0, plan.levels[plan.top].columns)
-        return self._outputs(top, next_states + next_tails)
+        return self._outputs(top, next_states + next_tails, kept)
 
     def _compute(
         self, index: int, lo: int, hi: int, wave: torch.Tensor, pieces
