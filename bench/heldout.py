@@ -10,7 +10,7 @@ card's thresholds, and shows where the figure comes from: per package, the clips
     python bench/heldout.py bench-quality/runs/fcn5/best.pt --data bench-quality
 
 Not part of the test run (a few minutes a checkpoint on two cores, once the packages are
-fetched: about 1.1 GB with ``apt-get download``). docs/training.md has the figures.
+fetched: about 1.2 GB with ``apt-get download``). docs/training.md has the figures.
 """
 
 from __future__ import annotations

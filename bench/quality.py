@@ -89,8 +89,7 @@ def rendered_set(
 
 def recordings_set(root: Path) -> Path:
     """Real recordings of the packages no model here trains on, every clip a test clip;
-    made again (clips already there are kept) where the catalog's held-out packages are
-    not those of the set found."""
+    made again where the catalog's held-out packages are not those of the set found."""
     manifest = root / "manifest.csv"
     packages = [name for name, p in recordings.PACKAGES.items() if p.role == "heldout"]
     if manifest.is_file():

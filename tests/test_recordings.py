@@ -62,6 +62,8 @@ def test_catalog_entries_are_complete_and_small_packages_fit_their_names():
         assert entry.include and entry.licence and entry.note
         if entry.kind == "speech":
             assert entry.instrumental is False, name
+        if entry.stems:  # only write_recordings_set sums stems; rendered sets would not
+            assert (entry.kind, entry.role) == ("music", "heldout"), name
     kinds = {
         recordings.SMALL_TRAIN_SPEECH: ("speech", "train"),
         recordings.SMALL_TRAIN_MUSIC: ("music", "train"),
@@ -210,3 +212,45 @@ def test_recordings_set_has_labelled_clips_of_the_asked_length(cache, tmp_path):
         assert (again.parent / row["path"]).read_bytes() == (
             manifest.parent / row["path"]
         ).read_bytes()
+
+
+def test_a_piece_shipped_as_stems_is_one_clip_of_their_sum(tmp_path, monkeypatch):
+    """A rhythm game's song is its band less the lead guitar plus the lead guitar: the clip
+    is the middle of their sum, named after both, one clip a folder."""
+    rate, seconds = 16_000, 5.0
+    time = np.arange(12 * rate) / rate
+    band = (0.3 * np.sin(2 * np.pi * 110 * time)).astype(np.float32)
+    guitar = (0.2 * np.sin(2 * np.pi * 440 * time[: 11 * rate])).astype(np.float32)
+    entry = replace(
+        PACKAGES["fretsonfire-songs-sectoid"],
+        name="tagd-test-stems",
+        include=("songs/*/*.wav",),
+    )
+    tree = tmp_path / "debian" / entry.name
+    for song in ("one", "two"):
+        (tree / "songs" / song).mkdir(parents=True)
+        soundfile.write(str(tree / "songs" / song / "song.wav"), band, rate, subtype="FLOAT")
+        soundfile.write(str(tree / "songs" / song / "guitar.wav"), guitar, rate, subtype="FLOAT")
+    (tree / recordings.UNPACKED_MARKER).write_text("1.0-1\n")
+    monkeypatch.setitem(PACKAGES, entry.name, entry)
+
+    manifest = recordings.write_recordings_set(
+        tmp_path / "set",
+        [entry.name],
+        seconds=seconds,
+        sample_rate=rate,
+        cache_dir=tmp_path / "debian",
+    )
+    with manifest.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["source"] for row in rows] == [
+        f"songs/{song}/guitar.wav;songs/{song}/song.wav" for song in ("one", "two")
+    ]
+    mixed = band.copy()
+    mixed[: len(guitar)] += guitar
+    window = round(seconds * rate)
+    middle = (len(mixed) - window) // 2
+    expected = recordings._normalise(mixed[middle : middle + window])
+    for row in rows:
+        clip, _ = soundfile.read(str(manifest.parent / row["path"]), dtype="float32")
+        np.testing.assert_allclose(clip, expected, atol=1.5 / 32768)

@@ -13,8 +13,9 @@ Once a package is unpacked, fetching it again reads the cache and runs neither t
 ``write_recordings_set`` turns packages into a labelled set: ``manifest.csv`` (read by
 ``trainer.data.manifest``) and 16-bit wav clips of ``seconds`` under ``audio/``:
 
-- music: one excerpt from the middle of each track. Tracks under 10 s are skipped.
-  Tracks shorter than a clip are looped, as their games loop them.
+- music: one excerpt from the middle of each track (of the sum of its stems, where a
+  package ships a piece as stems). Tracks under 10 s are skipped. Tracks shorter than a
+  clip are looped, as their games loop them.
 - speech: the prompts of one package, in path order with 0.3-0.8 s of silence between
   them, make one long talk that is cut into consecutive clips. A clip never mixes two
   packages.
@@ -85,6 +86,9 @@ class Package:
     licence: str  # as usr/share/doc/<name>/copyright gives it for the recordings
     note: str
     exclude: tuple[str, ...] = ()
+    # music: the files of one folder are the stems of one piece (a band's parts recorded
+    # apart, as a rhythm game ships them), summed into one track; held-out sets only
+    stems: bool = False
 
     def takes(self, relative: str) -> bool:
         return any(fnmatchcase(relative, p) for p in self.include) and not any(
@@ -415,6 +419,29 @@ PACKAGES: dict[str, Package] = {
             licence="CC-BY-SA-3.0",
             note="Lugaru HD music, 5 pieces of 28-64 s, ogg 22 kHz",
         ),
+        Package(
+            name="fretsonfire-songs-muldjord",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="fretsonfire-songs-muldjord",
+            # song.ogg: the band less the lead guitar, guitar.ogg: the lead guitar
+            include=("usr/share/games/fretsonfire/data/songs/muldjord/*/*.ogg",),
+            licence="CC-BY-SA-3.0",
+            note="4 songs by El Senator of the Danish metal band Muldjord, as stems, ogg 44 kHz",
+            stems=True,
+        ),
+        Package(
+            name="fretsonfire-songs-sectoid",
+            kind="music",
+            role="heldout",
+            instrumental=None,
+            debian_source="fretsonfire-songs-sectoid",
+            include=("usr/share/games/fretsonfire/data/songs/sectoid/*/*.ogg",),
+            licence="Expat",
+            note="4 rock and metal songs by Sectoid (Carlos Viola Iborra), as stems, ogg 44 kHz",
+            stems=True,
+        ),
     )
 }
 
@@ -680,10 +707,19 @@ def _plan(
     entry: Package, recordings: list[Recording], lengths: list[float], seconds: float, rng
 ) -> list[_ClipPlan]:
     if entry.kind == "music":  # a track a clip; _render takes its middle
+        pieces: dict[str, list[tuple[Recording, float]]] = {}
+        for recording, length in zip(recordings, lengths, strict=True):
+            key = recording.relative.rsplit("/", 1)[0] if entry.stems else recording.relative
+            pieces.setdefault(key, []).append((recording, length))
         tracks = [
-            r for r, length in zip(recordings, lengths, strict=True) if length >= MIN_TRACK_SECONDS
+            tuple(r for r, _ in stems)
+            for stems in pieces.values()
+            if max(length for _, length in stems) >= MIN_TRACK_SECONDS
         ]
-        return [_ClipPlan(entry, number, (track,), (0.0,)) for number, track in enumerate(tracks)]
+        return [
+            _ClipPlan(entry, number, track, (0.0,) * len(track))
+            for number, track in enumerate(tracks)
+        ]
     # Speech: the prompts end to end with a pause between them, a talk cut into clips.
     pauses = rng.uniform(*SPEECH_GAP_SECONDS, size=len(recordings))
     pauses[0] = 0.0
@@ -710,7 +746,10 @@ def _spread(n: int, count: int | None, rng) -> list[int]:
 
 def _render(plan: _ClipPlan, window: int, sample_rate: int) -> np.ndarray:
     if plan.package.kind == "music":
-        track = load(plan.recordings[0], sample_rate)
+        stems = [load(recording, sample_rate) for recording in plan.recordings]
+        track = np.zeros(max(len(stem) for stem in stems), dtype=np.float32)
+        for stem in stems:  # one stem: the track itself
+            track[: len(stem)] += stem
         if len(track) < window:
             return np.resize(track, window)  # loop a short track, as its game does
         middle = (len(track) - window) // 2
