@@ -457,19 +457,19 @@ class _Incremental(nn.Module):
         width = plan.levels[plan.top].columns
         lo, hi = plan.kept_above
 
-        def positions(a: int, b: int) -> torch.Tensor:  # conv positions [a, b), pooled in frequency
-            start, end = a - 1, b + 1
-            x = top_map[..., max(start, 0) : min(end, width)]
-            x = nn.functional.pad(x, (max(0, -start), max(0, end - width), 1, 1))
-            x = torch.relu(block.bn(nn.functional.conv2d(x, block.conv.weight)))
-            return nn.functional.max_pool2d(x, (pool_f, 1))
+        def columns(a: int, b: int) -> torch.Tensor:
+            return top_map[..., a:b]
 
+        intervals = [(0, plan.above_used)] if kept is None else plan.above_fresh()
+        fresh = [
+            nn.functional.max_pool2d(x, (pool_f, 1))  # pooled in frequency
+            for x in _convolve(block, columns, width, intervals)
+        ]
         if kept is None:
-            pooled = positions(0, plan.above_used)
+            pooled = fresh[0]
         else:
-            (a, b), (c, d) = plan.above_fresh()
             reused = kept[..., plan.shift(plan.top) :]  # the last window's, one hop on
-            pooled = torch.cat((positions(a, b), reused, positions(c, d)), dim=-1)
+            pooled = torch.cat((fresh[0], reused, fresh[1]), dim=-1)
         return nn.functional.max_pool2d(pooled, (1, pool_t)), pooled[..., lo:hi]
 
     def _tails(self, index: int, activations: torch.Tensor) -> torch.Tensor:
@@ -523,22 +523,11 @@ class FCNStep(_Incremental):
         next_states, next_tails = [], []
         for index in range(plan.top + 1):
             pieces[index] = []
-            # a partial level's newest landing column is new this hop: its tail is made here
-            newest = plan.landing_columns(index)[-1] if index in previous_tails else None
-            for lo, hi in plan.compute[index]:
-                if lo == 0 and newest is not None:
-                    edge = self._edge(index, pieces, previous_tails[index][..., :1])
-                    pieces[index].append((0, 1, edge))
-                    lo = 1
-                if hi <= lo:
-                    continue
-                columns, tails = self._compute(index, lo, hi, wave, pieces)
-                pieces[index].append((lo, hi, columns))
-                if newest is not None and lo <= newest < hi:
-                    older = previous_tails[index][..., 1:]  # the first one went into the edge
-                    next_tails.append(
-                        torch.cat((older, tails[..., newest - lo : newest - lo + 1]), -1)
-                    )
+            if index == 0:
+                for lo, hi in plan.compute[0]:
+                    pieces[0].append((lo, hi, self._frames(lo, hi, wave)))
+            else:
+                next_tails += self._block(index, pieces, previous_tails.get(index))
             if index in previous:
                 lv = plan.levels[index]
                 new_lo, new_hi = plan.new_global(index)
@@ -549,44 +538,50 @@ class FCNStep(_Incremental):
         top = self._columns(pieces[plan.top], 0, plan.levels[plan.top].columns)
         return self._outputs(top, next_states + next_tails, kept)
 
-    def _compute(
-        self, index: int, lo: int, hi: int, wave: torch.Tensor, pieces
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Columns [lo, hi) of level ``index`` from the level below (or the samples), and
-        of a partial level their tails (``_Incremental._tails``) from the same
-        activations."""
-        m, c = self.model, self.model.config
-        if index == 0:
-            half = c.n_fft // 2
-            start, end = lo * c.hop_length - half, (hi - 1) * c.hop_length + half
-            size = m.window_samples  # a constant, not the traced input's shape
-            x = wave[:, max(start, 0) : min(end, size)]  # (B, samples)
-            x = nn.functional.pad(x, (max(0, -start), max(0, end - size)))
-            return m.input_bn(m.frontend(x, centred=False)).unsqueeze(1), None  # (B, 1, M, hi - lo)
-        pool_t = c.pools[index - 1][1]
-        x = self._activations(index, pool_t * lo, pool_t * hi, pieces)
-        tails = self._tails(index, x) if index in self.plan.edge_positions else None
-        return m.blocks[index - 1].pool(x), tails  # (B, C, H // pool_f, hi - lo)
-
-    def _edge(self, index: int, pieces, kept_tail: torch.Tensor) -> torch.Tensor:
-        """The edge column of a partial level: its first positions (those the padding
-        reaches) pooled, then the max with the tail kept from one hop earlier."""
-        pool_f = self.model.config.pools[index - 1][0]
-        fresh = self.plan.edge_positions[index]
-        x = self._activations(index, 0, fresh, pieces)
-        return torch.maximum(nn.functional.max_pool2d(x, (pool_f, fresh)), kept_tail)
-
-    def _activations(self, index: int, lo: int, hi: int, pieces) -> torch.Tensor:
-        """Block ``index``'s convolution positions [lo, hi) after BN and ReLU, before its
-        pool, from the columns below that they read."""
+    def _block(self, index: int, pieces, previous_tail: torch.Tensor | None) -> list:
+        """Level ``index``'s columns this hop into ``pieces``, from one convolution; of a
+        partial level (``previous_tail`` given) also its next tails, as a list of one."""
+        plan = self.plan
         block = self.model.blocks[index - 1]
-        width = self.plan.levels[index - 1].columns
-        start, end = lo - 1, hi + 1  # the 3-wide conv's context
-        x = self._columns(pieces[index - 1], max(start, 0), min(end, width))
-        # 'same' padding where the window has it: in frequency always, in time at its edges
-        x = nn.functional.pad(x, (max(0, -start), max(0, end - width), 1, 1))
-        x = nn.functional.conv2d(x, block.conv.weight)  # (B, C, H, hi - lo)
-        return torch.relu(block.bn(x))
+        pool_f, pool_t = self.model.config.pools[index - 1]
+        # a partial level's newest landing column is new this hop: its tail is made here
+        newest = plan.landing_columns(index)[-1] if previous_tail is not None else None
+        intervals, spans = [], []
+        for lo, hi in plan.compute[index]:
+            if lo == 0 and newest is not None:  # the edge: its fresh positions
+                intervals.append((0, plan.edge_positions[index]))
+                spans.append((0, 0))
+                lo = 1
+            if hi > lo:
+                intervals.append((pool_t * lo, pool_t * hi))
+                spans.append((lo, hi))
+
+        def below(a: int, b: int) -> torch.Tensor:
+            return self._columns(pieces[index - 1], a, b)
+
+        width = plan.levels[index - 1].columns
+        tails = []
+        for (lo, hi), x in zip(spans, _convolve(block, below, width, intervals), strict=True):
+            if hi == lo:  # the edge column, with the tail kept one hop earlier
+                fresh = nn.functional.max_pool2d(x, (pool_f, plan.edge_positions[index]))
+                pieces[index].append((0, 1, torch.maximum(fresh, previous_tail[..., :1])))
+                continue
+            pieces[index].append((lo, hi, block.pool(x)))  # (B, C, H // pool_f, hi - lo)
+            if newest is not None and lo <= newest < hi:
+                older = previous_tail[..., 1:]  # the first one went into the edge
+                tail = self._tails(index, x)[..., newest - lo : newest - lo + 1]
+                tails.append(torch.cat((older, tail), dim=-1))
+        return tails
+
+    def _frames(self, lo: int, hi: int, wave: torch.Tensor) -> torch.Tensor:
+        """Log-mel frames [lo, hi) of the window, from its samples."""
+        m, c = self.model, self.model.config
+        half = c.n_fft // 2
+        start, end = lo * c.hop_length - half, (hi - 1) * c.hop_length + half
+        size = m.window_samples  # a constant, not the traced input's shape
+        x = wave[:, max(start, 0) : min(end, size)]  # (B, samples)
+        x = nn.functional.pad(x, (max(0, -start), max(0, end - size)))
+        return m.input_bn(m.frontend(x, centred=False)).unsqueeze(1)  # (B, 1, M, hi - lo)
 
     @staticmethod
     def _columns(pieces, lo: int, hi: int) -> torch.Tensor:
@@ -602,6 +597,28 @@ class FCNStep(_Incremental):
             parts.append(tensor[..., at - p_lo : end - p_lo])
             at = end
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _convolve(block, columns, width: int, intervals: list[Interval]) -> list[torch.Tensor]:
+    """A conv block's positions for each interval [a, b), after BN and ReLU, before its
+    pool, from the level below (``columns(lo, hi)``, ``width`` columns wide).
+
+    One convolution for all of them: each interval's input (its columns and one either
+    side, the window's zeros past its edges) is laid side by side, and the outputs that
+    straddle two are dropped. A deep block reads all its weights once a call (FCN-4's
+    block 4: 57 MB float32), which costs as much as several positions: one call, not one
+    an interval."""
+    parts, offsets, at = [], [], 0
+    for a, b in intervals:
+        start, end = a - 1, b + 1  # the 3-wide conv's context
+        x = columns(max(start, 0), min(end, width))
+        parts.append(nn.functional.pad(x, (max(0, -start), max(0, end - width))))
+        offsets.append(at)
+        at += b - a + 2
+    x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    x = nn.functional.pad(x, (0, 0, 1, 1))  # 'same' padding in frequency
+    x = torch.relu(block.bn(nn.functional.conv2d(x, block.conv.weight)))
+    return [x[..., o : o + b - a] for o, (a, b) in zip(offsets, intervals, strict=True)]
 
 
 def incremental_graphs(
