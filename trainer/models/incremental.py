@@ -539,12 +539,13 @@ class FCNStep(_Incremental):
         return self._outputs(top, next_states + next_tails, kept)
 
     def _block(self, index: int, pieces, previous_tail: torch.Tensor | None) -> list:
-        """Level ``index``'s columns this hop into ``pieces``, from one convolution; of a
-        partial level (``previous_tail`` given) also its next tails, as a list of one."""
+        """Level ``index``'s columns this hop into ``pieces``; of a partial level
+        (``previous_tail`` given) also its next tails, as a list of one."""
         plan = self.plan
         block = self.model.blocks[index - 1]
         pool_f, pool_t = self.model.config.pools[index - 1]
-        # a partial level's newest landing column is new this hop: its tail is made here
+        # a partial level's newest landing column is new this hop: its tail is made from
+        # its own positions (a span of its own)
         newest = plan.landing_columns(index)[-1] if previous_tail is not None else None
         intervals, spans = [], []
         for lo, hi in plan.compute[index]:
@@ -552,25 +553,38 @@ class FCNStep(_Incremental):
                 intervals.append((0, plan.edge_positions[index]))
                 spans.append((0, 0))
                 lo = 1
-            if hi > lo:
-                intervals.append((pool_t * lo, pool_t * hi))
-                spans.append((lo, hi))
+            cuts = (
+                [lo, hi]
+                if newest is None or not lo <= newest < hi
+                else [lo, newest, newest + 1, hi]
+            )
+            for a, b in zip(cuts, cuts[1:], strict=False):
+                if b > a:
+                    intervals.append((pool_t * a, pool_t * b))
+                    spans.append((a, b))
 
         def below(a: int, b: int) -> torch.Tensor:
             return self._columns(pieces[index - 1], a, b)
 
-        width = plan.levels[index - 1].columns
+        width, bands = plan.levels[index - 1].columns, plan.levels[index - 1].bands
+        # one convolution for all where reading the weights costs more than the outputs
+        # (deep blocks, few positions), else one per interval: cutting a big output apart
+        # costs more than a second call
+        positions = sum(b - a for a, b in intervals)
+        if block.conv.in_channels * 9 >= bands * positions:
+            activations = _convolve(block, below, width, intervals)
+        else:
+            activations = [_convolve(block, below, width, [i])[0] for i in intervals]
         tails = []
-        for (lo, hi), x in zip(spans, _convolve(block, below, width, intervals), strict=True):
+        for (lo, hi), x in zip(spans, activations, strict=True):
             if hi == lo:  # the edge column, with the tail kept one hop earlier
                 fresh = nn.functional.max_pool2d(x, (pool_f, plan.edge_positions[index]))
                 pieces[index].append((0, 1, torch.maximum(fresh, previous_tail[..., :1])))
                 continue
             pieces[index].append((lo, hi, block.pool(x)))  # (B, C, H // pool_f, hi - lo)
-            if newest is not None and lo <= newest < hi:
+            if lo == newest:
                 older = previous_tail[..., 1:]  # the first one went into the edge
-                tail = self._tails(index, x)[..., newest - lo : newest - lo + 1]
-                tails.append(torch.cat((older, tail), dim=-1))
+                tails.append(torch.cat((older, self._tails(index, x)), dim=-1))
         return tails
 
     def _frames(self, lo: int, hi: int, wave: torch.Tensor) -> torch.Tensor:
@@ -618,6 +632,8 @@ def _convolve(block, columns, width: int, intervals: list[Interval]) -> list[tor
     x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     x = nn.functional.pad(x, (0, 0, 1, 1))  # 'same' padding in frequency
     x = torch.relu(block.bn(nn.functional.conv2d(x, block.conv.weight)))
+    if len(intervals) == 1:
+        return [x]  # no cut: a slice would make ONNX Runtime copy the map out of its layout
     return [x[..., o : o + b - a] for o, (a, b) in zip(offsets, intervals, strict=True)]
 
 
