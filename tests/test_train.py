@@ -140,6 +140,7 @@ def test_named_recipes_follow_the_papers():
     assert (sample_level.lr_factor, sample_level.patience, sample_level.max_lr_drops) == (0.2, 3, 4)
     choi = RECIPES["choi2016"]
     assert choi.optimizer == "adam" and dict(choi.model_hparams)["dropout"] == 0.5
+    assert choi.turns == sample_level.turns == 0.0  # the papers trained on whole clips
 
 
 def test_lee2017_recipe_uses_nesterov_sgd(prepared, tmp_path):

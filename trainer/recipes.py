@@ -68,7 +68,9 @@ RECIPES: dict[str, Recipe] = {
     # narrow FCN on a few hundred clips at chance on timbre tags. A cosine decay over 25
     # epochs learnt less than the plateau rule's constant rate (docs/training.md). At
     # least 512 examples an epoch (32 batches): 280 clips shown once an epoch are 17 steps,
-    # and 25 such epochs left the network still learning.
+    # and 25 such epochs left the network still learning. Half the windows are turns: the
+    # speech score then follows the share of the window speech fills, and a timeline's
+    # edges land nearer the truth, at the same held-out scores (docs/timeline.md).
     "fcn": Recipe(
         "adam",
         lr=1e-3,
@@ -78,6 +80,7 @@ RECIPES: dict[str, Recipe] = {
         lr_factor=0.2,
         max_lr_drops=2,
         min_epoch_examples=512,
+        turns=0.5,
     ),
     # Adam with a cosine decay: the paper's SGD at lr 0.01 barely moves a narrow SampleCNN
     # in 25 epochs of a few hundred clips. Each epoch covers the clips (about 11 windows of
