@@ -594,7 +594,8 @@ class FCNStep(_Incremental):
         start, end = lo * c.hop_length - half, (hi - 1) * c.hop_length + half
         size = m.window_samples  # a constant, not the traced input's shape
         x = wave[:, max(start, 0) : min(end, size)]  # (B, samples)
-        x = nn.functional.pad(x, (max(0, -start), max(0, end - size)))
+        zeros = (max(0, -start), max(0, end - size))  # centred frames past the edges
+        x = nn.functional.pad(x, zeros) if any(zeros) else x
         return m.input_bn(m.frontend(x, centred=False)).unsqueeze(1)  # (B, 1, M, hi - lo)
 
     @staticmethod
@@ -626,12 +627,14 @@ def _convolve(block, columns, width: int, intervals: list[Interval]) -> list[tor
     for a, b in intervals:
         start, end = a - 1, b + 1  # the 3-wide conv's context
         x = columns(max(start, 0), min(end, width))
-        parts.append(nn.functional.pad(x, (max(0, -start), max(0, end - width))))
+        zeros = (max(0, -start), max(0, end - width))  # the window's, past its edges
+        parts.append(nn.functional.pad(x, zeros) if any(zeros) else x)
         offsets.append(at)
         at += b - a + 2
     x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    x = nn.functional.pad(x, (0, 0, 1, 1))  # 'same' padding in frequency
-    x = torch.relu(block.bn(nn.functional.conv2d(x, block.conv.weight)))
+    # 'same' padding in frequency is the convolution's own: no node of its own
+    x = nn.functional.conv2d(x, block.conv.weight, padding=(1, 0))
+    x = torch.relu(block.bn(x))
     if len(intervals) == 1:
         return [x]  # no cut: a slice would make ONNX Runtime copy the map out of its layout
     return [x[..., o : o + b - a] for o, (a, b) in zip(offsets, intervals, strict=True)]
