@@ -31,7 +31,14 @@ one's state:
   earlier. Their max (the column's *tail*) is kept from when that column was new, so the
   edge column convolves those few positions only (FCN-4: 2 of block 3's 8, 2 of block
   2's 5), and every level below needs fewer columns. Kept where it saves
-  ``MIN_MACS_PER_STATE_BYTE`` too (FCN-4: 12.7 % of a step's MACs for 17 % more state).
+  ``MIN_MACS_PER_STATE_BYTE`` too (FCN-4: 13 % of a step's MACs for 0.23 MB);
+- the block above the top pools its whole map, but its convolution positions (one per
+  column of the top level) shift by whole positions: those that read stream audio alone
+  are kept, pooled in frequency (*kept_above*), and a hop convolves only the edge and new
+  ones (FCN-4's block 4: 4 of 8, another 11 % of a step's MACs for 40 kB).
+
+A level's intervals go through one convolution where its weights outweigh its outputs
+(``_convolve``), one each where the outputs do: what ONNX Runtime runs fastest.
 
 ``FCNPrime`` (a whole window → scores and state) and ``FCNStep`` (a window and the last
 window's state → scores and the next state) are the two graphs `tagd-train export`
