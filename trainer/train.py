@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from trainer.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from trainer.data.dataset import DataError, PreparedData, crop, looped_crop
+from trainer.data.dataset import DataError, PreparedData, crop, looped_crop, random_starts
 from trainer.evaluate import (
     bce,
     choose_thresholds,
@@ -138,7 +138,7 @@ class CropDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         rng = np.random.default_rng([self.seed, epoch])
         lengths = np.tile(self.lengths, self.crops_per_clip)
-        self.starts = self._starts(lengths, self.window_samples, rng.random(len(lengths)))
+        self.starts = self._starts(lengths, self.window_samples, rng)
         # A turn: the item's clip for `join` samples (and half the fade past them), then
         # clip `partner`'s; partner -1 is a plain window.
         rng = np.random.default_rng([self.seed, epoch, TURN_STREAM])
@@ -147,16 +147,15 @@ class CropDataset(Dataset):
         self.partner = np.where(turned, rng.integers(len(self.indices), size=n), -1)
         self.join = rng.integers(fade, self.window_samples - fade, size=n, endpoint=True)
         first, second = self.join + fade, self.window_samples - self.join + fade
-        self.first_starts = self._starts(lengths, first, rng.random(n))
+        self.first_starts = self._starts(lengths, first, rng)
         partner_lengths = self.lengths[np.maximum(self.partner, 0)]
-        self.second_starts = self._starts(partner_lengths, second, rng.random(n))
+        self.second_starts = self._starts(partner_lengths, second, rng)
 
-    def _starts(self, lengths: np.ndarray, pieces, draws: np.ndarray) -> np.ndarray:
-        """Uniform starts (``draws`` in [0, 1)) of pieces of ``pieces`` samples."""
+    def _starts(self, lengths: np.ndarray, pieces, rng: np.random.Generator) -> np.ndarray:
+        """Uniformly random starts of pieces of ``pieces`` samples (a number or one a clip)."""
         if self.loop:
-            return np.floor(draws * np.maximum(lengths, pieces)).astype(np.int64)
-        room = np.maximum(lengths - pieces, 0)
-        return np.floor(draws * (room + 1)).astype(np.int64)
+            return np.floor(rng.random(len(lengths)) * np.maximum(lengths, pieces)).astype(np.int64)
+        return random_starts(lengths, pieces, rng)
 
     def __len__(self) -> int:
         return len(self.indices) * self.crops_per_clip

@@ -244,7 +244,10 @@ def looped_crop(samples: np.ndarray, start: int, window_samples: int) -> np.ndar
     return piece
 
 
-def random_starts(lengths: np.ndarray, window_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random crop start per clip; 0 for clips no longer than a window."""
+def random_starts(
+    lengths: np.ndarray, window_samples: int | np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """A uniformly random crop start per clip; 0 for clips no longer than a window
+    (``window_samples``: one length for all, or one a clip)."""
     room = np.maximum(np.asarray(lengths) - window_samples, 0)
     return np.floor(rng.random(len(room)) * (room + 1)).astype(np.int64)
