@@ -153,3 +153,14 @@ def test_masked_bce_takes_shares_as_targets():
     share = torch.tensor([[0.3]])
     losses = [masked_bce(torch.logit(torch.tensor([[q]])), share).item() for q in (0.2, 0.3, 0.4)]
     assert losses[1] < losses[0] and losses[1] < losses[2]
+
+
+def test_a_window_shorter_than_the_fade_still_turns(clips):
+    """SampleCNN's windows can be a few hundred samples: the fade shrinks to fit."""
+    window = 81  # a tiny SampleCNN's (3^4); the fade alone is 100 samples here
+    examples = CropDataset(clips, list(range(3)), window, 8, seed=0, turns=1.0)
+    assert examples.half_fade == window // 4
+    for item in range(len(examples)):
+        audio, target = examples[item]
+        assert audio.shape == (window,) and target.shape == (len(clips.tags),)
+        assert torch.isfinite(audio).all()

@@ -131,7 +131,9 @@ class CropDataset(Dataset):
         self.seed = seed
         self.loop = loop
         self.turns = turns
-        self.half_fade = max(1, round(TURN_CROSSFADE_SECONDS * data.sample_rate / 2))
+        # the fade fits a quarter of the window whatever its size (SampleCNN's can be tiny)
+        fade = round(TURN_CROSSFADE_SECONDS * data.sample_rate / 2)
+        self.half_fade = max(1, min(fade, window_samples // 4))
         self.lengths = np.array([data.clips[i].length for i in indices])
         self.set_epoch(0)
 
