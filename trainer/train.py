@@ -122,8 +122,7 @@ class CropDataset(Dataset):
         loop: bool = False,
         turns: float = 0.0,
     ):
-        if not 0.0 <= turns <= 1.0:
-            raise ValueError(f"turns is a probability from 0 to 1, got {turns!r}")
+        check_turns(turns)
         self.data = data
         self.indices = indices
         self.window_samples = window_samples
@@ -464,8 +463,12 @@ def check_recipe(recipe: dict[str, Any]) -> None:
     for key, known in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("crop", CROPS)):
         if recipe[key] not in known:
             raise ValueError(f"{key} must be {' or '.join(known)}, got {recipe[key]!r}")
-    if not 0.0 <= recipe["turns"] <= 1.0:
-        raise ValueError(f"turns is a probability from 0 to 1, got {recipe['turns']!r}")
+    check_turns(recipe["turns"])
+
+
+def check_turns(turns: float) -> None:
+    if not 0.0 <= turns <= 1.0:
+        raise ValueError(f"turns is a probability from 0 to 1, got {turns!r}")
 
 
 def training_splits(data: PreparedData, model: TaggerModel) -> tuple[list[int], list[int]]:

@@ -90,8 +90,14 @@ class ConvBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn(self.conv(x)))  # (B, C, H, W)
-        return self.drop(self.pool(x))  # (B, C, H // ph, W // pw)
+        return self.drop(self.pool(self.activations(x)))  # (B, C, H // ph, W // pw)
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv, BN and ReLU: the map before the pool (incremental steps pool parts of it)."""
+        return self.activate(self.conv(x))  # (B, C, H, W)
+
+    def activate(self, conv_output: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(conv_output))
 
 
 class Conv1x1(nn.Module):

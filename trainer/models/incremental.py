@@ -37,8 +37,8 @@ one's state:
   are kept, pooled in frequency (*kept_above*), and a hop convolves only the edge and new
   ones (FCN-4's block 4: 4 of 8, another 11 % of a step's MACs for 40 kB).
 
-A level's intervals go through one convolution where its weights outweigh its outputs
-(``_convolve``), one each where the outputs do: what ONNX Runtime runs fastest.
+A level's intervals go through one convolution where its weights outweigh its outputs,
+one each where the outputs do (``_convolve``): what ONNX Runtime runs fastest.
 
 ``FCNPrime`` (a whole window → scores and state) and ``FCNStep`` (a window and the last
 window's state → scores and the next state) are the two graphs `tagd-train export`
@@ -461,7 +461,6 @@ class _Incremental(nn.Module):
         plan = self.plan
         block = self.model.blocks[plan.top]
         pool_f, pool_t = self.model.config.pools[plan.top]
-        width = plan.levels[plan.top].columns
         lo, hi = plan.kept_above
 
         def columns(a: int, b: int) -> torch.Tensor:
@@ -470,7 +469,7 @@ class _Incremental(nn.Module):
         intervals = [(0, plan.above_used)] if kept is None else plan.above_fresh()
         fresh = [
             nn.functional.max_pool2d(x, (pool_f, 1))  # pooled in frequency
-            for x in _convolve(block, columns, width, intervals)
+            for x in _convolve(block, columns, plan.levels[plan.top], intervals)
         ]
         if kept is None:
             pooled = fresh[0]
@@ -499,7 +498,7 @@ class FCNPrime(_Incremental):
         maps, tails = [x], {}
         for index, block in enumerate(m.blocks[: plan.top], start=1):
             if index in plan.edge_positions:
-                activations = torch.relu(block.bn(block.conv(x)))  # ConvBlock before its pool
+                activations = block.activations(x)
                 x = block.pool(activations)
                 landing = plan.landing_columns(index)
                 tails[index] = self._tails(index, activations)[
@@ -573,15 +572,7 @@ class FCNStep(_Incremental):
         def below(a: int, b: int) -> torch.Tensor:
             return self._columns(pieces[index - 1], a, b)
 
-        width, bands = plan.levels[index - 1].columns, plan.levels[index - 1].bands
-        # one convolution for all where reading the weights costs more than the outputs
-        # (deep blocks, few positions), else one per interval: cutting a big output apart
-        # costs more than a second call
-        positions = sum(b - a for a, b in intervals)
-        if block.conv.in_channels * 9 >= bands * positions:
-            activations = _convolve(block, below, width, intervals)
-        else:
-            activations = [_convolve(block, below, width, [i])[0] for i in intervals]
+        activations = _convolve(block, below, plan.levels[index - 1], intervals)
         tails = []
         for (lo, hi), x in zip(spans, activations, strict=True):
             if hi == lo:  # the edge column, with the tail kept one hop earlier
@@ -621,27 +612,31 @@ class FCNStep(_Incremental):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def _convolve(block, columns, width: int, intervals: list[Interval]) -> list[torch.Tensor]:
+def _convolve(block, columns, below: Level, intervals: list[Interval]) -> list[torch.Tensor]:
     """A conv block's positions for each interval [a, b), after BN and ReLU, before its
-    pool, from the level below (``columns(lo, hi)``, ``width`` columns wide).
+    pool, from the level ``below`` (``columns(lo, hi)`` gives its columns).
 
-    One convolution for all of them: each interval's input (its columns and one either
-    side, the window's zeros past its edges) is laid side by side, and the outputs that
-    straddle two are dropped. A deep block reads all its weights once a call (FCN-4's
-    block 4: 57 MB float32), which costs as much as several positions: one call, not one
-    an interval."""
+    Where the block's weights outweigh its outputs (deep blocks, few positions: FCN-4's
+    blocks 3 and 4, 11 and 57 MB float32), one convolution for all: a call reads all its
+    weights, which costs as much as several positions; each interval's input (its columns
+    and one either side, the window's zeros past its edges) is laid side by side, and the
+    outputs that straddle two are dropped. Elsewhere one convolution an interval: cutting
+    a big output apart makes ONNX Runtime copy it out of its blocked layout, which costs
+    more than a second call."""
+    positions = sum(b - a for a, b in intervals)
+    if len(intervals) > 1 and block.conv.in_channels * 9 < below.bands * positions:
+        return [_convolve(block, columns, below, [interval])[0] for interval in intervals]
     parts, offsets, at = [], [], 0
     for a, b in intervals:
         start, end = a - 1, b + 1  # the 3-wide conv's context
-        x = columns(max(start, 0), min(end, width))
-        zeros = (max(0, -start), max(0, end - width))  # the window's, past its edges
+        x = columns(max(start, 0), min(end, below.columns))
+        zeros = (max(0, -start), max(0, end - below.columns))  # the window's, past its edges
         parts.append(nn.functional.pad(x, zeros) if any(zeros) else x)
         offsets.append(at)
         at += b - a + 2
     x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     # 'same' padding in frequency is the convolution's own: no node of its own
-    x = nn.functional.conv2d(x, block.conv.weight, padding=(1, 0))
-    x = torch.relu(block.bn(x))
+    x = block.activate(nn.functional.conv2d(x, block.conv.weight, padding=(1, 0)))
     if len(intervals) == 1:
         return [x]  # no cut: a slice would make ONNX Runtime copy the map out of its layout
     return [x[..., o : o + b - a] for o, (a, b) in zip(offsets, intervals, strict=True)]
