@@ -28,6 +28,11 @@ Beside them, in the same run on the same clips:
     python bench/quality.py                        # 400 clips, 25 epochs, fcn5 + samplecnn
     python bench/quality.py --clips 120 --epochs 2 --models fcn5   # a quick look
     python bench/quality.py --models fcn5 --turns 0.5 --runs runs-turns --no-baseline --no-reference
+    python bench/quality.py --clips 1000 --models fcn5 --epochs 0 --no-baseline   # to the recipe's end
+
+``--epochs 0`` trains each model as ``tagd-train train`` does without ``--epochs``: the
+recipe's (100 at most; the ``fcn`` recipe's plateau rule ends it, SampleCNN's cosine runs
+them all), and the minimal reference loop for as many epochs as the first model ran.
 
 Not part of the test run (about an hour on two cores at the defaults). Figures are
 for this machine and this run; docs/training.md has the table and the command.
@@ -60,6 +65,7 @@ INSTRUMENTS = ("piano", "bells", "organ", "guitar", "bass", "strings", "brass", 
 
 
 HELDOUT_SOUNDFONT = "timgm6mb"
+REFERENCE_EPOCHS = 25  # the minimal loop's with --epochs 0 when no model trained first
 SPEECH, INSTRUMENTAL = "speech", "instrumental"
 
 
@@ -214,7 +220,7 @@ def default_recipe(
             out=str(out / model_name),
             model=model_name,
             hparams={"width": width},
-            epochs=epochs,
+            epochs=epochs or None,  # 0: the recipe's
             turns=turns,
             progress=False,
             tensorboard=False,
@@ -233,7 +239,7 @@ def default_recipe(
         speed,
         examples,
     )
-    return result_row | {"checkpoint": result.best_path}
+    return result_row | {"checkpoint": result.best_path, "epochs": result.epochs_run}
 
 
 def reference(width: float, data: PreparedData, epochs: int, seed: int = 0) -> dict:
@@ -322,7 +328,12 @@ def main() -> None:
     )
     parser.add_argument("--clips", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=25,
+        help="epochs each model trains [25]; 0: the recipe's own end (the plateau rule's)",
+    )
     parser.add_argument("--width", type=float, default=0.125)
     parser.add_argument("--models", nargs="+", default=["fcn5", "samplecnn"])
     parser.add_argument("--no-reference", action="store_true", help="skip the minimal loop")
@@ -337,6 +348,8 @@ def main() -> None:
         "--runs", default="runs", help="trained models go to DATA/RUNS/<model> [runs]"
     )
     args = parser.parse_args()
+    if args.epochs < 0:
+        parser.error("--epochs is a number of epochs, or 0 for the recipe's own end")
     logging.basicConfig(level=logging.WARNING)
 
     print(
@@ -375,11 +388,12 @@ def main() -> None:
             )
         return by_rate[rate]
 
+    epochs = f"{args.epochs} epochs" if args.epochs else "epochs to the recipe's end"
     results = []
     for name in args.models:
         data, *others = sets_at(create_model(name).sample_rate)
         print(
-            f"training {name} width {args.width}, {args.epochs} epochs, default recipe"
+            f"training {name} width {args.width}, {epochs}, default recipe"
             f"{'' if args.turns is None else f', turns {args.turns}'} ...",
             flush=True,
         )
@@ -399,15 +413,19 @@ def main() -> None:
         results.append(result | held_out(result["checkpoint"], clean, *others))
     if not args.no_reference:
         print("training the minimal reference loop ...", flush=True)
-        results.append(reference(args.width, data, args.epochs))
+        ran = next((r["epochs"] for r in results if "epochs" in r), REFERENCE_EPOCHS)
+        results.append(reference(args.width, data, args.epochs or ran))
     results.append(logistic_reference(data))
 
+    ran = ", ".join(f"{r['model'].split(' ')[0]} {r['epochs']}" for r in results if "epochs" in r)
+    if not args.epochs:
+        epochs += f" ({ran})"
     clips = {s: len(data.indices(s)) for s in ("train", "valid", "test")}
     partial = sum(1 for clip in data.clips if clip.unknown)
     n_speech, n_music = next((r["real_clips"] for r in results if "real_clips" in r), (0, 0))
     print(
         f"\n{args.data}: {sum(clips.values())} rendered clips ({clips['train']} / {clips['valid']} / {clips['test']}; "
-        f"{partial} with partial labels), width {args.width}, {args.epochs} epochs; held-out soundfont "
+        f"{partial} with partial labels), width {args.width}, {epochs}; held-out soundfont "
         f"{HELDOUT_SOUNDFONT} on the {clips['test']} test pieces; {n_speech} speech and {n_music} music clips "
         f"of held-out packages; load average at end {os.getloadavg()[0]:.2f}\n"
     )
