@@ -413,13 +413,14 @@ def main() -> None:
         results.append(result | held_out(result["checkpoint"], clean, *others))
     if not args.no_reference:
         print("training the minimal reference loop ...", flush=True)
-        ran = next((r["epochs"] for r in results if "epochs" in r), REFERENCE_EPOCHS)
-        results.append(reference(args.width, data, args.epochs or ran))
+        first_ran = next((r["epochs"] for r in results if "epochs" in r), REFERENCE_EPOCHS)
+        results.append(reference(args.width, data, args.epochs or first_ran))
     results.append(logistic_reference(data))
 
-    ran = ", ".join(f"{r['model'].split(' ')[0]} {r['epochs']}" for r in results if "epochs" in r)
     if not args.epochs:
-        epochs += f" ({ran})"
+        epochs += (
+            " (" + ", ".join(f"{r['model']}: {r['epochs']}" for r in results if "epochs" in r) + ")"
+        )
     clips = {s: len(data.indices(s)) for s in ("train", "valid", "test")}
     partial = sum(1 for clip in data.clips if clip.unknown)
     n_speech, n_music = next((r["real_clips"] for r in results if "real_clips" in r), (0, 0))
