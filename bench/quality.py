@@ -29,10 +29,17 @@ Beside them, in the same run on the same clips:
     python bench/quality.py --clips 120 --epochs 2 --models fcn5   # a quick look
     python bench/quality.py --models fcn5 --turns 0.5 --runs runs-turns --no-baseline --no-reference
     python bench/quality.py --clips 1000 --models fcn5 --epochs 0 --no-baseline   # to the recipe's end
+    python bench/quality.py --clips 1000 --models fcn5 --epochs 0 --no-baseline --resume   # after a stop
 
 ``--epochs 0`` trains each model as ``tagd-train train`` does without ``--epochs``: the
 recipe's (100 at most; the ``fcn`` recipe's plateau rule ends it, SampleCNN's cosine runs
 them all), and the minimal reference loop for as many epochs as the first model ran.
+
+``--resume`` continues each model's run from the ``last.pt`` it left in ``DATA/RUNS``
+(one stopped by hand or by a reboot goes on where it stopped; one that ran to its end is
+scored again without training), with the options it was started with. Rendered sets are
+always reused where their manifest is. A row's minutes are its epochs' time, summed over
+every process that trained it.
 
 Not part of the test run (about an hour on two cores at the defaults). Figures are
 for this machine and this run; docs/training.md has the table and the command.
@@ -210,10 +217,11 @@ def default_recipe(
     out: Path,
     epochs: int,
     turns: float | None = None,
+    resume: bool = False,
 ) -> dict:
     """``model_name`` trained with its default recipe (``turns``: the one option given
-    beside it, None for the recipe's), scored on the set's test split."""
-    started = time.monotonic()
+    beside it, None for the recipe's; ``resume``: from the run's ``last.pt`` where there is
+    one), scored on the set's test split."""
     result = train(
         TrainConfig(
             data=str(data.root),
@@ -224,9 +232,10 @@ def default_recipe(
             turns=turns,
             progress=False,
             tensorboard=False,
+            resume=resume,
         )
     )
-    seconds = time.monotonic() - started
+    seconds = sum(epoch["seconds"] for epoch in result.history)  # a resumed run's too
     model = model_from_checkpoint(load_checkpoint(result.best_path))
     evaluation = evaluate_model(model, data)
     speed = float(np.mean([h["examples_per_second"] for h in result.history]))
@@ -337,6 +346,11 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.125)
     parser.add_argument("--models", nargs="+", default=["fcn5", "samplecnn"])
     parser.add_argument("--no-reference", action="store_true", help="skip the minimal loop")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each model's run from its last.pt in DATA/RUNS (scored again if it ended)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip FCN-5 on the old set")
     parser.add_argument(
         "--turns",
@@ -398,14 +412,20 @@ def main() -> None:
             flush=True,
         )
         result = default_recipe(
-            name, args.width, data, args.data / args.runs, args.epochs, args.turns
+            name, args.width, data, args.data / args.runs, args.epochs, args.turns, args.resume
         )
         results.append(result | held_out(result["checkpoint"], *others))
     data, clean, *others = sets_at(12_000)
     if not args.no_baseline:
         print("training the baseline: fcn5 on the set as rendered before ...", flush=True)
         result = default_recipe(
-            "fcn5", args.width, clean, args.data / f"{args.runs}-baseline", args.epochs, args.turns
+            "fcn5",
+            args.width,
+            clean,
+            args.data / f"{args.runs}-baseline",
+            args.epochs,
+            args.turns,
+            args.resume,
         )
         result["model"] = (
             "baseline: fcn5 (default recipe) trained on FluidR3 only, no chain, no recordings"
