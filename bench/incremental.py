@@ -30,7 +30,9 @@ In one run on this machine:
    and p99 end-to-end latency under one hop, as bench/serve.py holds them; then the
    daemon's RSS with 50 idle-but-connected streams, in each mode at one instance, the
    default (the target is the incremental one's; the other says what the graphs and the
-   state add), and incremental at ``--instances`` when that is more;
+   state add), and incremental at ``--instances`` when that is more; at each mode's
+   largest N, the daemon's CPU (all its threads) per published window against the bare
+   engine's 1-thread time for it (``cost_at_edge``): what serving adds around the engine;
 3. FCN-4's targets, each with its measured value, among them the streams held against
    the bare engine's bound (its incremental updates/s × the hop: ``bare_bound``) and
    against the research baseline, both from the same run.
@@ -523,16 +525,48 @@ def bench_serve(
         label = f"{INCREMENTAL}, {instances} instances"
         progress(f"{IDLE_STREAMS} idle streams, {label}")
         idle[label] = idle_rss(path, window_s, hop_s, toml=tomls[INCREMENTAL])
+    one_thread = {
+        FULL: model["ort"][PER_CORE]["full_s"],
+        INCREMENTAL: model["ort"][PER_CORE]["step_s"],
+    }
+    if int8 is not None:
+        one_thread[INT8] = int8["ort"][PER_CORE]["step_s"]
     return {
         "model": model["model"],
         "hop_s": hop_s,
         "seconds": seconds,
         "instances": instances,
         "modes": {
-            mode: {"start": s.start, "max_streams": s.best, "failed_at": s.failed, "runs": s.tried}
+            mode: {
+                "start": s.start,
+                "max_streams": s.best,
+                "failed_at": s.failed,
+                "runs": s.tried,
+                "edge": cost_at_edge(s.tried, s.best, one_thread[mode]),
+            }
             for mode, s in searches.items()
         },
         "idle": idle,
+    }
+
+
+def cost_at_edge(runs: list[dict], best: int, bare_s: float) -> dict | None:
+    """What the daemon spent a published window in the run that held ``best`` streams,
+    against the bare engine's 1-thread time for the same window (``bare_s``): all its
+    threads (input, workers, ONNX Runtime's, ZeroMQ's, publishing) over what it published,
+    so the ratio is what the daemon adds around the engine; None where nothing held."""
+    held = [r for r in runs if r["streams"] == best and r["sustained"] and r["published_per_s"]]
+    if not held:
+        return None
+    run = held[-1]
+    cpu_s = run["cpu_cores"] / run["published_per_s"]
+    return {
+        "streams": best,
+        "cpu_cores": run["cpu_cores"],
+        "bench_cores": run.get("bench_cores"),
+        "cpu_ms_per_update": 1000 * cpu_s,
+        "bare_ms": 1000 * bare_s,
+        "ratio": cpu_s / bare_s,
     }
 
 
@@ -547,6 +581,15 @@ def report_serve(serve: dict) -> None:
             f"  {mode}: {found['max_streams']}{above}, from {found['start']}, "
             f"{len(found['runs'])} runs"
         )
+        edge = found.get("edge")
+        if edge is not None:
+            producer = edge["bench_cores"]
+            print(
+                f"    at {edge['streams']}: the daemon used {edge['cpu_cores']:.2f} cores, "
+                f"{edge['cpu_ms_per_update']:.1f} ms of CPU a published window, "
+                f"{edge['ratio']:.2f} x the bare engine's 1-thread {edge['bare_ms']:.1f} ms"
+                + ("" if producer is None else f"; the bench's producer {producer:.2f} cores")
+            )
     for mode, idle in serve["idle"].items():
         print(
             f"RSS with {idle['streams']} idle streams, {mode}: {idle['rss_mb']:.0f} MB (peak "

@@ -91,3 +91,15 @@ def test_the_research_target_is_missed_below_twenty_times(bench):
     found = bench.targets(served_figures(bench), serve_figures(bench, 30, None), {"streams": 3.0})
     research = next(t for t in found if "research" in t["what"])
     assert (research["value"], research["met"]) == ("30 (float32) / 3.0 = 10.0 x", False)
+
+
+def test_the_cost_at_the_edge_is_the_held_run_at_the_largest_n(bench):
+    runs = [
+        {"streams": 100, "sustained": True, "cpu_cores": 1.0, "published_per_s": 40.0},
+        {"streams": 130, "sustained": False, "cpu_cores": 1.9, "published_per_s": 45.0},
+        {"streams": 115, "sustained": True, "cpu_cores": 1.5, "published_per_s": 50.0},
+    ]
+    edge = bench.cost_at_edge(runs, 115, bare_s=0.025)
+    assert edge["streams"] == 115 and edge["cpu_ms_per_update"] == pytest.approx(30.0)
+    assert edge["ratio"] == pytest.approx(1.2) and edge["bench_cores"] is None
+    assert bench.cost_at_edge(runs[1:2], 0, bare_s=0.025) is None  # nothing held
