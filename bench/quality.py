@@ -29,6 +29,7 @@ Beside them, in the same run on the same clips:
     python bench/quality.py --clips 120 --epochs 2 --models fcn5   # a quick look
     python bench/quality.py --models fcn5 --turns 0.5 --runs runs-turns --no-baseline --no-reference
     python bench/quality.py --clips 1000 --models fcn5 --epochs 0 --no-baseline   # to the recipe's end
+    python bench/quality.py --clips 2500 --models fcn5 --epochs 0 --no-baseline --no-reference  # every target, ~2 h
     python bench/quality.py --clips 1000 --models fcn5 --epochs 0 --no-baseline --resume   # after a stop
 
 ``--epochs 0`` trains each model as ``tagd-train train`` does without ``--epochs``: the
