@@ -26,7 +26,7 @@ In one run on this machine:
 2. `tagd serve` with FCN-4 at the card's hop, full windows (``incremental = false``,
    what ``--full-windows`` sets) and incremental, their searches run in alternation: the
    largest number of streams (bench/harness.py's producer: real-time 44.1 kHz stereo in
-   ffmpeg's 26 ms messages) with nothing dropped, 95 % of the offered windows published
+   ffmpeg's 26 ms messages, or ``--message-ms``) with nothing dropped, 95 % of the offered windows published
    and p99 end-to-end latency under one hop, as bench/serve.py holds them; then the
    daemon's RSS with 50 idle-but-connected streams, in each mode at one instance, the
    default (the target is the incremental one's; the other says what the graphs and the
@@ -67,7 +67,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from engines import window_flops  # bench/engines.py
-from harness import IDLE_STREAMS, MAX_STREAMS, RunResult, idle_rss, run_daemon, warmup_s
+from harness import (
+    IDLE_STREAMS,
+    MAX_STREAMS,
+    MESSAGE_FRAMES,
+    SOURCE_RATE,
+    RunResult,
+    idle_rss,
+    run_daemon,
+    warmup_s,
+)
 from machine import cpu  # bench/machine.py
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -468,19 +477,27 @@ def describe_run(result: RunResult) -> str:
 
 
 def bench_serve(
-    model: dict, seconds: float, runs: int, instances: int = 1, int8: dict | None = None
+    model: dict,
+    seconds: float,
+    runs: int,
+    instances: int = 1,
+    int8: dict | None = None,
+    message_frames: int = MESSAGE_FRAMES,
+    threads: int = 0,
+    full: bool = True,
 ) -> dict:
     """Both modes' searches, a run of each in turn, then RSS with idle streams; both modes
-    with ``instances`` engine instances (each with its share of the threads). With
-    ``int8`` (``bench_int8``'s figures), a third search serves that model incrementally."""
+    with ``instances`` engine instances, each with ``threads`` intra-op threads (0: its
+    share of the cores). With ``int8`` (``bench_int8``'s figures), a third search serves
+    that model incrementally; without ``full``, no full-window search. The producer sends
+    ``message_frames`` (at 44.1 kHz) a message per stream."""
     path, hop_s, window_s = Path(model["path"]), model["hop_s"], model["window_s"]
-    rates = {
-        FULL: 1 / model["ort"]["default threads"]["full_s"],
-        INCREMENTAL: 1 / model["ort"]["default threads"]["step_s"],
-    }
+    rates = {INCREMENTAL: layout_rate(model["ort"], "step_s", instances, threads)}
+    if full:
+        rates[FULL] = layout_rate(model["ort"], "full_s", instances, threads)
     paths = {FULL: path, INCREMENTAL: path}
     if int8 is not None:
-        rates[INT8] = 1 / int8["ort"]["default threads"]["step_s"]
+        rates[INT8] = layout_rate(int8["ort"], "step_s", instances, threads)
         paths[INT8] = Path(int8["path"])
     searches = {
         mode: LargestSustained(start=math.floor(SEARCH_START_SHARE * rate * hop_s), runs=runs)
@@ -488,11 +505,15 @@ def bench_serve(
     }
     print(
         f"\n`tagd serve` with {model['model']} at the card's hop ({hop_s:.3f} s), {instances} "
-        f"engine instance{'s' if instances > 1 else ''}, {seconds:g} s measured a run after "
-        f"{warmup_s(hop_s):.0f} s:",
+        f"engine instance{'s' if instances > 1 else ''}"
+        f"{f' of {threads} thread' + ('s' if threads > 1 else '') if threads else ''}, "
+        f"{seconds:g} s measured a run after "
+        f"{warmup_s(hop_s):.0f} s, {message_frames / SOURCE_RATE * 1000:.0f} ms messages:",
         flush=True,
     )
     batching = f"[batching]\ninstances = {instances}\n" if instances > 1 else ""
+    if threads:
+        batching += f"[onnxruntime]\nthreads = {threads}\n"
     tomls = {mode: toml + batching for mode, toml in MODES.items()}
     tomls[INT8] = tomls[INCREMENTAL]
     pending = list(searches)
@@ -504,7 +525,14 @@ def bench_serve(
                 continue
             settle_s = SETTLE_S if mode != FULL else 0.0
             result = run_daemon(
-                paths[mode], window_s, streams, hop_s, seconds, toml=tomls[mode], settle_s=settle_s
+                paths[mode],
+                window_s,
+                streams,
+                hop_s,
+                seconds,
+                toml=tomls[mode],
+                message_frames=message_frames,
+                settle_s=settle_s,
             )
             check_mode(FULL if mode == FULL else INCREMENTAL, result)
             held = sustained(result)
@@ -519,10 +547,14 @@ def bench_serve(
     # is measured beside it.
     idle = {}
     for mode, toml in MODES.items():
+        if mode not in searches:
+            continue
         progress(f"{IDLE_STREAMS} idle streams, {mode}")
         idle[mode] = idle_rss(path, window_s, hop_s, toml=toml)
-    if instances > 1:
-        label = f"{INCREMENTAL}, {instances} instances"
+    if instances > 1 or threads:
+        label = f"{INCREMENTAL}, {instances} instance{'s' if instances > 1 else ''}" + (
+            f" of {threads} thread{'s' if threads > 1 else ''}" if threads else ""
+        )
         progress(f"{IDLE_STREAMS} idle streams, {label}")
         idle[label] = idle_rss(path, window_s, hop_s, toml=tomls[INCREMENTAL])
     one_thread = {
@@ -536,6 +568,8 @@ def bench_serve(
         "hop_s": hop_s,
         "seconds": seconds,
         "instances": instances,
+        "threads": threads,
+        "message_frames": message_frames,
         "modes": {
             mode: {
                 "start": s.start,
@@ -605,15 +639,20 @@ def target(what: str, value: str, met: bool | None) -> dict:
     return {"what": what, "value": value, "met": met}
 
 
-def bare_bound(model: dict, instances: int) -> float:
-    """Streams the bare engine's incremental updates/s would hold at the card's hop: one
-    instance at ONNX Runtime's default threads, or ``instances`` 1-thread ones, each a core
-    of its own (as many as there are cores)."""
-    if instances == 1:
-        rate = 1 / model["ort"]["default threads"]["step_s"]
-    else:
-        rate = min(instances, os.cpu_count() or 1) / model["ort"][PER_CORE]["step_s"]
-    return rate * model["hop_s"]
+def layout_rate(ort: dict, key: str, instances: int, threads: int = 0) -> float:
+    """Updates/s of the bare engine (``ort``: part 1's times, ``key``: "full_s" or
+    "step_s") laid out as the daemon runs it: one instance at ONNX Runtime's default
+    threads, or ``instances`` 1-thread ones (also one with ``threads`` = 1), each a core of
+    its own (as many as there are cores)."""
+    if instances == 1 and threads != 1:
+        return 1 / ort["default threads"][key]
+    return min(instances, os.cpu_count() or 1) / ort[PER_CORE][key]
+
+
+def bare_bound(model: dict, instances: int, threads: int = 0) -> float:
+    """Streams the bare engine's incremental updates/s would hold at the card's hop, in
+    the daemon's layout (``layout_rate``)."""
+    return layout_rate(model["ort"], "step_s", instances, threads) * model["hop_s"]
 
 
 def targets(model: dict | None, serve: dict | None, research: dict | None = None) -> list[dict]:
@@ -637,7 +676,9 @@ def targets(model: dict | None, serve: dict | None, research: dict | None = None
         speedup = model["ort"][PER_CORE]["speedup"]
         found.append(target(per_core, f"{speedup:.2f} x", speedup >= PER_CORE_TARGET))
     instances = serve["instances"] if serve is not None else 1
-    bound = f"streams held, incremental / the bare engine's bound, {instances} instance(s), ≥ {BOUND_TARGET:g}"
+    threads = serve.get("threads", 0) if serve is not None else 0
+    layout = f"{instances} instance(s)" + (f" of {threads} thread(s)" if threads else "")
+    bound = f"streams held, incremental / the bare engine's bound, {layout}, ≥ {BOUND_TARGET:g}"
     versus_research = f"streams held, incremental / the research baseline's ≥ {RESEARCH_TARGET:g} x"
     if serve is None:
         skipped = "not measured (--skip-serve)"
@@ -658,8 +699,11 @@ def targets(model: dict | None, serve: dict | None, research: dict | None = None
             target(versus_research, skipped_research, None),
             target(rss, skipped, None),
         ]
-    full, incremental = (serve["modes"][mode]["max_streams"] for mode in (FULL, INCREMENTAL))
-    if full:
+    incremental = serve["modes"][INCREMENTAL]["max_streams"]
+    full = serve["modes"][FULL]["max_streams"] if FULL in serve["modes"] else None
+    if full is None:
+        found.append(target(streams, "not measured (--skip-full)", None))
+    elif full:
         ratio = incremental / full
         found.append(
             target(streams, f"{incremental} / {full} = {ratio:.2f} x", ratio >= STREAMS_TARGET)
@@ -669,7 +713,7 @@ def targets(model: dict | None, serve: dict | None, research: dict | None = None
             target(streams, f"{incremental} / 0: no N held with full windows, no ratio", None)
         )
     if model is not None:
-        bound_streams = bare_bound(model, instances)
+        bound_streams = bare_bound(model, instances, threads)
         share = incremental / bound_streams
         found.append(
             target(
@@ -719,6 +763,16 @@ def main() -> None:
         "--instances", type=int, default=1, help="tagd serve's [batching] instances, in both modes"
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="tagd serve's [onnxruntime] threads, per instance (0: the daemon's default, the "
+        "cores shared out); the bound follows: --threads 1 at one instance is one core's",
+    )
+    parser.add_argument(
+        "--skip-full", action="store_true", help="no full-window search (incremental only)"
+    )
+    parser.add_argument(
         "--skip-research", action="store_true", help="no librosa + torch eager baseline"
     )
     parser.add_argument(
@@ -728,8 +782,16 @@ def main() -> None:
         help=f"also time {SERVED_MODEL} quantized to int8 (calibrated on this prepared set at "
         "its rate, as `tagd-train quantize`) and serve it in a third search",
     )
+    parser.add_argument(
+        "--message-ms",
+        type=float,
+        default=MESSAGE_FRAMES / SOURCE_RATE * 1000,
+        help="audio per message and stream from the bench's producer (default: 26 ms, "
+        "ffmpeg's for an mp3 input; examples/producer.py sends 100)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    message_frames = max(1, round(args.message_ms / 1000 * SOURCE_RATE))
     models = list(dict.fromkeys(args.models))
     if not args.skip_serve and SERVED_MODEL not in models:
         models.append(SERVED_MODEL)  # the daemon serves it, and its search starts from it
@@ -763,7 +825,14 @@ def main() -> None:
         results["serve"] = None
         if not args.skip_serve:
             results["serve"] = bench_serve(
-                served, args.seconds, args.runs, args.instances, results["int8"]
+                served,
+                args.seconds,
+                args.runs,
+                args.instances,
+                results["int8"],
+                message_frames,
+                args.threads,
+                full=not args.skip_full,
             )
             report_serve(results["serve"])
     results["targets"] = targets(served, results["serve"], results["research"])

@@ -206,6 +206,10 @@ class PcmDecoder:
         self.dtype, self.scale = PCM_FORMATS[pcm_format]
         self.channels = channels
         self._carry = b""
+        # decode_mono's scale and mean in one multiply where that is exact: both powers of two
+        self._mono_factor = (
+            np.float32(self.scale / channels) if channels & (channels - 1) == 0 else None
+        )
 
     def reset(self) -> None:
         self._carry = b""
@@ -224,12 +228,16 @@ class PcmDecoder:
         if self.dtype != SUMMED_EXACTLY or self.channels > MAX_CHANNELS_SUMMED_EXACTLY:
             return downmix(self.decode(payload))
         ints = self._whole_frames(payload)
-        total = ints[:, 0].astype(np.int32)
-        for channel in range(1, self.channels):
-            total += ints[:, channel]
-        mono = total.astype(np.float32)
-        mono *= np.float32(self.scale)
-        if self.channels > 1:
+        if self.channels == 1:
+            mono = ints[:, 0].astype(np.float32)
+        else:  # the sums are integers under 2^24: exact in float32, summed straight into it
+            mono = np.add(ints[:, 0], ints[:, 1], dtype=np.float32)
+            for channel in range(2, self.channels):
+                mono += ints[:, channel]
+        if self._mono_factor is not None:
+            mono *= self._mono_factor
+        else:
+            mono *= np.float32(self.scale)
             mono /= np.float32(self.channels)
         return mono
 

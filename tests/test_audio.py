@@ -108,7 +108,7 @@ def test_pcm_decoder_carries_partial_frames(pcm_format, dtype, scale):
 @pytest.mark.parametrize(
     "pcm_format, dtype", [("s16le", "<i2"), ("s32le", "<i4"), ("f32le", "<f4")]
 )
-@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 6])
 def test_pcm_decoder_mono_is_the_downmix_bit_for_bit(pcm_format, dtype, channels):
     # The daemon feeds integer PCM through decode_mono: any difference from
     # downmix(decode()) would change scores against tagd tag and earlier releases.

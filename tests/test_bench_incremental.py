@@ -103,3 +103,27 @@ def test_the_cost_at_the_edge_is_the_held_run_at_the_largest_n(bench):
     assert edge["streams"] == 115 and edge["cpu_ms_per_update"] == pytest.approx(30.0)
     assert edge["ratio"] == pytest.approx(1.2) and edge["bench_cores"] is None
     assert bench.cost_at_edge(runs[1:2], 0, bare_s=0.025) is None  # nothing held
+
+
+def test_the_bound_follows_the_daemons_layout(bench, monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    figures = served_figures(bench, step_s=0.05)
+    figures["ort"]["default threads"] = {"full_s": 0.12, "step_s": 0.03}
+    # one instance at the default threads; one 1-thread instance is one core's
+    assert bench.bare_bound(figures, 1) == pytest.approx(3.4 / 0.03)
+    assert bench.bare_bound(figures, 1, threads=1) == pytest.approx(3.4 / 0.05)
+    # 1-thread instances, as many as there are cores
+    assert bench.bare_bound(figures, 2) == pytest.approx(2 * 3.4 / 0.05)
+    assert bench.bare_bound(figures, 4) == pytest.approx(2 * 3.4 / 0.05)
+    serve = serve_figures(bench, 60, None) | {"threads": 1}
+    bound = next(t for t in bench.targets(figures, serve) if "bound" in t["what"])
+    assert "1 instance(s) of 1 thread(s)" in bound["what"]
+    assert bound["value"] == "60 / 68 = 0.88" and bound["met"]
+
+
+def test_without_the_full_window_search_its_ratio_is_not_measured(bench):
+    serve = serve_figures(bench, 60, None)
+    del serve["modes"][bench.FULL]
+    found = bench.targets(served_figures(bench), serve)
+    ratio = next(t for t in found if "incremental / full" in t["what"] and "streams" in t["what"])
+    assert (ratio["value"], ratio["met"]) == ("not measured (--skip-full)", None)

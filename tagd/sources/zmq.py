@@ -46,6 +46,7 @@ from tagd.stream import Arrival, Stream, StreamRefused
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 4096
+GATHER_S = 0.002  # a drained input's sleep before it takes the next burst (_read)
 MAX_STREAM_ID_BYTES = 64
 HEADER_REQUIRED = ("format", "rate", "channels")
 
@@ -114,23 +115,37 @@ class _ZmqSource(Source):
         )
 
     def _read(self) -> None:
-        # A blocking receive with a timeout, not a poll then a receive: one call a message
-        # (at ten thousand messages a second a poll cost 2-3 us of the ~50 us a message
-        # takes). The peer monitor is drained when the socket is quiet, and at least every
-        # POLL_INTERVAL_S under load.
-        self._socket.setsockopt(zmq.RCVTIMEO, int(POLL_INTERVAL_S * 1000))
+        # Messages are taken in bursts: once the queue is drained, the reader sleeps
+        # GATHER_S for the next messages to gather instead of blocking on the next one.
+        # A reader blocked on an empty queue costs ZeroMQ a wake-up for each message
+        # (~36 us of CPU a message at 6,000 a second on a 2-core Xeon, against ~15 us
+        # taken in bursts); the sleep adds at most GATHER_S to a message's arrival time.
+        # Only when a sleep gathered nothing does the reader block (with a timeout, to
+        # see a stop), so a quiet socket costs no polling. The peer monitor is drained
+        # when the socket is quiet, and at least every POLL_INTERVAL_S under load.
+        socket = self._socket
+        socket.setsockopt(zmq.RCVTIMEO, int(POLL_INTERVAL_S * 1000))
         drain_at = 0.0
+        gathering = False  # a message came since the last sleep
         while not self._stop.is_set():
             try:
-                frames = self._socket.recv_multipart(copy=True)
+                frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                frames = None
+                if gathering:
+                    gathering = False
+                    time.sleep(GATHER_S)
+                    continue
+                try:
+                    frames = socket.recv_multipart()
+                except zmq.Again:
+                    frames = None
             now = time.monotonic()
             if frames is None or now >= drain_at:
                 self._monitor.drain()
                 drain_at = now + POLL_INTERVAL_S
             if frames is None:
                 continue
+            gathering = True
             try:
                 self._handle(frames, Arrival.now())
             except Exception as exc:  # a bug met by one message must not end the input
