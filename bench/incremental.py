@@ -5,6 +5,8 @@
     .venv/bin/python bench/incremental.py --models fcn4 --repeats 5 --seconds 10 --runs 3
     .venv/bin/python bench/incremental.py --models fcn4 --instances 2   # two 1-thread workers
     .venv/bin/python bench/incremental.py --models fcn4 --int8 PREPARED  # and int8, served too
+    .venv/bin/python bench/incremental.py --models fcn4 --threads 1 --skip-full  # inference on one core
+    .venv/bin/python bench/incremental.py --models fcn4 --instances 2 --message-ms 100 --skip-full
 
 In one run on this machine:
 
