@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -130,8 +131,11 @@ def message(stream: str, seq: int, payload: bytes, **header) -> list[bytes]:
     return [stream.encode(), json.dumps(fields).encode(), payload]
 
 
-def send_interleaved(socket: zmq.Socket, streams: dict[str, bytes], chunk: int) -> None:
-    for seq, offset in enumerate(range(0, max(map(len, streams.values())), chunk)):
+def send_interleaved(
+    socket: zmq.Socket, streams: dict[str, bytes], chunk: int, first_seq: int = 0
+) -> None:
+    offsets = range(0, max(map(len, streams.values())), chunk)
+    for seq, offset in enumerate(offsets, start=first_seq):
         for name, payload in streams.items():
             if offset < len(payload):
                 socket.send_multipart(message(name, seq, payload[offset : offset + chunk]))
@@ -157,6 +161,45 @@ def test_two_streams_on_one_pull_socket_are_told_apart(context):
         collector.windows["radio1"][0].samples, collector.windows["radio2"][0].samples
     )
     assert metrics.sample("tagd_stream_gaps_total", {"stream": "radio1"}) is None
+
+
+def wakeups(thread: threading.Thread) -> int:
+    """How many times a running thread has gone to sleep and woken (voluntary context
+    switches, from /proc)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread counts from /proc")
+def test_a_quiet_input_blocks_and_a_burst_after_it_is_taken_whole(context):
+    # The reader sleeps 2 ms after a drained burst; with nothing coming it must block
+    # (waking each POLL_INTERVAL_S to see a stop), not go on sleeping and polling.
+    port = free_port()
+    source, collector, _ = start_source(f"zmq+pull://127.0.0.1:{port}", context)
+    push = context.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    audio = {"radio1": pcm(1.0, seed=11), "radio2": pcm(1.0, seed=21)}
+    try:
+        send_interleaved(push, {"radio1": audio["radio1"][:8000]}, chunk=4000)
+        time.sleep(0.3)  # the first two messages are taken; then the socket is quiet
+        before = wakeups(source._thread)
+        time.sleep(1.0)
+        quiet_wakeups = wakeups(source._thread) - before
+        # a burst: the rest of radio1 and all of radio2 at once, as fast as ZeroMQ sends
+        rest = {"radio1": audio["radio1"][8000:], "radio2": audio["radio2"]}
+        send_interleaved(push, rest, chunk=1000, first_seq=2)
+        want = {name: expected_windows(payload) for name, payload in audio.items()}
+        collector.wait_for({name: len(w) for name, w in want.items()})
+    finally:
+        source.stop()
+        source.join(1.0)
+        push.close(linger=0)
+    assert quiet_wakeups < 100  # ~10 blocking; polling every 2 ms would be ~500
+    for name in audio:
+        assert_same_windows(collector.windows[name], want[name], at_least=len(want[name]))
 
 
 def test_sub_input_connects_to_a_multi_stream_publisher(context):
