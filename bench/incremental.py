@@ -28,8 +28,9 @@ In one run on this machine:
 2. `tagd serve` with FCN-4 at the card's hop, full windows (``incremental = false``,
    what ``--full-windows`` sets) and incremental, their searches run in alternation: the
    largest number of streams (bench/harness.py's producer: real-time 44.1 kHz stereo in
-   ffmpeg's 26 ms messages, or ``--message-ms``) with nothing dropped, 95 % of the offered windows published
-   and p99 end-to-end latency under one hop, as bench/serve.py holds them; then the
+   ffmpeg's 26 ms messages, or ``--message-ms``) with nothing dropped, 95 % of the offered
+   windows published and p99 end-to-end latency under one hop, as bench/serve.py holds
+   them; then the
    daemon's RSS with 50 idle-but-connected streams, in each mode at one instance, the
    default (the target is the incremental one's; the other says what the graphs and the
    state add), and incremental at ``--instances`` when that is more; at each mode's
