@@ -30,10 +30,10 @@ In one run on this machine:
    largest number of streams (bench/harness.py's producer: real-time 44.1 kHz stereo in
    ffmpeg's 26 ms messages, or ``--message-ms``) with nothing dropped, 95 % of the offered
    windows published and p99 end-to-end latency under one hop, as bench/serve.py holds
-   them; then the
-   daemon's RSS with 50 idle-but-connected streams, in each mode at one instance, the
-   default (the target is the incremental one's; the other says what the graphs and the
-   state add), and incremental at ``--instances`` when that is more; at each mode's
+   them; then the daemon's RSS with 50 idle-but-connected streams, in each mode at one
+   instance, the default (the target is the incremental one's; the other says what the
+   graphs and the state add), and incremental at ``--instances`` (and ``--threads``)
+   when that is more; at each mode's
    largest N, the daemon's CPU (all its threads) per published window against the bare
    engine's 1-thread time for it (``cost_at_edge``): what serving adds around the engine;
 3. FCN-4's targets, each with its measured value, among them the streams held against
