@@ -33,9 +33,9 @@ In one run on this machine:
    them; then the daemon's RSS with 50 idle-but-connected streams, in each mode at one
    instance, the default (the target is the incremental one's; the other says what the
    graphs and the state add), and incremental at ``--instances`` (and ``--threads``)
-   when that is more; at each mode's
-   largest N, the daemon's CPU (all its threads) per published window against the bare
-   engine's 1-thread time for it (``cost_at_edge``): what serving adds around the engine;
+   when that is more; at each mode's largest N, the daemon's CPU (all its threads) per
+   published window against the bare engine's 1-thread time for it (``cost_at_edge``):
+   what serving adds around the engine;
 3. FCN-4's targets, each with its measured value, among them the streams held against
    the bare engine's bound (its incremental updates/s × the hop: ``bare_bound``) and
    against the research baseline, both from the same run.
