@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -67,6 +68,22 @@ def start_source(url: str, context: zmq.Context, **limits):
     source.open()
     source.start()
     return source, collector, metrics
+
+
+@contextlib.contextmanager
+def pull_input(context: zmq.Context, **limits):
+    """A zmq+pull input on a free port and a PUSH connected to it: (source, collector,
+    metrics, push, port); the input is stopped and the PUSH closed on the way out."""
+    port = free_port()
+    source, collector, metrics = start_source(f"zmq+pull://127.0.0.1:{port}", context, **limits)
+    push = context.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        yield source, collector, metrics, push, port
+    finally:
+        source.stop()
+        source.join(1.0)
+        push.close(linger=0)
 
 
 def pcm(seconds: float, seed: int, channels: int = 2) -> bytes:
@@ -142,19 +159,11 @@ def send_interleaved(
 
 
 def test_two_streams_on_one_pull_socket_are_told_apart(context):
-    port = free_port()
-    source, collector, metrics = start_source(f"zmq+pull://127.0.0.1:{port}", context)
-    push = context.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
     audio = {"radio1": pcm(1.5, seed=10), "radio2": pcm(1.5, seed=20)}
-    try:
+    with pull_input(context) as (_, collector, metrics, push, _):
         send_interleaved(push, audio, chunk=1684)
         want = {name: expected_windows(payload) for name, payload in audio.items()}
         collector.wait_for({name: len(w) for name, w in want.items()})
-    finally:
-        source.stop()
-        source.join(1.0)
-        push.close(linger=0)
     for name in audio:
         assert_same_windows(collector.windows[name], want[name], at_least=len(want[name]))
     assert not np.array_equal(
@@ -177,12 +186,8 @@ def wakeups(thread: threading.Thread) -> int:
 def test_a_quiet_input_blocks_and_a_burst_after_it_is_taken_whole(context):
     # The reader sleeps 2 ms after a drained burst; with nothing coming it must block
     # (waking each POLL_INTERVAL_S to see a stop), not go on sleeping and polling.
-    port = free_port()
-    source, collector, _ = start_source(f"zmq+pull://127.0.0.1:{port}", context)
-    push = context.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
     audio = {"radio1": pcm(1.0, seed=11), "radio2": pcm(1.0, seed=21)}
-    try:
+    with pull_input(context) as (source, collector, _, push, _):
         send_interleaved(push, {"radio1": audio["radio1"][:8000]}, chunk=4000)
         time.sleep(0.3)  # the first two messages are taken; then the socket is quiet
         before = wakeups(source._thread)
@@ -193,10 +198,6 @@ def test_a_quiet_input_blocks_and_a_burst_after_it_is_taken_whole(context):
         send_interleaved(push, rest, chunk=1000, first_seq=2)
         want = {name: expected_windows(payload) for name, payload in audio.items()}
         collector.wait_for({name: len(w) for name, w in want.items()})
-    finally:
-        source.stop()
-        source.join(1.0)
-        push.close(linger=0)
     assert quiet_wakeups < 100  # ~10 blocking; polling every 2 ms would be ~500
     for name in audio:
         assert_same_windows(collector.windows[name], want[name], at_least=len(want[name]))
@@ -269,13 +270,7 @@ def refused(metrics: Metrics, label: str) -> float:
 
 
 def test_malformed_messages_are_counted_and_good_ones_still_flow(context):
-    port = free_port()
-    source, collector, metrics = start_source(
-        f"zmq+pull://127.0.0.1:{port}", context, max_streams=2
-    )
-    push = context.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
-    try:
+    with pull_input(context, max_streams=2) as (_, collector, metrics, push, port):
         for frames in [f for bad in BAD_MESSAGES.values() for f in bad]:
             push.send_multipart(frames)
         good = pcm(1.0, seed=5)
@@ -285,10 +280,6 @@ def test_malformed_messages_are_counted_and_good_ones_still_flow(context):
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and refused(metrics, label) < refused_all:
             time.sleep(0.01)
-    finally:
-        source.stop()
-        source.join(1.0)
-        push.close(linger=0)
     counts = {
         r: metrics.sample("tagd_malformed_messages_total", {"input": label, "reason": r})
         for r in BAD_MESSAGES
